@@ -1,0 +1,1 @@
+"""Attention backends (registered in :mod:`.builtin`): reference, sdpa, natten, xformers, flash-attn."""

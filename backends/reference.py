@@ -1,0 +1,39 @@
+"""``reference``: materialised scores and mask; the oracle every other backend is tested against."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.attention import AttentionBackend
+
+
+class ReferenceOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    precision: Literal["float64", "input"] = Field("float64", description="compute dtype: float64 (oracle) or the inputs' dtype")
+
+
+class ReferenceBackend(AttentionBackend):
+    """softmax(scale * q k^T + mask) v with every score materialised ([B, H, Lq, Lk])."""
+
+    name = "reference"
+
+    def __init__(self, options: ReferenceOptions | None = None) -> None:
+        self.options = options or ReferenceOptions()
+
+    def supports(self, spec, *, device, dtype, head_dim):
+        if self.options.precision == "float64" and torch.device(device).type == "mps":
+            return "reference: float64 is not supported on MPS (use --backend-precision input)"
+        return None
+
+    def attend(self, q, k, v, spec, *, scale):
+        compute = torch.float64 if self.options.precision == "float64" else q.dtype
+        scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale
+        mask = spec.mask(q.shape[-2], k.shape[-2], q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v.to(compute)).to(q.dtype)

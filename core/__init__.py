@@ -1,0 +1,1 @@
+"""The engine core: interfaces, hook specifications, registry, configuration, models and the CLI."""

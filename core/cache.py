@@ -1,0 +1,43 @@
+"""KV-cache policies: which past keys and values a step may use.
+
+Tensors: ``k, v: [B, H, l, D]`` for the ``l`` new tokens of one step at one layer; positions are
+:data:`~mvar_engine.core.layout.Spans` into the flattened sequence.
+
+Life cycle per generation: ``begin(...)`` once; for each step and each layer ``update(layer, k, v,
+spans)``, which stores what the policy keeps and returns the keys/values the step may attend to
+(kept history first, then the new tokens, ascending positions); ``end_step()`` after the last layer
+of a step (eviction point); ``nbytes()`` at any time.
+
+A policy with ``stores_history = False`` (``none``) keeps nothing: the engine then recomputes
+whatever history the trajectory requires, which makes it the exact oracle of cached runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from .layout import SequenceLayout, Spans
+
+
+class CachePolicy(ABC):
+    name: ClassVar[str] = "cache"
+    stores_history: ClassVar[bool] = True
+
+    @abstractmethod
+    def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,
+              device: torch.device, dtype: torch.dtype) -> None:
+        """Allocate (or reset) storage for one generation of ``layout`` with ``batch`` rows."""
+
+    @abstractmethod
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> tuple[torch.Tensor, torch.Tensor, Spans]:
+        """Store the step's new keys/values; return (keys, values, their spans) visible to the step."""
+
+    def end_step(self) -> None:
+        """Called once after every layer of a step has been updated; evict here."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of key/value storage held now (reserved buffers count in full)."""

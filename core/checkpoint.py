@@ -1,0 +1,156 @@
+"""Reading, matching and writing checkpoints (``.pth`` pickles and ``.safetensors``).
+
+Accepted layouts: a flat state dict (the released ``var_d*.pth`` / ``vae_ch160v4096z32.pth``),
+VAR trainer checkpoints (``['trainer']['var_wo_ddp']``), MVAR checkpoints (``['mvar_wo_ddp']``),
+and ``{'model': ...}`` / ``{'state_dict': ...}`` wrappers; ``module.`` and ``_orig_mod.`` prefixes
+(DDP, torch.compile) are stripped. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+NESTED_KEYS: tuple[tuple[str, ...], ...] = (
+    ("trainer", "var_wo_ddp"),
+    ("trainer", "vae_wo_ddp"),
+    ("mvar_wo_ddp",),
+    ("var_wo_ddp",),
+    ("model",),
+    ("state_dict",),
+)
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def read_state_dict(path: str | os.PathLike, nested: Iterable[tuple[str, ...]] = NESTED_KEYS) -> dict[str, torch.Tensor]:
+    """The model state dict stored in ``path`` (on CPU); unreadable files raise a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}); "
+                              f"expected a .pth state dict or a .safetensors file") from None
+    state = obj
+    if not _is_state_dict(state):
+        for keys in nested:
+            node = obj
+            for key in keys:
+                node = node.get(key) if isinstance(node, dict) else None
+            if _is_state_dict(node):
+                state = node
+                break
+        else:
+            found = ", ".join(sorted(map(str, obj))[:8]) if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{path} holds no model state dict (top level: {found}); expected a flat state dict, "
+                                  f"['trainer']['var_wo_ddp'] or ['mvar_wo_ddp']")
+    out = {}
+    for key, value in state.items():
+        for prefix in STRIPPED_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+@dataclass
+class KeyReport:
+    """Differences between a checkpoint and a model's state dict."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 6) -> str:
+        def listing(items: list[str]) -> str:
+            more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+            return ", ".join(items[:limit]) + more
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing ({listing(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected ({listing(self.unexpected)})")
+        if self.mismatched:
+            shapes = [f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+            parts.append(f"{len(shapes)} mis-shaped ({listing(shapes)})")
+        return "; ".join(parts) or "keys match"
+
+
+def compare_keys(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Tensor],
+                 optional: Iterable[str] = ()) -> KeyReport:
+    """Report of ``file_state`` against ``model_state``; ``optional`` keys may be absent from the file."""
+    optional = set(optional)
+    report = KeyReport()
+    report.missing = [k for k in model_state if k not in file_state and k not in optional]
+    report.unexpected = [k for k in file_state if k not in model_state]
+    report.mismatched = [(k, tuple(file_state[k].shape), tuple(v.shape)) for k, v in model_state.items()
+                         if k in file_state and tuple(file_state[k].shape) != tuple(v.shape)]
+    return report
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, strict: bool = True,
+              derived: Iterable[str] = ()) -> KeyReport:
+    """Copy ``state`` into ``model``. ``derived`` buffers are recomputed by the model, so the file's
+    values (present or not) are ignored. Strict: any difference raises a ``CheckpointError`` listing
+    the missing, unexpected and mis-shaped keys; non-strict loads what matches."""
+    derived = set(derived)
+    model_state = {k: v for k, v in model.state_dict().items() if k not in derived}
+    file_state = {k: v for k, v in state.items() if k not in derived}
+    report = compare_keys(model_state, file_state)
+    if strict and not report.ok:
+        raise CheckpointError(f"{source} does not match {type(model).__name__}: {report.describe()} "
+                              f"(check --depth / the architecture flags, or load with strict=False)")
+    mismatched = {k for k, _, _ in report.mismatched}
+    loadable = {k: v for k, v in file_state.items() if k in model_state and k not in mismatched}
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and an
+    interrupted write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a flat state dict as ``.safetensors`` (by suffix) or a ``.pth`` pickle, atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))

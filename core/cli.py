@@ -1,0 +1,249 @@
+"""The ``mvar-engine`` command.
+
+``mvar-engine [flags]`` (or ``mvar-engine generate [flags]``) generates images; ``mvar-engine
+plugins`` lists every component. Each selected component's options become flags named
+``--{kind}-{option}`` (``--attention-kernel-size 5``, ``--trajectory-order 2``), listed by
+``--help`` for the components chosen on the same command line.
+
+Usage and configuration errors print one line per problem and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
+from .errors import MvarEngineError, UsageError
+from .records import KIND_LABELS
+from .registry import Registry, get_registry
+
+PROG = "mvar-engine"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line ``UsageError`` instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _component_flag(kind: str, field: str) -> str:
+    return f"--{kind}-{field.replace('_', '-')}"
+
+
+def _base_generate_parser(add_help: bool = True) -> _Parser:
+    p = _Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model. Subcommands: plugins.",
+                argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=add_help)
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON config file (flags override it)")
+    g = p.add_argument_group("components (see 'mvar-engine plugins')")
+    g.add_argument("--trajectory", metavar="NAME", help="conditioning trajectory (default: markov)")
+    g.add_argument("--attention", metavar="NAME", help="attention pattern (default: the trajectory's: markov -> neighborhood, full -> dense)")
+    g.add_argument("--cache", metavar="NAME", help="KV-cache policy (default: the trajectory's: markov -> none, full -> full)")
+    g.add_argument("--backend", metavar="NAME", help="attention backend, or auto (default: auto)")
+    m = p.add_argument_group("model")
+    m.add_argument("--var-checkpoint", metavar="PATH", help="VAR/MVAR transformer weights (.pth or .safetensors)")
+    m.add_argument("--vae-checkpoint", metavar="PATH", help="multi-scale VQVAE tokenizer weights")
+    m.add_argument("--depth", type=int, help="transformer depth (read off the checkpoint when omitted)")
+    m.add_argument("--patch-nums", metavar="N,N,...", help="scale schedule (default: VAR's 256px 1,2,3,4,5,6,8,10,13,16)")
+    m.add_argument("--num-classes", type=int, help="number of classes (random weights)")
+    m.add_argument("--random-weights", action="store_true", help="randomly initialised model (time and memory only)")
+    m.add_argument("--no-strict", action="store_true", help="load checkpoints that do not match exactly")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--labels", metavar="L,L,...", help="class labels, one grid row each")
+    s.add_argument("--samples-per-label", type=int, metavar="N", help="images per label (grid columns; default 8)")
+    s.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default 16)")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance (default 1.5; 0 disables)")
+    s.add_argument("--top-k", type=int, help="top-k (default 900; 1 = greedy)")
+    s.add_argument("--top-p", type=float, help="top-p (default 0.96)")
+    s.add_argument("--seed", type=int, help="random seed (default 0)")
+    o = p.add_argument_group("output and run")
+    o.add_argument("--output", metavar="PATH", help="PNG grid path (default outputs/samples.png)")
+    o.add_argument("--per-image", action="store_true", help="also write one PNG per image")
+    o.add_argument("--save-tokens", metavar="PATH", help="write per-scale token indices (.pt or .safetensors)")
+    o.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    o.add_argument("--dtype", help="float32 (default), bfloat16 or float16 autocast (CUDA)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _chosen_names(known: argparse.Namespace, file_data: dict[str, Any], registry: Registry) -> dict[str, str]:
+    """Component names after file and flags, with the trajectory's defaults filled in."""
+    names: dict[str, str] = {}
+    for kind in COMPONENT_KINDS:
+        flag = getattr(known, kind, None)
+        entry = file_data.get(kind)
+        from_file = entry if isinstance(entry, str) else (entry or {}).get("name") if isinstance(entry, dict) else None
+        if flag or from_file:
+            names[kind] = flag or from_file
+    names.setdefault("trajectory", "markov")
+    names.setdefault("backend", "auto")
+    trajectory_cls = registry.get("trajectory", names["trajectory"]).record.factory
+    names.setdefault("attention", getattr(trajectory_cls, "default_attention", "dense"))
+    names.setdefault("cache", getattr(trajectory_cls, "default_cache", "none"))
+    return names
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, names: dict[str, str], registry: Registry) -> dict[str, tuple[str, str]]:
+    """Flags for the chosen components' options; returns dest -> (kind, option)."""
+    dests: dict[str, tuple[str, str]] = {}
+    for kind in COMPONENT_KINDS:
+        if kind == "backend" and names[kind] == "auto":
+            continue
+        entry = registry.get(kind, names[kind])
+        fields = entry.record.options.model_fields
+        if not fields:
+            continue
+        group = parser.add_argument_group(f"{KIND_LABELS[kind]} '{entry.name}' options")
+        for field_name, info in fields.items():
+            dest = f"opt__{kind}__{field_name}"
+            default = "" if info.is_required() else f" (default {info.default!r})"
+            group.add_argument(_component_flag(kind, field_name), dest=dest, metavar="VALUE",
+                               help=f"{info.description or field_name}{default}")
+            dests[dest] = (kind, field_name)
+    return dests
+
+
+def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Command-line values shaped like the config file (only what was given)."""
+    given = vars(args)
+    out: dict[str, Any] = {}
+    options: dict[str, dict[str, Any]] = {}
+    for dest, (kind, field_name) in dests.items():
+        if dest in given:
+            options.setdefault(kind, {})[field_name] = given[dest]
+    for kind in COMPONENT_KINDS:
+        if kind in given or kind in options:
+            out[kind] = {"name": names[kind], "options": options.get(kind, {})}
+    model_keys = {"var_checkpoint", "vae_checkpoint", "depth", "patch_nums", "num_classes", "random_weights"}
+    sampling_keys = {"cfg", "top_k", "top_p", "seed"}
+    output_keys = {"output", "per_image", "save_tokens"}
+    for key, value in given.items():
+        if key in model_keys:
+            out.setdefault("model", {})[key] = value
+        elif key in sampling_keys:
+            out.setdefault("sampling", {})[key] = value
+        elif key in output_keys:
+            out.setdefault("output", {})[key] = value
+        elif key in ("labels", "samples_per_label", "batch_size", "device", "dtype"):
+            out[key] = value
+    if given.get("no_strict"):
+        out.setdefault("model", {})["strict"] = False
+    if given.get("no_progress"):
+        out["progress"] = False
+    return out
+
+
+def parse_generate_args(argv: Sequence[str], registry: Registry | None = None) -> EngineConfig:
+    """Command-line arguments -> validated :class:`EngineConfig` (file < flags)."""
+    registry = registry or get_registry()
+    known, _ = _base_generate_parser(add_help=False).parse_known_args(argv)
+    file_data = read_config_file(known.config) if getattr(known, "config", None) else {}
+    names = _chosen_names(known, file_data, registry)
+    parser = _base_generate_parser()
+    dests = _add_option_flags(parser, names, registry)
+    args = parser.parse_args(argv)
+    config = build_config(file_data, _overrides(args, names, dests))
+    # Fill the trajectory's defaults so that the config says what runs.
+    updates = {kind: ComponentChoice(name=names[kind]) for kind in ("attention", "cache") if getattr(config, kind) is None}
+    return config.model_copy(update=updates)
+
+
+def cmd_generate(argv: Sequence[str]) -> int:
+    from .pipeline import Pipeline
+
+    config = parse_generate_args(argv)
+    start = time.perf_counter()
+    pipe = Pipeline.from_config(config)
+    result = pipe.generate()
+    written = pipe.save(result)
+    names = pipe.components.names
+    backends = ", ".join(f"{kind}: {name}" for kind, name in sorted(result.backends_used.items())) or "-"
+    print(f"wrote {written[0]} ({result.rows} rows x {len(result.labels) // max(result.rows, 1)} images, "
+          f"{names['trajectory']}/{names['attention']}/{names['cache']}, backends {backends}, "
+          f"peak cache {result.cache_peak_bytes / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)")
+    for path in written[1:]:
+        if path.suffix != ".png":
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_plugins(argv: Sequence[str]) -> int:
+    p = _Parser(prog=f"{PROG} plugins", description="List every component: kind, name, provider, availability.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--kind", choices=list(COMPONENT_KINDS), help="only this kind")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    registry = get_registry()
+    components = registry.components(args.kind)
+    if args.json:
+        print(json.dumps({
+            "components": [c.as_dict() for c in components],
+            "broken": [b.as_dict() for b in registry.broken],
+            "skipped": [vars(s) for s in registry.skipped],
+        }, indent=2, default=str))
+        return 0
+    rows = [(c.kind, c.name, str(c.provider), "yes" if c.availability.ok else f"no: {c.availability.reason}",
+             c.record.description) for c in components]
+    header = ("KIND", "NAME", "PROVIDER", "AVAILABLE", "DESCRIPTION")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3] +
+              ("" if row is header else f"  — {row[4]}" if row[4] else ""))
+    for broken in registry.broken:
+        print(f"broken plugin {broken.plugin} ({broken.provider}): {broken.error}")
+    for skipped in registry.skipped:
+        print(f"skipped plugin {skipped.plugin} ({skipped.package}): {skipped.reason}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "generate": cmd_generate,
+    "plugins": cmd_plugins,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        if "-h" in argv or "--help" in argv:
+            return _print_help(argv)
+        return cmd_generate(argv)
+    except MvarEngineError as error:
+        if debug:
+            raise
+        for line in str(error).splitlines() or [type(error).__name__]:
+            print(f"{PROG}: error: {line}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        text = " ".join(str(error).split())
+        print(f"{PROG}: internal error: {type(error).__name__}: {text} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _print_help(argv: Sequence[str]) -> int:
+    registry = get_registry()
+    stripped = [a for a in argv if a not in ("-h", "--help")]
+    known, _ = _base_generate_parser(add_help=False).parse_known_args(stripped)
+    file_data = read_config_file(known.config) if getattr(known, "config", None) else {}
+    parser = _base_generate_parser()
+    _add_option_flags(parser, _chosen_names(known, file_data, registry), registry)
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

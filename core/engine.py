@@ -1,0 +1,173 @@
+"""The next-scale generation engine: composes a VAR-style model with a trajectory, an attention
+pattern, a cache policy and a backend.
+
+One step per scale ``s``: the trajectory says which scales the step sees (``history(s)``); if the
+cache keeps history (or none is needed) only scale ``s``'s tokens run, with earlier keys/values
+from the cache; otherwise the visible history is recomputed in the same forward pass (the exact
+oracle). Teacher forcing runs the whole sequence under the trajectory's mask and the pattern.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .attention import AttentionBackend, AttentionPattern, AttentionSpec
+from .cache import CachePolicy
+from .errors import BackendUnsupportedError
+from .layout import Spans
+from .models.var import VAR
+from .sampling import guided_logits_var, sample_tokens
+from .trajectory import Trajectory
+
+
+class BackendSelector:
+    """Picks the backend for each spec: the forced one (or an error with its reason), or under
+    ``auto`` the highest-priority available backend that supports the spec here."""
+
+    def __init__(self, candidates: Sequence[tuple[str, AttentionBackend]], forced: bool) -> None:
+        self.candidates = list(candidates)
+        self.forced = forced
+        self.used: dict[str, str] = {}  # spec kind -> backend name (for reports)
+        self._memo: dict[tuple, AttentionBackend] = {}
+
+    def pick(self, spec: AttentionSpec, q: torch.Tensor) -> AttentionBackend:
+        key = (type(spec), getattr(spec, "kernel_size", None), getattr(spec, "height", None), getattr(spec, "width", None),
+               q.device.type, q.dtype, q.shape[-1])
+        backend = self._memo.get(key)
+        if backend is None:
+            reasons = []
+            for name, candidate in self.candidates:
+                reason = candidate.supports(spec, device=q.device, dtype=q.dtype, head_dim=q.shape[-1])
+                if reason is None:
+                    backend = candidate
+                    self.used[spec.kind] = name
+                    break
+                reasons.append(f"{name}: {reason}")
+            if backend is None:
+                if self.forced:
+                    raise BackendUnsupportedError(f"backend '{self.candidates[0][0]}' cannot compute this step: {reasons[0]}")
+                raise BackendUnsupportedError(f"no available backend computes '{spec.kind}' attention here ({'; '.join(reasons)})")
+            self._memo[key] = backend
+        return backend
+
+
+@dataclass
+class GenerationOutput:
+    """``tokens[s]: LongTensor[B, h_s * w_s]``; ``f_hat: [B, Cvae, H, W]``; ``logits[s]`` (when asked):
+    the raw logits ``[rows, l_s, V]`` of every row (``[cond; uncond]`` under CFG)."""
+
+    tokens: list[torch.Tensor]
+    f_hat: torch.Tensor
+    logits: list[torch.Tensor] = field(default_factory=list)
+    cache_peak_bytes: int = 0
+
+
+class NextScaleEngine:
+    """``model``: a :class:`VAR`; ``tokenizer``: a ``MultiScaleVQVAE`` with the same schedule."""
+
+    def __init__(self, model: VAR, tokenizer, trajectory: Trajectory, pattern: AttentionPattern, cache: CachePolicy,
+                 backends: BackendSelector, *, autocast_dtype: torch.dtype | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.trajectory, self.pattern, self.cache, self.backends = trajectory, pattern, cache, backends
+        self.layout = model.layout
+        self.autocast_dtype = autocast_dtype
+
+    # -- attention callbacks ---------------------------------------------------------------------
+    def _attend_uncached(self, spans: Spans):
+        def attend(layer, q, k, v, scale):
+            spec = self.pattern.spec(self.layout, spans, spans, self.trajectory.visible)
+            return self.backends.pick(spec, q).attend(q, k, v, spec, scale=scale)
+
+        return attend
+
+    def _attend_cached(self, spans: Spans):
+        def attend(layer, q, k, v, scale):
+            k_all, v_all, k_spans = self.cache.update(layer, k, v, spans)
+            spec = self.pattern.spec(self.layout, spans, k_spans, self.trajectory.visible)
+            return self.backends.pick(spec, q).attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
+
+        return attend
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    # -- teacher forcing -------------------------------------------------------------------------
+    def teacher_forced_logits(self, labels: torch.Tensor, var_input: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of the whole sequence under the trajectory's mask and the pattern.
+
+        ``var_input: [B, L - l_0, Cvae]`` is the tokenizer's ``indices_to_var_input`` (None for a
+        one-scale schedule). Differentiable (the training path)."""
+        model, layout = self.model, self.layout
+        cond = model.condition(labels)
+        inputs: list[torch.Tensor | None] = [None]
+        offset = 0
+        for sc in layout.scales[1:]:
+            inputs.append(var_input[:, offset:offset + sc.numel])
+            offset += sc.numel
+        spans = ((0, layout.length),)
+        with self._autocast(labels.device):
+            x = model.embed_scales(range(layout.num_scales), cond, inputs)
+            hidden = model.backbone(x, cond, self._attend_uncached(spans))
+            return model.logits(hidden, cond)
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                 generator: torch.Generator | None = None, forced_tokens: Sequence[torch.Tensor] | None = None,
+                 return_logits: bool = False, progress=None) -> GenerationOutput:
+        """Generate one image's tokens per label (``labels: LongTensor[B]``).
+
+        CFG as VAR: rows ``[cond; uncond]`` when ``cfg > 0``. ``forced_tokens`` replays given tokens
+        instead of sampling (for equivalence tests). ``progress``: an optional callable per scale."""
+        model, layout, tok = self.model, self.layout, self.tokenizer
+        device = labels.device
+        batch = labels.shape[0]
+        guided = cfg > 0
+        rows_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
+        rows = rows_labels.shape[0]
+        cond = model.condition(rows_labels)
+        first_block = model.blocks[0].attn if len(model.blocks) else None
+        heads = first_block.heads if first_block else 1
+        head_dim = first_block.head_dim if first_block else 1
+        cache_dtype = self.autocast_dtype or model.word_embed.weight.dtype
+        self.cache.begin(num_layers=len(model.blocks), batch=rows, num_heads=heads, head_dim=head_dim, layout=layout,
+                         device=device, dtype=cache_dtype)
+        last_h, last_w = layout.grids[-1]
+        f_hat = torch.zeros(batch, model.z_channels, last_h, last_w, device=device)
+        var_inputs: list[torch.Tensor | None] = [None]
+        out = GenerationOutput(tokens=[], f_hat=f_hat)
+        for sc in layout.scales:
+            s = sc.index
+            history = self.trajectory.history(s)
+            with self._autocast(device):
+                if self.cache.stores_history or history == [s]:
+                    x = model.embed_scale(s, cond, var_inputs[s])
+                    hidden = model.backbone(x, cond, self._attend_cached((sc.span,)))
+                    self.cache.end_step()
+                else:
+                    x = model.embed_scales(history, cond, [var_inputs[j] for j in history])
+                    hidden = model.backbone(x, cond, self._attend_uncached(layout.spans_of(history)))[:, -sc.numel:]
+                logits = model.logits(hidden, cond)
+            out.cache_peak_bytes = max(out.cache_peak_bytes, self.cache.nbytes())
+            if return_logits:
+                out.logits.append(logits)
+            if forced_tokens is not None:
+                idx = forced_tokens[s].to(device)
+            else:
+                step_logits = guided_logits_var(logits, batch, cfg, s, layout.num_scales) if guided else logits
+                idx = sample_tokens(step_logits, top_k=top_k, top_p=top_p, generator=generator)
+            out.tokens.append(idx)
+            codes = tok.quantize.embedding(idx).transpose(1, 2).reshape(batch, model.z_channels, sc.height, sc.width)
+            f_hat, next_map = tok.next_input(s, f_hat, codes.float())
+            if s + 1 < layout.num_scales:
+                var_inputs.append(next_map.flatten(2).transpose(1, 2).repeat(rows // batch, 1, 1))
+            if progress is not None:
+                progress(s)
+        out.f_hat = f_hat
+        return out

@@ -1,0 +1,39 @@
+"""Error types. Every user-facing error is one line that names the problem and the way out."""
+
+from __future__ import annotations
+
+
+class MvarEngineError(Exception):
+    """Base class of the engine's own errors; the CLI prints ``str(error)`` without a traceback."""
+
+
+class UsageError(MvarEngineError):
+    """Bad command-line or configuration input (the CLI exits with status 2)."""
+
+
+class UnknownComponentError(UsageError):
+    """A component name that no installed plugin provides."""
+
+
+class DuplicateComponentError(MvarEngineError):
+    """Two providers registered the same (kind, name)."""
+
+
+class ConfigError(UsageError):
+    """A configuration value failed validation; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class IncompatibleComponentsError(UsageError):
+    """A combination of trajectory, attention pattern, cache policy and backend that makes no sense."""
+
+
+class BackendUnsupportedError(UsageError):
+    """A backend cannot compute the requested attention (pattern kind, device, dtype, head_dim)."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file that is unreadable or does not match the model (keys or shapes)."""

@@ -1,0 +1,256 @@
+"""From an :class:`EngineConfig` to images on disk: resolve components, build or load the models,
+generate in batches, decode, write the grid (and per-image PNGs and tokens).
+
+Python API::
+
+    from mvar_engine.core.config import EngineConfig
+    from mvar_engine.core.pipeline import Pipeline
+    pipe = Pipeline.from_config(EngineConfig(trajectory="markov", model={"var_checkpoint": ..., "vae_checkpoint": ...}))
+    result = pipe.generate(labels=[1, 7], samples_per_label=4)   # result.images: [N, 3, H, W] in [0, 1]
+    pipe.save(result, "grid.png")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
+from .config import EngineConfig
+from .engine import BackendSelector, NextScaleEngine
+from .errors import CheckpointError, IncompatibleComponentsError, UsageError
+from .models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from .models.var import VAR, VARConfig, infer_var_config
+from .registry import Registry, get_registry
+from .images import save_grid, save_images
+
+DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
+
+
+@dataclass
+class Components:
+    """The resolved components and the names they were chosen by."""
+
+    names: dict[str, str]
+    trajectory: object
+    pattern: object
+    cache: object
+    backends: BackendSelector
+
+
+def resolve_components(config: EngineConfig, registry: Registry | None = None) -> Components:
+    """Names -> validated, compatible component instances (errors are one line each)."""
+    registry = registry or get_registry()
+    trajectory = registry.create("trajectory", config.trajectory.name, config.trajectory.options)
+    attention = config.attention or _default_choice(trajectory.default_attention)
+    cache_choice = config.cache or _default_choice(trajectory.default_cache)
+    names = {"trajectory": registry.get("trajectory", config.trajectory.name).name,
+             "attention": registry.get("attention", attention.name).name,
+             "cache": registry.get("cache", cache_choice.name).name}
+    if trajectory.family != "next-scale":
+        raise IncompatibleComponentsError(f"trajectory '{names['trajectory']}' is a {trajectory.family} trajectory; "
+                                          f"this command runs next-scale models")
+    pattern = registry.create("attention", attention.name, attention.options)
+    cache = registry.create("cache", cache_choice.name, cache_choice.options)
+    trajectory.check_cache(names["cache"], cache)
+    for kind, component in (("attention", pattern), ("cache", cache)):
+        availability = registry.get(kind, names[kind]).availability
+        if not availability.ok:
+            raise UsageError(f"{kind} '{names[kind]}' is unavailable: {availability.reason}")
+    names["backend"] = config.backend.name
+    return Components(names, trajectory, pattern, cache, build_backends(config, registry))
+
+
+def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
+    choice = config.backend
+    if choice.name == "auto":
+        if choice.options:
+            raise UsageError("backend 'auto' takes no options (force a backend with --backend NAME to set its options)")
+        entries = [e for e in registry.components("backend") if e.availability.ok]
+        entries.sort(key=lambda e: -getattr(e.record, "priority", 0))
+        return BackendSelector([(e.name, registry.create("backend", e.name)) for e in entries], forced=False)
+    entry = registry.get("backend", choice.name)
+    if not entry.availability.ok:
+        raise UsageError(f"backend '{entry.name}' is unavailable: {entry.availability.reason} (use --backend auto)")
+    return BackendSelector([(entry.name, registry.create("backend", choice.name, choice.options))], forced=True)
+
+
+def _default_choice(name: str):
+    from .config import ComponentChoice
+
+    return ComponentChoice(name=name)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    return device
+
+
+def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
+    if dtype == "float32":
+        return None
+    if device.type != "cuda":
+        raise UsageError(f"--dtype {dtype} (autocast) is supported on CUDA only; use --dtype float32 on {device.type}")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+# -- models ----------------------------------------------------------------------------------------
+def load_var(path: Path, *, depth: int | None = None, patch_nums=None, num_classes: int | None = None,
+             strict: bool = True) -> VAR:
+    """A VAR from any supported checkpoint layout; the architecture is read off the file."""
+    state = read_state_dict(path)
+    try:
+        config = infer_var_config(state, depth=depth, patch_nums=patch_nums, num_classes=num_classes)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
+    model = VAR(config)
+    load_into(model, state, source=str(path), strict=strict, derived=DERIVED_VAR_BUFFERS)
+    return model
+
+
+def infer_tokenizer_config(state: dict[str, torch.Tensor], patch_nums) -> TokenizerConfig:
+    """Tokenizer architecture read off its state dict (channels, ch_mult, blocks, vocabulary, phis)."""
+    try:
+        vocab, z = state["quantize.embedding.weight"].shape
+        ch = state["encoder.conv_in.weight"].shape[0]
+    except KeyError as error:
+        raise KeyError(f"not a multi-scale VQVAE state dict: missing {error.args[0]}") from None
+    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
+    ch_mult = []
+    for level in range(levels):
+        ch_mult.append(state[f"encoder.down.{level}.block.0.conv1.weight"].shape[0] // ch)
+    blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
+    phis = {int(k.split(".")[3]) for k in state if k.startswith("quantize.quant_resi.qresi_ls.")}
+    share = len(phis) if phis else 4
+    return TokenizerConfig(vocab_size=int(vocab), z_channels=int(z), ch=int(ch), ch_mult=tuple(ch_mult),
+                           num_res_blocks=blocks, share_quant_resi=share, patch_nums=tuple(patch_nums))
+
+
+def load_tokenizer(path: Path, patch_nums, strict: bool = True) -> MultiScaleVQVAE:
+    state = read_state_dict(path)
+    try:
+        config = infer_tokenizer_config(state, patch_nums)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
+    model = MultiScaleVQVAE(config)
+    load_into(model, state, source=str(path), strict=strict, derived=("quantize.ema_vocab_hit_SV",))
+    return model
+
+
+def save_var(model: VAR, path: str | Path) -> Path:
+    """Flat state dict (the released layout, mask buffers included) as .pth or .safetensors."""
+    return save_state_dict(model.state_dict(), path)
+
+
+@dataclass
+class GenerationResult:
+    """``images: [N, 3, H, W]`` in [0, 1]; ``labels: [N]``; ``tokens[s]: LongTensor[N, l_s]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    tokens: list[torch.Tensor]
+    rows: int
+    cache_peak_bytes: int = 0
+    backends_used: dict[str, str] = field(default_factory=dict)
+
+
+class Pipeline:
+    """A ready-to-run engine plus the run settings of an :class:`EngineConfig`."""
+
+    def __init__(self, config: EngineConfig, model: VAR, tokenizer: MultiScaleVQVAE, components: Components,
+                 device: torch.device) -> None:
+        self.config, self.model, self.tokenizer, self.components, self.device = config, model, tokenizer, components, device
+        self.engine = NextScaleEngine(model, tokenizer, components.trajectory, components.pattern, components.cache,
+                                      components.backends, autocast_dtype=resolve_autocast(config.dtype, device))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, registry: Registry | None = None) -> "Pipeline":
+        components = resolve_components(config, registry)
+        device = resolve_device(config.device)
+        model, tokenizer = build_models(config)
+        return cls(config, model.to(device).eval(), tokenizer.to(device).eval(), components, device)
+
+    def default_labels(self) -> list[int]:
+        return list(range(min(self.model.num_classes, 10)))
+
+    def generate(self, labels: Sequence[int] | None = None, samples_per_label: int | None = None) -> GenerationResult:
+        cfg = self.config
+        labels = list(labels if labels is not None else (cfg.labels if cfg.labels is not None else self.default_labels()))
+        bad = [label for label in labels if not 0 <= label < self.model.num_classes]
+        if bad:
+            raise UsageError(f"--labels {bad}: this model has classes 0..{self.model.num_classes - 1}")
+        per = samples_per_label or cfg.samples_per_label
+        all_labels = torch.tensor([label for label in labels for _ in range(per)], dtype=torch.long)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.sampling.seed)
+        images, tokens, peak = [], [], 0
+        chunks = list(torch.split(all_labels, cfg.batch_size))
+        bar = tqdm(total=len(chunks) * self.model.layout.num_scales, desc="scales", unit="scale", disable=not cfg.progress,
+                   leave=False)
+        for chunk in chunks:
+            out = self.engine.generate(chunk.to(self.device), cfg=cfg.sampling.cfg, top_k=cfg.sampling.top_k,
+                                       top_p=cfg.sampling.top_p, generator=generator, progress=lambda s: bar.update(1))
+            peak = max(peak, out.cache_peak_bytes)
+            with torch.no_grad():
+                images.append(self.tokenizer.fhat_to_img(out.f_hat).add(1).mul(0.5).clamp(0, 1).cpu())
+            tokens.append([t.cpu() for t in out.tokens])
+        bar.close()
+        per_scale = [torch.cat([chunk[s] for chunk in tokens]) for s in range(self.model.layout.num_scales)]
+        return GenerationResult(torch.cat(images), all_labels, per_scale, rows=len(labels), cache_peak_bytes=peak,
+                                backends_used=dict(self.components.backends.used))
+
+    def save(self, result: GenerationResult, output: str | Path | None = None) -> list[Path]:
+        """Write the grid (one row per label), optional per-image PNGs and tokens; returns the paths."""
+        out_cfg = self.config.output
+        grid_path = Path(output or out_cfg.output)
+        written = [save_grid(result.images, result.rows, grid_path)]
+        if out_cfg.per_image:
+            written += save_images(result.images, result.labels, grid_path.with_suffix(""))
+        if out_cfg.save_tokens:
+            written.append(save_tokens(result, self.model, out_cfg.save_tokens))
+        return written
+
+
+def save_tokens(result: GenerationResult, model: VAR, path: str | Path) -> Path:
+    """Per-scale token indices: ``tokens.{s}: LongTensor[N, h_s * w_s]``, ``labels: [N]``, ``grids: [S, 2]``."""
+    state = {f"tokens.{s}": t for s, t in enumerate(result.tokens)}
+    state["labels"] = result.labels
+    state["grids"] = torch.tensor(model.layout.grids)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return save_state_dict(state, path)
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def build_models(config: EngineConfig) -> tuple[VAR, MultiScaleVQVAE]:
+    """The VAR and tokenizer a config asks for: checkpoints, random weights, or the embedded default."""
+    m = config.model
+    if m.var_checkpoint or m.vae_checkpoint:
+        if not (m.var_checkpoint and m.vae_checkpoint):
+            raise UsageError("give both --var-checkpoint and --vae-checkpoint (the transformer and its tokenizer)")
+        model = load_var(m.var_checkpoint, depth=m.depth, patch_nums=m.patch_nums, num_classes=m.num_classes, strict=m.strict)
+        tokenizer = load_tokenizer(m.vae_checkpoint, model.config.patch_nums, strict=m.strict)
+        _check_pair(model, tokenizer)
+        return model, tokenizer
+    if m.random_weights:
+        torch.manual_seed(config.sampling.seed)
+        patch_nums = m.patch_nums or VARConfig.model_fields["patch_nums"].default
+        var_config = VARConfig(depth=m.depth or 16, num_classes=m.num_classes or 1000, patch_nums=patch_nums)
+        tokenizer = MultiScaleVQVAE(TokenizerConfig(patch_nums=tuple(patch_nums)))
+        return VAR(var_config), tokenizer
+    raise UsageError("no embedded default model ships yet: pass --var-checkpoint and --vae-checkpoint, "
+                     "or --random-weights (with --depth) to time a randomly initialised model")
+
+
+def _check_pair(model: VAR, tokenizer: MultiScaleVQVAE) -> None:
+    tcfg = tokenizer.config
+    if tcfg.vocab_size != model.vocab_size or tcfg.z_channels != model.z_channels:
+        raise CheckpointError(f"tokenizer (vocabulary {tcfg.vocab_size}, Cvae {tcfg.z_channels}) does not fit the "
+                              f"transformer (vocabulary {model.vocab_size}, Cvae {model.z_channels})")

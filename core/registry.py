@@ -1,0 +1,321 @@
+"""Plugin discovery and the name-keyed component registry.
+
+Discovery: every entry point of the ``mvar_engine`` group is loaded (the built-ins too), each
+plugin's hooks are called one by one, and every record lands in a registry keyed by
+``(kind, normalised name)``. A plugin that fails to import, register or return valid records is
+kept in ``Registry.broken`` with its error; the rest still work.
+
+Environment:
+
+- ``MVAR_ENGINE_DISABLE_PLUGIN_AUTOLOAD=1``: load only the built-in plugins (for tests).
+- ``MVAR_ENGINE_PLUGINS=a,b``: allow-list of third-party plugins (entry-point names or
+  distribution names); others are skipped and listed as such.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Iterable
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from . import hookspecs
+from .errors import ConfigError, DuplicateComponentError, UnknownComponentError
+from .records import KIND_LABELS, RECORD_TYPES, Availability, ComponentRecord
+
+ENTRY_POINT_GROUP = "mvar_engine"
+DISTRIBUTION = "mvar-engine"
+ENV_DISABLE_AUTOLOAD = "MVAR_ENGINE_DISABLE_PLUGIN_AUTOLOAD"
+ENV_ALLOW = "MVAR_ENGINE_PLUGINS"
+BUILTIN_MODULES = ("mvar_engine.plugins.builtin", "mvar_engine.backends.builtin")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
+
+
+def normalize_name(name: str) -> str:
+    """Registry key of a component name: stripped, lower case, ``_`` and spaces become ``-``."""
+    return re.sub(r"[\s_]+", "-", name.strip().lower())
+
+
+def _normalize_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Where a component comes from: the distribution (or module) and the plugin's name in it."""
+
+    package: str
+    version: str | None
+    plugin: str
+    builtin: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.package} {self.version}" if self.version else self.package
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"package": self.package, "version": self.version, "plugin": self.plugin, "builtin": self.builtin}
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin (or one of its records) that could not be used, with the error in one line."""
+
+    plugin: str
+    provider: Provider
+    error: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"plugin": self.plugin, "provider": self.provider.as_dict(), "error": self.error}
+
+
+@dataclass(frozen=True)
+class SkippedPlugin:
+    """A third-party plugin not loaded because of the environment (autoload off, not allow-listed)."""
+
+    plugin: str
+    package: str
+    reason: str
+
+
+@dataclass
+class RegisteredComponent:
+    """One record in the registry, with its provider and (lazily checked) availability."""
+
+    name: str
+    record: ComponentRecord
+    provider: Provider
+    conflicts: list[Provider] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind
+
+    @functools.cached_property
+    def availability(self) -> Availability:
+        if self.conflicts:
+            others = ", ".join(str(p) for p in self.conflicts)
+            return Availability.no(f"name also registered by {others}")
+        return self.record.check_availability()
+
+    def as_dict(self) -> dict[str, Any]:
+        availability = self.availability
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "provider": self.provider.as_dict(),
+            "available": availability.ok,
+            "reason": availability.reason or None,
+            "description": self.record.description,
+            "options": self.record.options.model_json_schema().get("properties", {}),
+        }
+
+
+def format_validation_error(error: ValidationError, prefix: str = "", allowed: Iterable[str] = ()) -> list[str]:
+    """One line per problem: ``field: message (got value)``; ``allowed`` lists valid field names."""
+    lines = []
+    allowed = list(allowed)
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "value"
+        if problem["type"] == "extra_forbidden":
+            hint = f" (valid: {', '.join(allowed)})" if allowed else " (this component takes no options)"
+            lines.append(f"{prefix}{where}: unknown option{hint}")
+            continue
+        got = problem.get("input")
+        shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
+        lines.append(f"{prefix}{where}: {problem['msg']}{shown}")
+    return lines
+
+
+class Registry:
+    """Components of every kind, keyed by normalised name; build with :func:`load_registry`."""
+
+    def __init__(self) -> None:
+        self._components: dict[str, dict[str, RegisteredComponent]] = {kind: {} for kind in RECORD_TYPES}
+        self.broken: list[BrokenPlugin] = []
+        self.skipped: list[SkippedPlugin] = []
+
+    # -- building -------------------------------------------------------------------------------
+    def add(self, record: ComponentRecord, provider: Provider) -> None:
+        """Register one record; a duplicate (kind, name) marks both entries as conflicting."""
+        name = normalize_name(record.name)
+        if not _NAME_RE.match(name):
+            raise ValueError(f"invalid component name {record.name!r} (use letters, digits, '-', '.')")
+        table = self._components[record.kind]
+        if name in table:
+            existing = table[name]
+            existing.conflicts.append(provider)
+            existing.__dict__.pop("availability", None)
+            return
+        table[name] = RegisteredComponent(name=name, record=record, provider=provider)
+
+    # -- queries --------------------------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._components[kind])
+
+    def components(self, kind: str | None = None) -> list[RegisteredComponent]:
+        kinds = [kind] if kind else list(RECORD_TYPES)
+        return [self._components[k][n] for k in kinds for n in sorted(self._components[k])]
+
+    def get(self, kind: str, name: str) -> RegisteredComponent:
+        """The component called ``name``; unknown or duplicated names raise a one-line error."""
+        if kind not in self._components:
+            raise UnknownComponentError(f"unknown component kind {kind!r} (kinds: {', '.join(RECORD_TYPES)})")
+        key = normalize_name(name)
+        table = self._components[kind]
+        if key not in table:
+            label = KIND_LABELS[kind]
+            available = ", ".join(sorted(table)) or "none installed"
+            close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UnknownComponentError(f"unknown {label} '{name}' ({hint}available: {available})")
+        entry = table[key]
+        if entry.conflicts:
+            providers = " and ".join(str(p) for p in [entry.provider, *entry.conflicts])
+            raise DuplicateComponentError(
+                f"{KIND_LABELS[kind]} '{key}' is registered by both {providers}: uninstall one of them "
+                f"or allow-list one with {ENV_ALLOW}"
+            )
+        return entry
+
+    def validate_options(self, kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> BaseModel:
+        """The component's options model validated from ``options``; errors raise ``ConfigError``."""
+        entry = self.get(kind, name)
+        model = entry.record.options
+        if isinstance(options, model):
+            return options
+        try:
+            return model.model_validate(dict(options or {}))
+        except ValidationError as error:
+            prefix = f"{KIND_LABELS[kind]} '{entry.name}' option "
+            raise ConfigError(format_validation_error(error, prefix, model.model_fields)) from None
+
+    def create(self, kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> Any:
+        """Build the component with validated options (the record's factory gets the options model)."""
+        entry = self.get(kind, name)
+        validated = self.validate_options(kind, name, options)
+        return entry.record.factory(validated)
+
+
+# -- discovery ----------------------------------------------------------------------------------
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _allow_list() -> set[str] | None:
+    raw = os.environ.get(ENV_ALLOW, "").strip()
+    if not raw:
+        return None
+    return {normalize_name(part) for part in raw.split(",") if part.strip()}
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _collect(pm: pluggy.PluginManager, registry: Registry, providers: dict[int, Provider]) -> None:
+    """Call every hook of every plugin separately, so that one failing plugin spares the rest."""
+    for record_type in RECORD_TYPES.values():
+        caller = getattr(pm.hook, record_type.hook)
+        for impl in reversed(caller.get_hookimpls()):  # registration order
+            provider = providers.get(id(impl.plugin)) or Provider(impl.plugin_name, None, impl.plugin_name)
+            try:
+                records = list(impl.function() or ())
+            except Exception as error:
+                registry.broken.append(BrokenPlugin(impl.plugin_name, provider, f"{record_type.hook}: {_one_line(error)}"))
+                continue
+            for record in records:
+                if not isinstance(record, record_type):
+                    message = f"{record_type.hook} returned {type(record).__name__}, expected {record_type.__name__}"
+                    registry.broken.append(BrokenPlugin(impl.plugin_name, provider, message))
+                    continue
+                try:
+                    registry.add(record, provider)
+                except Exception as error:
+                    registry.broken.append(BrokenPlugin(impl.plugin_name, provider, _one_line(error)))
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, provider: Provider, registry: Registry,
+              providers: dict[int, Provider]) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except Exception as error:
+        registry.broken.append(BrokenPlugin(name, provider, _one_line(error)))
+        return
+    providers[id(plugin)] = provider
+
+
+def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points: Iterable[Any] | None = None) -> Registry:
+    """Discover plugins and build a registry.
+
+    ``extra_plugins``: ``(name, module_or_object)`` pairs registered after the entry points
+    (tests, notebooks). ``entry_points``: override discovery (defaults to the installed
+    ``mvar_engine`` group).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    registry = Registry()
+    providers: dict[int, Provider] = {}
+    autoload = not _env_flag(ENV_DISABLE_AUTOLOAD)
+    allow = _allow_list()
+    found_builtin = False
+
+    eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP) if entry_points is None else entry_points)
+    for ep in eps:
+        dist = getattr(ep, "dist", None)
+        package = dist.name if dist is not None else ep.value.split(":")[0].split(".")[0]
+        version = dist.version if dist is not None else None
+        builtin = _normalize_dist(package) == DISTRIBUTION
+        provider = Provider(package, version, ep.name, builtin)
+        if not builtin:
+            if not autoload:
+                registry.skipped.append(SkippedPlugin(ep.name, package, f"{ENV_DISABLE_AUTOLOAD} is set"))
+                continue
+            if allow is not None and normalize_name(ep.name) not in allow and normalize_name(package) not in allow:
+                registry.skipped.append(SkippedPlugin(ep.name, package, f"not in {ENV_ALLOW}"))
+                continue
+        if builtin and ep.value in BUILTIN_MODULES:
+            found_builtin = True
+        try:
+            plugin = ep.load()
+        except Exception as error:
+            registry.broken.append(BrokenPlugin(ep.name, provider, f"import failed: {_one_line(error)}"))
+            continue
+        _register(pm, plugin, f"{package}:{ep.name}", provider, registry, providers)
+
+    if not found_builtin:
+        # Running from a source tree whose metadata is not installed: load the built-ins directly.
+        from .. import __version__
+
+        for module_name in BUILTIN_MODULES:
+            provider = Provider(DISTRIBUTION, f"{__version__} (source)", module_name, True)
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as error:
+                registry.broken.append(BrokenPlugin(module_name, provider, f"import failed: {_one_line(error)}"))
+                continue
+            _register(pm, module, module_name, provider, registry, providers)
+
+    for name, plugin in extra_plugins:
+        _register(pm, plugin, name, Provider(name, None, name), registry, providers)
+
+    _collect(pm, registry, providers)
+    return registry
+
+
+@functools.lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    """The process-wide registry (discovered once); see :func:`reset_registry`."""
+    return load_registry()
+
+
+def reset_registry() -> None:
+    """Forget the cached registry (after installing a plugin, or in tests)."""
+    get_registry.cache_clear()

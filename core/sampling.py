@@ -1,0 +1,44 @@
+"""Token sampling as VAR does it: classifier-free guidance, then top-k, then top-p, then a draw."""
+
+from __future__ import annotations
+
+import torch
+
+
+def guided_logits_var(logits: torch.Tensor, batch: int, cfg: float, scale: int, num_scales: int) -> torch.Tensor:
+    """VAR's CFG with a linear ramp over scales.
+
+    ``logits: [2B, l, V]`` with rows ``[cond; uncond]``; ``t = cfg * scale / (num_scales - 1)``;
+    returns ``(1 + t) * cond - t * uncond`` of shape ``[B, l, V]``.
+    """
+    t = cfg * scale / max(num_scales - 1, 1)
+    return (1 + t) * logits[:batch] - t * logits[batch:]
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Logits with everything outside the top-k, then outside the top-p mass, set to -inf.
+
+    ``top_k <= 0`` and ``top_p <= 0`` (or >= 1) disable the filters. Ties at the k-th value are kept
+    (as VAR). Works on ``[..., V]``; returns a new tensor.
+    """
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        logits.masked_fill_(remove_sorted.scatter(-1, sorted_idx, remove_sorted), float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """``logits: [B, l, V]`` -> ``LongTensor[B, l]``; ``top_k == 1`` is greedy (argmax)."""
+    if top_k == 1:
+        return logits.argmax(dim=-1)
+    filtered = filter_top_k_top_p(logits.float(), top_k, top_p)
+    probs = filtered.softmax(dim=-1).view(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])

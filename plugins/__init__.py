@@ -1,0 +1,1 @@
+"""Built-in trajectories, attention patterns and cache policies (registered in :mod:`.builtin`)."""

@@ -1,0 +1,126 @@
+"""Built-in cache policies for next-scale models: ``none``, ``full`` and ``window`` (last n scales).
+
+Storage is real and bounded: each layer preallocates key and value buffers ``[B, H, capacity, D]``
+sized for the policy's worst step; eviction moves kept entries to the front of the buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.cache import CachePolicy
+from ..core.layout import SequenceLayout, Spans, merge_spans, spans_length
+from ..core.records import NoOptions
+
+
+class NoCache(CachePolicy):
+    """Keep nothing. Under a trajectory that needs history the engine recomputes it each step
+    (slow, but the exact oracle of every cached run)."""
+
+    name = "none"
+    stores_history = False
+
+    def __init__(self, options: NoOptions | None = None) -> None:
+        self.options = options or NoOptions()
+
+    def begin(self, **kwargs) -> None:
+        pass
+
+    def update(self, layer, k, v, spans):
+        return k, v, spans
+
+    def nbytes(self) -> int:
+        return 0
+
+
+class _LayerStore:
+    """One layer's preallocated keys/values and the scale segments they hold, oldest first."""
+
+    def __init__(self, batch, heads, capacity, head_dim, device, dtype):
+        self.k = torch.empty(batch, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.segments: list[tuple[Spans, int]] = []  # (spans, token count)
+        self.filled = 0
+
+    def append(self, k, v, spans):
+        n = k.shape[2]
+        if self.filled + n > self.k.shape[2]:
+            raise RuntimeError(f"cache overflow: {self.filled} + {n} > capacity {self.k.shape[2]}")
+        self.k[:, :, self.filled:self.filled + n].copy_(k)
+        self.v[:, :, self.filled:self.filled + n].copy_(v)
+        self.filled += n
+        self.segments.append((spans, n))
+        return self.k[:, :, :self.filled], self.v[:, :, :self.filled], merge_spans(s for sp, _ in self.segments for s in sp)
+
+    def keep_last(self, count: int) -> None:
+        if len(self.segments) <= count:
+            return
+        drop = sum(n for _, n in self.segments[:-count]) if count else self.filled
+        kept = self.filled - drop
+        if kept:
+            self.k[:, :, :kept] = self.k[:, :, drop:self.filled].clone()
+            self.v[:, :, :kept] = self.v[:, :, drop:self.filled].clone()
+        self.segments = self.segments[-count:] if count else []
+        self.filled = kept
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class WindowOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scales: int = Field(1, ge=1, description="number of most recent scales kept for the next step")
+
+
+class WindowCache(CachePolicy):
+    """Keep the keys/values of the last ``scales`` steps (exact under ``markov`` with
+    ``order <= scales + 1``; an approximation under ``full``)."""
+
+    name = "window"
+    keep: int | None = 1
+
+    def __init__(self, options: WindowOptions | None = None) -> None:
+        self.options = options or WindowOptions()
+        self.keep = self.options.scales
+        self.layers: list[_LayerStore] = []
+
+    def capacity(self, layout: SequenceLayout) -> int:
+        sizes = [sc.numel for sc in layout.scales]
+        if self.keep is None:
+            return sum(sizes)
+        n = self.keep + 1  # kept scales plus the step being computed
+        return max(sum(sizes[max(0, i - n + 1):i + 1]) for i in range(len(sizes)))
+
+    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype):
+        cap = self.capacity(layout)
+        self.layers = [_LayerStore(batch, num_heads, cap, head_dim, device, dtype) for _ in range(num_layers)]
+
+    def update(self, layer, k, v, spans):
+        return self.layers[layer].append(k, v, spans)
+
+    def end_step(self):
+        if self.keep is not None:
+            for store in self.layers:
+                store.keep_last(self.keep)
+
+    def nbytes(self) -> int:
+        return sum(store.nbytes() for store in self.layers)
+
+    def cached_tokens(self) -> int:
+        return self.layers[0].filled if self.layers else 0
+
+
+class FullCache(WindowCache):
+    """Keep every key/value (VAR's KV cache): capacity is the whole sequence."""
+
+    name = "full"
+
+    def __init__(self, options: NoOptions | None = None) -> None:
+        self.options = options or NoOptions()
+        self.keep = None
+        self.layers = []
+
+
+__all__ = ["NoCache", "FullCache", "WindowCache", "WindowOptions", "spans_length"]

@@ -1,0 +1,86 @@
+"""Built-in attention patterns: ``dense`` and ``neighborhood`` (MVAR's spatial-Markov attention)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.attention import AttentionPattern, Dense, Masked, Neighborhood2D, VisibilityFn
+from ..core.layout import SequenceLayout, Spans, spans_to_positions
+from ..core.neighborhood import axis_allowed
+from ..core.records import NoOptions
+
+
+def scale_visibility(layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn):
+    """(allowed BoolTensor[Lq, Lk] from the trajectory, query coords, key coords)."""
+    coords = layout.coords()
+    qc = coords.take(spans_to_positions(queries))
+    kc = coords.take(spans_to_positions(keys))
+    return visible(qc.scale[:, None], kc.scale[None, :]), qc, kc
+
+
+def _single_scale(layout: SequenceLayout, spans: Spans) -> int | None:
+    for scale in layout.scales:
+        if spans == (scale.span,):
+            return scale.index
+    return None
+
+
+class DensePattern(AttentionPattern):
+    """Every visible key (VAR)."""
+
+    name = "dense"
+
+    def __init__(self, options: NoOptions | None = None) -> None:
+        self.options = options or NoOptions()
+
+    @functools.lru_cache(maxsize=256)
+    def spec(self, layout, queries, keys, visible):
+        allowed, _, _ = scale_visibility(layout, queries, keys, visible)
+        return Dense() if bool(allowed.all()) else Masked(allowed, "scale-mask")
+
+
+class NeighborhoodOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernel_size: int = Field(7, ge=1, description="window side k (MVAR: 7)")
+    dilation: int = Field(1, ge=1, description="window dilation")
+    apply_from: int = Field(-2, description="first scale index that uses the window; negative counts from the "
+                            "end (MVAR: -2, i.e. refine_step 8 of the 10-scale 256px schedule: the 13x13 and 16x16 maps)")
+
+
+class NeighborhoodPattern(AttentionPattern):
+    """MVAR's spatial-Markov attention: on scales from ``apply_from`` on, a query sees a
+    ``kernel_size`` x ``kernel_size`` window (NATTEN's border rule) at the corresponding position of
+    every visible scale (under ``markov`` order 1 that is its own map); earlier scales are dense."""
+
+    name = "neighborhood"
+
+    def __init__(self, options: NeighborhoodOptions | None = None) -> None:
+        self.options = options or NeighborhoodOptions()
+
+    def first_scale(self, layout: SequenceLayout) -> int:
+        start = self.options.apply_from
+        return max(0, layout.num_scales + start) if start < 0 else start
+
+    @functools.lru_cache(maxsize=256)
+    def spec(self, layout, queries, keys, visible):
+        allowed, qc, kc = scale_visibility(layout, queries, keys, visible)
+        k, d = self.options.kernel_size, self.options.dilation
+        restricted = qc.scale >= self.first_scale(layout)
+        if bool(restricted.any()):
+            # corresponding position of the query on the key's map: floor((i + 0.5) * n_k / n_q)
+            center_r = torch.div((2 * qc.row[:, None] + 1) * kc.height[None, :], 2 * qc.height[:, None], rounding_mode="floor")
+            center_c = torch.div((2 * qc.col[:, None] + 1) * kc.width[None, :], 2 * qc.width[:, None], rounding_mode="floor")
+            window = axis_allowed(center_r, kc.row[None, :], kc.height[None, :], k, d) & axis_allowed(
+                center_c, kc.col[None, :], kc.width[None, :], k, d)
+            allowed = allowed & (~restricted[:, None] | window)
+        if bool(allowed.all()):
+            return Dense()
+        scale = _single_scale(layout, queries)
+        if scale is not None and queries == keys and bool(restricted.all()):
+            grid_h, grid_w = layout.grids[scale]
+            return Neighborhood2D(grid_h, grid_w, k, d)
+        return Masked(allowed, "neighborhood")

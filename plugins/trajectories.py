@@ -1,0 +1,60 @@
+"""Built-in next-scale trajectories: ``full`` (VAR) and ``markov`` (MVAR)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.errors import IncompatibleComponentsError
+from ..core.records import NoOptions
+from ..core.trajectory import Trajectory
+
+
+class FullTrajectory(Trajectory):
+    """VAR: every scale sees itself and all earlier scales (block-causal over scales)."""
+
+    name = "full"
+    default_attention = "dense"
+    default_cache = "full"
+
+    def __init__(self, options: NoOptions | None = None) -> None:
+        self.options = options or NoOptions()
+
+    def visible(self, q_scale, k_scale):
+        return k_scale <= q_scale
+
+    @property
+    def mask_structure(self) -> str:
+        return "block-causal"
+
+
+class MarkovOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    order: int = Field(1, ge=1, description="scales a scale's queries see, itself included "
+                       "(1 = MVAR: own block only; the previous scale enters through the input)")
+
+
+class MarkovTrajectory(Trajectory):
+    """MVAR: scale s sees only scales s-order+1 .. s (order 1: its own block, no KV cache needed)."""
+
+    name = "markov"
+    default_attention = "neighborhood"
+    default_cache = "none"
+
+    def __init__(self, options: MarkovOptions | None = None) -> None:
+        self.options = options or MarkovOptions()
+        self.order = self.options.order
+
+    def visible(self, q_scale, k_scale):
+        return (k_scale <= q_scale) & (k_scale > q_scale - self.order)
+
+    def check_cache(self, cache_name, cache):
+        if self.order == 1 and getattr(cache, "stores_history", False):
+            raise IncompatibleComponentsError(
+                f"cache '{cache_name}' makes no sense under trajectory 'markov' with order 1: each scale sees "
+                f"only its own block, so no step reads a cached key (use --cache none, or --trajectory-order N > 1)"
+            )
+
+    @property
+    def mask_structure(self) -> str:
+        return "block-diagonal" if self.order == 1 else f"block-banded(order={self.order})"
