@@ -117,6 +117,18 @@ class NextScaleEngine:
             return model.logits(hidden, cond)
 
     # -- generation ------------------------------------------------------------------------------
+    def dependencies(self, scale: int) -> list[int]:
+        """Scales whose tokens a recomputation of ``scale`` must run: the visible history and,
+        transitively, what those scales saw (their deeper-layer keys depend on it). Markov order 1:
+        ``[scale]``; any trajectory that sees an earlier scale: the whole prefix it reaches."""
+        needed, frontier = {scale}, [scale]
+        while frontier:
+            for j in self.trajectory.history(frontier.pop()):
+                if j not in needed:
+                    needed.add(j)
+                    frontier.append(j)
+        return sorted(needed)
+
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
                  generator: torch.Generator | None = None, forced_tokens: Sequence[torch.Tensor] | None = None,
@@ -144,7 +156,7 @@ class NextScaleEngine:
         out = GenerationOutput(tokens=[], f_hat=f_hat)
         for sc in layout.scales:
             s = sc.index
-            history = self.trajectory.history(s)
+            history = self.dependencies(s)
             with self._autocast(device):
                 if self.cache.stores_history or history == [s]:
                     x = model.embed_scale(s, cond, var_inputs[s])
@@ -163,7 +175,7 @@ class NextScaleEngine:
                 step_logits = guided_logits_var(logits, batch, cfg, s, layout.num_scales) if guided else logits
                 idx = sample_tokens(step_logits, top_k=top_k, top_p=top_p, generator=generator)
             out.tokens.append(idx)
-            codes = tok.quantize.embedding(idx).transpose(1, 2).reshape(batch, model.z_channels, sc.height, sc.width)
+            codes = tok.embed(idx, (sc.height, sc.width))
             f_hat, next_map = tok.next_input(s, f_hat, codes.float())
             if s + 1 < layout.num_scales:
                 var_inputs.append(next_map.flatten(2).transpose(1, 2).repeat(rows // batch, 1, 1))

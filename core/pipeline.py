@@ -130,8 +130,11 @@ def infer_tokenizer_config(state: dict[str, torch.Tensor], patch_nums) -> Tokeni
     blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
     phis = {int(k.split(".")[3]) for k in state if k.startswith("quantize.quant_resi.qresi_ls.")}
     share = len(phis) if phis else 4
+    using_sa = any(k.startswith("encoder.down.") and ".attn." in k for k in state)
+    using_mid_sa = any(k.startswith("encoder.mid.attn_1.") for k in state)
     return TokenizerConfig(vocab_size=int(vocab), z_channels=int(z), ch=int(ch), ch_mult=tuple(ch_mult),
-                           num_res_blocks=blocks, share_quant_resi=share, patch_nums=tuple(patch_nums))
+                           num_res_blocks=blocks, share_quant_resi=share, patch_nums=tuple(patch_nums),
+                           using_sa=using_sa, using_mid_sa=using_mid_sa)
 
 
 def load_tokenizer(path: Path, patch_nums, strict: bool = True) -> MultiScaleVQVAE:
