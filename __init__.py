@@ -5,7 +5,8 @@ Public API for plugin authors and users:
 - ``hookimpl``: the pluggy marker for plugin hook implementations (project name ``mvar_engine``).
 - Component records (``TrajectoryRecord``, ``AttentionPatternRecord``, ``CachePolicyRecord``,
   ``AttentionBackendRecord``) returned from the hooks.
-- The interfaces in :mod:`mvar_engine.core.interfaces`.
+- The interfaces: :mod:`mvar_engine.core.trajectory`, :mod:`mvar_engine.core.attention`,
+  :mod:`mvar_engine.core.cache` (and :mod:`mvar_engine.core.layout` for positions).
 - ``get_registry()``: the registry of every installed component.
 """
 

@@ -6,7 +6,8 @@ Tensors: ``k, v: [B, H, l, D]`` for the ``l`` new tokens of one step at one laye
 Life cycle per generation: ``begin(...)`` once; for each step and each layer ``update(layer, k, v,
 spans)``, which stores what the policy keeps and returns the keys/values the step may attend to
 (kept history first, then the new tokens, ascending positions); ``end_step()`` after the last layer
-of a step (eviction point); ``nbytes()`` at any time.
+of a step (eviction point); ``nbytes()`` at any time. The tensors ``update`` returns may be views of
+the policy's buffers: they are valid until the next ``end_step()`` and must not be modified.
 
 A policy with ``stores_history = False`` (``none``) keeps nothing: the engine then recomputes
 whatever history the trajectory requires, which makes it the exact oracle of cached runs.

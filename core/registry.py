@@ -212,7 +212,8 @@ def _allow_list() -> set[str] | None:
     raw = os.environ.get(ENV_ALLOW, "").strip()
     if not raw:
         return None
-    return {normalize_name(part) for part in raw.split(",") if part.strip()}
+    parts = [part for part in raw.split(",") if part.strip()]
+    return {normalize_name(part) for part in parts} | {_normalize_dist(part.strip()) for part in parts}
 
 
 def _one_line(error: BaseException) -> str:
@@ -224,22 +225,23 @@ def _collect(pm: pluggy.PluginManager, registry: Registry, providers: dict[int, 
     """Call every hook of every plugin separately, so that one failing plugin spares the rest."""
     for record_type in RECORD_TYPES.values():
         caller = getattr(pm.hook, record_type.hook)
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in caller.get_hookimpls():  # registration order
             provider = providers.get(id(impl.plugin)) or Provider(impl.plugin_name, None, impl.plugin_name)
+            plugin = provider.plugin
             try:
                 records = list(impl.function() or ())
             except Exception as error:
-                registry.broken.append(BrokenPlugin(impl.plugin_name, provider, f"{record_type.hook}: {_one_line(error)}"))
+                registry.broken.append(BrokenPlugin(plugin, provider, f"{record_type.hook}: {_one_line(error)}"))
                 continue
             for record in records:
                 if not isinstance(record, record_type):
                     message = f"{record_type.hook} returned {type(record).__name__}, expected {record_type.__name__}"
-                    registry.broken.append(BrokenPlugin(impl.plugin_name, provider, message))
+                    registry.broken.append(BrokenPlugin(plugin, provider, message))
                     continue
                 try:
                     registry.add(record, provider)
                 except Exception as error:
-                    registry.broken.append(BrokenPlugin(impl.plugin_name, provider, _one_line(error)))
+                    registry.broken.append(BrokenPlugin(plugin, provider, _one_line(error)))
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str, provider: Provider, registry: Registry,
@@ -247,9 +249,13 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, provider: Provid
     try:
         pm.register(plugin, name=name)
     except Exception as error:
-        registry.broken.append(BrokenPlugin(name, provider, _one_line(error)))
+        registry.broken.append(BrokenPlugin(provider.plugin, provider, _one_line(error)))
         return
     providers[id(plugin)] = provider
+    known = {record.hook for record in RECORD_TYPES.values()}
+    for attr in dir(plugin):
+        if attr.startswith("mvar_engine_") and attr not in known and callable(getattr(plugin, attr, None)):
+            registry.broken.append(BrokenPlugin(provider.plugin, provider, f"unknown hook {attr} (hooks: {', '.join(sorted(known))})"))
 
 
 def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points: Iterable[Any] | None = None) -> Registry:
@@ -265,9 +271,10 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
     providers: dict[int, Provider] = {}
     autoload = not _env_flag(ENV_DISABLE_AUTOLOAD)
     allow = _allow_list()
-    found_builtin = False
+    found_builtin: set[str] = set()
 
     eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP) if entry_points is None else entry_points)
+    loadable = []  # (entry point, provider), built-ins first so they are the primary providers of their names
     for ep in eps:
         dist = getattr(ep, "dist", None)
         package = dist.name if dist is not None else ep.value.split(":")[0].split(".")[0]
@@ -278,23 +285,30 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
             if not autoload:
                 registry.skipped.append(SkippedPlugin(ep.name, package, f"{ENV_DISABLE_AUTOLOAD} is set"))
                 continue
-            if allow is not None and normalize_name(ep.name) not in allow and normalize_name(package) not in allow:
+            if allow is not None and not {normalize_name(ep.name), normalize_name(package), _normalize_dist(package)} & allow:
                 registry.skipped.append(SkippedPlugin(ep.name, package, f"not in {ENV_ALLOW}"))
                 continue
         if builtin and ep.value in BUILTIN_MODULES:
-            found_builtin = True
+            found_builtin.add(ep.value)
+        loadable.append((ep, provider))
+
+    def load_entry_point(ep, provider: Provider) -> None:
         try:
             plugin = ep.load()
         except Exception as error:
             registry.broken.append(BrokenPlugin(ep.name, provider, f"import failed: {_one_line(error)}"))
-            continue
-        _register(pm, plugin, f"{package}:{ep.name}", provider, registry, providers)
+            return
+        _register(pm, plugin, f"{provider.package}:{ep.name}", provider, registry, providers)
 
-    if not found_builtin:
-        # Running from a source tree whose metadata is not installed: load the built-ins directly.
+    for ep, provider in [item for item in loadable if item[1].builtin]:
+        load_entry_point(ep, provider)
+
+    missing_builtins = [m for m in BUILTIN_MODULES if m not in found_builtin]
+    if missing_builtins:
+        # A source tree whose metadata is not installed (or is stale): load those built-ins directly.
         from .. import __version__
 
-        for module_name in BUILTIN_MODULES:
+        for module_name in missing_builtins:
             provider = Provider(DISTRIBUTION, f"{__version__} (source)", module_name, True)
             try:
                 module = importlib.import_module(module_name)
@@ -302,6 +316,9 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
                 registry.broken.append(BrokenPlugin(module_name, provider, f"import failed: {_one_line(error)}"))
                 continue
             _register(pm, module, module_name, provider, registry, providers)
+
+    for ep, provider in [item for item in loadable if not item[1].builtin]:
+        load_entry_point(ep, provider)
 
     for name, plugin in extra_plugins:
         _register(pm, plugin, name, Provider(name, None, name), registry, providers)
