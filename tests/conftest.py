@@ -20,9 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_reference(name: str) -> Path | None:
-    """Path of ../shared/reference/<name> (the design reference files), if present."""
-    for base in (REPO.parent / "shared", REPO / "shared"):
-        path = base / "reference" / name
+    """The reference file ``name``: ../shared/reference/ (the design's copy) or tests/data/ (ours)."""
+    for path in (REPO.parent / "shared" / "reference" / name, REPO / "tests" / "data" / name):
         if path.is_file():
             return path
     return None

@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve()
 TSV_CANDIDATES = [
     HERE.parents[2] / "shared" / "reference" / TSV_NAME,
     HERE.parents[1] / "shared" / "reference" / TSV_NAME,
+    HERE.parent / "data" / TSV_NAME,
 ]
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
