@@ -130,3 +130,25 @@ def test_released_tokenizer_architecture_is_inferred():
     config = infer_tokenizer_config(state, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
     assert (config.ch, config.ch_mult, config.num_res_blocks, config.vocab_size, config.z_channels,
             config.share_quant_resi, config.using_sa, config.using_mid_sa) == (160, (1, 1, 2, 2, 4), 2, 4096, 32, 4, True, True)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_uses_normal_permissions(tmp_path):
+    """Regression: files came out 0600 (mkstemp's mode) instead of honouring the umask."""
+    import os
+
+    from mvar_engine.core.checkpoint import atomic_write
+
+    path = tmp_path / "out.bin"
+    atomic_write(path, lambda tmp: tmp.write_bytes(b"first"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+    def broken(tmp):
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
