@@ -139,14 +139,21 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
     return out
 
 
-def parse_generate_args(argv: Sequence[str], registry: Registry | None = None) -> EngineConfig:
-    """Command-line arguments -> validated :class:`EngineConfig` (file < flags)."""
-    registry = registry or get_registry()
+def _full_parser(argv: Sequence[str], registry: Registry):
+    """Phase 1 reads the component names (flags and config file); phase 2's parser adds their option
+    flags. Returns (parser, file data, chosen names, option dests)."""
     known, _ = _base_generate_parser(add_help=False).parse_known_args(argv)
     file_data = read_config_file(known.config) if getattr(known, "config", None) else {}
     names = _chosen_names(known, file_data, registry)
     parser = _base_generate_parser()
     dests = _add_option_flags(parser, names, registry)
+    return parser, file_data, names, dests
+
+
+def parse_generate_args(argv: Sequence[str], registry: Registry | None = None) -> EngineConfig:
+    """Command-line arguments -> validated :class:`EngineConfig` (file < flags)."""
+    registry = registry or get_registry()
+    parser, file_data, names, dests = _full_parser(argv, registry)
     args = parser.parse_args(argv)
     config = build_config(file_data, _overrides(args, names, dests))
     # Fill the trajectory's defaults so that the config says what runs.
@@ -235,13 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_help(argv: Sequence[str]) -> int:
-    registry = get_registry()
     stripped = [a for a in argv if a not in ("-h", "--help")]
-    known, _ = _base_generate_parser(add_help=False).parse_known_args(stripped)
-    file_data = read_config_file(known.config) if getattr(known, "config", None) else {}
-    parser = _base_generate_parser()
-    _add_option_flags(parser, _chosen_names(known, file_data, registry), registry)
-    parser.print_help()
+    _full_parser(stripped, get_registry())[0].print_help()
     return 0
 
 

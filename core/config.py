@@ -25,6 +25,21 @@ else:  # pragma: no cover
 COMPONENT_KINDS = ("trajectory", "attention", "cache", "backend")
 
 
+def _as_choice_dict(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {"name": value, "options": {}}
+    if isinstance(value, dict):
+        options = dict(value.get("options", {}))
+        options.update({k: v for k, v in value.items() if k not in ("name", "options")})
+        out = {"options": options}
+        if "name" in value:
+            out["name"] = value["name"]
+        return out
+    return None
+
+
 class ComponentChoice(BaseModel):
     """A component by name plus its options (validated later against the component's own model)."""
 
@@ -36,13 +51,8 @@ class ComponentChoice(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"name": value}
-        if isinstance(value, dict) and "name" in value:
-            options = dict(value.get("options", {}))
-            options.update({k: v for k, v in value.items() if k not in ("name", "options")})
-            return {"name": value["name"], "options": options}
-        return value
+        choice = _as_choice_dict(value)
+        return choice if choice is not None and "name" in choice else value
 
 
 class SamplingConfig(BaseModel):
@@ -149,21 +159,6 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _as_choice_dict(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return {"name": value, "options": {}}
-    if isinstance(value, dict):
-        options = dict(value.get("options", {}))
-        options.update({k: v for k, v in value.items() if k not in ("name", "options")})
-        out = {"options": options}
-        if "name" in value:
-            out["name"] = value["name"]
-        return out
-    return None
 
 
 def build_config(file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> EngineConfig:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
-from .config import EngineConfig
+from .config import ComponentChoice, EngineConfig
 from .engine import BackendSelector, NextScaleEngine
 from .errors import CheckpointError, IncompatibleComponentsError, UsageError
 from .models.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -79,9 +79,7 @@ def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
     return BackendSelector([(entry.name, registry.create("backend", choice.name, choice.options))], forced=True)
 
 
-def _default_choice(name: str):
-    from .config import ComponentChoice
-
+def _default_choice(name: str) -> ComponentChoice:
     return ComponentChoice(name=name)
 
 
