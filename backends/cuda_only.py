@@ -1,4 +1,12 @@
-"""``xformers`` and ``flash-attn``: CUDA-only fused kernels, detected at run time."""
+"""``xformers`` and ``flash-attn``: CUDA-only fused kernels, detected at run time.
+
+Spec -> kernel mapping (bottom-right alignment throughout, as :mod:`mvar_engine.core.attention`):
+
+- xformers: dense -> no bias; causal -> ``LowerTriangularFromBottomRightMask``; causal window1d ->
+  ``LowerTriangularFromBottomRightLocalAttentionMask``; block-diagonal -> ``BlockDiagonalMask`` over
+  the batch packed into one sequence; anything else -> an additive tensor bias from ``mask()``.
+- flash-attn: dense, causal and window1d through ``flash_attn_func(causal=, window_size=)``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import importlib.util
 
 import torch
 
-from ..core.attention import AttentionBackend, Dense
+from ..core.attention import AttentionBackend, BackendCapabilities, BlockDiagonal, Causal, SlidingWindow1D
 from ..core.records import Availability, NoOptions
 
 
@@ -27,62 +35,75 @@ def flash_attn_availability() -> Availability:
 
 
 class XformersBackend(AttentionBackend):
-    """``xformers.ops.memory_efficient_attention``; masks become an additive tensor bias."""
+    """``xformers.ops.memory_efficient_attention`` with its attention-bias types."""
 
     name = "xformers"
+    capabilities = BackendCapabilities(
+        kinds=None, devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        backward=frozenset({"cuda"}))
 
     def __init__(self, options: NoOptions | None = None) -> None:
         self.options = options or NoOptions()
 
-    def supports(self, spec, *, device, dtype, head_dim):
+    def preference(self, spec, device):
+        return 60
+
+    def check(self, spec, *, device, dtype, head_dim):
         available = xformers_availability()
-        if not available.ok:
-            return available.reason
-        if torch.device(device).type != "cuda":
-            return "xformers runs on CUDA tensors only (use --device cuda or --backend sdpa)"
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"xformers does not support dtype {dtype}"
-        return None
+        return None if available.ok else available.reason
 
     def attend(self, q, k, v, spec, *, scale):
-        from xformers.ops import memory_efficient_attention
+        from xformers.ops import fmha, memory_efficient_attention
 
-        bias = None
-        mask = spec.mask(q.shape[-2], k.shape[-2], q.device)
-        if mask is not None:
-            lq, lk = mask.shape
-            padded = (lk + 7) // 8 * 8  # xformers wants the bias' last dim aligned to 8
-            storage = torch.zeros(q.shape[0], q.shape[1], lq, padded, device=q.device, dtype=q.dtype)
-            bias = storage[..., :lk]
-            bias.masked_fill_(~mask, float("-inf"))
-        out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale)
+        batch, heads, lq, _ = q.shape
+        lk = k.shape[-2]
+        qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))  # [B, L, H, D]
+        if isinstance(spec, BlockDiagonal):
+            bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(list(spec.blocks) * batch)
+            pack = lambda t: t.reshape(1, batch * t.shape[1], heads, t.shape[-1])  # noqa: E731
+            out = memory_efficient_attention(pack(qx), pack(kx), pack(vx), attn_bias=bias, scale=scale)
+            return out.view(batch, lq, heads, -1).transpose(1, 2)
+        if isinstance(spec, Causal):
+            bias = fmha.attn_bias.LowerTriangularFromBottomRightMask()
+        elif isinstance(spec, SlidingWindow1D) and spec.right == 0:
+            bias = fmha.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(spec.left + 1)
+        else:
+            bias = None
+            mask = spec.mask(lq, lk, q.device)
+            if mask is not None:
+                padded = (lk + 7) // 8 * 8  # xformers wants the bias' last dim aligned to 8
+                storage = torch.zeros(batch, heads, lq, padded, device=q.device, dtype=q.dtype)
+                bias = storage[..., :lk]
+                bias.masked_fill_(~mask, float("-inf"))
+        out = memory_efficient_attention(qx, kx, vx, attn_bias=bias, scale=scale)
         return out.transpose(1, 2)
 
 
 class FlashAttnBackend(AttentionBackend):
-    """``flash_attn.flash_attn_func`` for dense attention (fp16/bf16, head_dim <= 256)."""
+    """``flash_attn.flash_attn_func``: dense, causal and 1-D window specs (fp16/bf16, head_dim <= 256)."""
 
     name = "flash-attn"
+    capabilities = BackendCapabilities(
+        kinds=frozenset({"dense", "causal", "window1d"}), devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}), backward=frozenset({"cuda"}), max_head_dim=256)
 
     def __init__(self, options: NoOptions | None = None) -> None:
         self.options = options or NoOptions()
 
-    def supports(self, spec, *, device, dtype, head_dim):
+    def preference(self, spec, device):
+        return 70
+
+    def check(self, spec, *, device, dtype, head_dim):
         available = flash_attn_availability()
-        if not available.ok:
-            return available.reason
-        if torch.device(device).type != "cuda":
-            return "flash-attn runs on CUDA tensors only (use --device cuda or --backend sdpa)"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn needs float16 or bfloat16, got {dtype} (use --dtype bfloat16 or --backend sdpa)"
-        if head_dim > 256:
-            return f"flash-attn supports head_dim <= 256, got {head_dim}"
-        if not isinstance(spec, Dense):
-            return f"flash-attn computes dense attention only here, not '{spec.kind}' (use --backend sdpa or auto)"
-        return None
+        return None if available.ok else available.reason
 
     def attend(self, q, k, v, spec, *, scale):
         from flash_attn import flash_attn_func
 
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        window = (-1, -1)
+        causal = isinstance(spec, Causal)
+        if isinstance(spec, SlidingWindow1D):
+            window = (spec.left, spec.right)
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                              causal=causal, window_size=window)
         return out.transpose(1, 2)

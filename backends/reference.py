@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.attention import AttentionBackend
+from ..core.attention import AttentionBackend, scores_bytes
 
 
 class ReferenceOptions(BaseModel):
@@ -24,10 +24,14 @@ class ReferenceBackend(AttentionBackend):
     def __init__(self, options: ReferenceOptions | None = None) -> None:
         self.options = options or ReferenceOptions()
 
-    def supports(self, spec, *, device, dtype, head_dim):
-        if self.options.precision == "float64" and torch.device(device).type == "mps":
+    def check(self, spec, *, device, dtype, head_dim):
+        if self.options.precision == "float64" and device.type == "mps":
             return "reference: float64 is not supported on MPS (use --backend-precision input)"
         return None
+
+    def workspace_bytes(self, spec, *, batch, heads, q_len, kv_len, head_dim, dtype, device):
+        itemsize = 8 if self.options.precision == "float64" else torch.empty((), dtype=dtype).element_size()
+        return scores_bytes(batch, heads, q_len, kv_len, itemsize, copies=3) + q_len * kv_len
 
     def attend(self, q, k, v, spec, *, scale):
         compute = torch.float64 if self.options.precision == "float64" else q.dtype

@@ -1,7 +1,8 @@
 """The ``mvar-engine`` command.
 
 ``mvar-engine [flags]`` (or ``mvar-engine generate [flags]``) generates images; ``mvar-engine
-plugins`` lists every component. Each selected component's options become flags named
+plugins`` lists every component (backends with their capabilities); ``mvar-engine bench attention``
+times the attention backends. Each selected component's options become flags named
 ``--{kind}-{option}`` (``--attention-kernel-size 5``, ``--trajectory-order 2``), listed by
 ``--help`` for the components chosen on the same command line.
 
@@ -37,7 +38,7 @@ def _component_flag(kind: str, field: str) -> str:
 
 
 def _base_generate_parser(add_help: bool = True) -> _Parser:
-    p = _Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model. Subcommands: plugins.",
+    p = _Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model. Subcommands: plugins, bench.",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=add_help)
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config file (flags override it)")
     g = p.add_argument_group("components (see 'mvar-engine plugins')")
@@ -190,7 +191,7 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     components = registry.components(args.kind)
     if args.json:
         print(json.dumps({
-            "components": [c.as_dict() for c in components],
+            "components": [_component_dict(c) for c in components],
             "broken": [b.as_dict() for b in registry.broken],
             "skipped": [vars(s) for s in registry.skipped],
         }, indent=2, default=str))
@@ -199,9 +200,12 @@ def cmd_plugins(argv: Sequence[str]) -> int:
              c.record.description) for c in components]
     header = ("KIND", "NAME", "PROVIDER", "AVAILABLE", "DESCRIPTION")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
-        print("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3] +
-              ("" if row is header else f"  — {row[4]}" if row[4] else ""))
+    print("  ".join(header[i].ljust(widths[i]) for i in range(3)) + "  " + header[3])
+    for component, row in zip(components, rows):
+        print("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3] + (f"  — {row[4]}" if row[4] else ""))
+        capabilities = backend_capabilities(component)
+        if capabilities:
+            print(f"    capabilities: {capabilities}")
     for broken in registry.broken:
         print(f"broken plugin {broken.plugin} ({broken.provider}): {broken.error}")
     for skipped in registry.skipped:
@@ -209,9 +213,130 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     return 0
 
 
+def backend_capabilities(component) -> str | None:
+    """``capabilities.summary()`` of a backend's factory class (never instantiated), or None for
+    other kinds and for factories that declare none."""
+    if component.kind != "backend":
+        return None
+    summary = getattr(getattr(component.record.factory, "capabilities", None), "summary", None)
+    try:
+        return summary() if callable(summary) else None
+    except Exception as error:  # a plugin's broken declaration must not break the listing
+        return f"unreadable ({type(error).__name__}: {error})"
+
+
+def _component_dict(component) -> dict[str, Any]:
+    data = component.as_dict()
+    if component.kind == "backend":
+        data["capabilities"] = backend_capabilities(component)
+    return data
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    from .bench_attention import parse_int_list
+
+    try:
+        return parse_int_list(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated backend names, got {text!r}")
+    return names
+
+
+def cmd_bench_attention(argv: Sequence[str]) -> int:
+    from .bench_attention import DEVICES, DTYPES, BenchAttentionConfig, run_bench_attention
+
+    d = BenchAttentionConfig()
+    p = _Parser(prog=f"{PROG} bench attention", allow_abbrev=False,
+                description="Time neighbourhood attention on square maps: every backend against dense SDPA "
+                            "on the same tokens, with achieved GFLOP/s, speed-up, the FLOP ceiling N^2/pairs "
+                            "and the error against the float64 reference (N <= 1024). Writes a JSON report.")
+    p.add_argument("--sides", type=_int_list, default=d.sides, metavar="S,S,...",
+                   help=f"map sides (square maps; default {','.join(map(str, d.sides))})")
+    p.add_argument("--kernel-size", type=int, default=d.kernel_size, metavar="K", help=f"window side (default {d.kernel_size})")
+    p.add_argument("--heads", type=int, default=d.heads, metavar="H", help=f"attention heads (default {d.heads})")
+    p.add_argument("--head-dim", type=int, default=d.head_dim, metavar="D", help=f"head dim (default {d.head_dim})")
+    p.add_argument("--batches", type=_int_list, default=d.batches, metavar="B,B,...",
+                   help=f"batch sizes (default {','.join(map(str, d.batches))})")
+    p.add_argument("--backends", type=_name_list, default=None, metavar="NAME,...",
+                   help="backends to time (default: every available one except reference)")
+    p.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"timed calls per cell (default {d.repeats})")
+    p.add_argument("--budget-s", type=float, default=d.budget_s, metavar="SECONDS",
+                   help=f"time budget per cell: fewer repeats when calls are slow, and a cell predicted "
+                        f"(from the previous side, as N^2) to need over 4x this is skipped (default {d.budget_s:g})")
+    p.add_argument("--device", choices=DEVICES, default=d.device, help="default auto (CUDA when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help=f"input dtype (default {d.dtype})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"input seed (default {d.seed})")
+    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    config = BenchAttentionConfig(sides=args.sides, kernel_size=args.kernel_size, heads=args.heads,
+                                  head_dim=args.head_dim, batches=args.batches, backends=args.backends,
+                                  repeats=args.repeats, budget_s=args.budget_s, device=args.device, dtype=args.dtype,
+                                  seed=args.seed, output=args.output, table=not args.no_table)
+    run_bench_attention(config, log=sys.stderr)
+    return 0
+
+
+BENCH_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "attention": (cmd_bench_attention, "attention backends on neighbourhood maps against dense SDPA"),
+}
+"""``mvar-engine bench NAME``: benchmark name -> (command, one-line description)."""
+
+
+def _bench_parser() -> _Parser:
+    listing = "\n".join(f"  {name:<12} {text}" for name, (_, text) in BENCH_COMMANDS.items())
+    p = _Parser(prog=f"{PROG} bench", usage=f"{PROG} bench {{{','.join(BENCH_COMMANDS)}}} [options]",
+                description="Benchmarks; each writes a JSON report and prints a table.",
+                epilog=f"benchmarks:\n{listing}\n\nsee '{PROG} bench NAME --help' for each one's options",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    if argv and argv[0] in BENCH_COMMANDS:
+        return BENCH_COMMANDS[argv[0]][0](argv[1:])
+    if argv and not argv[0].startswith("-"):
+        raise UsageError(f"unknown benchmark '{argv[0]}' (available: {', '.join(BENCH_COMMANDS)}; "
+                         f"see '{PROG} bench --help')")
+    parser = _bench_parser()
+    parser.parse_args(argv)
+    parser.print_help()
+    return 0
+
+
+def cmd_train_tokenizer(argv: Sequence[str]) -> int:
+    from .training.cli import cmd_train_tokenizer as run
+
+    return run(argv)
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from .training.cli import cmd_train as run
+
+    return run(argv)
+
+
+def cmd_evaluate(argv: Sequence[str]) -> int:
+    from .evaluation.cli import cmd_evaluate as run
+
+    return run(argv)
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "generate": cmd_generate,
     "plugins": cmd_plugins,
+    "bench": cmd_bench,
+    "train-tokenizer": cmd_train_tokenizer,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
 }
 
 

@@ -15,44 +15,13 @@ from typing import Sequence
 
 import torch
 
-from .attention import AttentionBackend, AttentionPattern, AttentionSpec
+from .attention import AttentionPattern
+from .backend_selection import BackendSelector
 from .cache import CachePolicy
-from .errors import BackendUnsupportedError
 from .layout import Spans
 from .models.var import VAR
 from .sampling import guided_logits_var, sample_tokens
 from .trajectory import Trajectory
-
-
-class BackendSelector:
-    """Picks the backend for each spec: the forced one (or an error with its reason), or under
-    ``auto`` the highest-priority available backend that supports the spec here."""
-
-    def __init__(self, candidates: Sequence[tuple[str, AttentionBackend]], forced: bool) -> None:
-        self.candidates = list(candidates)
-        self.forced = forced
-        self.used: dict[str, str] = {}  # spec kind -> backend name (for reports)
-        self._memo: dict[tuple, AttentionBackend] = {}
-
-    def pick(self, spec: AttentionSpec, q: torch.Tensor) -> AttentionBackend:
-        key = (type(spec), getattr(spec, "kernel_size", None), getattr(spec, "height", None), getattr(spec, "width", None),
-               q.device.type, q.dtype, q.shape[-1])
-        backend = self._memo.get(key)
-        if backend is None:
-            reasons = []
-            for name, candidate in self.candidates:
-                reason = candidate.supports(spec, device=q.device, dtype=q.dtype, head_dim=q.shape[-1])
-                if reason is None:
-                    backend = candidate
-                    self.used[spec.kind] = name
-                    break
-                reasons.append(f"{name}: {reason}")
-            if backend is None:
-                if self.forced:
-                    raise BackendUnsupportedError(f"backend '{self.candidates[0][0]}' cannot compute this step: {reasons[0]}")
-                raise BackendUnsupportedError(f"no available backend computes '{spec.kind}' attention here ({'; '.join(reasons)})")
-            self._memo[key] = backend
-        return backend
 
 
 @dataclass
@@ -80,7 +49,7 @@ class NextScaleEngine:
     def _attend_uncached(self, spans: Spans):
         def attend(layer, q, k, v, scale):
             spec = self.pattern.spec(self.layout, spans, spans, self.trajectory.visible)
-            return self.backends.pick(spec, q).attend(q, k, v, spec, scale=scale)
+            return self.backends.attend(q, k, v, spec, scale=scale)
 
         return attend
 
@@ -88,7 +57,7 @@ class NextScaleEngine:
         def attend(layer, q, k, v, scale):
             k_all, v_all, k_spans = self.cache.update(layer, k, v, spans)
             spec = self.pattern.spec(self.layout, spans, k_spans, self.trajectory.visible)
-            return self.backends.pick(spec, q).attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
+            return self.backends.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
 
         return attend
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
 from .config import ComponentChoice, EngineConfig
-from .engine import BackendSelector, NextScaleEngine
+from .backend_selection import BackendSelector, selector_for
+from .engine import NextScaleEngine
 from .errors import CheckpointError, IncompatibleComponentsError, UsageError
 from .models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from .models.var import VAR, VARConfig, infer_var_config
@@ -66,17 +67,7 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
 
 
 def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
-    choice = config.backend
-    if choice.name == "auto":
-        if choice.options:
-            raise UsageError("backend 'auto' takes no options (force a backend with --backend NAME to set its options)")
-        entries = [e for e in registry.components("backend") if e.availability.ok]
-        entries.sort(key=lambda e: -getattr(e.record, "priority", 0))
-        return BackendSelector([(e.name, registry.create("backend", e.name)) for e in entries], forced=False)
-    entry = registry.get("backend", choice.name)
-    if not entry.availability.ok:
-        raise UsageError(f"backend '{entry.name}' is unavailable: {entry.availability.reason} (use --backend auto)")
-    return BackendSelector([(entry.name, registry.create("backend", choice.name, choice.options))], forced=True)
+    return selector_for(config.backend.name, config.backend.options, registry)
 
 
 def _default_choice(name: str) -> ComponentChoice:

@@ -7,7 +7,8 @@ import functools
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.attention import AttentionPattern, Dense, Masked, Neighborhood2D, VisibilityFn
+from ..core.attention import (AttentionPattern, AttentionSpec, BlockCausal, BlockDiagonal, Dense, Masked, Neighborhood2D,
+                              VisibilityFn)
 from ..core.layout import SequenceLayout, Spans, spans_to_positions
 from ..core.neighborhood import axis_allowed
 from ..core.records import NoOptions
@@ -19,6 +20,23 @@ def scale_visibility(layout: SequenceLayout, queries: Spans, keys: Spans, visibl
     qc = coords.take(spans_to_positions(queries))
     kc = coords.take(spans_to_positions(keys))
     return visible(qc.scale[:, None], kc.scale[None, :]), qc, kc
+
+
+def structured(layout: SequenceLayout, queries: Spans, keys: Spans, allowed: torch.Tensor, structure: str) -> AttentionSpec:
+    """The most specific spec equal to ``allowed``: Dense, BlockCausal or BlockDiagonal over the
+    scales of the spans (queries == keys), else ``Masked(allowed, structure)``."""
+    if bool(allowed.all()):
+        return Dense()
+    if queries == keys:
+        scales = layout.coords().scale[spans_to_positions(queries)]
+        change = torch.ones(len(scales), dtype=torch.bool)
+        change[1:] = scales[1:] != scales[:-1]
+        starts = torch.nonzero(change).flatten().tolist() + [len(scales)]
+        blocks = tuple(b - a for a, b in zip(starts, starts[1:]))
+        for candidate in (BlockCausal(blocks), BlockDiagonal(blocks)):
+            if torch.equal(candidate.mask(len(scales), len(scales), allowed.device), allowed):
+                return candidate
+    return Masked(allowed, structure)
 
 
 def _single_scale(layout: SequenceLayout, spans: Spans) -> int | None:
@@ -39,7 +57,7 @@ class DensePattern(AttentionPattern):
     @functools.lru_cache(maxsize=256)
     def spec(self, layout, queries, keys, visible):
         allowed, _, _ = scale_visibility(layout, queries, keys, visible)
-        return Dense() if bool(allowed.all()) else Masked(allowed, "scale-mask")
+        return structured(layout, queries, keys, allowed, "scale-mask")
 
 
 class NeighborhoodOptions(BaseModel):
@@ -83,4 +101,5 @@ class NeighborhoodPattern(AttentionPattern):
         if scale is not None and queries == keys and bool(restricted.all()):
             grid_h, grid_w = layout.grids[scale]
             return Neighborhood2D(grid_h, grid_w, k, d)
-        return Masked(allowed, "neighborhood")
+        multi = bool((allowed & (qc.scale[:, None] != kc.scale[None, :]) & restricted[:, None]).any())
+        return structured(layout, queries, keys, allowed, "cross-scale-neighborhood" if multi else "neighborhood")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -150,3 +151,22 @@ def test_same_seed_same_png(tmp_path, checkpoints):
 def test_label_out_of_range(checkpoints, capsys):
     assert main(checkpoints + ["--labels", "9", "--no-progress"]) == 2
     assert "this model has classes 0..3" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("natten") is None, reason="natten is not installed")
+def test_forced_backend_that_cannot_run_a_step_is_one_line(tmp_path, checkpoints, capsys):
+    argv = ["--trajectory", "full", "--attention", "dense", "--cache", "full", "--backend", "natten"] + checkpoints + [
+        "--labels", "0", "--samples-per-label", "1", "--output", str(tmp_path / "x.png"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "natten" in err and "--backend" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sdpa_options_are_flags(tmp_path, checkpoints, capsys):
+    argv = ["--trajectory", "markov", "--attention-kernel-size", "3", "--backend", "sdpa", "--backend-tiled", "always",
+            "--backend-tile", "2"] + checkpoints + ["--labels", "0", "--samples-per-label", "1", "--output",
+                                                    str(tmp_path / "x.png"), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main(argv[:-1] + ["--backend-tiled", "sometimes"]) == 2
+    assert "tiled" in capsys.readouterr().err

@@ -45,7 +45,7 @@ BUILTINS = {
     "trajectory": {"full", "markov"},
     "attention": {"dense", "neighborhood"},
     "cache": {"none", "full", "window"},
-    "backend": {"reference", "sdpa", "natten", "xformers", "flash-attn"},
+    "backend": {"reference", "sdpa", "flex", "natten", "xformers", "flash-attn"},
 }
 ALL_BUILTIN_NAMES = sorted((kind, name) for kind, names in BUILTINS.items() for name in names)
 

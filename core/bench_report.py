@@ -1,0 +1,153 @@
+"""Helpers shared by the ``mvar-engine bench`` commands: timing, cost estimates, machine info,
+plain-text tables and atomic JSON reports.
+
+Nothing here knows about attention; a benchmark builds its rows and uses these to time, skip,
+print and save them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from .checkpoint import atomic_write
+
+
+class Timing(NamedTuple):
+    """Result of :func:`median_time`: median seconds per call over ``repeats`` timed calls, and the
+    seconds the first (warm-up) call took (compilation, caches and allocations included)."""
+
+    median_s: float
+    repeats: int
+    first_call_s: float
+
+
+def synchronizer(device: torch.device | str | None) -> Callable[[], None]:
+    """A zero-argument function that waits for ``device``'s queued work (a no-op off CUDA)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def repeats_within(budget_s: float, call_s: float, repeats: int) -> int:
+    """``min(repeats, max(1, floor(budget_s / call_s)))``: how many timed calls fit the budget."""
+    if call_s <= 0:
+        return max(1, repeats)
+    return max(1, min(repeats, math.floor(budget_s / call_s)))
+
+
+def median_time(fn: Callable[[], Any], repeats: int, budget_s: float, warmup: int = 1,
+                device: torch.device | str | None = None) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed-for-the-median calls (at least one), then up to ``repeats``
+    timed calls, fewer when the budget says so (see :func:`repeats_within`, estimated from the fastest
+    warm-up call). Uses ``time.perf_counter`` and, on CUDA, ``torch.cuda.synchronize`` around each call."""
+    if repeats < 1 or budget_s <= 0:
+        raise ValueError(f"median_time needs repeats >= 1 and budget_s > 0, got {repeats} and {budget_s}")
+    sync = synchronizer(device)
+    warm = [_timed(fn, sync) for _ in range(max(1, warmup))]
+    count = repeats_within(budget_s, min(warm), repeats)
+    times = [_timed(fn, sync) for _ in range(count)]
+    return Timing(statistics.median(times), count, warm[0])
+
+
+def scaled_estimate(previous: tuple[int, float] | None, size: int, power: float = 2.0) -> float | None:
+    """Seconds a call at problem ``size`` is expected to take, from ``previous = (size, seconds)``
+    measured at a smaller size, scaled as ``(size / previous size) ** power``; None without one."""
+    if previous is None:
+        return None
+    prev_size, prev_s = previous
+    return prev_s * (size / prev_size) ** power
+
+
+def skip_reason(estimate_s: float | None, budget_s: float, factor: float = 4.0) -> str | None:
+    """Why a cell is skipped: its estimated seconds per call exceed ``factor`` x the budget; else None."""
+    if estimate_s is None or estimate_s <= factor * budget_s:
+        return None
+    return f"estimated {estimate_s:.3g} s per call > {factor:g} x budget ({budget_s:g} s)"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What the numbers were measured on: torch and Python versions, device name, CPU count, threads."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def format_value(value: Any) -> str:
+    """Table text for one value: ``-`` for None, about three significant digits for floats."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0:
+            return "0"
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:.0f}"
+        if magnitude >= 0.01:
+            return f"{value:.{max(0, 2 - math.floor(math.log10(magnitude)))}f}"
+        return f"{value:.1e}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Rows as an aligned plain-text table. ``columns``: ``(key, header)`` pairs; a column whose
+    values are all numbers (or None) is right-aligned, others left-aligned; the last column is not padded."""
+    cells = [[format_value(row.get(key)) for key, _ in columns] for row in rows]
+    headers = [header for _, header in columns]
+    numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows)
+               for key, _ in columns]
+    widths = [max(len(text) for text in [headers[i], *(c[i] for c in cells)]) for i in range(len(columns))]
+
+    def line(texts: Sequence[str]) -> str:
+        parts = [text.rjust(widths[i]) if numeric[i] else text.ljust(widths[i]) for i, text in enumerate(texts)]
+        if not numeric[-1]:
+            parts[-1] = texts[-1]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join(line(texts) for texts in [headers, *cells])
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically (readers never see a partial file)."""
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

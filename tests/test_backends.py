@@ -1,0 +1,340 @@
+"""Every attention backend against the float64 reference, for every spec kind (property-based).
+
+Random batch, heads, head_dim, sequence lengths, map height and width (non-square), kernel sizes
+(odd and even), dilation, causal flag; forward and, where the backend declares it, backward.
+CUDA cases are marked ``cuda`` and skip with the reason on a machine without one. ``flex`` on CPU
+compiles per shape, so its CPU cases live in ``test_flex.py`` with a fixed pool of shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from mvar_engine.backends.natten_backend import NattenBackend
+from mvar_engine.backends.reference import ReferenceBackend
+from mvar_engine.backends.sdpa import SdpaBackend, SdpaOptions
+from mvar_engine.backends.tiling import map_tiles
+from mvar_engine.core.attention import (SPEC_KINDS, BlockCausal, BlockDiagonal, Causal, Dense, Masked, Neighborhood2D,
+                                        SlidingWindow1D, check_inputs)
+from mvar_engine.core.backend_selection import BackendSelector, Candidate, attention, selector_for
+from mvar_engine.core.errors import BackendUnsupportedError, UsageError
+from mvar_engine.core.registry import get_registry
+
+REFERENCE = ReferenceBackend()
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+GRAD_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 1e-2}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is available here")
+
+
+# -- strategies --------------------------------------------------------------------------------------
+@st.composite
+def random_masks(draw, q_len: int, kv_len: int) -> torch.Tensor:
+    seed = draw(st.integers(0, 2**16))
+    density = draw(st.sampled_from([0.1, 0.5, 0.9]))
+    mask = torch.rand(q_len, kv_len, generator=torch.Generator().manual_seed(seed)) < density
+    mask[torch.arange(q_len), torch.randint(0, kv_len, (q_len,), generator=torch.Generator().manual_seed(seed + 1))] = True
+    return mask
+
+
+@st.composite
+def cross_scale_neighborhoods(draw) -> Masked:
+    """The ``neighborhood`` pattern under the ``full`` trajectory: windows on every earlier scale."""
+    from mvar_engine.core.layout import SequenceLayout
+    from mvar_engine.plugins.patterns import NeighborhoodOptions, NeighborhoodPattern
+    from mvar_engine.plugins.trajectories import FullTrajectory
+
+    sides = sorted(draw(st.lists(st.integers(1, 7), min_size=2, max_size=4)))
+    layout = SequenceLayout.from_patch_nums(tuple(sides))
+    pattern = NeighborhoodPattern(NeighborhoodOptions(kernel_size=draw(st.integers(1, 4)), apply_from=1))
+    everything = ((0, layout.length),)
+    spec = pattern.spec(layout, everything, everything, FullTrajectory().visible)
+    assume(isinstance(spec, Masked))
+    return spec
+
+
+@st.composite
+def specs(draw, kinds=SPEC_KINDS, max_len: int = 40, max_side: int = 13, kernel_fits_map: bool = False):
+    """(spec, q_len, kv_len) of one of ``kinds`` (``kernel_fits_map``: neighbourhoods with
+    kernel_size * dilation <= each side, NATTEN's domain)."""
+    kind = draw(st.sampled_from(kinds))
+    if kind in ("dense", "causal", "window1d"):
+        kv_len = draw(st.integers(1, max_len))
+        q_len = draw(st.integers(1, kv_len)) if kind != "dense" else draw(st.integers(1, max_len))
+        if kind == "dense":
+            return Dense(), q_len, kv_len
+        if kind == "causal":
+            return Causal(), q_len, kv_len
+        return SlidingWindow1D(draw(st.integers(0, 12)), draw(st.integers(0, 3))), q_len, kv_len
+    if kind in ("block-causal", "block-diagonal"):
+        blocks = tuple(draw(st.lists(st.integers(1, 12), min_size=1, max_size=5)))
+        spec = BlockCausal(blocks) if kind == "block-causal" else BlockDiagonal(blocks)
+        return spec, sum(blocks), sum(blocks)
+    if kind == "neighborhood2d":
+        k, d = draw(st.integers(1, 9)), draw(st.integers(1, 3))
+        low = k * d if kernel_fits_map else 1
+        h, w = draw(st.integers(low, max(max_side, low))), draw(st.integers(low, max(max_side, low)))
+        spec = Neighborhood2D(h, w, k, d, draw(st.booleans()))
+        return spec, h * w, h * w
+    if draw(st.booleans()):
+        spec = draw(cross_scale_neighborhoods())
+        n = spec.allowed.shape[0]
+        return spec, n, n
+    q_len, kv_len = draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
+    return Masked(draw(random_masks(q_len, kv_len)), "random"), q_len, kv_len
+
+
+def inputs(spec_q_kv, batch, heads, head_dim, dtype, device, seed, value_dim=None):
+    _, q_len, kv_len = spec_q_kv
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, q_len, head_dim), (batch, heads, kv_len, head_dim), (batch, heads, kv_len, value_dim or head_dim)]
+    return [torch.randn(*s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+
+
+# -- backends under test -----------------------------------------------------------------------------
+def cpu_backends():
+    """Every backend variant that runs on this CPU, by name (flex: see test_flex.py)."""
+    found = {
+        "sdpa": SdpaBackend(),
+        "sdpa-tiled": SdpaBackend(SdpaOptions(tiled="always")),
+        "sdpa-tile-3": SdpaBackend(SdpaOptions(tiled="always", tile=3)),
+        "reference-input-precision": ReferenceBackend(ReferenceBackend().options.model_copy(update={"precision": "input"})),
+    }
+    if get_registry().get("backend", "natten").availability.ok:
+        found["natten"] = NattenBackend()
+    return found
+
+
+CPU_BACKENDS = cpu_backends()
+
+
+def compare(backend, spec_q_kv, *, batch, heads, head_dim, dtype, device, seed, grad):
+    spec = spec_q_kv[0]
+    q, k, v = inputs(spec_q_kv, batch, heads, head_dim, dtype, device, seed)
+    reason = backend.supports(spec, device=q.device, dtype=dtype, head_dim=head_dim, needs_grad=grad)
+    assume(reason is None)
+    scale = head_dim ** -0.5
+    tol = TOLERANCE[dtype]
+    if not grad:
+        with torch.no_grad():
+            got = backend.attend(q, k, v, spec, scale=scale)
+        want = REFERENCE.attend(q, k, v, spec, scale=scale)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        return
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = backend.attend(q, k, v, spec, scale=scale)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 7)).to(device=device, dtype=dtype)
+    got = torch.autograd.grad(out, (q, k, v), upstream)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    want = torch.autograd.grad(REFERENCE.attend(q64, k64, v64, spec, scale=scale), (q64, k64, v64), upstream.double())
+    gtol = GRAD_TOLERANCE[dtype]
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), b, atol=gtol, rtol=gtol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+common = dict(batch=st.integers(1, 3), heads=st.integers(1, 4), head_dim=st.sampled_from([4, 8, 12, 16, 32]),
+              seed=st.integers(0, 1000))
+
+
+def domain(backend) -> dict:
+    """Strategy arguments that stay inside what ``backend`` declares (so few examples are filtered)."""
+    kinds = backend.capabilities.kinds
+    natten = isinstance(backend, NattenBackend)
+    return dict(kinds=tuple(k for k in SPEC_KINDS if kinds is None or k in kinds), kernel_fits_map=natten,
+                head_dims=[8, 16, 32] if natten else [4, 8, 12, 16, 32])
+
+
+@pytest.mark.parametrize("name", sorted(CPU_BACKENDS))
+@given(data=st.data(), batch=st.integers(1, 3), heads=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_cpu_backend_equals_reference_float32(name, data, batch, heads, seed):
+    backend = CPU_BACKENDS[name]
+    allowed = domain(backend)
+    case = data.draw(specs(kinds=allowed["kinds"], kernel_fits_map=allowed["kernel_fits_map"]), label="case")
+    head_dim = data.draw(st.sampled_from(allowed["head_dims"]), label="head_dim")
+    compare(backend, case, batch=batch, heads=heads, head_dim=head_dim, dtype=torch.float32, device="cpu", seed=seed,
+            grad=False)
+
+
+@pytest.mark.parametrize("name", ["sdpa", "sdpa-tiled"])
+@given(case=specs(), **common)
+def test_cpu_backend_gradients_equal_reference(name, case, batch, heads, head_dim, seed):
+    compare(CPU_BACKENDS[name], case, batch=batch, heads=heads, head_dim=head_dim, dtype=torch.float32, device="cpu",
+            seed=seed, grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["sdpa", "sdpa-tiled"])
+@given(case=specs(kinds=("dense", "causal", "block-causal", "neighborhood2d")), **common)
+def test_cpu_half_precision_within_tolerance(name, dtype, case, batch, heads, head_dim, seed):
+    compare(CPU_BACKENDS[name], case, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device="cpu", seed=seed,
+            grad=False)
+
+
+def cuda_backend_names():
+    return ["sdpa", "flex", "natten", "xformers", "flash-attn", "reference"]
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", cuda_backend_names())
+@given(case=specs(), batch=st.integers(1, 3), heads=st.integers(1, 4), head_dim=st.sampled_from([16, 32, 64]),
+       seed=st.integers(0, 1000))
+def test_cuda_backend_equals_reference(name, dtype, grad, case, batch, heads, head_dim, seed):
+    entry = get_registry().get("backend", name)
+    if not entry.availability.ok:
+        pytest.skip(entry.availability.reason)
+    backend = get_registry().create("backend", name)
+    allowed = domain(backend)
+    assume(case[0].kind in allowed["kinds"])
+    compare(backend, case, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device="cuda", seed=seed, grad=grad)
+
+
+# -- spec invariants ---------------------------------------------------------------------------------
+@given(case=specs())
+def test_mask_mod_pair_count_and_mask_agree(case):
+    spec, q_len, kv_len = case
+    mask = spec.mask(q_len, kv_len, "cpu")
+    full = torch.ones(q_len, kv_len, dtype=torch.bool) if mask is None else mask
+    assert bool(full.any(dim=1).all()), "a query sees no key"
+    qi = torch.arange(q_len)[:, None].expand(q_len, kv_len)
+    ki = torch.arange(kv_len)[None, :].expand(q_len, kv_len)
+    zero = torch.zeros((), dtype=torch.long)
+    assert torch.equal(spec.mask_mod(q_len, kv_len, "cpu")(zero, zero, qi, ki).expand(q_len, kv_len), full)
+    assert spec.pair_count(q_len, kv_len) == int(full.sum())
+
+
+@given(h=st.integers(1, 20), w=st.integers(1, 20), k=st.integers(1, 9), d=st.integers(1, 3), causal=st.booleans(),
+       tile_h=st.integers(1, 8), tile_w=st.integers(1, 8))
+def test_tiles_cover_every_window(h, w, k, d, causal, tile_h, tile_w):
+    spec = Neighborhood2D(h, w, k, d, causal)
+    tiles = map_tiles(spec, tile_h, tile_w, "cpu")
+    mask = spec.mask(h * w, h * w, "cpu")
+    assert sorted(set(tiles.queries.flatten().tolist())) == list(range(h * w))
+    assert torch.equal(tiles.queries.flatten()[tiles.inverse], torch.arange(h * w))
+    for t in range(tiles.queries.shape[0]):
+        for slot, query in enumerate(tiles.queries[t].tolist()):
+            seen = set(tiles.keys[t][tiles.mask[t, 0, slot]].tolist())
+            assert seen == set(torch.nonzero(mask[query]).flatten().tolist())
+            assert int(tiles.mask[t, 0, slot].sum()) == len(seen), "a key counted twice inside a halo"
+
+
+def test_tiled_sdpa_never_materialises_an_n_by_n_mask(monkeypatch):
+    import mvar_engine.backends.sdpa as sdpa_module
+
+    seen = []
+    original = sdpa_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(0 if attn_mask is None else attn_mask.shape[-1] * attn_mask.shape[-2])
+        return original(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(sdpa_module.F, "scaled_dot_product_attention", spy)
+    spec = Neighborhood2D(32, 32, 7)
+    q = torch.randn(1, 2, 1024, 8)
+    out = SdpaBackend().attend(q, q, q, spec, scale=0.3)
+    assert seen and max(seen) <= 16 * 100, "tiled path should only see tile x halo masks"
+    torch.testing.assert_close(out, REFERENCE.attend(q, q, q, spec, scale=0.3), atol=1e-5, rtol=1e-5)
+    assert SdpaBackend().uses_tiles(spec) and not SdpaBackend().uses_tiles(Neighborhood2D(12, 12, 7))
+
+
+# -- selection and errors ----------------------------------------------------------------------------
+def test_auto_prefers_the_documented_order_on_cpu():
+    selector = selector_for("auto")
+    q = torch.randn(1, 2, 64, 16)
+    assert selector.ranked(Neighborhood2D(8, 8, 3), q.device)[0].name == "sdpa"
+    selector.attend(q, q, q, Neighborhood2D(8, 8, 3), scale=0.25)
+    assert selector.used["neighborhood2d"] == "sdpa"
+    names = [c.name for c in selector.ranked(Neighborhood2D(8, 8, 3), q.device)]
+    assert names[-1] == "reference"
+    if "natten" in names:
+        assert names.index("natten") > names.index("sdpa")
+
+
+def test_selector_falls_through_to_a_backend_that_supports_the_spec():
+    natten, sdpa = Candidate("natten", NattenBackend(), 100), Candidate("sdpa", SdpaBackend(), 50)
+    selector = BackendSelector([natten, sdpa], forced=False)
+    q = torch.randn(1, 2, 10, 8)
+    selector.attend(q, q, q, Causal(), scale=1.0)
+    assert selector.used["causal"] == "sdpa"
+
+
+def test_forced_backend_that_cannot_run_the_spec_is_one_line():
+    selector = BackendSelector([Candidate("natten", NattenBackend())], forced=True)
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(BackendUnsupportedError) as err:
+        selector.attend(q, q, q, Dense(), scale=1.0)
+    message = str(err.value)
+    assert "\n" not in message and "natten" in message and "dense" in message and "--backend" in message
+
+
+@pytest.mark.skipif(not get_registry().get("backend", "natten").availability.ok, reason="natten is not installed")
+@pytest.mark.parametrize("spec, head_dim, needs_grad, words", [
+    (Neighborhood2D(4, 4, 5), 8, False, ["kernel_size * dilation", "4", "--backend sdpa"]),
+    (Neighborhood2D(8, 8, 3), 12, False, ["head_dim", "12", "--backend sdpa"]),
+    (Neighborhood2D(8, 8, 3), 8, True, ["backward", "cpu"]),
+    (Neighborhood2D(8, 8, 1), 8, False, ["kernel_size >= 2", "--backend sdpa"]),
+    (Neighborhood2D(8, 8, 3), 8, False, []),
+])
+def test_natten_reasons_name_the_constraint_and_the_way_out(spec, head_dim, needs_grad, words):
+    reason = NattenBackend().supports(spec, device=torch.device("cpu"), dtype=torch.float32, head_dim=head_dim,
+                                      needs_grad=needs_grad)
+    if not words:
+        assert reason is None
+        return
+    assert reason is not None and "\n" not in reason
+    for word in words:
+        assert word in reason
+
+
+def test_a_kernel_larger_than_the_map_is_dense_on_sdpa():
+    q, k, v = (torch.randn(2, 3, 20, 8) for _ in range(3))
+    got = SdpaBackend(SdpaOptions(tiled="always")).attend(q, k, v, Neighborhood2D(4, 5, 9), scale=0.3)
+    torch.testing.assert_close(got, SdpaBackend().attend(q, k, v, Dense(), scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shapes, spec, words", [
+    (((1, 2, 9, 8), (1, 2, 9, 4), (1, 2, 9, 8)), Dense(), ["head_dim", "[1, 2, 9, 8]", "[1, 2, 9, 4]"]),
+    (((1, 2, 9, 8), (1, 3, 9, 8), (1, 3, 9, 8)), Dense(), ["batch and heads"]),
+    (((1, 2, 9, 8), (1, 2, 9, 8), (1, 2, 7, 8)), Dense(), ["same number of tokens"]),
+    (((2, 9, 8), (2, 9, 8), (2, 9, 8)), Dense(), ["4-D", "[B, H, L, D]"]),
+    (((1, 2, 9, 8),) * 3, Neighborhood2D(4, 4, 3), ["4x4", "16", "9"]),
+    (((1, 2, 9, 8), (1, 2, 5, 8), (1, 2, 5, 8)), Causal(), ["at least as many keys"]),
+])
+def test_bad_inputs_are_one_line(shapes, spec, words):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    problem = check_inputs(q, k, v, spec)
+    assert problem is not None and "\n" not in problem
+    for word in words:
+        assert word in problem
+    with pytest.raises(UsageError):
+        attention(q, k, v, spec, backend="sdpa")
+
+
+def test_functional_attention_matches_reference_and_picks_a_default_scale():
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    spec = Neighborhood2D(4, 4, 3)
+    torch.testing.assert_close(attention(q, k, v, spec), REFERENCE.attend(q, k, v, spec, scale=8 ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_block_structures_come_from_the_dense_pattern():
+    from mvar_engine.core.layout import SequenceLayout
+    from mvar_engine.plugins.patterns import DensePattern
+    from mvar_engine.plugins.trajectories import FullTrajectory, MarkovTrajectory
+
+    layout = SequenceLayout.from_patch_nums((1, 2, 3))
+    everything = ((0, layout.length),)
+    assert DensePattern().spec(layout, everything, everything, FullTrajectory().visible) == BlockCausal((1, 4, 9))
+    assert DensePattern().spec(layout, everything, everything, MarkovTrajectory().visible) == BlockDiagonal((1, 4, 9))
+
+
+def test_every_builtin_backend_declares_capabilities():
+    for entry in get_registry().components("backend"):
+        capabilities = entry.record.factory.capabilities
+        assert capabilities.summary()
+        assert capabilities.devices
