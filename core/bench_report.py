@@ -151,3 +151,30 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically (readers never see a partial file)."""
     text = json.dumps(payload, indent=2, default=str) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process since it started or since :func:`reset_peak_rss` (Linux
+    ``VmHWM``). Unlike ``ru_maxrss`` it does not inherit the parent's peak across fork/exec."""
+    import re
+
+    try:
+        with open("/proc/self/status") as status:
+            found = re.search(r"^VmHWM:\s+(\d+)\s+kB", status.read(), re.MULTILINE)
+        if found:
+            return int(found.group(1)) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak resident set to the current one (Linux >= 4.0); False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False

@@ -284,8 +284,85 @@ def cmd_bench_attention(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_bench_train(argv: Sequence[str]) -> int:
+    from .bench_train import STRATEGIES, BenchTrainConfig, run_bench_train
+
+    d = BenchTrainConfig()
+    p = _Parser(prog=f"{PROG} bench train", allow_abbrev=False,
+                description="Peak memory and step time of MVAR's training strategies (sequence vs parallel), each in "
+                            "a fresh process, random weights. Writes a JSON report.")
+    p.add_argument("--depth", type=int, default=d.depth, help=f"VAR depth (default {d.depth}: VAR-d16)")
+    p.add_argument("--patch-nums", type=_int_list, default=d.patch_nums, metavar="N,N,...",
+                   help="scale schedule (default VAR's 256px)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"timed steps per group, after one untimed (default {d.steps})")
+    p.add_argument("--ratio", type=lambda t: tuple(int(x) for x in t.split(":")), default=d.ratio, metavar="A:B:C",
+                   help="iterations per parallel group in a cycle, for the mean step time (default 8:1:1)")
+    p.add_argument("--kernel-size", type=int, default=d.kernel_size, help=f"neighbourhood kernel (default {d.kernel_size})")
+    p.add_argument("--strategies", type=_name_list, default=d.strategies, metavar="NAME,...",
+                   help=f"default {','.join(STRATEGIES)}")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    run_bench_train(BenchTrainConfig(depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size,
+                                     steps=args.steps, ratio=args.ratio, kernel_size=args.kernel_size,
+                                     strategies=args.strategies, device=args.device, seed=args.seed,
+                                     output=args.output, table=not args.no_table))
+    return 0
+
+
+def cmd_bench_matrix(argv: Sequence[str]) -> int:
+    from .bench_matrix import KNOWN_MODELS, PRESETS, MatrixConfig, run_matrix
+
+    d = MatrixConfig()
+    presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+    p = _Parser(prog=f"{PROG} bench matrix", allow_abbrev=False,
+                description="Inference benchmark matrix (issue #7): every model x batch x trajectory/attention/cache "
+                            "cell in a fresh process, random weights; peak memory over the post-load baseline, "
+                            "KV-cache bytes, attention FLOPs from the pattern, transformer and decoding time. Writes "
+                            "JSON, a markdown table (.md) and a PNG chart (.png); ratios are against the first "
+                            f"configuration. Presets: {presets}.")
+    p.add_argument("--preset", choices=list(PRESETS), default=d.preset, help=f"default {d.preset}")
+    p.add_argument("--models", type=_name_list, default=None, metavar="ID,...",
+                   help=f"model ids ({', '.join(KNOWN_MODELS)}; any dN-256 / dN-512); with --batches, overrides "
+                        f"the preset's cells")
+    p.add_argument("--batches", type=_int_list, default=None, metavar="B,B,...", help="batch sizes (images)")
+    p.add_argument("--cells", type=_name_list, default=None, metavar="MODEL:B,...",
+                   help="exact (model, batch) cells, e.g. d16-256:8,d16-512:2 (overrides --models, --batches, preset)")
+    p.add_argument("--configs", type=_name_list, default=None, metavar="T/A/C,...",
+                   help="trajectory/attention/cache triples, the first is the baseline (options as "
+                        "neighborhood:kernel_size=5)")
+    p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
+                   help="autocast dtype (16-bit on CUDA only; default float32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed generations per cell (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed generations first (default: the preset's)")
+    p.add_argument("--cfg", type=float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg}; 0 disables)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N",
+                   help=f"images decoded at a time (default {d.decode_chunk})")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per cell (default: torch's)")
+    p.add_argument("--timeout-s", type=float, default=None, metavar="SECONDS", help="limit per cell (default none)")
+    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    payload = run_matrix(MatrixConfig(
+        preset=args.preset, cells_=args.cells, models=args.models, batches=args.batches, configs=args.configs, backend=args.backend,
+        device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, cfg=args.cfg, seed=args.seed,
+        decode_chunk=args.decode_chunk, threads=args.threads, timeout_s=args.timeout_s, output=args.output, table=not args.no_table),
+        log=sys.stderr)
+    return 1 if any(row["status"] != "ok" for row in payload["results"]) else 0
+
+
 BENCH_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "attention": (cmd_bench_attention, "attention backends on neighbourhood maps against dense SDPA"),
+    "train": (cmd_bench_train, "training memory and step time: sequence vs parallel strategy"),
+    "matrix": (cmd_bench_matrix, "inference matrix: memory, time and FLOPs per model, batch and configuration"),
 }
 """``mvar-engine bench NAME``: benchmark name -> (command, one-line description)."""
 
@@ -324,6 +401,25 @@ def cmd_train(argv: Sequence[str]) -> int:
     return run(argv)
 
 
+def cmd_export_weights(argv: Sequence[str]) -> int:
+    import torch
+
+    from .checkpoint import convert_weights
+
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    p = _Parser(prog=f"{PROG} export-weights", allow_abbrev=False,
+                description="Copy a weights file to .safetensors with its floating tensors cast to --dtype, keeping "
+                            "the mvar_engine metadata (e.g. to ship trained weights at half the size).")
+    p.add_argument("source", help="weights file (.safetensors, .pth, checkpoint.pt)")
+    p.add_argument("target", help="output .safetensors file (written atomically)")
+    p.add_argument("--dtype", choices=list(dtypes), default="float16", help="default float16")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    path = convert_weights(args.source, args.target, dtypes[args.dtype])
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {args.dtype})")
+    return 0
+
+
 def cmd_evaluate(argv: Sequence[str]) -> int:
     from .evaluation.cli import cmd_evaluate as run
 
@@ -337,6 +433,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train-tokenizer": cmd_train_tokenizer,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "export-weights": cmd_export_weights,
 }
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
 from .config import ComponentChoice, EngineConfig
 from .backend_selection import BackendSelector, selector_for
+from .default_models import available_defaults, default_checkpoints, recommended_choices, weights_metadata
 from .engine import NextScaleEngine
 from .errors import CheckpointError, IncompatibleComponentsError, UsageError
 from .models.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -92,12 +93,42 @@ def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
 
 
 # -- models ----------------------------------------------------------------------------------------
+def with_weights(config: EngineConfig) -> EngineConfig:
+    """``config`` with the shipped default checkpoints of its trajectory filled in when it names none
+    (and asks for no random weights), and the pattern options the weights were trained with (from
+    their metadata) where the run sets none."""
+    m = config.model
+    if not (m.var_checkpoint or m.vae_checkpoint or m.random_weights):
+        found = default_checkpoints(config.trajectory.name)
+        if found is None:
+            return config  # build_models explains
+        config = config.model_copy(update={"model": m.model_copy(update={"var_checkpoint": str(found[0]),
+                                                                          "vae_checkpoint": str(found[1])})})
+    if config.model.var_checkpoint and config.model.vae_checkpoint:
+        config = recommended_choices(config, weights_metadata(config.model.var_checkpoint))
+    return config
+
+
+def _architecture(path, config_type):
+    """The config of ``config_type`` stored in a weights file's metadata, or None."""
+    meta = weights_metadata(path)
+    arch = (meta or {}).get("architecture")
+    if not arch:
+        return None
+    try:
+        return config_type(**arch)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its metadata's architecture is invalid ({' '.join(str(error).split())[:200]})") from None
+
+
 def load_var(path: Path, *, depth: int | None = None, patch_nums=None, num_classes: int | None = None,
              strict: bool = True) -> VAR:
-    """A VAR from any supported checkpoint layout; the architecture is read off the file."""
+    """A VAR from any supported checkpoint layout; the architecture comes from the file's metadata
+    when it has some (our exports), else it is read off the tensor shapes."""
     state = read_state_dict(path)
     try:
-        config = infer_var_config(state, depth=depth, patch_nums=patch_nums, num_classes=num_classes)
+        config = _architecture(path, VARConfig) or infer_var_config(state, depth=depth, patch_nums=patch_nums,
+                                                                     num_classes=num_classes)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
     model = VAR(config)
@@ -129,7 +160,9 @@ def infer_tokenizer_config(state: dict[str, torch.Tensor], patch_nums) -> Tokeni
 def load_tokenizer(path: Path, patch_nums, strict: bool = True) -> MultiScaleVQVAE:
     state = read_state_dict(path)
     try:
-        config = infer_tokenizer_config(state, patch_nums)
+        stored = _architecture(path, TokenizerConfig)
+        config = (stored.model_copy(update={"patch_nums": tuple(patch_nums)}) if stored is not None
+                  else infer_tokenizer_config(state, patch_nums))
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
     model = MultiScaleVQVAE(config)
@@ -165,6 +198,7 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: EngineConfig, registry: Registry | None = None) -> "Pipeline":
+        config = with_weights(config)
         components = resolve_components(config, registry)
         device = resolve_device(config.device)
         model, tokenizer = build_models(config)
@@ -237,8 +271,9 @@ def build_models(config: EngineConfig) -> tuple[VAR, MultiScaleVQVAE]:
         var_config = VARConfig(depth=m.depth or 16, num_classes=m.num_classes or 1000, patch_nums=patch_nums)
         tokenizer = MultiScaleVQVAE(TokenizerConfig(patch_nums=tuple(patch_nums)))
         return VAR(var_config), tokenizer
-    raise UsageError("no embedded default model ships yet: pass --var-checkpoint and --vae-checkpoint, "
-                     "or --random-weights (with --depth) to time a randomly initialised model")
+    have = ", ".join(available_defaults()) or "none in this installation"
+    raise UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); pass "
+                     f"--var-checkpoint and --vae-checkpoint, or --random-weights (with --depth) to time a random model")
 
 
 def _check_pair(model: VAR, tokenizer: MultiScaleVQVAE) -> None:

@@ -7,6 +7,7 @@ from ..core.hookspecs import hookimpl
 from ..core.records import AttentionPatternRecord, CachePolicyRecord, TrajectoryRecord
 from .caches import FullCache, NoCache, WindowCache, WindowOptions
 from .patterns import DensePattern, NeighborhoodOptions, NeighborhoodPattern
+from .raster import RasterTrajectory
 from .trajectories import FullTrajectory, MarkovOptions, MarkovTrajectory
 
 
@@ -17,6 +18,8 @@ def mvar_engine_trajectories():
                          description="next-scale, every earlier scale visible (VAR, block-causal)"),
         TrajectoryRecord(name="markov", factory=MarkovTrajectory, options=MarkovOptions,
                          description="next-scale, only the last `order` scales visible (MVAR: order 1, no KV cache)"),
+        TrajectoryRecord(name="raster", factory=RasterTrajectory,
+                         description="next-token, one image token a step in raster order after a class prefix (LlamaGen)"),
     ]
 
 

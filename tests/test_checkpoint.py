@@ -152,3 +152,23 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_uses_normal_permissions(
         atomic_write(path, broken)
     assert path.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_export_weights_halves_the_file_and_keeps_metadata(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    from mvar_engine.core.cli import main
+
+    state = {"w": torch.randn(64, 64), "steps": torch.arange(3)}
+    source = save_state_dict(state, tmp_path / "a.safetensors", metadata={"mvar_engine": json.dumps({"kind": "var"})})
+    target = tmp_path / "b.safetensors"
+    assert main(["export-weights", str(source), str(target)]) == 0
+    with safe_open(str(target), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["mvar_engine"])
+        assert handle.get_tensor("w").dtype == torch.float16 and handle.get_tensor("steps").dtype == torch.int64
+    assert meta["kind"] == "var" and meta["exported"] == {"from": "a.safetensors", "dtype": "float16"}
+    assert target.stat().st_size < 0.6 * source.stat().st_size
+    assert main(["export-weights", str(source), str(tmp_path / "c.pth")]) == 2
+    assert "change the suffix" in capsys.readouterr().err

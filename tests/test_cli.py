@@ -70,7 +70,6 @@ def test_bad_config_file_is_one_line(tmp_path):
     (["--dtype", "float8"], "dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--backend", "nope"], "unknown attention backend 'nope'"),
-    ([], "no embedded default model ships yet"),
     (["--var-checkpoint", "x.pth"], "give both --var-checkpoint and --vae-checkpoint"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, needle, capsys):
@@ -170,3 +169,12 @@ def test_sdpa_options_are_flags(tmp_path, checkpoints, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     assert main(argv[:-1] + ["--backend-tiled", "sometimes"]) == 2
     assert "tiled" in capsys.readouterr().err
+
+
+def test_missing_default_weights_is_one_line(monkeypatch, tmp_path, capsys):
+    from mvar_engine.core import default_models
+
+    monkeypatch.setattr(default_models, "WEIGHTS_DIR", tmp_path)
+    assert main(["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no default weights for trajectory 'markov'" in err[0] and "--var-checkpoint" in err[0]

@@ -1,0 +1,799 @@
+"""``mvar-engine bench matrix``: the inference benchmark matrix of issue #7 (next-scale models).
+
+Every cell (model x batch x configuration) runs in a fresh process, so that peak memory is the
+cell's own: the worker (``python -m mvar_engine.core.bench_matrix CELL_JSON``) builds the model with
+random weights (cost does not depend on the weights; rows say ``random_weights: true``), records
+the memory after the load (the baseline), times the transformer's generation (``--warmup`` untimed
+calls, then the median of ``--repeats``), then decodes the last ``f_hat`` to images in chunks of
+``--decode-chunk`` images, timed separately, so that the tokenizer neither sets the transformer's
+peak nor hides it.
+
+Memory. CPU: the process's peak resident set (``VmHWM``), reset after the load and again before
+decoding (``/proc/self/clear_refs``), so ``peak_rss_transformer`` is the peak of the generation
+phase and ``peak_rss_decode`` the peak of the decoding phase, both weights included;
+``peak_rss_total`` is their maximum and ``working_memory`` = ``peak_rss_total - baseline_rss``.
+CUDA: the same fields from ``torch.cuda.max_memory_allocated`` (``reset_peak_memory_stats``
+between the phases) and ``memory_allocated`` after the load. The engine's own count of KV-cache
+bytes (``cache_peak_bytes``) is reported beside them.
+
+Attention FLOPs are counted from the pattern (:func:`attention_flops`): for every scale the spec the
+engine asks the pattern for (cached step: the step's queries over the keys the cache returns;
+recomputed step: the visible history over itself), ``4 * rows * heads * head_dim * pairs`` per
+layer. Ratios compare each configuration with the first configuration (the baseline) of the same
+model and batch: ``this / baseline``.
+
+Output: ``--output`` (JSON, rewritten after every cell), the markdown table beside it (``.md``)
+and a PNG chart (``.png``, drawn with PIL) of total peak memory and transformer time per image per
+configuration, each bar labelled with its ratio to the baseline.
+
+Models: ``dN-256`` / ``dN-512`` (VAR-dN on VAR's 256px or 512px schedule, the released tokenizer's
+architecture, downsample 16) and ``tiny`` (depth 2, scales 1,2,4, a small tokenizer; for tests).
+Raster models (LlamaGen-style) are not implemented yet: see ``MODEL_FAMILIES`` (the extension point).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+import torch
+
+from .bench_report import peak_rss_bytes, reset_peak_rss, machine_info, synchronizer, write_json
+from .bench_train import _rss_bytes
+from .errors import ConfigError, MvarEngineError, UsageError
+
+# -- models ------------------------------------------------------------------------------------------
+TINY_PATCH_NUMS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model: ``family`` picks the worker (see :data:`MODEL_FAMILIES`)."""
+
+    id: str
+    family: str
+    depth: int
+    patch_nums: tuple[int, ...]
+    resolution: int  # pixels per image side
+
+    @property
+    def tokens_per_image(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+
+KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny")
+"""Model ids listed in messages; any ``dN-256`` or ``dN-512`` is accepted."""
+
+
+def model_spec(model_id: str) -> ModelSpec:
+    """``d16-256`` -> VAR-d16 on the 256px schedule; ``tiny`` -> the test model; else a UsageError."""
+    from .models.var import PATCH_NUMS_256, PATCH_NUMS_512
+
+    key = model_id.strip().lower()
+    if key == "tiny":
+        return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2)
+    match = re.fullmatch(r"(?:var-)?d(\d+)-(256|512)", key)
+    if match and int(match.group(1)) >= 1:
+        schedule = PATCH_NUMS_256 if match.group(2) == "256" else PATCH_NUMS_512
+        return ModelSpec(f"d{int(match.group(1))}-{match.group(2)}", "next-scale", int(match.group(1)),
+                         tuple(schedule), int(match.group(2)))
+    raise UsageError(f"unknown model {model_id!r} (available: {', '.join(KNOWN_MODELS)}; any dN-256 or dN-512 is "
+                     f"VAR-dN at that resolution; raster models are not implemented yet)")
+
+
+# -- configurations ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Combo:
+    """One configuration ``trajectory/attention/cache``; a part may carry options as
+    ``name:key=value:key=value`` (``markov/neighborhood:kernel_size=5/none``)."""
+
+    text: str
+    trajectory: str
+    attention: str
+    cache: str
+    options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+
+    def engine_components(self) -> dict[str, dict[str, Any]]:
+        return {kind: {"name": getattr(self, kind), "options": self.options.get(kind, {})}
+                for kind in ("trajectory", "attention", "cache")}
+
+
+def _option_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_combo(text: str) -> Combo:
+    """``"full/dense/full"`` -> :class:`Combo`; a malformed triple is a one-line UsageError."""
+    parts = [p.strip() for p in text.strip().split("/")]
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"configuration {text!r} is not trajectory/attention/cache (e.g. full/dense/full or "
+                         f"markov/neighborhood/none; options as neighborhood:kernel_size=5)")
+    names, options = [], {}
+    for kind, part in zip(("trajectory", "attention", "cache"), parts):
+        name, *pairs = part.split(":")
+        names.append(name.strip())
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"configuration {text!r}: option {pair!r} of {kind} '{name}' is not key=value")
+            options.setdefault(kind, {})[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return Combo("/".join(parts), *names, options=options)
+
+
+def parse_cell(text: str) -> tuple[str, int]:
+    """``"d16-512:8"`` -> ``("d16-512", 8)``; anything else is a one-line UsageError."""
+    model, sep, batch = text.strip().rpartition(":")
+    if not sep or not model or not batch.isdigit() or int(batch) < 1:
+        raise UsageError(f"cell {text!r} is not MODEL:BATCH (e.g. d16-256:8)")
+    return model, int(batch)
+
+
+def check_combo(combo: Combo, backend: str) -> None:
+    """Resolve the components (names, options, compatibility) now, before any process starts; errors
+    name the configuration and list what exists."""
+    from .config import EngineConfig
+    from .pipeline import resolve_components
+
+    try:
+        resolve_components(EngineConfig(**combo.engine_components(), backend=backend))
+    except ConfigError as error:
+        raise ConfigError([f"configuration '{combo.text}': {'; '.join(error.problems)}"]) from None
+    except MvarEngineError as error:
+        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
+    except ValueError as error:  # pydantic validation of the options
+        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
+
+
+# -- presets -----------------------------------------------------------------------------------------
+BASELINE = "full/dense/full"
+MVAR = "markov/neighborhood/none"
+
+
+@dataclass(frozen=True)
+class Preset:
+    cells: tuple[tuple[str, int], ...]  # (model id, batch) in order
+    configs: tuple[str, ...]
+    repeats: int
+    warmup: int
+    device: str
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        cells=(("d16-256", 1), ("d16-256", 4)),
+        configs=(BASELINE, MVAR, "markov/dense/none"),
+        repeats=2, warmup=1, device="cpu",
+        description="VAR-d16 256px, batch 1 and 4 with CFG: VAR, MVAR and MVAR's trajectory without its "
+                    "neighbourhood (about 10 minutes on an idle 2-core CPU)"),
+    "target": Preset(
+        cells=(("d16-256", 32), ("d16-512", 8)),
+        configs=(BASELINE, MVAR),
+        repeats=1, warmup=1, device="auto",
+        description="issue #7's target rows: d16 256px batch 32 and d16 512px batch 8, with CFG, VAR vs MVAR (on a "
+                    "2-core CPU one batch-32 generation takes minutes: --cells d16-256:8,d16-512:2 there)"),
+    "paper": Preset(
+        cells=(("d16-256", 32), ("d20-256", 32), ("d24-256", 32)),
+        configs=(BASELINE, MVAR),
+        repeats=5, warmup=1, device="auto",
+        description="the MVAR paper's setting: d16/d20/d24 256px, batch 32, CFG 1.5 (for a GPU)"),
+}
+
+
+# -- the matrix configuration --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MatrixConfig:
+    preset: str = "default"
+    cells_: tuple[str, ...] | None = None   # "MODEL:BATCH" pairs; overrides models, batches and the preset's cells
+    models: tuple[str, ...] | None = None   # None: the preset's cells
+    batches: tuple[int, ...] | None = None  # None: the preset's cells
+    configs: tuple[str, ...] | None = None  # None: the preset's; the first is the baseline
+    backend: str = "auto"
+    device: str | None = None               # None: the preset's
+    dtype: str = "float32"
+    repeats: int | None = None
+    warmup: int | None = None
+    cfg: float = 1.5
+    seed: int = 0
+    decode_chunk: int = 2
+    threads: int | None = None              # None: torch's default (OMP_NUM_THREADS)
+    timeout_s: float | None = None
+    output: str = "bench-matrix.json"
+    table: bool = True
+
+    @property
+    def base(self) -> Preset:
+        if self.preset not in PRESETS:
+            raise UsageError(f"unknown preset {self.preset!r} (available: {', '.join(PRESETS)})")
+        return PRESETS[self.preset]
+
+    def cells(self) -> list[tuple[ModelSpec, int]]:
+        """(model, batch) pairs in run order: ``--cells``, else the preset's, or ``models x batches`` where given."""
+        if self.cells_ is not None:
+            return [(model_spec(m), b) for m, b in map(parse_cell, self.cells_)]
+        base = self.base
+        models = self.models if self.models is not None else tuple(dict.fromkeys(m for m, _ in base.cells))
+        if self.models is None and self.batches is None:
+            pairs = list(base.cells)
+        else:
+            batches = self.batches if self.batches is not None else tuple(dict.fromkeys(b for _, b in base.cells))
+            pairs = [(m, b) for m in models for b in batches]
+        return [(model_spec(m), b) for m, b in pairs]
+
+    def combos(self) -> list[Combo]:
+        return [parse_combo(text) for text in (self.configs if self.configs is not None else self.base.configs)]
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective settings (preset values filled in)."""
+        base = self.base
+        return {"repeats": self.repeats if self.repeats is not None else base.repeats,
+                "warmup": self.warmup if self.warmup is not None else base.warmup,
+                "device": self.device or base.device}
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.preset not in PRESETS:
+            return [f"unknown preset {self.preset!r} (available: {', '.join(PRESETS)})"]
+        settings = self.resolved()
+        if settings["repeats"] < 1 or settings["warmup"] < 0:
+            out.append("--repeats must be at least 1 and --warmup at least 0")
+        if self.batches is not None and (not self.batches or min(self.batches) < 1):
+            out.append("--batches must be positive integers")
+        if self.decode_chunk < 1:
+            out.append("--decode-chunk must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            out.append("--threads must be at least 1")
+        if self.cfg < 0:
+            out.append("--cfg must be >= 0 (0 disables guidance)")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            out.append("--timeout-s must be positive")
+        if self.cells_ is not None and not self.cells_:
+            out.append("--cells needs at least one MODEL:BATCH")
+        if self.configs is not None and not self.configs:
+            out.append("--configs needs at least one trajectory/attention/cache triple")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            out.append(f"--dtype {self.dtype}: choose float32, bfloat16 or float16")
+        device = settings["device"]
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            out.append(f"--device {device}: choose auto, cpu or cuda[:N]")
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            out.append(f"--device {device}: no CUDA device is available (use --device cpu)")
+        elif self.dtype != "float32" and not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+            out.append(f"--dtype {self.dtype} (autocast) is supported on CUDA only; use --dtype float32 on the CPU")
+        if not Path(self.output).suffix == ".json":
+            out.append(f"--output {self.output}: give a .json path (the .md table and .png chart go beside it)")
+        return out
+
+    def device_name(self) -> str:
+        device = self.resolved()["device"]
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
+
+# -- attention FLOPs -----------------------------------------------------------------------------------
+def attention_flops(layout, trajectory, pattern, cache, *, depth: int, heads: int, head_dim: int, rows: int,
+                    per_scale: list[int] | None = None) -> int:
+    """FLOPs of the attention products of one generation (``4 * rows * heads * head_dim * pairs`` per
+    layer and step, QK^T and PV), walking the scales as :meth:`NextScaleEngine.generate` does: a step
+    that the cache serves (or that needs no history) asks the pattern for its queries over the keys
+    the cache returns; otherwise the visible history is recomputed and attends to itself.
+
+    ``cache`` is driven with one-element tensors (``begin`` resets it, so the engine's own instance
+    may be passed). ``per_scale``, if given, receives each step's FLOPs."""
+    from .layout import spans_length
+
+    cache.begin(num_layers=1, batch=1, num_heads=1, head_dim=1, layout=layout, device=torch.device("cpu"),
+                dtype=torch.float32)
+    total = 0
+    for sc in layout.scales:
+        s = sc.index
+        needed, frontier = {s}, [s]  # the engine's dependencies(): visible history, transitively
+        while frontier:
+            for j in trajectory.history(frontier.pop()):
+                if j not in needed:
+                    needed.add(j)
+                    frontier.append(j)
+        history = sorted(needed)
+        if cache.stores_history or history == [s]:
+            queries = (sc.span,)
+            dummy = torch.zeros(1, 1, sc.numel, 1)
+            _, _, keys = cache.update(0, dummy, dummy, queries)
+            cache.end_step()
+        else:
+            queries = keys = layout.spans_of(history)
+        q_len, kv_len = spans_length(queries), spans_length(keys)
+        spec = pattern.spec(layout, queries, keys, trajectory.visible)
+        flops = 4 * rows * heads * head_dim * spec.pair_count(q_len, kv_len) * depth
+        if per_scale is not None:
+            per_scale.append(flops)
+        total += flops
+    cache.begin(num_layers=1, batch=1, num_heads=1, head_dim=1, layout=layout, device=torch.device("cpu"),
+                dtype=torch.float32)
+    return total
+
+
+# -- memory probes -------------------------------------------------------------------------------------
+class MemoryProbe:
+    """Baseline, phase resets and phase peaks: CUDA allocator counters or the process's RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.resets = True
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else _rss_bytes()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else peak_rss_bytes()
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.resets = reset_peak_rss() and self.resets
+
+
+# -- the worker ----------------------------------------------------------------------------------------
+def _build_next_scale(spec: ModelSpec, cell: dict[str, Any]):
+    """(VAR, tokenizer) with random weights: ``tiny`` is built here, the VAR sizes through the same
+    path as ``mvar-engine --random-weights`` (:func:`build_models`)."""
+    from .config import EngineConfig
+    from .models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from .models.var import VAR, VARConfig
+    from .pipeline import build_models
+
+    if spec.id == "tiny":
+        torch.manual_seed(cell["seed"])
+        model = VAR(VARConfig(depth=spec.depth, embed_dim=64, num_heads=2, num_classes=10, vocab_size=64, z_channels=8,
+                              patch_nums=spec.patch_nums))
+        tokenizer = MultiScaleVQVAE(TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2),
+                                                    num_res_blocks=1, using_sa=False, using_mid_sa=False,
+                                                    patch_nums=spec.patch_nums))
+        return model, tokenizer
+    return build_models(EngineConfig(model={"random_weights": True, "depth": spec.depth,
+                                            "patch_nums": spec.patch_nums}, sampling={"seed": cell["seed"]}))
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (next-scale model, batch, configuration) cell in this process; returns the row."""
+    from .config import EngineConfig
+    from .pipeline import Pipeline, resolve_components, resolve_device
+    from .registry import get_registry
+
+    spec = model_spec(cell["model"])
+    combo = parse_combo(cell["config"])
+    if cell.get("threads"):
+        torch.set_num_threads(cell["threads"])
+    device = resolve_device(cell["device"])
+    probe = MemoryProbe(device)
+    sync = synchronizer(device)
+    start = time.perf_counter()
+    config = EngineConfig(**combo.engine_components(), backend=cell["backend"], device=str(device),
+                          dtype=cell["dtype"], sampling={"cfg": cell["cfg"], "seed": cell["seed"]})
+    components = resolve_components(config)
+    model, tokenizer = _build_next_scale(spec, cell)
+    pipe = Pipeline(config, model.to(device).eval(), tokenizer.to(device).eval(), components, device)
+    engine = pipe.engine
+    sync()
+    load_s = time.perf_counter() - start
+    peak_load = probe.peak()
+    probe.reset()
+    baseline = probe.current()
+
+    block = model.blocks[0].attn
+    rows = cell["batch"] * (2 if cell["cfg"] > 0 else 1)
+    flops = attention_flops(model.layout, components.trajectory, components.pattern,
+                            get_registry().create("cache", combo.cache, combo.options.get("cache", {})),
+                            depth=len(model.blocks), heads=block.heads, head_dim=block.head_dim, rows=rows)
+
+    labels = (torch.arange(cell["batch"]) % model.num_classes).to(device)
+    generator = torch.Generator(device=device).manual_seed(cell["seed"])
+    fresh_cache = lambda: get_registry().create("cache", combo.cache, combo.options.get("cache", {}))  # noqa: E731
+    last: list[Any] = [None]
+
+    def generate() -> float:
+        last[0] = None
+        engine.cache = fresh_cache()  # a new policy per call: the previous call's buffers are freed first
+        gc.collect()
+        sync()
+        t0 = time.perf_counter()
+        last[0] = engine.generate(labels, cfg=cell["cfg"], generator=generator)
+        sync()
+        return time.perf_counter() - t0
+
+    warm = [generate() for _ in range(cell["warmup"])]
+    times = [generate() for _ in range(cell["repeats"])]
+    peak_transformer = probe.peak()
+    out = last[0]
+    f_hat, cache_peak = out.f_hat, out.cache_peak_bytes
+    del out
+    last[0] = None
+    engine.cache = fresh_cache()
+
+    probe.reset()
+    decode_times = []
+    with torch.no_grad():
+        tokenizer.fhat_to_img(f_hat[:1])  # warm-up (first-call allocations), untimed
+        for chunk in torch.split(f_hat, cell["decode_chunk"]):
+            sync()
+            t0 = time.perf_counter()
+            images = tokenizer.fhat_to_img(chunk)
+            sync()
+            decode_times.append((time.perf_counter() - t0) / chunk.shape[0])
+            del images
+    peak_decode = probe.peak()
+    median_s = statistics.median(times)
+    tokens = spec.tokens_per_image
+    peak_total = max(peak_transformer, peak_decode)
+    return {
+        "status": "ok", "reason": None,
+        "model": spec.id, "family": spec.family, "random_weights": True, "depth": spec.depth,
+        "resolution": spec.resolution, "patch_nums": list(spec.patch_nums), "tokens_per_image": tokens,
+        "batch": cell["batch"], "cfg": cell["cfg"], "rows": rows, "config": combo.text,
+        "trajectory": combo.trajectory, "attention": combo.attention, "cache": combo.cache,
+        "options": combo.options, "backend": cell["backend"], "backends_used": dict(components.backends.used),
+        "device": str(device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokenizer_params": sum(p.numel() for p in tokenizer.parameters()),
+        "weights_bytes": _module_bytes(model) + _module_bytes(tokenizer),
+        "memory_source": "cuda max_memory_allocated" if probe.cuda else "process peak RSS (VmHWM)",
+        "peak_resets": probe.resets,
+        "load_s": load_s, "peak_load": peak_load, "baseline_rss": baseline,
+        "peak_rss_transformer": peak_transformer, "peak_rss_decode": peak_decode, "peak_rss_total": peak_total,
+        "working_memory": peak_total - baseline, "working_memory_transformer": peak_transformer - baseline,
+        "cache_peak_bytes": cache_peak, "attention_gflops": flops / 1e9,
+        "attention_gflops_per_image": flops / 1e9 / cell["batch"],
+        "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
+        "transformer_times_s": times, "warmup_times_s": warm, "repeats": len(times),
+        "decode_s_per_image": statistics.median(decode_times), "decode_chunk": cell["decode_chunk"],
+        "tokens_per_s": cell["batch"] * tokens / median_s,
+    }
+
+
+MODEL_FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "next-scale": run_next_scale_cell,
+    # EXTENSION POINT (issue #7, raster models): a raster AR model (LlamaGen-B-size GPT, 256px = 16x16
+    # tokens) goes here as "raster": run_raster_cell, with ids such as "llamagen-b-256" added to
+    # model_spec() (family "raster") and KNOWN_MODELS. Its cell function must return the same row
+    # fields (baseline/peaks via MemoryProbe, cache_peak_bytes, attention FLOPs from its spec per
+    # decoding step, transformer and decode times); the parent, the ratios, the table and the chart
+    # need no change. Its configurations are trajectory/attention/cache triples of the raster family.
+}
+"""Model family -> the function that measures one cell of it in the current (fresh) process."""
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    spec = model_spec(cell["model"])
+    runner = MODEL_FAMILIES.get(spec.family)
+    if runner is None:
+        raise UsageError(f"model family '{spec.family}' has no benchmark worker yet (have: {', '.join(MODEL_FAMILIES)})")
+    return runner(cell)
+
+
+# -- the parent: one process per cell --------------------------------------------------------------------
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.basename(package_dir) == "mvar_engine":
+        env["PYTHONPATH"] = os.path.dirname(package_dir) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """Run one cell in a fresh interpreter; a failure becomes a row with status ``error``."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "mvar_engine.core.bench_matrix", json.dumps(cell)],
+                              capture_output=True, text=True, env=_worker_env(), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout_s:g} s (--timeout-s)"}
+    if done.returncode == 0:
+        try:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"status": "error", "reason": "the worker printed no result"}
+    if done.returncode < 0:
+        reason = f"killed by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")
+    else:
+        reason = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit status {done.returncode}"
+    return {"status": "error", "reason": reason}
+
+
+RATIO_FIELDS = {"memory_ratio": "peak_rss_total", "transformer_memory_ratio": "peak_rss_transformer",
+                "working_memory_ratio": "working_memory", "time_ratio": "transformer_s_per_image",
+                "flops_ratio": "attention_gflops"}
+"""Ratio name -> the row field it divides (this configuration / the baseline of the same model and batch)."""
+
+
+def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
+    """Fill every row's ratios against the ``baseline`` configuration of its (model, batch) (None where
+    either side is missing or failed)."""
+    bases = {(r["model"], r["batch"]): r for r in rows if r["config"] == baseline and r["status"] == "ok"}
+    for row in rows:
+        base = bases.get((row["model"], row["batch"]))
+        for name, key in RATIO_FIELDS.items():
+            ok = base is not None and row["status"] == "ok" and base.get(key)
+            row[name] = row[key] / base[key] if ok else None
+
+
+TARGETS = (  # (model, target batch, metric, minimum reduction baseline / MVAR, paper figures)
+    ("d16-256", 32, "transformer_memory_ratio", 3.0, "paper 10882 MB -> 3846 MB"),
+    ("d16-256", 32, "time_ratio", 1.25, "paper 0.34 s -> 0.27 s"),
+    ("d16-512", 8, "transformer_memory_ratio", 3.0, "paper 43826 MB -> 15090 MB"),
+    ("d16-512", 8, "flops_ratio", 1.9, "paper 219.9 -> 116.4 GFLOPs"),
+)
+
+
+def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue #7's targets, for every measured (model, batch) group that has both VAR (full/dense/full)
+    and MVAR (markov/neighborhood/none) rows; ``at_target_batch`` says whether it is the target setting.
+    Memory: the peak of the generation phase, weights included (decoding is chunked and reported apart);
+    ``working_reduction`` is the same over the post-load baseline, ``total_reduction`` with decoding."""
+    out = []
+    by_key = {(r["model"], r["batch"], r["config"]): r for r in rows if r["status"] == "ok"}
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        var, mvar = by_key.get((model, batch, BASELINE)), by_key.get((model, batch, MVAR))
+        if var is None or mvar is None:
+            continue
+        for t_model, t_batch, metric, minimum, paper in TARGETS:
+            if t_model != model or not mvar.get(metric):
+                continue
+            reduction = 1 / mvar[metric] if metric != "flops_ratio" else var["attention_gflops"] / mvar["attention_gflops"]
+            check = {"model": model, "batch": batch, "target_batch": t_batch, "at_target_batch": batch == t_batch,
+                     "cfg": mvar["cfg"], "metric": metric, "reduction": reduction, "minimum": minimum,
+                     "met": reduction >= minimum, "paper": paper}
+            if metric == "transformer_memory_ratio":
+                check["working_reduction"] = (var["working_memory_transformer"] / mvar["working_memory_transformer"]
+                                              if mvar.get("working_memory_transformer") else None)
+                check["total_reduction"] = 1 / mvar["memory_ratio"] if mvar.get("memory_ratio") else None
+            out.append(check)
+    return out
+
+
+def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | None = None) -> dict[str, Any]:
+    """Validate, run every cell in a fresh process (JSON rewritten after each), then write the table
+    and the chart; returns the payload."""
+    out, log = out or sys.stdout, log or sys.stderr
+    problems = config.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    cells = config.cells()
+    combos = config.combos()
+    if len({c.text for c in combos}) != len(combos):
+        raise UsageError("--configs lists a configuration twice")
+    for combo in combos:
+        check_combo(combo, config.backend)
+    settings = config.resolved()
+    device = config.device_name()
+    payload: dict[str, Any] = {
+        "benchmark": "matrix", "machine": machine_info(device), "config": asdict(config), "settings": settings,
+        "baseline": combos[0].text, "random_weights": True,
+        "note": "random weights: time and memory only; ratios are this configuration / the baseline configuration "
+                "of the same model and batch",
+        "results": [], "targets": []}
+    write_json(config.output, payload)
+    total = len(cells) * len(combos)
+    for spec, batch in cells:
+        for combo in combos:
+            cell = {"model": spec.id, "batch": batch, "config": combo.text, "backend": config.backend, "device": device,
+                    "dtype": config.dtype, "cfg": config.cfg, "seed": config.seed, "repeats": settings["repeats"],
+                    "warmup": settings["warmup"], "decode_chunk": config.decode_chunk, "threads": config.threads}
+            index = len(payload["results"]) + 1
+            print(f"[{index}/{total}] {spec.id} batch {batch} {combo.text}: fresh process ...", file=log, flush=True)
+            t0 = time.perf_counter()
+            row = _in_subprocess(cell, config.timeout_s)
+            if row["status"] != "ok":
+                row = {**{k: cell[k] for k in ("model", "batch", "config", "backend", "cfg")}, **row}
+            row["wall_s"] = time.perf_counter() - t0
+            payload["results"].append(row)
+            add_ratios(payload["results"], combos[0].text)
+            payload["targets"] = target_checks(payload["results"])
+            write_json(config.output, payload)
+            print(f"[{index}/{total}] {_progress_line(row)}", file=log, flush=True)
+    md_path = Path(config.output).with_suffix(".md")
+    write_markdown(md_path, payload)
+    png_path = Path(config.output).with_suffix(".png")
+    draw_chart(png_path, payload)
+    if config.table:
+        print(table_markdown(payload), file=out)
+        for line in target_lines(payload):
+            print(line, file=out)
+    print(f"wrote {config.output}, {md_path}, {png_path}", file=out)
+    return payload
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"{row['model']} batch {row['batch']} {row['config']}: error: {row['reason']}"
+    return (f"{row['model']} batch {row['batch']} {row['config']}: peak {row['peak_rss_total'] / 2**20:.0f} MiB, "
+            f"{row['transformer_s_per_image']:.3g} s/image, {row['wall_s']:.0f} s in all")
+
+
+# -- presentation ----------------------------------------------------------------------------------------
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
+def _ratio(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}x"
+
+
+TABLE_COLUMNS = (
+    ("model", "model"), ("batch", "batch"), ("config", "trajectory/attention/cache"), ("peak", "peak MiB"),
+    ("memory_ratio", "vs base"), ("peak_transformer", "transformer peak MiB"), ("transformer_memory_ratio", "vs base"),
+    ("working", "working MiB"), ("working_memory_ratio", "vs base"),
+    ("cache", "KV cache MiB"), ("attention_gflops", "attn GFLOPs"), ("flops_ratio", "vs base"),
+    ("transformer_s_per_image", "transformer s/img"), ("time_ratio", "vs base"),
+    ("decode_s_per_image", "decode s/img"), ("tokens_per_s", "tokens/s"), ("backends", "backends"),
+)
+
+
+def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in payload["results"]:
+        if r["status"] != "ok":
+            rows.append({"model": r["model"], "batch": r["batch"], "config": r["config"],
+                         "backends": f"error: {r['reason']}"})
+            continue
+        rows.append({**r, "peak": _mib(r["peak_rss_total"]), "peak_transformer": _mib(r["peak_rss_transformer"]),
+                     "working": _mib(r["working_memory"]),
+                     "cache": _mib(r["cache_peak_bytes"]),
+                     **{k: _ratio(r[k]) for k in RATIO_FIELDS},
+                     "backends": ", ".join(f"{k}: {v}" for k, v in sorted(r["backends_used"].items()))})
+    return rows
+
+
+def table_markdown(payload: dict[str, Any]) -> str:
+    """The results as a markdown table (one line per cell)."""
+    from .bench_report import format_value
+
+    rows = table_rows(payload)
+    header = "| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(k)) for k, _ in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def target_lines(payload: dict[str, Any]) -> list[str]:
+    lines = []
+    for t in payload.get("targets", []):
+        what = {"transformer_memory_ratio": "peak memory of generation incl. weights", "time_ratio": "transformer time",
+                "flops_ratio": "attention FLOPs"}[t["metric"]]
+        where = "" if t["at_target_batch"] else f" (target setting: batch {t['target_batch']})"
+        extra = ""
+        if t.get("working_reduction") is not None:
+            extra = f"; working memory {t['working_reduction']:.2f}x"
+        if t.get("total_reduction") is not None:
+            extra += f", with decoding {t['total_reduction']:.2f}x"
+        lines.append(f"target {t['model']} batch {t['batch']} cfg {t['cfg']:g}{where}: {what} {t['reduction']:.2f}x "
+                     f"lower with MVAR (>= {t['minimum']:g}x: {'met' if t['met'] else 'NOT met'}{extra}; {t['paper']})")
+    return lines
+
+
+def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
+    from .checkpoint import atomic_write
+
+    machine = payload["machine"]
+    settings = payload["settings"]
+    text = (f"# mvar-engine bench matrix\n\n{machine['device_name']} ({machine['device']}, {machine['cpu_count']} CPUs, "
+            f"{machine['torch_threads']} torch threads), torch {machine['torch']}. Random weights (time and memory "
+            f"only). Baseline: `{payload['baseline']}`; ratios are this configuration / the baseline of the same model "
+            f"and batch. Memory: {'peak allocated (CUDA)' if machine['device'].startswith('cuda') else 'peak resident set'}"
+            f" including weights; working = peak - memory after the load. Transformer time: median of "
+            f"{settings['repeats']} after {settings['warmup']} warm-up; decoding timed separately.\n\n"
+            + table_markdown(payload) + "\n")
+    lines = target_lines(payload)
+    if lines:
+        text += "\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+PALETTE = ((70, 110, 180), (220, 120, 50), (80, 160, 90), (180, 70, 90), (130, 100, 170), (120, 120, 120),
+           (200, 170, 60), (60, 170, 170))
+
+
+def _tint(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(c + (255 - c) * 3 // 5 for c in colour)
+
+
+def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
+    """Two panels (total peak memory, transformer seconds per image) of bars grouped by (model, batch),
+    one colour per configuration, each bar labelled with its value and its ratio to the baseline."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .checkpoint import atomic_write
+
+    ok = [r for r in payload["results"] if r["status"] == "ok"]
+    groups = list(dict.fromkeys((r["model"], r["batch"]) for r in ok)) or [("no results", 0)]
+    configs = list(dict.fromkeys(r["config"] for r in payload["results"])) or ["-"]
+    font = ImageFont.load_default()
+    bar_w, gap, left, top_pad = 46, 36, 70, 40
+    group_w = bar_w * len(configs) + gap
+    width = max(640, left + group_w * len(groups) + 20)
+    panel_h, legend_h = 260, 20 * len(configs) + 20
+    height = 2 * (panel_h + top_pad) + legend_h + 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    panels = (("total peak memory (MiB; lighter: memory after the load, incl. weights; black line: peak of "
+               "generation where decoding set the total)", "peak_rss_total", 2**20, "memory_ratio"),
+              ("transformer time per image (s)", "transformer_s_per_image", 1, "time_ratio"))
+    lookup = {(r["model"], r["batch"], r["config"]): r for r in ok}
+    for p, (title, key, unit, ratio_key) in enumerate(panels):
+        y0 = 10 + p * (panel_h + top_pad)
+        base_y = y0 + top_pad + panel_h - 30
+        draw.text((10, y0), title, fill="black", font=font)
+        values = [r[key] / unit for r in ok] or [1.0]
+        top = max(values) * 1.15 or 1.0
+        draw.line((left - 5, base_y, width - 10, base_y), fill="black")
+        for tick in range(5):
+            y = base_y - (panel_h - 50) * tick / 4
+            tick_value = top * tick / 4
+            draw.text((5, y - 6), f"{tick_value:.0f}" if tick_value >= 100 else f"{tick_value:.3g}", fill="gray",
+                      font=font)
+        for g, (model, batch) in enumerate(groups):
+            gx = left + g * group_w
+            draw.text((gx, base_y + 6), f"{model} b{batch}", fill="black", font=font)
+            for c, config in enumerate(configs):
+                row = lookup.get((model, batch, config))
+                if row is None:
+                    continue
+                value = row[key] / unit
+                x = gx + c * bar_w
+                h = (panel_h - 50) * value / top
+                colour = PALETTE[c % len(PALETTE)]
+                draw.rectangle((x + 4, base_y - h, x + bar_w - 4, base_y), fill=colour)
+                if key == "peak_rss_total":  # the memory after the load (weights), lighter
+                    hb = (panel_h - 50) * min(row["baseline_rss"] / unit, value) / top
+                    draw.rectangle((x + 4, base_y - hb, x + bar_w - 4, base_y), fill=_tint(colour))
+                    if row["peak_rss_transformer"] < row["peak_rss_total"]:  # decoding set the peak: mark generation's
+                        ht = (panel_h - 50) * row["peak_rss_transformer"] / unit / top
+                        draw.line((x + 4, base_y - ht, x + bar_w - 4, base_y - ht), fill="black", width=2)
+                draw.text((x + 4, base_y - h - 24), f"{value:.0f}" if value >= 100 else f"{value:.3g}", fill="black",
+                          font=font)
+                ratio = row.get(ratio_key)
+                draw.text((x + 4, base_y - h - 12), f"{ratio:.2f}x" if ratio is not None else "-", fill="black",
+                          font=font)
+    legend_y = 2 * (panel_h + top_pad) + 10
+    for c, config in enumerate(configs):
+        y = legend_y + 20 * c
+        draw.rectangle((left, y, left + 14, y + 12), fill=PALETTE[c % len(PALETTE)])
+        suffix = " (baseline: ratios are config / baseline)" if c == 0 else ""
+        draw.text((left + 22, y), config + suffix, fill="black", font=font)
+    draw.text((10, height - 18), "random weights; " + payload["machine"]["device_name"][:60], fill="gray", font=font)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def main(argv: Sequence[str]) -> int:
+    """Worker entry: ``python -m mvar_engine.core.bench_matrix CELL_JSON`` prints one JSON line."""
+    print(json.dumps(run_cell(json.loads(argv[0]))))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,69 @@
+"""The embedded default models: digits weights shipped inside the package (``core/weights/``).
+
+Each trajectory family has its own transformer trained by the project's own commands (see
+``core/weights/MODEL_CARD.md`` for the exact commands, data, steps and losses): ``full`` -> VAR
+(full, dense), ``markov`` -> MVAR (markov, neighbourhood); both share one multi-scale tokenizer.
+A run that names no checkpoint uses the default of its trajectory.
+
+Weights exported by ``mvar-engine train`` carry ``mvar_engine`` metadata (architecture, schedule,
+classes, the attention pattern and options they were trained with); :func:`recommended_choices`
+turns it into component settings that a run uses unless the user overrides them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ComponentChoice, EngineConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+"""Where the shipped safetensors files live (installed as package data)."""
+
+TOKENIZER_FILE = "tokenizer-digits.safetensors"
+
+DEFAULT_TRANSFORMERS: dict[str, str] = {
+    "full": "var-digits.safetensors",
+    "markov": "mvar-digits.safetensors",
+}
+"""Trajectory name -> shipped transformer weights."""
+
+
+def default_checkpoints(trajectory: str) -> tuple[Path, Path] | None:
+    """``(transformer, tokenizer)`` shipped for ``trajectory``, or None when there is none (or the
+    files are missing from this installation)."""
+    name = DEFAULT_TRANSFORMERS.get(trajectory)
+    if name is None:
+        return None
+    var, tok = WEIGHTS_DIR / name, WEIGHTS_DIR / TOKENIZER_FILE
+    return (var, tok) if var.is_file() and tok.is_file() else None
+
+
+def available_defaults() -> list[str]:
+    """Trajectories that have shipped weights in this installation."""
+    return [t for t in DEFAULT_TRANSFORMERS if default_checkpoints(t) is not None]
+
+
+def weights_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The ``mvar_engine`` metadata of a weights file (None for files without it, e.g. VAR's releases)."""
+    from .training.checkpointing import read_weights_metadata
+
+    return read_weights_metadata(path)
+
+
+def recommended_choices(config: EngineConfig, metadata: dict[str, Any] | None) -> EngineConfig:
+    """``config`` with the attention pattern's options taken from the weights' metadata when the run
+    uses the same pattern and set none itself (explicit options always win)."""
+    if not metadata:
+        return config
+    trained = metadata.get("attention") or {}
+    chosen = config.attention
+    if not trained.get("name") or not trained.get("options"):
+        return config
+    if chosen is None:
+        if (metadata.get("trajectory") or {}).get("name") != config.trajectory.name:
+            return config
+        chosen = ComponentChoice(name=trained["name"])
+    if chosen.name != trained["name"] or chosen.options:
+        return config
+    return config.model_copy(update={"attention": ComponentChoice(name=chosen.name, options=dict(trained["options"]))})

@@ -1,0 +1,212 @@
+"""``mvar-engine bench matrix``: FLOPs from the pattern vs a brute-force mask count, the worker's row,
+the matrix end to end in fresh processes (JSON, ratios, .md, .png), target checks and input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mvar_engine.core import bench_matrix as bm
+from mvar_engine.core.bench_report import peak_rss_bytes, reset_peak_rss
+from mvar_engine.core.cli import BENCH_COMMANDS, main
+
+from conftest import make_engine, small_models
+
+TINY_TOKENS = 1 + 4 + 16  # scales 1, 2, 4
+# tiny model: depth 2, 2 heads of head_dim 32; keys per step under full/dense/full: 1, 5, 21
+FULL_PAIRS = 1 * 1 + 4 * 5 + 16 * 21          # 357
+MVAR_K3_PAIRS = 1 + 4 * 4 + (4 * 3) ** 2       # 161: 2x2 map is covered by k=3, 4x4 map: 3 keys per axis
+
+
+def _brute_force_flops(engine, batch: int, cfg: float) -> int:
+    """Run a generation and count 4 * B * H * D * (allowed pairs of the materialised mask) per attend call."""
+    counted = []
+    original = engine.backends.attend
+
+    def attend(q, k, v, spec, *, scale):
+        mask = spec.mask(q.shape[-2], k.shape[-2], "cpu")
+        pairs = q.shape[-2] * k.shape[-2] if mask is None else int(mask.sum())
+        counted.append(4 * q.shape[0] * q.shape[1] * q.shape[-1] * pairs)
+        return original(q, k, v, spec, scale=scale)
+
+    engine.backends.attend = attend
+    engine.generate(torch.arange(batch) % 5, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    return sum(counted)
+
+
+@pytest.mark.parametrize("combo", [
+    ("full", "dense", "full", {}),
+    ("full", "dense", "none", {}),
+    ("full", "dense", "window", {}),
+    ("full", "neighborhood", "full", {"attention": {"kernel_size": 3}}),
+    ("markov", "dense", "none", {}),
+    ("markov", "neighborhood", "none", {"attention": {"kernel_size": 3}}),
+    ("markov", "neighborhood", "window", {"trajectory": {"order": 2}, "attention": {"kernel_size": 3}}),
+])
+@pytest.mark.parametrize("cfg", [0.0, 1.5])
+def test_attention_flops_equals_brute_force_mask_count(combo, cfg):
+    trajectory, attention, cache, options = combo
+    model, tokenizer = small_models((1, 2, 4, 6), depth=2, width=32, heads=2)
+    engine = make_engine(model, tokenizer, trajectory, attention, cache, trajectory_options=options.get("trajectory"),
+                         attention_options=options.get("attention"))
+    batch = 2
+    rows = batch * (2 if cfg > 0 else 1)
+    per_scale: list[int] = []
+    analytic = bm.attention_flops(model.layout, engine.trajectory, engine.pattern, engine.cache, depth=2, heads=2,
+                                  head_dim=16, rows=rows, per_scale=per_scale)
+    assert len(per_scale) == 4 and sum(per_scale) == analytic
+    assert analytic == _brute_force_flops(engine, batch, cfg)
+
+
+def test_attention_flops_hand_counts():
+    model, tokenizer = small_models((1, 2, 4), depth=2, width=32, heads=2)
+    unit = 4 * 1 * 2 * 16 * 2  # rows 1, heads 2, head_dim 16, depth 2
+
+    def flops(*names, **options):
+        e = make_engine(model, tokenizer, *names, **options)
+        return bm.attention_flops(model.layout, e.trajectory, e.pattern, e.cache, depth=2, heads=2, head_dim=16, rows=1)
+
+    assert flops("full", "dense", "full") == unit * FULL_PAIRS
+    assert flops("markov", "dense", "none") == unit * (1 + 16 + 256)
+    assert flops("markov", "neighborhood", "none", attention_options={"kernel_size": 3}) == unit * MVAR_K3_PAIRS
+    # no cache under the full trajectory recomputes the visible prefix: 1, then 1 + 4*5, then 357
+    assert flops("full", "dense", "none") == unit * (1 + 21 + FULL_PAIRS)
+
+
+def test_model_ids():
+    d16_512 = bm.model_spec("d16-512")
+    assert (d16_512.depth, d16_512.resolution, d16_512.tokens_per_image) == (16, 512, 2240)
+    assert d16_512.patch_nums[-1] == 32
+    assert bm.model_spec("VAR-d20-256").id == "d20-256" and bm.model_spec("d20-256").tokens_per_image == 680
+    assert bm.model_spec("tiny").tokens_per_image == TINY_TOKENS
+    with pytest.raises(bm.UsageError, match="unknown model 'd16-384'.*d16-512.*tiny"):
+        bm.model_spec("d16-384")
+
+
+def test_parse_combo_options():
+    combo = bm.parse_combo("markov:order=2/neighborhood:kernel-size=5/window:scales=1")
+    assert (combo.trajectory, combo.attention, combo.cache) == ("markov", "neighborhood", "window")
+    assert combo.options == {"trajectory": {"order": 2}, "attention": {"kernel_size": 5}, "cache": {"scales": 1}}
+
+
+def test_worker_row_in_process():
+    row = bm.run_cell({"model": "tiny", "batch": 2, "config": "full/dense/window", "backend": "sdpa", "device": "cpu",
+                       "dtype": "float32", "cfg": 1.5, "seed": 0, "repeats": 2, "warmup": 1, "decode_chunk": 1,
+                       "threads": 1})
+    assert row["status"] == "ok" and row["random_weights"] is True and row["rows"] == 4
+    # window of 1 kept scale: capacity 4 + 16 tokens, k and v, 2 layers, 4 rows, 2 heads, head_dim 32, float32
+    assert row["cache_peak_bytes"] == 2 * 2 * 4 * 2 * 20 * 32 * 4
+    assert row["attention_gflops"] * 1e9 == pytest.approx(4 * 4 * 2 * 32 * 2 * (1 + 4 * 5 + 16 * 20))
+    assert row["repeats"] == 2 and len(row["warmup_times_s"]) == 1
+    assert row["tokens_per_s"] == pytest.approx(2 * TINY_TOKENS / row["transformer_s"])
+    assert row["transformer_s_per_image"] == pytest.approx(row["transformer_s"] / 2)
+    assert 0 < row["baseline_rss"] <= row["peak_rss_transformer"] <= row["peak_rss_total"]
+    assert row["working_memory"] == row["peak_rss_total"] - row["baseline_rss"]
+    assert row["peak_resets"] is True and row["backends_used"] == {"dense": "sdpa"}
+    assert row["weights_bytes"] >= 4 * (row["params"] + row["tokenizer_params"])
+
+
+def test_peak_reset_separates_phases():
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    block = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB, touched
+    high = peak_rss_bytes()
+    del block
+    assert reset_peak_rss()
+    assert high - peak_rss_bytes() > 128 << 20
+
+
+def test_matrix_end_to_end(tmp_cwd, capsys):
+    argv = ["bench", "matrix", "--models", "tiny", "--batches", "2", "--configs",
+            "full/dense/full,markov/neighborhood:kernel_size=3/none", "--repeats", "1", "--warmup", "0",
+            "--backend", "sdpa", "--threads", "1", "--output", "out/m.json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    data = json.loads((tmp_cwd / "out" / "m.json").read_text())
+    assert data["benchmark"] == "matrix" and data["baseline"] == "full/dense/full" and data["random_weights"]
+    base, mvar = data["results"]
+    assert [r["config"] for r in (base, mvar)] == ["full/dense/full", "markov/neighborhood:kernel_size=3/none"]
+    assert base["memory_ratio"] == base["time_ratio"] == base["flops_ratio"] == 1.0
+    assert mvar["flops_ratio"] == pytest.approx(MVAR_K3_PAIRS / FULL_PAIRS)
+    assert mvar["memory_ratio"] == pytest.approx(mvar["peak_rss_total"] / base["peak_rss_total"])
+    assert mvar["time_ratio"] == pytest.approx(mvar["transformer_s_per_image"] / base["transformer_s_per_image"])
+    assert mvar["working_memory_ratio"] == pytest.approx(mvar["working_memory"] / base["working_memory"])
+    assert base["cache_peak_bytes"] == 2 * 2 * 4 * 2 * 21 * 32 * 4 and mvar["cache_peak_bytes"] == 0
+    assert mvar["backends_used"] == {"dense": "sdpa", "neighborhood2d": "sdpa"}
+    assert base["peak_rss_total"] > 0 and base["decode_s_per_image"] > 0
+    markdown = (tmp_cwd / "out" / "m.md").read_text()
+    assert "| tiny | 2 | markov/neighborhood:kernel_size=3/none |" in markdown and "random" in markdown.lower()
+    assert f"{MVAR_K3_PAIRS / FULL_PAIRS:.2f}x" in markdown
+    with Image.open(tmp_cwd / "out" / "m.png") as chart:
+        assert chart.format == "PNG" and chart.width >= 640
+    assert "| model | batch |" in captured.out and "wrote out/m.json" in captured.out
+    assert "[2/2]" in captured.err
+
+
+def test_failed_cell_is_a_row_and_the_run_goes_on(tmp_cwd, capsys):
+    argv = ["bench", "matrix", "--models", "tiny", "--batches", "1", "--configs", "full/dense/full,markov/dense/none",
+            "--timeout-s", "0.01", "--no-table", "--output", "f.json"]
+    assert main(argv) == 1
+    data = json.loads((tmp_cwd / "f.json").read_text())
+    assert [r["status"] for r in data["results"]] == ["error", "error"]
+    assert "timed out" in data["results"][1]["reason"] and data["results"][1]["memory_ratio"] is None
+    assert (tmp_cwd / "f.md").exists() and (tmp_cwd / "f.png").exists()
+
+
+def _row(model, batch, config, peak, seconds, gflops):
+    return {"status": "ok", "model": model, "batch": batch, "config": config, "cfg": 1.5, "peak_rss_total": peak,
+            "peak_rss_transformer": peak, "working_memory": peak - 100, "working_memory_transformer": peak - 100,
+            "transformer_s_per_image": seconds,
+            "attention_gflops": gflops}
+
+
+def test_ratios_and_targets():
+    rows = [_row("d16-256", 32, bm.BASELINE, 1000, 2.0, 40.0), _row("d16-256", 32, bm.MVAR, 250, 1.5, 10.0),
+            _row("d16-512", 2, bm.BASELINE, 900, 3.0, 200.0), _row("d16-512", 2, bm.MVAR, 400, 3.0, 100.0),
+            _row("d16-512", 4, bm.MVAR, 400, 3.0, 100.0)]
+    bm.add_ratios(rows, bm.BASELINE)
+    assert rows[1]["memory_ratio"] == 0.25 and rows[1]["time_ratio"] == 0.75 and rows[1]["flops_ratio"] == 0.25
+    assert rows[1]["working_memory_ratio"] == pytest.approx(150 / 900)
+    assert rows[4]["memory_ratio"] is None  # no baseline at batch 4
+    checks = {(t["model"], t["metric"]): t for t in bm.target_checks(rows)}
+    memory = checks[("d16-256", "transformer_memory_ratio")]
+    assert memory["reduction"] == 4.0 and memory["met"] and memory["working_reduction"] == 6.0
+    assert memory["total_reduction"] == 4.0
+    assert checks[("d16-256", "time_ratio")]["reduction"] == pytest.approx(4 / 3)
+    assert checks[("d16-256", "time_ratio")]["at_target_batch"]
+    assert checks[("d16-512", "transformer_memory_ratio")]["met"] is False and checks[("d16-512", "flops_ratio")]["met"]
+    assert not checks[("d16-512", "flops_ratio")]["at_target_batch"]
+    lines = bm.target_lines({"targets": bm.target_checks(rows)})
+    assert any("NOT met" in line and "target setting: batch 8" in line for line in lines)
+
+
+def test_presets_and_cells():
+    assert bm.MatrixConfig(preset="target").cells() == [(bm.model_spec("d16-256"), 32), (bm.model_spec("d16-512"), 8)]
+    config = bm.MatrixConfig(models=("d16-256", "tiny"), batches=(1, 3))
+    assert [(m.id, b) for m, b in config.cells()] == [("d16-256", 1), ("d16-256", 3), ("tiny", 1), ("tiny", 3)]
+    assert [c.text for c in bm.MatrixConfig(preset="paper").combos()] == [bm.BASELINE, bm.MVAR]
+    pinned = bm.MatrixConfig(preset="target", cells_=("d16-256:8", "d16-512:2"), batches=(5,))
+    assert [(m.id, b) for m, b in pinned.cells()] == [("d16-256", 8), ("d16-512", 2)]
+    assert "matrix" in BENCH_COMMANDS
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--models", "tiny,d99-300"], "unknown model 'd99-300' (available: d16-256"),
+    (["--configs", "full/dense"], "configuration 'full/dense' is not trajectory/attention/cache"),
+    (["--configs", "full/dense/full,full/bogus/full"], "configuration 'full/bogus/full': unknown attention pattern 'bogus'"),
+    (["--configs", "markov/neighborhood/full"], "makes no sense under trajectory 'markov'"),
+    (["--configs", "markov/neighborhood:kernel_size=zero/none"], "configuration 'markov/neighborhood:kernel_size=zero/none'"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--output", "m.txt"], "give a .json path"),
+    (["--cells", "tiny:2,tiny"], "cell 'tiny' is not MODEL:BATCH"),
+    (["--batches", "0"], "--batches: expected comma-separated positive integers"),
+    (["--warmup", "-1"], "--warmup at least 0"),
+])
+def test_bad_input_is_one_line(tmp_cwd, argv, needle, capsys):
+    assert main(["bench", "matrix", "--models", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_cwd / "bench-matrix.json").exists()

@@ -1,0 +1,255 @@
+"""Next-token (raster) generation: the LlamaGen-style GPT, the ``raster`` trajectory, the raster engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mvar_engine.core.attention import Causal, Masked
+from mvar_engine.core.backend_selection import selector_for
+from mvar_engine.core.errors import IncompatibleComponentsError
+from mvar_engine.core.models.raster_gpt import (RasterGPT, RasterGPTConfig, apply_rotary_emb, infer_raster_config,
+                                                precompute_freqs_cis_2d)
+from mvar_engine.core.raster_engine import RasterEngine, guided_logits_raster
+from mvar_engine.plugins.caches import FullCache, NoCache, WindowCache
+from mvar_engine.plugins.raster import RasterTrajectory
+
+
+def tiny_model(grid=(3, 3), cls_token_num=1, seed=0, **overrides) -> RasterGPT:
+    """A random tiny GPT whose attention really matters (larger q/k weights than the 0.02 init)."""
+    torch.manual_seed(seed)
+    model = RasterGPT(RasterGPTConfig.tiny(grid=tuple(grid), cls_token_num=cls_token_num, **overrides))
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.wqkv.weight.normal_(0, 0.4)
+            block.attention.wo.weight.normal_(0, 0.3)
+        model.tok_embeddings.weight.normal_(0, 1.0)
+        model.cls_embedding.embedding_table.weight.normal_(0, 1.0)
+        model.output.weight.normal_(0, 0.3)
+    return model.eval()
+
+
+def engine(model, cache="full", backend="sdpa", tokenizer=None) -> RasterEngine:
+    policy = {"full": FullCache, "none": NoCache}[cache]() if isinstance(cache, str) else cache
+    return RasterEngine(model, tokenizer, RasterTrajectory(), policy, selector_for(backend))
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def test_llamagen_b_keys_and_shapes_on_meta():
+    config = RasterGPTConfig.llamagen_b()
+    with torch.device("meta"):
+        model = RasterGPT(config)
+    sd = model.state_dict()
+    c, v, hidden = 768, 16384, 2048  # SwiGLU: find_multiple(int(2 * 4c / 3), 256)
+    expected = {"tok_embeddings.weight": (v, c), "cls_embedding.embedding_table.weight": (1001, c),
+                "norm.weight": (c,), "output.weight": (v, c)}
+    for i in range(12):
+        expected.update({f"layers.{i}.attention.wqkv.weight": (3 * c, c), f"layers.{i}.attention.wo.weight": (c, c),
+                         f"layers.{i}.feed_forward.w1.weight": (hidden, c),
+                         f"layers.{i}.feed_forward.w3.weight": (hidden, c),
+                         f"layers.{i}.feed_forward.w2.weight": (c, hidden),
+                         f"layers.{i}.attention_norm.weight": (c,), f"layers.{i}.ffn_norm.weight": (c,)})
+    assert {k: tuple(t.shape) for k, t in sd.items()} == expected
+    assert 110e6 < sum(t.numel() for t in sd.values()) < 112e6  # LlamaGen: "GPT-B 111M"
+    assert tuple(model.freqs_cis.shape) == (1 + 576, 32, 2)  # buffer, but not in the state dict (as LlamaGen)
+    assert model.layout.length == 577 and model.layout.grids == ((1, 1), (24, 24))
+    assert infer_raster_config({k: torch.empty(s, device="meta") for k, s in expected.items()},
+                               grid=(24, 24)) == config
+
+
+def test_config_rejects_bad_head_dim():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        RasterGPTConfig.tiny(width=12, heads=2)  # head_dim 6
+
+
+def test_rope_hand_case():
+    # head_dim 4: one frequency (1.0) per axis; pair 0 turns by the row, pair 1 by the column.
+    freqs = precompute_freqs_cis_2d((2, 3), head_dim=4, cls_token_num=1)
+    assert freqs.shape == (1 + 6, 2, 2)
+    assert torch.equal(freqs[0], torch.zeros(2, 2))  # the class position: cos = sin = 0 (LlamaGen)
+    x = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 1, 4)
+    pos = 1 + 1 * 3 + 2  # row 1, column 2
+    out = apply_rotary_emb(x, freqs[pos:pos + 1]).flatten()
+    want = torch.tensor([math.cos(1), math.sin(1), -math.sin(2), math.cos(2)])
+    assert torch.allclose(out, want, atol=1e-6)
+    assert torch.equal(apply_rotary_emb(x, freqs[:1]), torch.zeros_like(x))
+
+
+def _llamagen_rope_complex(x, row, col, base=10000.0):
+    """LlamaGen's math, independently: pairs as complex numbers times exp(i * angle); the first D/4
+    pairs use the row with frequencies base^(-4j/D), the last D/4 the column."""
+    d = x.shape[-1]
+    f = base ** (-torch.arange(0, d // 2, 2)[: d // 4].double() / (d // 2))
+    angles = torch.cat([row * f, col * f])
+    z = torch.view_as_complex(x.double().reshape(d // 2, 2).contiguous()) * torch.polar(torch.ones_like(angles), angles)
+    return torch.view_as_real(z).flatten()
+
+
+@given(h=st.integers(1, 5), w=st.integers(1, 5), head_dim=st.sampled_from([4, 8, 16]), seed=st.integers(0, 9),
+       data=st.data())
+def test_rope_matches_llamagen_formula(h, w, head_dim, seed, data):
+    freqs = precompute_freqs_cis_2d((h, w), head_dim=head_dim, cls_token_num=2)
+    r, c = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    x = torch.randn(head_dim, generator=torch.Generator().manual_seed(seed))
+    pos = 2 + r * w + c
+    got = apply_rotary_emb(x.view(1, 1, 1, -1), freqs[pos:pos + 1]).flatten()
+    assert torch.allclose(got.double(), _llamagen_rope_complex(x, r, c), atol=1e-5)
+
+
+@given(seed=st.integers(0, 20), data=st.data())
+def test_rope_scores_depend_only_on_offsets(seed, data):
+    h = w = 6
+    freqs = precompute_freqs_cis_2d((h, w), head_dim=16, cls_token_num=1)
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(qr, qc, kr, kc):
+        fq, fk = freqs[1 + qr * w + qc], freqs[1 + kr * w + kc]
+        return float((apply_rotary_emb(q, fq[None]) * apply_rotary_emb(k, fk[None])).sum())
+
+    qr, qc, kr, kc = (data.draw(st.integers(0, 3)) for _ in range(4))
+    dr, dc = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))
+    assert math.isclose(score(qr, qc, kr, kc), score(qr + dr, qc + dc, kr + dr, kc + dc), abs_tol=1e-4)
+    # 1-D slices: along a row only the column offset matters, and a different offset changes it
+    assert math.isclose(score(qr, 0, qr, 2), score(qr, 3, qr, 5), abs_tol=1e-4)
+    assert not math.isclose(score(qr, 0, qr, 2), score(qr, 0, qr, 3), abs_tol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- trajectory
+
+
+def test_raster_trajectory_registered_and_cache_checks():
+    from mvar_engine.core.registry import get_registry
+
+    trajectory = get_registry().create("trajectory", "raster")
+    assert isinstance(trajectory, RasterTrajectory)
+    assert (trajectory.family, trajectory.default_cache) == ("next-token", "full")
+    trajectory.check_cache("full", FullCache())
+    trajectory.check_cache("none", NoCache())
+    with pytest.raises(IncompatibleComponentsError) as error:
+        trajectory.check_cache("window", WindowCache())
+    assert "\n" not in str(error.value) and "raster" in str(error.value)
+
+    class TokenWindow(WindowCache):
+        families = ("next-token",)
+
+    trajectory.check_cache("token-window", TokenWindow())
+
+
+def test_raster_specs():
+    t = RasterTrajectory()
+    assert isinstance(t.spec(((0, 5),), ((0, 5),)), Causal)
+    assert isinstance(t.spec(((7, 8),), ((0, 8),)), Causal)
+    assert isinstance(t.spec(((7, 8),), ((0, 1), (4, 8))), Causal)  # compressed history, new token last
+    spec = t.spec(((3, 5),), ((0, 1), (3, 5), (6, 7)))  # keys not ending with the queries
+    assert isinstance(spec, Masked)
+    assert spec.allowed.tolist() == [[True, True, False, False], [True, True, True, False]]
+
+
+# ------------------------------------------------------------------------------------- engine
+
+
+def test_cfg_formula():
+    logits = torch.tensor([[[1.0, 3.0]], [[2.0, 0.0]]])  # rows [cond; uncond]
+    assert torch.equal(guided_logits_raster(logits, 1, 4.0), torch.tensor([[[2.0 + 4 * -1.0, 0.0 + 4 * 3.0]]]))
+    assert torch.equal(guided_logits_raster(logits, 1, 1.0), logits[:1])
+
+
+@given(h=st.integers(1, 3), w=st.integers(1, 4), batch=st.integers(1, 2), cfg=st.sampled_from([1.0, 4.0]),
+       cls_token_num=st.sampled_from([1, 2]), seed=st.integers(0, 5))
+def test_full_cache_equals_recompute_and_teacher_forcing(h, w, batch, cfg, cls_token_num, seed):
+    model = tiny_model((h, w), cls_token_num, seed)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    cached = engine(model, "full").generate(labels, cfg=cfg, top_k=0, generator=gen, return_logits=True)
+    n = h * w
+    assert cached.tokens.shape == (batch, n) and cached.logits.shape[:2] == (batch * (2 if cfg != 1 else 1), n)
+    oracle = engine(model, "none").generate(labels, cfg=cfg, forced_tokens=cached.tokens, return_logits=True)
+    assert torch.allclose(cached.logits, oracle.logits, atol=1e-4, rtol=1e-4)
+    rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg != 1 else labels
+    forced = engine(model, "none").teacher_forced_logits(rows, cached.tokens.repeat(rows.shape[0] // batch, 1))
+    assert torch.allclose(cached.logits, forced, atol=1e-4, rtol=1e-4)
+    assert oracle.cache_peak_bytes == 0
+    rows_n, heads, d = rows.shape[0], model.config.heads, model.config.head_dim
+    assert cached.cache_peak_bytes == 2 * model.config.depth * rows_n * heads * (cls_token_num + n) * d * 4
+
+
+def test_equivalence_is_not_vacuous():
+    """Logits depend on earlier tokens and on the class: a wrong cache would be caught."""
+    model = tiny_model((2, 3))
+    eng = engine(model, "none")
+    labels = torch.tensor([1])
+    tokens = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    base = eng.teacher_forced_logits(labels, tokens)
+    changed = eng.teacher_forced_logits(labels, torch.tensor([[7, 1, 2, 3, 4, 5]]))
+    other_class = eng.teacher_forced_logits(torch.tensor([2]), tokens)
+    assert torch.allclose(base[:, :1], changed[:, :1])  # token 0's logits do not see token 0
+    assert (base[:, -1] - changed[:, -1]).abs().max() > 1e-2
+    assert (base[:, -1] - other_class[:, -1]).abs().max() > 1e-2
+
+    class PrefixDroppingCache(FullCache):  # evicts the class prefix: must break the equivalence
+        def update(self, layer, k, v, spans):
+            k_all, v_all, k_spans = super().update(layer, k, v, spans)
+            if k_all.shape[2] > 1:
+                return k_all[:, :, 1:], v_all[:, :, 1:], ((k_spans[0][0] + 1, k_spans[-1][1]),)
+            return k_all, v_all, k_spans
+
+    out = RasterEngine(model, None, RasterTrajectory(), PrefixDroppingCache(), selector_for("sdpa")).generate(
+        labels, cfg=1.0, forced_tokens=tokens, return_logits=True)
+    assert not torch.allclose(out.logits, base, atol=1e-4)
+
+
+def test_greedy_cfg_sampling_and_cache_agree():
+    model = tiny_model((2, 2), seed=3)
+    labels = torch.tensor([0, 4])
+    full = engine(model, "full").generate(labels, cfg=4.0, top_k=1, return_logits=True)
+    none = engine(model, "none").generate(labels, cfg=4.0, top_k=1, return_logits=True)
+    assert torch.equal(full.tokens, none.tokens)
+    want = guided_logits_raster(full.logits, 2, 4.0).argmax(-1)
+    assert torch.equal(full.tokens, want)
+    assert not torch.equal(want, full.logits[:2].argmax(-1)) or not torch.equal(want, full.logits[2:].argmax(-1))
+
+
+def test_observe_hook_receives_queries_and_keys():
+    calls = []
+
+    class Observing(FullCache):
+        def observe(self, layer, q, q_spans, k_all, k_spans, scale):
+            calls.append((layer, tuple(q.shape), q_spans, k_all.shape[2], k_spans, scale))
+
+    model = tiny_model((2, 2))
+    RasterEngine(model, None, RasterTrajectory(), Observing(), selector_for("sdpa")).generate(
+        torch.tensor([1]), cfg=4.0, top_k=0)
+    depth, heads, d = model.config.depth, model.config.heads, model.config.head_dim
+    assert len(calls) == depth * 4  # prefill + 3 decode steps
+    assert calls[0] == (0, (2, heads, 1, d), ((0, 1),), 1, ((0, 1),), d ** -0.5)
+    assert calls[-1] == (depth - 1, (2, heads, 1, d), ((3, 4),), 4, ((0, 4),), d ** -0.5)
+
+
+def test_rows_see_rotated_keys_in_cache():
+    """Cached keys are rotated (RoPE before caching): the class key is zero, a token key is not."""
+    model = tiny_model((2, 2))
+    cache = FullCache()
+    engine(model, cache).generate(torch.tensor([1]), cfg=1.0, top_k=0)
+    store = cache.layers[0]
+    assert store.filled == 4 and torch.count_nonzero(store.k[:, :, 0]) == 0
+    assert torch.count_nonzero(store.k[:, :, 1:4]) > 0
+
+
+def test_decode_through_one_scale_tokenizer():
+    from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+
+    torch.manual_seed(0)
+    tok = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                                          using_sa=False, using_mid_sa=False, patch_nums=((2, 3),))).eval()
+    model = tiny_model((2, 3))
+    eng = engine(model, "full", tokenizer=tok)
+    out = eng.generate(torch.tensor([0, 1]), cfg=4.0)
+    img = eng.decode(out.tokens)
+    assert img.shape[:2] == (2, 3) and img.shape[2] / img.shape[3] == 2 / 3 and torch.isfinite(img).all()
