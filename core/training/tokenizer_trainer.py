@@ -179,7 +179,9 @@ def train_tokenizer(s: TokenizerTrainSettings, callbacks: tuple[Callback, ...] =
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
     info = D.setup(s.device)
     try:
-        return _train(s, config, run, info, callbacks)
+        summary = _train(s, config, run, info, callbacks)
+        D.barrier()  # no rank tears the group down while another is still in a collective
+        return summary
     finally:
         D.cleanup()
 

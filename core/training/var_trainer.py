@@ -257,7 +257,9 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     groups, cycle = plan_groups(s, components, SequenceLayout.from_patch_nums(tok.patch_nums))
     info = D.setup(s.device)
     try:
-        return _train(s, run, tok, components, groups, cycle, info, callbacks)
+        summary = _train(s, run, tok, components, groups, cycle, info, callbacks)
+        D.barrier()  # no rank tears the group down while another is still in a collective
+        return summary
     finally:
         D.cleanup()
 
