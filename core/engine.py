@@ -24,6 +24,11 @@ from .sampling import guided_logits_var, sample_tokens
 from .trajectory import Trajectory
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @dataclass
 class GenerationOutput:
     """``tokens[s]: LongTensor[B, h_s * w_s]``; ``f_hat: [B, Cvae, H, W]``; ``logits[s]`` (when asked):
@@ -62,9 +67,7 @@ class NextScaleEngine:
         return attend
 
     def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+        return autocast_context(device, self.autocast_dtype)
 
     # -- teacher forcing -------------------------------------------------------------------------
     def teacher_forced_logits(self, labels: torch.Tensor, var_input: torch.Tensor | None) -> torch.Tensor:

@@ -27,13 +27,13 @@ Cache contract (for compressed raster caches: window / sink / h2o / ssd):
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from .backend_selection import BackendSelector
 from .cache import CachePolicy
+from .engine import autocast_context
 from .layout import Spans
 from .models.raster_gpt import RasterGPT
 from .sampling import sample_tokens
@@ -91,9 +91,7 @@ class RasterEngine:
         return attend
 
     def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+        return autocast_context(device, self.autocast_dtype)
 
     def _positions(self, begin: int, end: int, device) -> torch.Tensor:
         return torch.arange(begin, end, device=device)
