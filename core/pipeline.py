@@ -53,13 +53,23 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
     names = {"trajectory": registry.get("trajectory", config.trajectory.name).name,
              "attention": registry.get("attention", attention.name).name,
              "cache": registry.get("cache", cache_choice.name).name}
-    if trajectory.family != "next-scale":
+    if trajectory.family == "next-token":
+        if config.attention is not None and (names["attention"] != trajectory.default_attention or attention.options):
+            raise IncompatibleComponentsError(
+                f"--attention {names['attention']}: raster trajectories attend causally over what the cache keeps; "
+                f"attention patterns apply to next-scale trajectories (drop --attention)")
+        names["attention"] = "causal"
+        pattern = None
+    elif trajectory.family != "next-scale":
         raise IncompatibleComponentsError(f"trajectory '{names['trajectory']}' is a {trajectory.family} trajectory; "
-                                          f"this command runs next-scale models")
-    pattern = registry.create("attention", attention.name, attention.options)
+                                          f"this command runs next-scale and next-token models")
+    else:
+        pattern = registry.create("attention", attention.name, attention.options)
     cache = registry.create("cache", cache_choice.name, cache_choice.options)
     trajectory.check_cache(names["cache"], cache)
     for kind, component in (("attention", pattern), ("cache", cache)):
+        if component is None:
+            continue
         availability = registry.get(kind, names[kind]).availability
         if not availability.ok:
             raise UsageError(f"{kind} '{names[kind]}' is unavailable: {availability.reason}")
@@ -193,15 +203,23 @@ class Pipeline:
     def __init__(self, config: EngineConfig, model: VAR, tokenizer: MultiScaleVQVAE, components: Components,
                  device: torch.device) -> None:
         self.config, self.model, self.tokenizer, self.components, self.device = config, model, tokenizer, components, device
-        self.engine = NextScaleEngine(model, tokenizer, components.trajectory, components.pattern, components.cache,
-                                      components.backends, autocast_dtype=resolve_autocast(config.dtype, device))
+        autocast = resolve_autocast(config.dtype, device)
+        self.raster = components.trajectory.family == "next-token"
+        if self.raster:
+            from .raster_engine import RasterEngine
+
+            self.engine = RasterEngine(model, tokenizer, components.trajectory, components.cache, components.backends,
+                                       autocast_dtype=autocast)
+        else:
+            self.engine = NextScaleEngine(model, tokenizer, components.trajectory, components.pattern, components.cache,
+                                          components.backends, autocast_dtype=autocast)
 
     @classmethod
     def from_config(cls, config: EngineConfig, registry: Registry | None = None) -> "Pipeline":
         config = with_weights(config)
         components = resolve_components(config, registry)
         device = resolve_device(config.device)
-        model, tokenizer = build_models(config)
+        model, tokenizer = build_models(config, family=components.trajectory.family)
         return cls(config, model.to(device).eval(), tokenizer.to(device).eval(), components, device)
 
     def default_labels(self) -> list[int]:
@@ -218,17 +236,21 @@ class Pipeline:
         generator = torch.Generator(device=self.device).manual_seed(cfg.sampling.seed)
         images, tokens, peak = [], [], 0
         chunks = list(torch.split(all_labels, cfg.batch_size))
-        bar = tqdm(total=len(chunks) * self.model.layout.num_scales, desc="scales", unit="scale", disable=not cfg.progress,
-                   leave=False)
+        if self.raster:  # one step per image token; tokens come back as one [B, h * w] map
+            steps, unit = self.engine.grid[0] * self.engine.grid[1], "token"
+        else:
+            steps, unit = self.model.layout.num_scales, "scale"
+        bar = tqdm(total=len(chunks) * steps, desc=f"{unit}s", unit=unit, disable=not cfg.progress, leave=False)
         for chunk in chunks:
             out = self.engine.generate(chunk.to(self.device), cfg=cfg.sampling.cfg, top_k=cfg.sampling.top_k,
                                        top_p=cfg.sampling.top_p, generator=generator, progress=lambda s: bar.update(1))
             peak = max(peak, out.cache_peak_bytes)
             with torch.no_grad():
-                images.append(self.tokenizer.fhat_to_img(out.f_hat).add(1).mul(0.5).clamp(0, 1).cpu())
-            tokens.append([t.cpu() for t in out.tokens])
+                pixels = self.engine.decode(out.tokens) if self.raster else self.tokenizer.fhat_to_img(out.f_hat)
+                images.append(pixels.add(1).mul(0.5).clamp(0, 1).cpu())
+            tokens.append([out.tokens.cpu()] if self.raster else [t.cpu() for t in out.tokens])
         bar.close()
-        per_scale = [torch.cat([chunk[s] for chunk in tokens]) for s in range(self.model.layout.num_scales)]
+        per_scale = [torch.cat([chunk[s] for chunk in tokens]) for s in range(len(tokens[0]))]
         return GenerationResult(torch.cat(images), all_labels, per_scale, rows=len(labels), cache_peak_bytes=peak,
                                 backends_used=dict(self.components.backends.used))
 
@@ -255,8 +277,33 @@ def save_tokens(result: GenerationResult, model: VAR, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def build_models(config: EngineConfig) -> tuple[VAR, MultiScaleVQVAE]:
-    """The VAR and tokenizer a config asks for: checkpoints, random weights, or the embedded default."""
+def build_raster_models(config: EngineConfig):
+    """A raster GPT and a one-scale tokenizer with random weights: LlamaGen-B's size (12 layers, width
+    768) at ``--patch-nums`` (one side, default 24: 576 tokens, 384px), ``--depth`` overriding the
+    depth. Raster checkpoints do not load yet."""
+    from .models.raster_gpt import RasterGPT, RasterGPTConfig
+
+    m = config.model
+    if not m.random_weights:
+        raise UsageError("raster models run with --random-weights for now (no raster checkpoint loader or "
+                         "default raster weights yet)")
+    if m.patch_nums and len(m.patch_nums) != 1:
+        raise UsageError(f"--patch-nums for a raster model is one grid side (e.g. 24), got {len(m.patch_nums)} scales")
+    side = m.patch_nums[0] if m.patch_nums else 24
+    grid = (side, side) if isinstance(side, int) else tuple(side)
+    torch.manual_seed(config.sampling.seed)
+    tokenizer = MultiScaleVQVAE(TokenizerConfig(patch_nums=(grid,)))
+    overrides = {"grid": grid, "vocab_size": tokenizer.vocab_size, "num_classes": m.num_classes or 1000}
+    if m.depth:
+        overrides["depth"] = m.depth
+    return RasterGPT(RasterGPTConfig.llamagen_b(**overrides)), tokenizer
+
+
+def build_models(config: EngineConfig, family: str = "next-scale") -> tuple[VAR, MultiScaleVQVAE]:
+    """The VAR and tokenizer a config asks for: checkpoints, random weights, or the embedded default
+    (``family="next-token"``: a raster GPT, see :func:`build_raster_models`)."""
+    if family == "next-token":
+        return build_raster_models(config)
     m = config.model
     if m.var_checkpoint or m.vae_checkpoint:
         if not (m.var_checkpoint and m.vae_checkpoint):

@@ -41,6 +41,7 @@ class _LayerStore:
         self.k = torch.empty(batch, heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.segments: list[tuple[Spans, int]] = []  # (spans, token count)
+        self.merged: Spans = ()  # the union of the segments' spans, kept up to date incrementally
         self.filled = 0
 
     def append(self, k, v, spans):
@@ -51,7 +52,8 @@ class _LayerStore:
         self.v[:, :, self.filled:self.filled + n].copy_(v)
         self.filled += n
         self.segments.append((spans, n))
-        return self.k[:, :, :self.filled], self.v[:, :, :self.filled], merge_spans(s for sp, _ in self.segments for s in sp)
+        self.merged = merge_spans((*self.merged, *spans))  # O(kept spans), not O(segments): raster appends 1 token a step
+        return self.k[:, :, :self.filled], self.v[:, :, :self.filled], self.merged
 
     def keep_last(self, count: int) -> None:
         if len(self.segments) <= count:
@@ -62,6 +64,7 @@ class _LayerStore:
             self.k[:, :, :kept] = self.k[:, :, drop:self.filled].clone()
             self.v[:, :, :kept] = self.v[:, :, drop:self.filled].clone()
         self.segments = self.segments[-count:] if count else []
+        self.merged = merge_spans(s for sp, _ in self.segments for s in sp)
         self.filled = kept
 
     def nbytes(self) -> int:

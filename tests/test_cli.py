@@ -178,3 +178,24 @@ def test_missing_default_weights_is_one_line(monkeypatch, tmp_path, capsys):
     assert main(["--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no default weights for trajectory 'markov'" in err[0] and "--var-checkpoint" in err[0]
+
+
+def test_raster_trajectory_generates_with_random_weights(tmp_path, capsys):
+    out = tmp_path / "raster.png"
+    argv = ["--trajectory", "raster", "--random-weights", "--depth", "1", "--patch-nums", "2", "--labels", "0,1",
+            "--samples-per-label", "2", "--output", str(out), "--save-tokens", str(tmp_path / "t.pt"), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "raster/causal/full" in capsys.readouterr().out
+    assert Image.open(out).size == (2 * (32 + 2) + 2, 2 * (32 + 2) + 2)  # 2x2 tokens, 16x upsampling
+    assert torch.load(tmp_path / "t.pt")["tokens.0"].shape == (4, 4)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--attention", "neighborhood", "--random-weights"], "drop --attention"),
+    ([], "raster models run with --random-weights"),
+    (["--random-weights", "--patch-nums", "1,2"], "one grid side"),
+])
+def test_raster_bad_input_is_one_line(argv, needle, capsys):
+    assert main(["--trajectory", "raster", "--no-progress"] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
