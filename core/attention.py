@@ -116,7 +116,9 @@ class Causal(AttentionSpec):
         return torch.arange(kv_len, device=device)[None, :] <= q + offset
 
     def mask_mod(self, q_len, kv_len, device):
-        offset = kv_len - q_len
+        # a captured tensor, not an int: compiled flex guards on ints by value and would recompile
+        # for every new offset (every decode step), but on tensors only by shape
+        offset = torch.tensor(kv_len - q_len, device=device)
         return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset
 
     def pair_count(self, q_len, kv_len):
@@ -149,7 +151,7 @@ class SlidingWindow1D(AttentionSpec):
         return (key >= pos - self.left) & (key <= pos + self.right)
 
     def mask_mod(self, q_len, kv_len, device):
-        offset, left, right = kv_len - q_len, self.left, self.right
+        offset, left, right = (torch.tensor(x, device=device) for x in (kv_len - q_len, self.left, self.right))
 
         def window(b, h, q_idx, kv_idx):
             pos = q_idx + offset

@@ -333,3 +333,20 @@ def test_engine_uses_flex_when_forced():
         out = selector.pick(spec, q).attend(q, k, v, spec, scale=SCALE)
     torch.testing.assert_close(out, REFERENCE.attend(q, k, v, spec, scale=SCALE), atol=1e-5, rtol=1e-5)
     assert selector.used == {"neighborhood2d": "flex"}
+
+
+def test_new_window_sizes_and_offsets_do_not_recompile():
+    """Causal / window1d mask_mods capture tensors, so specs differing only in offset or window reuse
+    the compiled kernel (with captured ints dynamo guards on their values and compiles again)."""
+    from torch._dynamo.utils import counters
+
+    backend = FlexBackend()
+    q = torch.randn(1, 2, 32, 16)
+    kv = torch.randn(1, 2, 64, 16)
+    backend.attend(q, kv, kv, SlidingWindow1D(3, 0), scale=0.25)  # compile once for these shapes
+    before = counters["stats"]["unique_graphs"]
+    for left, right in ((5, 0), (9, 2), (17, 1)):
+        got = backend.attend(q, kv, kv, SlidingWindow1D(left, right), scale=0.25)
+        torch.testing.assert_close(got, ReferenceBackend().attend(q, kv, kv, SlidingWindow1D(left, right), scale=0.25),
+                                   atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == before
