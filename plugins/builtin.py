@@ -8,6 +8,7 @@ from ..core.records import AttentionPatternRecord, CachePolicyRecord, Trajectory
 from .caches import FullCache, NoCache, WindowCache, WindowOptions
 from .patterns import DensePattern, NeighborhoodOptions, NeighborhoodPattern
 from .raster import RasterTrajectory
+from .sink_cache import SinkCache, SinkOptions
 from .trajectories import FullTrajectory, MarkovOptions, MarkovTrajectory
 
 
@@ -40,4 +41,7 @@ def mvar_engine_cache_policies():
         CachePolicyRecord(name="full", factory=FullCache, description="keep every key/value (VAR's KV cache)"),
         CachePolicyRecord(name="window", factory=WindowCache, options=WindowOptions,
                           description="keep the keys/values of the last n scales"),
+        CachePolicyRecord(name="sink", factory=SinkCache, options=SinkOptions,
+                          description="StreamingLLM: class prefix + first tokens + recent tokens within a budget "
+                                      "(raster and full)"),
     ]

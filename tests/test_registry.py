@@ -44,7 +44,7 @@ FAST = settings(max_examples=max(40, settings().max_examples), deadline=None, su
 BUILTINS = {
     "trajectory": {"full", "markov"},
     "attention": {"dense", "neighborhood"},
-    "cache": {"none", "full", "window"},
+    "cache": {"none", "full", "window", "sink"},
     "backend": {"reference", "sdpa", "flex", "natten", "xformers", "flash-attn"},
 }
 ALL_BUILTIN_NAMES = sorted((kind, name) for kind, names in BUILTINS.items() for name in names)
