@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -469,5 +470,23 @@ def _print_help(argv: Sequence[str]) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``mvar-engine`` program (console script and ``python -m mvar_engine.core.cli``).
+
+    A torchrun worker leaves through ``os._exit`` once its streams are flushed: every file the
+    command writes is already saved atomically, and skipping interpreter finalisation avoids an
+    abort in the C++ teardown of the process group's threads ("terminate called without an active
+    exception", seen on 1 CI run in about 10 although each rank had passed a final barrier and
+    destroyed its group)."""
+    code = main()
+    from .training.distributed import under_torchrun
+
+    if under_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()
