@@ -3,11 +3,18 @@
 Tensors: ``k, v: [B, H, l, D]`` for the ``l`` new tokens of one step at one layer; positions are
 :data:`~mvar_engine.core.layout.Spans` into the flattened sequence.
 
-Life cycle per generation: ``begin(...)`` once; for each step and each layer ``update(layer, k, v,
-spans)``, which stores what the policy keeps and returns the keys/values the step may attend to
-(kept history first, then the new tokens, ascending positions); ``end_step()`` after the last layer
-of a step (eviction point); ``nbytes()`` at any time. The tensors ``update`` returns may be views of
-the policy's buffers: they are valid until the next ``end_step()`` and must not be modified.
+Life cycle per generation: ``begin(...)`` once (``guided=True``: the rows are ``[cond; uncond]``
+halves under CFG); for each step and each layer ``update(layer, k, v, spans)``, which stores what
+the policy keeps and returns the keys/values the step may attend to (kept history first, then the
+new tokens, ascending positions); optionally ``observe(layer, q, k, spec, scale)`` right after it,
+with the step's queries, the keys ``update`` returned and the attention spec the backend will
+compute (scoring policies accumulate attention statistics there); ``end_step()`` after the last
+layer of a step (eviction point); ``nbytes()`` at any time. The tensors ``update`` returns may be
+views of the policy's buffers: they are valid until the next ``end_step()`` and must not be modified.
+
+Class attributes a policy may set: ``families`` (trajectory families it serves, e.g.
+``("next-scale", "next-token")``), ``headwise`` (keeps different positions per head; see
+:mod:`mvar_engine.plugins.budget_cache`).
 
 A policy with ``stores_history = False`` (``none``) keeps nothing: the engine then recomputes
 whatever history the trajectory requires, which makes it the exact oracle of cached runs.
@@ -26,11 +33,14 @@ from .layout import SequenceLayout, Spans
 class CachePolicy(ABC):
     name: ClassVar[str] = "cache"
     stores_history: ClassVar[bool] = True
+    families: ClassVar[tuple[str, ...]] = ("next-scale",)
+    headwise: ClassVar[bool] = False
 
     @abstractmethod
     def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,
-              device: torch.device, dtype: torch.dtype) -> None:
-        """Allocate (or reset) storage for one generation of ``layout`` with ``batch`` rows."""
+              device: torch.device, dtype: torch.dtype, guided: bool = False) -> None:
+        """Allocate (or reset) storage for one generation of ``layout`` with ``batch`` rows
+        (``guided``: rows ``i`` and ``i + batch // 2`` are the cond/uncond pair of one sample)."""
 
     @abstractmethod
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> tuple[torch.Tensor, torch.Tensor, Spans]:

@@ -59,9 +59,13 @@ class NextScaleEngine:
         return attend
 
     def _attend_cached(self, spans: Spans):
+        observe = getattr(self.cache, "observe", None)
+
         def attend(layer, q, k, v, scale):
             k_all, v_all, k_spans = self.cache.update(layer, k, v, spans)
             spec = self.pattern.spec(self.layout, spans, k_spans, self.trajectory.visible)
+            if observe is not None:
+                observe(layer, q, k_all, spec, scale)
             return self.backends.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
 
         return attend
@@ -121,7 +125,7 @@ class NextScaleEngine:
         head_dim = first_block.head_dim if first_block else 1
         cache_dtype = self.autocast_dtype or model.word_embed.weight.dtype
         self.cache.begin(num_layers=len(model.blocks), batch=rows, num_heads=heads, head_dim=head_dim, layout=layout,
-                         device=device, dtype=cache_dtype)
+                         device=device, dtype=cache_dtype, guided=guided)
         last_h, last_w = layout.grids[-1]
         f_hat = torch.zeros(batch, model.z_channels, last_h, last_w, device=device)
         var_inputs: list[torch.Tensor | None] = [None]

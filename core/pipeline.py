@@ -67,6 +67,7 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
         pattern = registry.create("attention", attention.name, attention.options)
     cache = registry.create("cache", cache_choice.name, cache_choice.options)
     trajectory.check_cache(names["cache"], cache)
+    check_headwise(names, cache)
     for kind, component in (("attention", pattern), ("cache", cache)):
         if component is None:
             continue
@@ -75,6 +76,19 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
             raise UsageError(f"{kind} '{names[kind]}' is unavailable: {availability.reason}")
     names["backend"] = config.backend.name
     return Components(names, trajectory, pattern, cache, build_backends(config, registry))
+
+
+def check_headwise(names: dict[str, str], cache: object) -> None:
+    """A headwise cache (different kept positions per head) stands its keys in by their count, which
+    is exact only where every kept past key is visible to every query of a step: raster decoding,
+    and next-scale ``full`` with ``dense`` attention."""
+    if not getattr(cache, "headwise", False) or names["attention"] == "causal":
+        return
+    if names["trajectory"] != "full" or names["attention"] != "dense":
+        raise IncompatibleComponentsError(
+            f"cache '{names['cache']}' keeps different positions in each head, which needs every kept key visible to "
+            f"every query: under next-scale that is --trajectory full --attention dense, not "
+            f"{names['trajectory']}/{names['attention']}")
 
 
 def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:

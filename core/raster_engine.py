@@ -18,9 +18,10 @@ Cache contract (for compressed raster caches: window / sink / h2o / ssd):
   Keys are already RoPE-rotated at their positions. ``k_spans`` must be sorted positions of the
   returned keys (kept history, then the new tokens last); the attention spec comes from
   ``trajectory.spec(spans, k_spans)`` (``Causal`` when the new tokens are last).
-- Optional ``observe(layer, q, q_spans, k_all, k_spans, scale)``: called right after ``update``
-  with the step's (rotated) queries and the returned keys, before attention, so scoring caches
-  (h2o, ssd) can accumulate attention statistics; its return value is ignored.
+- Optional ``observe(layer, q, k_all, spec, scale)``: called right after ``update`` with the
+  step's (rotated) queries, the returned keys and the spec the backend computes, before attention,
+  so scoring caches (h2o, ssd) can accumulate attention statistics; its return value is ignored.
+- ``begin(..., guided=True)`` under CFG: rows ``[cond; uncond]``.
 - ``end_step()`` after the last layer of every step (the eviction point); ``nbytes()`` is polled
   after every step for ``cache_peak_bytes``.
 """
@@ -83,9 +84,9 @@ class RasterEngine:
 
         def attend(layer, q, k, v, scale):
             k_all, v_all, k_spans = self.cache.update(layer, k, v, spans)
-            if observe is not None:
-                observe(layer, q, spans, k_all, k_spans, scale)
             spec = self.trajectory.spec(spans, k_spans)
+            if observe is not None:
+                observe(layer, q, k_all, spec, scale)
             return self.backends.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
 
         return attend
@@ -157,7 +158,7 @@ class RasterEngine:
         head_dim = first.head_dim if first else 1
         cache_dtype = self.autocast_dtype or model.tok_embeddings.weight.dtype
         self.cache.begin(num_layers=len(model.layers), batch=rows, num_heads=heads, head_dim=head_dim,
-                         layout=self.layout, device=device, dtype=cache_dtype)
+                         layout=self.layout, device=device, dtype=cache_dtype, guided=guided)
         if forced_tokens is not None and tuple(forced_tokens.shape) != (batch, self.num_tokens):
             raise ValueError(f"forced_tokens must be [{batch}, {self.num_tokens}], got {tuple(forced_tokens.shape)}")
         fed: list[torch.Tensor] = []  # [rows, 1] each

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from ..core.hookspecs import hookimpl
 from ..core.records import AttentionPatternRecord, CachePolicyRecord, TrajectoryRecord
-from .caches import FullCache, NoCache, WindowCache, WindowOptions
+from .caches import FullCache, NoCache, WindowOptions, make_window
+from .h2o_cache import H2OCache, H2OOptions
 from .patterns import DensePattern, NeighborhoodOptions, NeighborhoodPattern
 from .raster import RasterTrajectory
 from .sink_cache import SinkCache, SinkOptions
+from .ssd_cache import SSDCache, SSDOptions
 from .trajectories import FullTrajectory, MarkovOptions, MarkovTrajectory
 
 
@@ -39,9 +41,16 @@ def mvar_engine_cache_policies():
         CachePolicyRecord(name="none", factory=NoCache,
                           description="keep nothing; history the trajectory needs is recomputed (the exact oracle)"),
         CachePolicyRecord(name="full", factory=FullCache, description="keep every key/value (VAR's KV cache)"),
-        CachePolicyRecord(name="window", factory=WindowCache, options=WindowOptions,
-                          description="keep the keys/values of the last n scales"),
+        CachePolicyRecord(name="window", factory=make_window, options=WindowOptions,
+                          description="the last n scales (--cache-scales), or with --cache-budget the class prefix "
+                                      "+ the most recent tokens"),
         CachePolicyRecord(name="sink", factory=SinkCache, options=SinkOptions,
                           description="StreamingLLM: class prefix + first tokens + recent tokens within a budget "
                                       "(raster and full)"),
+        CachePolicyRecord(name="h2o", factory=H2OCache, options=H2OOptions,
+                          description="H2O: class prefix + heavy hitters by accumulated attention + recent tokens, "
+                                      "per head within a budget (raster; full with dense attention)"),
+        CachePolicyRecord(name="ssd", factory=SSDCache, options=SSDOptions,
+                          description="SSD: per head from a profiled head map, locality heads a recent window, "
+                                      "sink heads the most attended tokens, within a budget"),
     ]

@@ -1,7 +1,10 @@
-"""Built-in cache policies for next-scale models: ``none``, ``full`` and ``window`` (last n scales).
+"""Built-in cache policies ``none``, ``full`` and ``window``.
 
-Storage is real and bounded: each layer preallocates key and value buffers ``[B, H, capacity, D]``
-sized for the policy's worst step; eviction moves kept entries to the front of the buffer.
+``window`` has two modes: by steps (``--cache-scales n``: the last n next-scale scales, the
+default) and by tokens (``--cache-budget``: the class prefix and the most recent tokens, see
+:mod:`.budget_cache`; the mode raster decoding needs). Storage is real and bounded: each layer
+preallocates key and value buffers ``[B, H, capacity, D]`` sized for the policy's worst step;
+eviction moves kept entries to the front of the buffer.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.cache import CachePolicy
 from ..core.layout import SequenceLayout, Spans, merge_spans, spans_length
+from ..core.errors import UsageError
 from ..core.records import NoOptions
 
 
@@ -20,6 +24,7 @@ class NoCache(CachePolicy):
 
     name = "none"
     stores_history = False
+    families = ("next-scale", "next-token")
 
     def __init__(self, options: NoOptions | None = None) -> None:
         self.options = options or NoOptions()
@@ -74,7 +79,10 @@ class _LayerStore:
 class WindowOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scales: int = Field(1, ge=1, description="number of most recent scales kept for the next step")
+    scales: int = Field(1, ge=1, description="number of most recent scales kept for the next step (step mode)")
+    budget: float | None = Field(None, gt=0, description="token mode: tokens stored per layer, a fraction of the "
+                                 "sequence (<= 1) or a count; the class prefix plus the most recent tokens "
+                                 "(needed under raster)")
 
 
 class WindowCache(CachePolicy):
@@ -96,7 +104,7 @@ class WindowCache(CachePolicy):
         n = self.keep + 1  # kept scales plus the step being computed
         return max(sum(sizes[max(0, i - n + 1):i + 1]) for i in range(len(sizes)))
 
-    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype):
+    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
         cap = self.capacity(layout)
         self.layers = [_LayerStore(batch, num_heads, cap, head_dim, device, dtype) for _ in range(num_layers)]
 
@@ -115,10 +123,24 @@ class WindowCache(CachePolicy):
         return self.layers[0].filled if self.layers else 0
 
 
+def make_window(options: WindowOptions | None = None) -> CachePolicy:
+    """The ``window`` factory: step mode, or token mode when ``budget`` is given."""
+    options = options or WindowOptions()
+    if options.budget is None:
+        return WindowCache(options)
+    if "scales" in options.model_fields_set:
+        raise UsageError("--cache-scales (a window of steps) and --cache-budget (a window of tokens) exclude each "
+                         "other; give one")
+    from .budget_cache import BudgetOptions, TokenWindowCache
+
+    return TokenWindowCache(BudgetOptions(budget=options.budget))
+
+
 class FullCache(WindowCache):
     """Keep every key/value (VAR's KV cache): capacity is the whole sequence."""
 
     name = "full"
+    families = ("next-scale", "next-token")
 
     def __init__(self, options: NoOptions | None = None) -> None:
         self.options = options or NoOptions()
@@ -126,4 +148,4 @@ class FullCache(WindowCache):
         self.layers = []
 
 
-__all__ = ["NoCache", "FullCache", "WindowCache", "WindowOptions", "spans_length"]
+__all__ = ["NoCache", "FullCache", "WindowCache", "WindowOptions", "make_window", "spans_length"]

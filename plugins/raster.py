@@ -18,10 +18,10 @@ Design decisions:
   for any compressed cache that returns kept history then the new tokens), else an explicit
   ``Masked`` ``key_pos <= query_pos`` mask.
 - ``family = "next-token"``: the next-scale pipeline refuses it; the raster engine serves it.
-- Caches: ``none`` (recompute, the exact oracle) and ``full`` serve raster decoding. Next-scale
-  caches that evict by *scale* (``window``) would silently turn into a last-n-tokens window that
-  drops the class prefix, so they are refused. A cache written for raster decoding declares
-  ``families = ("next-token", ...)`` (class attribute) to be accepted.
+- Caches: a cache serves raster decoding when it declares ``families`` containing
+  ``"next-token"`` (``none``, the exact oracle; ``full``; ``window`` in token mode; ``sink``;
+  ``h2o``; ``ssd``). Caches that evict by next-scale *steps* (``window --cache-scales``) would
+  silently turn into a last-n-tokens window that drops the class prefix, so they are refused.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from ..core.errors import IncompatibleComponentsError
 from ..core.layout import Spans, spans_length, spans_to_positions
 from ..core.records import NoOptions
 from ..core.trajectory import Trajectory
-
-RASTER_CACHES: tuple[str, ...] = ("none", "full")
-"""Built-in caches that serve raster decoding."""
 
 
 class RasterTrajectory(Trajectory):
@@ -76,11 +73,13 @@ class RasterTrajectory(Trajectory):
         return Masked(allowed, "raster-causal")
 
     def check_cache(self, cache_name, cache):
-        if cache_name in RASTER_CACHES or "next-token" in getattr(cache, "families", ()):
+        if "next-token" in getattr(cache, "families", ()):
             return
+        fix = ("give --cache-budget (a window of recent tokens, e.g. 0.2)" if cache_name == "window"
+               else "use a token-level cache: full, none, window --cache-budget, sink, h2o or ssd")
         raise IncompatibleComponentsError(
             f"cache '{cache_name}' cannot serve trajectory 'raster': it evicts by next-scale steps and would drop "
-            f"the class prefix; use --cache full or --cache none")
+            f"the class prefix; {fix}")
 
     @property
     def mask_structure(self) -> str:

@@ -220,16 +220,16 @@ def test_observe_hook_receives_queries_and_keys():
     calls = []
 
     class Observing(FullCache):
-        def observe(self, layer, q, q_spans, k_all, k_spans, scale):
-            calls.append((layer, tuple(q.shape), q_spans, k_all.shape[2], k_spans, scale))
+        def observe(self, layer, q, k_all, spec, scale):
+            calls.append((layer, tuple(q.shape), k_all.shape[2], spec, scale))
 
     model = tiny_model((2, 2))
     RasterEngine(model, None, RasterTrajectory(), Observing(), selector_for("sdpa")).generate(
         torch.tensor([1]), cfg=4.0, top_k=0)
     depth, heads, d = model.config.depth, model.config.heads, model.config.head_dim
     assert len(calls) == depth * 4  # prefill + 3 decode steps
-    assert calls[0] == (0, (2, heads, 1, d), ((0, 1),), 1, ((0, 1),), d ** -0.5)
-    assert calls[-1] == (depth - 1, (2, heads, 1, d), ((3, 4),), 4, ((0, 4),), d ** -0.5)
+    assert calls[0] == (0, (2, heads, 1, d), 1, Causal(), d ** -0.5)
+    assert calls[-1] == (depth - 1, (2, heads, 1, d), 4, Causal(), d ** -0.5)
 
 
 def test_rows_see_rotated_keys_in_cache():

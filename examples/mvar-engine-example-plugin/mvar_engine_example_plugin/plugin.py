@@ -73,7 +73,7 @@ class SinkScalesCache(CachePolicy):
         sink, recent = self.options.sink, self.options.recent
         return max(sum(sizes[j] for j in kept_scales(i, sink, recent)) + sizes[i] for i in range(len(sizes)))
 
-    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype):
+    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
         capacity = self.capacity(layout)
         self.layers = [_LayerStore(batch, num_heads, capacity, head_dim, device, dtype) for _ in range(num_layers)]
 

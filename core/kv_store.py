@@ -1,0 +1,105 @@
+"""Bounded key/value storage for compressing cache policies (window, sink, h2o, ssd, plugins).
+
+One :class:`BoundedKV` per layer holds ``k, v: [rows, heads, capacity, D]``. The first ``filled``
+slots of every (row, head) are in use, in insertion order, which is ascending position order
+(steps append their tokens after everything kept). ``positions: int32 [rows, heads, capacity]``
+records the sequence position held by each slot; with ``track_scores`` a ``float32`` score per slot
+(accumulated attention) is kept beside it and moves with its entry.
+
+Eviction (:meth:`keep`) gathers the kept slots to the front of the same buffers, so memory never
+exceeds ``capacity``; a step larger than the free room (a next-scale scale) grows the buffers once
+to fit it (:meth:`append`). Every (row, head) always holds the same number of entries, so the kept
+keys form one dense ``[rows, heads, n, D]`` tensor that any attention backend can consume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import Spans, spans_to_positions
+
+
+class BoundedKV:
+    """One layer's bounded storage; see the module docstring for the layout."""
+
+    def __init__(self, rows: int, heads: int, capacity: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype, *, track_scores: bool = False) -> None:
+        self.k = torch.empty(rows, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.positions = torch.zeros(rows, heads, capacity, device=device, dtype=torch.int32)
+        self.scores = torch.zeros(rows, heads, capacity, device=device, dtype=torch.float32) if track_scores else None
+        self.filled = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def _grow(self, capacity: int) -> None:
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(*t.shape[:2], capacity, *t.shape[3:])
+            out[:, :, :self.filled] = t[:, :, :self.filled]
+            return out
+
+        self.k, self.v, self.positions = grown(self.k), grown(self.v), grown(self.positions)
+        if self.scores is not None:
+            self.scores = grown(self.scores)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v: [rows, heads, l, D]`` at the positions of ``spans`` (``l`` of them, ascending,
+        after every kept position); return views of all ``filled`` keys and values."""
+        start, n = self.filled, k.shape[2]
+        if start + n > self.capacity:
+            self._grow(start + n)
+        end = start + n
+        self.k[:, :, start:end].copy_(k)
+        self.v[:, :, start:end].copy_(v)
+        self.positions[:, :, start:end] = spans_to_positions(spans).to(self.positions.device, torch.int32)
+        if self.scores is not None:
+            self.scores[:, :, start:end] = 0
+        self.filled = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def add_scores(self, received: torch.Tensor) -> None:
+        """Accumulate ``received: [rows, heads, filled]`` (attention each slot received this step)."""
+        if self.scores is not None:
+            self.scores[:, :, :received.shape[-1]] += received.float()
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the slots ``index: LongTensor [n]`` (the same for every row and head) or
+        ``[rows, heads, n]``, each ascending, moved to the front; everything else is dropped."""
+        n = index.shape[-1]
+        if n == self.filled:
+            return
+        index = index.to(self.k.device)
+        if index.dim() == 1:
+            self.k[:, :, :n] = self.k.index_select(2, index)
+            self.v[:, :, :n] = self.v.index_select(2, index)
+            self.positions[:, :, :n] = self.positions.index_select(2, index)
+            if self.scores is not None:
+                self.scores[:, :, :n] = self.scores.index_select(2, index)
+        else:
+            wide = index[..., None].expand(-1, -1, -1, self.k.shape[-1])
+            self.k[:, :, :n] = self.k.gather(2, wide)
+            self.v[:, :, :n] = self.v.gather(2, wide)
+            self.positions[:, :, :n] = self.positions.gather(2, index)
+            if self.scores is not None:
+                self.scores[:, :, :n] = self.scores.gather(2, index)
+        self.filled = n
+
+    def kept_positions(self) -> torch.Tensor:
+        """``LongTensor [rows, heads, filled]``: the position held by every slot in use."""
+        return self.positions[:, :, :self.filled].long()
+
+    def kv_bytes(self) -> int:
+        """Bytes of the key and value buffers (the cache proper)."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def index_bytes(self) -> int:
+        """Bytes of the bookkeeping beside them (positions, scores)."""
+        extra = self.positions.numel() * self.positions.element_size()
+        if self.scores is not None:
+            extra += self.scores.numel() * self.scores.element_size()
+        return extra
+
+    def nbytes(self) -> int:
+        return self.kv_bytes() + self.index_bytes()
