@@ -34,11 +34,26 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
     return logits
 
 
+SAMPLING_CHUNK_BYTES = 32 * 2**20
+"""Float32 logits filtered and drawn at once: the sort, cumulative sums and masks of top-k/top-p
+cost several times the logits, so sampling a large scale in one piece would set the peak memory of
+a cache-free (MVAR) generation."""
+
+
 def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """``logits: [B, l, V]`` -> ``LongTensor[B, l]``; ``top_k == 1`` is greedy (argmax)."""
+    """``logits: [B, l, V]`` -> ``LongTensor[B, l]``; ``top_k == 1`` is greedy (argmax).
+
+    Rows are filtered and drawn in chunks of at most :data:`SAMPLING_CHUNK_BYTES` of float32
+    logits; ``torch.multinomial`` consumes the generator row by row, so on the CPU the draws equal
+    one call over all rows (tested)."""
     if top_k == 1:
         return logits.argmax(dim=-1)
-    filtered = filter_top_k_top_p(logits.float(), top_k, top_p)
-    probs = filtered.softmax(dim=-1).view(-1, logits.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    rows = max(1, SAMPLING_CHUNK_BYTES // (4 * vocab))
+    out = torch.empty(flat.shape[0], 1, dtype=torch.long, device=logits.device)
+    for start in range(0, flat.shape[0], rows):
+        filtered = filter_top_k_top_p(flat[start:start + rows].float(), top_k, top_p)
+        out[start:start + rows] = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator)
+    return out.view(logits.shape[:-1])
