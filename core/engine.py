@@ -21,6 +21,9 @@ from .cache import CachePolicy
 from .layout import Spans
 from .models.var import VAR
 from .sampling import guided_logits_var, sample_tokens
+
+LOGITS_CHUNK_BYTES = 64 * 2**20
+"""Most bytes of float32 logits the sampling path materialises at once (see ``_sample``)."""
 from .trajectory import Trajectory
 
 
@@ -72,6 +75,28 @@ class NextScaleEngine:
 
     def _autocast(self, device: torch.device):
         return autocast_context(device, self.autocast_dtype)
+
+    def _sample(self, hidden: torch.Tensor, cond: torch.Tensor, batch: int, cfg: float | None, scale: int,
+                top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Tokens ``[B, l]`` for one scale from ``hidden: [rows, l, C]``: the head, CFG and sampling
+        run over chunks of samples (a sample's cond and uncond rows together) holding at most
+        :data:`LOGITS_CHUNK_BYTES` of logits, in sample order, so the generator is consumed as by
+        one pass over all rows (the draws are the same on the CPU)."""
+        rows_per_sample = 2 if cfg is not None else 1
+        l, vocab = hidden.shape[1], self.model.config.vocab_size
+        per_chunk = max(1, LOGITS_CHUNK_BYTES // (rows_per_sample * l * vocab * 4))
+        pieces = []
+        for start in range(0, batch, per_chunk):
+            stop = min(batch, start + per_chunk)
+            rows = torch.arange(start, stop, device=hidden.device)
+            if cfg is not None:
+                rows = torch.cat([rows, rows + batch])
+            with self._autocast(hidden.device):
+                logits = self.model.logits(hidden[rows], cond[rows])
+            if cfg is not None:
+                logits = guided_logits_var(logits, stop - start, cfg, scale, self.layout.num_scales)
+            pieces.append(sample_tokens(logits, top_k=top_k, top_p=top_p, generator=generator))
+        return torch.cat(pieces)
 
     # -- teacher forcing -------------------------------------------------------------------------
     def teacher_forced_logits(self, labels: torch.Tensor, var_input: torch.Tensor | None) -> torch.Tensor:
@@ -141,15 +166,16 @@ class NextScaleEngine:
                 else:
                     x = model.embed_scales(history, cond, [var_inputs[j] for j in history])
                     hidden = model.backbone(x, cond, self._attend_uncached(layout.spans_of(history)))[:, -sc.numel:]
-                logits = model.logits(hidden, cond)
+                if return_logits or forced_tokens is not None:
+                    logits = model.logits(hidden, cond)
             out.cache_peak_bytes = max(out.cache_peak_bytes, self.cache.nbytes())
             if return_logits:
                 out.logits.append(logits)
             if forced_tokens is not None:
                 idx = forced_tokens[s].to(device)
             else:
-                step_logits = guided_logits_var(logits, batch, cfg, s, layout.num_scales) if guided else logits
-                idx = sample_tokens(step_logits, top_k=top_k, top_p=top_p, generator=generator)
+                idx = self._sample(hidden, cond, batch, cfg if guided else None, s, top_k, top_p, generator)
+            del hidden
             out.tokens.append(idx)
             codes = tok.embed(idx, (sc.height, sc.width))
             f_hat, next_map = tok.next_input(s, f_hat, codes.float())
