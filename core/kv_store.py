@@ -1,15 +1,17 @@
 """Bounded key/value storage for compressing cache policies (window, sink, h2o, ssd, plugins).
 
 One :class:`BoundedKV` per layer holds ``k, v: [rows, heads, capacity, D]``. The first ``filled``
-slots of every (row, head) are in use, in insertion order, which is ascending position order
-(steps append their tokens after everything kept). ``positions: int32 [rows, heads, capacity]``
-records the sequence position held by each slot; with ``track_scores`` a ``float32`` score per slot
-(accumulated attention) is kept beside it and moves with its entry.
+slots of every (row, head) are in use. ``positions: int32 [rows, heads, capacity]`` records the
+sequence position held by each slot; with ``track_scores`` a ``float32`` score per slot
+(accumulated attention) is kept beside it and moves with its entry. Appends keep slots in
+ascending position order; :meth:`replace` (one token written over an evicted one, O(1) per row and
+head: the steady state of raster decoding) does not, which ``ordered`` records.
 
-Eviction (:meth:`keep`) gathers the kept slots to the front of the same buffers, so memory never
-exceeds ``capacity``; a step larger than the free room (a next-scale scale) grows the buffers once
-to fit it (:meth:`append`). Every (row, head) always holds the same number of entries, so the kept
-keys form one dense ``[rows, heads, n, D]`` tensor that any attention backend can consume.
+Eviction of many entries (:meth:`keep`) gathers the kept slots to the front of the same buffers,
+so memory never exceeds ``capacity``; a step larger than the free room (a next-scale scale) grows
+the buffers once to fit it (:meth:`append`). Every (row, head) always holds the same number of
+entries, so the kept keys form one dense ``[rows, heads, n, D]`` tensor that any attention backend
+can consume.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class BoundedKV:
         self.positions = torch.zeros(rows, heads, capacity, device=device, dtype=torch.int32)
         self.scores = torch.zeros(rows, heads, capacity, device=device, dtype=torch.float32) if track_scores else None
         self.filled = 0
+        self.ordered = True  # slots hold ascending positions in every (row, head)
 
     @property
     def capacity(self) -> int:
@@ -59,6 +62,26 @@ class BoundedKV:
         self.filled = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def replace(self, slots: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int):
+        """Write one token (``k, v: [rows, heads, 1, D]`` at ``position``) over the slot ``slots``
+        (one int for every row and head, or ``LongTensor [rows, heads]``); return all keys/values."""
+        if isinstance(slots, int):
+            self.k[:, :, slots] = k[:, :, 0]
+            self.v[:, :, slots] = v[:, :, 0]
+            self.positions[:, :, slots] = position
+            if self.scores is not None:
+                self.scores[:, :, slots] = 0
+        else:
+            index = slots[..., None]
+            wide = index[..., None].expand(-1, -1, 1, self.k.shape[-1])
+            self.k.scatter_(2, wide, k.to(self.k.dtype))
+            self.v.scatter_(2, wide, v.to(self.v.dtype))
+            self.positions.scatter_(2, index, position)
+            if self.scores is not None:
+                self.scores.scatter_(2, index, 0.0)
+        self.ordered = False
+        return self.k[:, :, :self.filled], self.v[:, :, :self.filled]
+
     def add_scores(self, received: torch.Tensor) -> None:
         """Accumulate ``received: [rows, heads, filled]`` (attention each slot received this step)."""
         if self.scores is not None:
@@ -66,10 +89,8 @@ class BoundedKV:
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the slots ``index: LongTensor [n]`` (the same for every row and head) or
-        ``[rows, heads, n]``, each ascending, moved to the front; everything else is dropped."""
+        ``[rows, heads, n]`` in that order, moved to the front; everything else is dropped."""
         n = index.shape[-1]
-        if n == self.filled:
-            return
         index = index.to(self.k.device)
         if index.dim() == 1:
             self.k[:, :, :n] = self.k.index_select(2, index)
@@ -86,9 +107,15 @@ class BoundedKV:
                 self.scores[:, :, :n] = self.scores.gather(2, index)
         self.filled = n
 
+    def sort_by_position(self) -> None:
+        """Restore ascending positions in every (row, head) after :meth:`replace` calls."""
+        if not self.ordered:
+            self.keep(self.positions[:, :, :self.filled].argsort(dim=-1))
+            self.ordered = True
+
     def kept_positions(self) -> torch.Tensor:
-        """``LongTensor [rows, heads, filled]``: the position held by every slot in use."""
-        return self.positions[:, :, :self.filled].long()
+        """``LongTensor [rows, heads, filled]``: the positions held, ascending."""
+        return self.positions[:, :, :self.filled].long().sort(dim=-1).values
 
     def kv_bytes(self) -> int:
         """Bytes of the key and value buffers (the cache proper)."""

@@ -56,6 +56,18 @@ def positions_to_spans(positions: list[int]) -> Spans:
     return merge_spans((p, p + 1) for p in positions)
 
 
+def slot_order_spans(positions: list[int]) -> Spans:
+    """Positions in slot order -> spans in the same order (consecutive runs joined, never sorted),
+    so that ``spans_to_positions`` gives each returned key's position."""
+    out: list[list[int]] = []
+    for p in positions:
+        if out and out[-1][1] == p:
+            out[-1][1] = p + 1
+        else:
+            out.append([p, p + 1])
+    return tuple((b, e) for b, e in out)
+
+
 class BudgetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -97,14 +109,36 @@ class BudgetedCache(CachePolicy):
         """Hook after ``begin`` sized the storage (``ssd`` checks its head map here)."""
 
     def update(self, layer, k, v, spans):
+        """Evict first (lazily, right before new tokens need room), then store the step's tokens.
+
+        A one-token step into a full layer writes the token over the policy's victim (O(1) per
+        row and head; its query sees every kept key, so slot order does not matter). A larger step
+        (a prefill, a next-scale scale) first compacts the layer to ``budget - 1`` kept tokens in
+        position order, then appends (growing the buffers once if the step needs it)."""
         store = self.layers[layer]
-        held = store.filled
-        k_all, v_all = store.append(k, v, spans)
-        if self.headwise:
-            return k_all, v_all, merge_spans(((0, held), *spans))
+        count = k.shape[2]
         kept = self._positions[layer]
-        kept.extend(p for b, e in spans for p in range(b, e))
-        return k_all, v_all, positions_to_spans(kept)
+        if count == 1 and store.filled == self.budget:
+            position = spans[0][0]
+            victim = self.victim(layer, store, position)
+            k_all, v_all = store.replace(victim, k, v, position)
+            if not self.headwise:
+                kept[victim] = position
+        else:
+            if store.filled > self.budget - 1:
+                store.sort_by_position()
+                if not self.headwise:
+                    kept.sort()
+                index = self.select(layer, store, self.budget - 1)
+                store.keep(index)
+                if not self.headwise:
+                    self._positions[layer] = kept = [kept[i] for i in index.tolist()]
+            k_all, v_all = store.append(k, v, spans)
+            if not self.headwise:
+                kept.extend(p for b, e in spans for p in range(b, e))
+        if self.headwise:  # stand-in spans: every kept key precedes the new tokens (module docstring)
+            return k_all, v_all, merge_spans(((0, store.filled - count), *spans))
+        return k_all, v_all, slot_order_spans(kept)
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> None:
         """Accumulate the attention every returned key receives from the step's queries
@@ -114,45 +148,78 @@ class BudgetedCache(CachePolicy):
         self.layers[layer].add_scores(received_attention(q, k, spec, scale))
 
     def end_step(self) -> None:
-        retain = self.budget - 1
-        for layer, store in enumerate(self.layers):
-            if store.filled <= retain:
-                continue
-            index = self.select(layer, store, retain)
-            store.keep(index)
-            if not self.headwise:
-                kept = self._positions[layer]
-                self._positions[layer] = [kept[i] for i in index.tolist()]
+        """Nothing: eviction happens when the next step's tokens arrive (see :meth:`update`), so a
+        layer holds at most ``budget`` tokens between steps and a step attends to at most
+        ``budget`` keys (``budget - 1`` kept plus the new token)."""
 
     def select(self, layer: int, store: BoundedKV, retain: int) -> torch.Tensor:
-        """Slots to keep, ascending: ``LongTensor [retain]`` (shared) or ``[rows, heads, retain]``
-        (headwise); the first ``self.prefix`` slots (the class prefix) must be among them."""
+        """Slots to keep from a layer in position order: ``LongTensor [retain]`` (shared) or
+        ``[rows, heads, retain]`` (headwise); the class prefix must be among them."""
+        raise NotImplementedError
+
+    def victim(self, layer: int, store: BoundedKV, position: int) -> int | torch.Tensor:
+        """The slot a one-token step at ``position`` overwrites in a full layer: an int (shared) or
+        ``LongTensor [rows, heads]`` (headwise); never a class-prefix slot."""
         raise NotImplementedError
 
     # -- helpers for subclasses -------------------------------------------------------------------
     def window_index(self, store: BoundedKV, retain: int, protected: int | None = None) -> torch.Tensor:
-        """The first ``protected`` slots (default: the class prefix) and the most recent rest
-        (``LongTensor [retain]`` on the CPU: shared policies keep their host-side positions in step
-        without a device synchronisation)."""
+        """The first ``protected`` slots (default: the class prefix) and the most recent rest of a
+        layer in position order (``LongTensor [retain]`` on the CPU)."""
         protected = min(self.prefix if protected is None else protected, retain)
         n = store.filled
         return torch.tensor([*range(protected), *range(n - (retain - protected), n)], dtype=torch.long)
 
+    def oldest_slot(self, layer: int, protected: int | None = None) -> int:
+        """Shared policies: the slot holding the oldest position at or after ``protected`` (the
+        newest position when every kept one is protected: a budget within the protected tokens)."""
+        protected = self.prefix if protected is None else protected
+        kept = self._positions[layer]
+        movable = [(p, i) for i, p in enumerate(kept) if p >= protected]
+        return min(movable)[1] if movable else max((p, i) for i, p in enumerate(kept))[1]
+
+    def _group_view(self, store: BoundedKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, scores)`` per group ``[groups, heads, filled]``: cond and uncond rows of a
+        sample share positions; their scores are summed under CFG."""
+        n = store.filled
+        positions = store.positions[:, :, :n]
+        scores = store.scores[:, :, :n] if store.scores is not None else None
+        if self.guided:
+            half = positions.shape[0] // 2
+            positions = positions[:half]
+            scores = scores[:half] + scores[half:] if scores is not None else None
+        return positions, scores
+
     def pair_scores(self, store: BoundedKV) -> torch.Tensor:
         """``[groups, heads, filled]``: accumulated attention, cond and uncond rows summed under CFG."""
-        scores = store.scores[:, :, :store.filled]
-        if self.guided:
-            half = scores.shape[0] // 2
-            scores = scores[:half] + scores[half:]
-        return scores
+        return self._group_view(store)[1]
 
     def unpair(self, index: torch.Tensor) -> torch.Tensor:
-        """A per-group index ``[groups, heads, n]`` -> per row (both CFG rows of a sample alike)."""
+        """A per-group index ``[groups, heads, ...]`` -> per row (both CFG rows of a sample alike)."""
         return torch.cat([index, index]) if self.guided else index
 
+    def heavy_victim(self, store: BoundedKV, position: int, recent: int) -> torch.Tensor:
+        """``[rows, heads]``: the least attended slot outside the class prefix and the ``recent``
+        newest positions (before ``position``); the oldest such slot when the window covers all."""
+        positions, scores = self._group_view(store)
+        movable = positions >= self.prefix
+        candidates = movable & (positions < position - recent)
+        inf = torch.tensor(float("inf"), device=scores.device)
+        by_score = torch.where(candidates, scores, inf).argmin(dim=-1)
+        big = torch.iinfo(positions.dtype).max
+        oldest = torch.where(movable, positions, torch.full_like(positions, big)).argmin(dim=-1)
+        return self.unpair(torch.where(candidates.any(dim=-1), by_score, oldest))
+
+    def oldest_victim(self, store: BoundedKV) -> torch.Tensor:
+        """``[rows, heads]``: the slot of the oldest position outside the class prefix."""
+        positions, _ = self._group_view(store)
+        big = torch.iinfo(positions.dtype).max
+        return self.unpair(torch.where(positions >= self.prefix, positions, torch.full_like(positions, big))
+                           .argmin(dim=-1))
+
     def heavy_index(self, store: BoundedKV, retain: int, recent: int) -> torch.Tensor:
-        """``[rows, heads, retain]``: the class prefix, the ``recent`` newest slots and the top
-        ``retain - prefix - recent`` of the rest by accumulated attention (ties: the older slot)."""
+        """``[rows, heads, retain]`` of a layer in position order: the class prefix, the ``recent``
+        newest slots and the top ``retain - prefix - recent`` of the rest by accumulated attention."""
         n, protected = store.filled, min(self.prefix, retain)
         recent = min(recent, retain - protected)
         heavy = retain - protected - recent
@@ -212,6 +279,9 @@ class TokenWindowCache(BudgetedCache):
 
     def select(self, layer, store, retain):
         return self.window_index(store, retain)
+
+    def victim(self, layer, store, position):
+        return self.oldest_slot(layer)
 
 
 __all__ = ["BudgetOptions", "BudgetedCache", "SCORE_CHUNK_BYTES", "TokenWindowCache", "budget_tokens",

@@ -28,9 +28,14 @@ class H2OCache(BudgetedCache):
     def __init__(self, options: H2OOptions | None = None) -> None:
         super().__init__(options or H2OOptions())
 
+    def _recent(self) -> int:
+        return int(round(self.options.recent * max(0, self.budget - 1 - self.prefix)))
+
     def select(self, layer, store, retain):
-        free = retain - min(self.prefix, retain)
-        return self.heavy_index(store, retain, recent=int(round(self.options.recent * free)))
+        return self.heavy_index(store, retain, recent=self._recent())
+
+    def victim(self, layer, store, position):
+        return self.heavy_victim(store, position, recent=self._recent())
 
 
 __all__ = ["H2OCache", "H2OOptions"]

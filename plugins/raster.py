@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core.attention import AttentionSpec, Causal, Masked
+from ..core.attention import AttentionSpec, Causal, Dense, Masked
 from ..core.errors import IncompatibleComponentsError
 from ..core.layout import Spans, spans_length, spans_to_positions
 from ..core.records import NoOptions
@@ -70,6 +70,8 @@ class RasterTrajectory(Trajectory):
         allowed = self.visible_positions(q_pos[:, None], k_pos[None, :])
         if not bool(allowed.any(dim=1).all()):
             raise ValueError(f"a query in {queries} sees no key of {keys}")
+        if bool(allowed.all()):  # e.g. one query over kept keys in any slot order (compressed caches)
+            return Dense()
         return Masked(allowed, "raster-causal")
 
     def check_cache(self, cache_name, cache):

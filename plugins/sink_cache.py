@@ -28,9 +28,12 @@ class SinkCache(BudgetedCache):
     def select(self, layer, store, retain):
         return self.window_index(store, retain, protected=self.prefix + self.options.sink)
 
+    def victim(self, layer, store, position):
+        return self.oldest_slot(layer, protected=self.prefix + self.options.sink)
+
     def kept_positions_list(self, layer: int = 0) -> list[int]:
-        """Positions ``layer`` holds now (the same in every row and head)."""
-        return list(self._positions[layer]) if self._positions else []
+        """Positions ``layer`` holds now, ascending (the same in every row and head)."""
+        return sorted(self._positions[layer]) if self._positions else []
 
 
 __all__ = ["SinkCache", "SinkOptions", "budget_tokens", "positions_to_spans"]

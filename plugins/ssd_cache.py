@@ -54,5 +54,12 @@ class SSDCache(BudgetedCache):
         heavy = self.heavy_index(store, retain, recent=0)
         return torch.where(sink, heavy, local)
 
+    def victim(self, layer, store, position):
+        sink = self._sink_heads[layer][..., 0]  # [1, H]
+        oldest = self.oldest_victim(store)
+        if not self._any_sink[layer]:
+            return oldest
+        return torch.where(sink, self.heavy_victim(store, position, recent=0), oldest)
+
 
 __all__ = ["SSDCache", "SSDOptions"]

@@ -130,7 +130,7 @@ def test_storage_never_exceeds_the_budget_and_keeps_the_class_prefix(name, h, w,
     for step, layers in enumerate(rec.steps):
         seen = cls_token_num + step  # positions 0 .. seen - 1 were fed by the end of this step
         for kept, capacity, filled in layers:
-            assert capacity <= min(length, tokens) and filled == min(seen, tokens - 1)
+            assert capacity <= min(length, tokens) and filled == min(seen, tokens)
             assert kept.shape[-1] == filled
             assert bool((kept[..., :cls_token_num] == torch.arange(cls_token_num)).all())  # class prefix kept
             assert bool((kept[..., 1:] > kept[..., :-1]).all())  # distinct, ascending
@@ -147,7 +147,7 @@ def test_window_and_sink_keep_exactly_prefix_sinks_and_recent():
         raster_run(model, cache, torch.tensor([1, 2]), 4.0)
         for step, layers in enumerate(rec.steps):
             seen = 2 + step
-            expected = list(range(seen)) if seen <= 5 else list(range(protected)) + list(range(seen - (5 - protected), seen))
+            expected = list(range(seen)) if seen <= 6 else list(range(protected)) + list(range(seen - (6 - protected), seen))
             for kept, _, _ in layers:
                 assert kept[0, 0].tolist() == expected and bool((kept == kept[:1, :1]).all())
 
@@ -158,7 +158,9 @@ def test_next_scale_sink_keeps_true_positions_and_grows_once():
     full = make_engine(model, tok, "full", "dense", "full").generate(torch.tensor([1, 3]), cfg=1.5, top_k=1,
                                                                      return_logits=True)
     out = small.generate(torch.tensor([1, 3]), cfg=1.5, forced_tokens=full.tokens, return_logits=True)
-    assert small.cache.kept_positions_list() == [0, 1] + list(range(30 - 4, 30))
+    # before the last scale (positions 14 .. 29) the layer was compacted to budget - 1 = 6: class token,
+    # one sink, the 4 most recent; the last scale was then appended (eviction happens when tokens arrive)
+    assert small.cache.kept_positions_list() == [0, 1, 10, 11, 12, 13] + list(range(14, 30))
     assert small.cache.layers[0].capacity == 6 + 16  # budget - 1 kept + the largest step, not the 30-token sequence
     assert not torch.allclose(out.logits[-1], full.logits[-1], atol=1e-4)
 
@@ -208,9 +210,9 @@ def test_ssd_mixes_policies_per_head():
     assert cache.head_map.classification == kinds
     rec = Recording(cache)
     raster_run(model, cache, torch.tensor([2]), 4.0)
-    kept = rec.steps[-1][0][0]  # [rows, heads, 4]
-    assert kept[0, 0].tolist() == [0, 9, 10, 11]  # locality head: prefix + recent (position 11 is the last fed)
-    assert kept[0, 1].tolist() != [0, 9, 10, 11]  # sink head: by attention
+    kept = rec.steps[-1][0][0]  # [rows, heads, 5]
+    assert kept[0, 0].tolist() == [0, 8, 9, 10, 11]  # locality head: prefix + recent (position 11 is the last fed)
+    assert kept[0, 1].tolist() != [0, 8, 9, 10, 11]  # sink head: by attention
 
 
 @given(l=st.integers(1, 6), n=st.integers(1, 9), seed=st.integers(0, 9), causal=st.booleans())
@@ -286,3 +288,37 @@ def test_headwise_caches_need_every_kept_key_visible(trajectory, attention):
     options = {"trajectory_options": {"order": 2}} if trajectory == "markov" else {}
     with pytest.raises(IncompatibleComponentsError, match="keeps different positions in each head"):
         make_engine(model, tok, trajectory, attention, "h2o", **options)
+
+
+@settings(max_examples=15)
+@given(name=st.sampled_from(POLICIES), budget=st.integers(3, 9), cfg=st.sampled_from([1.0, 4.0]),
+       batch=st.integers(1, 2), seed=st.integers(0, 9))
+def test_in_place_replacement_equals_compaction(name, budget, cfg, batch, seed):
+    """The O(1) one-token eviction (write over the victim) keeps the same positions and gives the
+    same logits as compacting the layer to ``budget - 1`` and appending."""
+    model = tiny_model((3, 4), 1, seed)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(seed))
+    fast = make_policy(name, budget, model.config.depth, model.config.heads, seed)
+    slow = make_policy(name, budget, model.config.depth, model.config.heads, seed)
+
+    def compacting_update(layer, k, v, spans, original=slow.update):
+        store = slow.layers[layer]
+        if k.shape[2] == 1 and store.filled == slow.budget:
+            store.sort_by_position()
+            kept = slow._positions[layer]
+            kept.sort()
+            index = slow.select(layer, store, slow.budget - 1)
+            store.keep(index)
+            if not slow.headwise:
+                slow._positions[layer] = [kept[i] for i in index.tolist()]
+        return original(layer, k, v, spans)
+
+    slow.update = compacting_update
+    rec_fast, rec_slow = Recording(fast), Recording(slow)
+    full = raster_run(model, "full", labels, cfg, seed=seed)
+    a = raster_run(model, fast, labels, cfg, tokens=full.tokens)
+    b = raster_run(model, slow, labels, cfg, tokens=full.tokens)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    for la, lb in zip(rec_fast.steps, rec_slow.steps):
+        for (ka, _, _), (kb, _, _) in zip(la, lb):
+            assert torch.equal(ka, kb.expand_as(ka))
