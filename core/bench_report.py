@@ -178,3 +178,40 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def format_markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Rows as a markdown table (values through :func:`format_value`; ``|`` in values and headers is
+    escaped). ``columns``: ``(key, header)`` pairs."""
+
+    def cell(value: Any) -> str:
+        return format_value(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(header) for _, header in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_json_worker(module: str, argument: str, *, env: Mapping[str, str] | None = None,
+                    timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``python -m module argument`` in a fresh interpreter (so that its peak memory is its own) and
+    return the JSON object on the last line of its stdout. A failure becomes ``{"status": "error",
+    "reason": ...}``: the time limit, a signal (``-9``: probably out of memory), the last line of stderr."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-m", module, argument], capture_output=True, text=True,
+                              env=None if env is None else dict(env), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout_s:g} s"}
+    if done.returncode == 0:
+        try:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"status": "error", "reason": "the worker printed no result"}
+    if done.returncode < 0:
+        reason = f"killed by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")
+    else:
+        reason = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit status {done.returncode}"
+    return {"status": "error", "reason": reason}

@@ -361,10 +361,17 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
     return 1 if any(row["status"] != "ok" for row in payload["results"]) else 0
 
 
+def cmd_bench_cache(argv: Sequence[str]) -> int:
+    from .bench_cache import cmd_bench_cache as run
+
+    return run(argv)
+
+
 BENCH_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "attention": (cmd_bench_attention, "attention backends on neighbourhood maps against dense SDPA"),
     "train": (cmd_bench_train, "training memory and step time: sequence vs parallel strategy"),
     "matrix": (cmd_bench_matrix, "inference matrix: memory, time and FLOPs per model, batch and configuration"),
+    "cache": (cmd_bench_cache, "raster KV-cache policies: cache bytes, throughput and quality against the full cache"),
 }
 """``mvar-engine bench NAME``: benchmark name -> (command, one-line description)."""
 
@@ -442,7 +449,7 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
                    "head_map.json")
     p.add_argument("--neighborhood", type=int, default=3, help="neighbourhood side k in tokens (default 3)")
     p.add_argument("--threshold", default="auto", help="sparsity above which a head is a sink head; 'auto' "
-                   "(default) splits at the widest gap between the sorted scores")
+                   "(default) splits the scores into two groups by Otsu's method")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args, rest = p.parse_known_args(argv)
     if args.neighborhood < 1:

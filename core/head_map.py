@@ -58,14 +58,24 @@ class HeadMap(BaseModel):
 
 
 def auto_threshold(scores: list[list[float]]) -> float:
-    """Split the scores into two groups at the widest gap between sorted values (the midpoint);
-    with fewer than two distinct scores, 0.5."""
+    """Otsu's split of the scores into two groups (the split maximising the between-group variance;
+    the midpoint between the groups); with fewer than two distinct scores, 0.5. Unlike the widest
+    gap, a single outlier does not decide the split."""
     flat = sorted(s for row in scores for s in row)
-    if len(flat) < 2 or flat[-1] - flat[0] <= 1e-9:
+    n = len(flat)
+    if n < 2 or flat[-1] - flat[0] <= 1e-9:
         return 0.5
-    gaps = [(flat[i + 1] - flat[i], i) for i in range(len(flat) - 1)]
-    _, i = max(gaps)
-    return (flat[i] + flat[i + 1]) / 2
+    total = sum(flat)
+    best, split, below = -1.0, 1, 0.0
+    for i in range(1, n):
+        below += flat[i - 1]
+        if flat[i] - flat[i - 1] <= 1e-12:
+            continue  # equal scores always fall on the same side
+        w0, w1 = i / n, (n - i) / n
+        between = w0 * w1 * (below / i - (total - below) / (n - i)) ** 2
+        if between > best:
+            best, split = between, i
+    return (flat[split - 1] + flat[split]) / 2
 
 
 def classify(scores: list[list[float]], threshold: float | None = None, *, neighborhood: int = 3,

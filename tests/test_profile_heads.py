@@ -65,8 +65,10 @@ def test_prefix_attention_is_left_out_of_the_score():
     assert cache.scores()[0][0] < 0.05
 
 
-def test_auto_threshold_splits_at_the_widest_gap():
+def test_auto_threshold_splits_two_groups_not_at_an_outlier():
     assert auto_threshold([[0.1, 0.12, 0.8], [0.15, 0.7, 0.75]]) == pytest.approx((0.15 + 0.7) / 2)
+    # widest gap would isolate the outlier 0.95; Otsu splits the two clusters
+    assert auto_threshold([[0.1, 0.12, 0.14, 0.16], [0.5, 0.52, 0.55, 0.95]]) == pytest.approx((0.16 + 0.5) / 2)
     assert auto_threshold([[0.3, 0.3]]) == 0.5
     assert classify([[0.2, 0.9]], 0.5).classification == [["local", "sink"]]
 
