@@ -2,7 +2,8 @@
 
 Accepted layouts: a flat state dict (the released ``var_d*.pth`` / ``vae_ch160v4096z32.pth``),
 VAR trainer checkpoints (``['trainer']['var_wo_ddp']``), MVAR checkpoints (``['mvar_wo_ddp']``),
-and ``{'model': ...}`` / ``{'state_dict': ...}`` wrappers; ``module.`` and ``_orig_mod.`` prefixes
+and ``{'model': ...}`` / ``{'module': ...}`` / ``{'state_dict': ...}`` wrappers (LlamaGen's c2i GPT
+files use ``model``, its DeepSpeed checkpoints ``module``); ``module.`` and ``_orig_mod.`` prefixes
 (DDP, torch.compile) are stripped. Files are written atomically.
 """
 
@@ -25,6 +26,7 @@ NESTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("mvar_wo_ddp",),
     ("var_wo_ddp",),
     ("model",),
+    ("module",),
     ("state_dict",),
 )
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")

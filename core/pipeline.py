@@ -149,6 +149,8 @@ def load_var(path: Path, *, depth: int | None = None, patch_nums=None, num_class
              strict: bool = True) -> VAR:
     """A VAR from any supported checkpoint layout; the architecture comes from the file's metadata
     when it has some (our exports), else it is read off the tensor shapes."""
+    _check_kind(path, "var", "next-scale trajectories (full, markov) run VAR/MVAR weights; run raster GPT weights "
+                             "with --trajectory raster")
     state = read_state_dict(path)
     try:
         config = _architecture(path, VARConfig) or infer_var_config(state, depth=depth, patch_nums=patch_nums,
@@ -291,20 +293,90 @@ def save_tokens(result: GenerationResult, model: VAR, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+DERIVED_RASTER_BUFFERS = ("freqs_cis",)
+"""Raster GPT buffers recomputed from the config, never read (LlamaGen's checkpoints lack them too)."""
+
+
+def _check_kind(path, expected: str, use: str) -> dict | None:
+    """The weights' metadata, after checking that it (when present) says ``kind == expected``; else a
+    one-line error naming what the file holds and ``use`` (how to run it)."""
+    meta = weights_metadata(path)
+    kind = (meta or {}).get("kind")
+    if kind is not None and kind != expected:
+        family = (meta or {}).get("family") or {"var": "next-scale", "raster": "next-token"}.get(kind)
+        raise CheckpointError(f"{path} holds {kind} weights{f' ({family})' if family else ''}, not {expected} "
+                              f"weights; {use}")
+    return meta
+
+
+def _raster_side(grid) -> object:
+    """A one-scale schedule entry: the side of a square grid, else ``(h, w)``."""
+    h, w = grid
+    return h if h == w else (h, w)
+
+
+def load_raster(path: Path, *, grid: tuple[int, int] | None = None, depth: int | None = None,
+                num_classes: int | None = None, strict: bool = True) -> "RasterGPT":
+    """A raster GPT from our ``model.safetensors`` (architecture from its metadata) or a LlamaGen c2i
+    state dict (flat, or nested under ``model`` / ``module`` / ``state_dict`` as LlamaGen's released
+    and training checkpoints are; architecture read off the shapes, ``grid`` required since the file
+    does not hold it). Strict loading reports every missing, unexpected and mis-shaped key on one line."""
+    from .models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
+
+    meta = _check_kind(path, "raster", "--trajectory raster runs raster GPT weights (mvar-engine train --trajectory "
+                                       "raster, or LlamaGen's c2i GPT checkpoints); run next-scale weights with "
+                                       "--trajectory full or markov")
+    state = read_state_dict(path)
+    config = _architecture(path, RasterGPTConfig) if meta else None
+    if config is not None:
+        if grid is not None and tuple(grid) != tuple(config.grid):
+            raise UsageError(f"--patch-nums {grid[0] if grid[0] == grid[1] else grid}: {path} was trained on a "
+                             f"{config.grid[0]}x{config.grid[1]} token grid (drop --patch-nums)")
+    else:
+        try:
+            infer_raster_config(state, depth=depth, num_classes=num_classes)  # is it a LlamaGen c2i state dict?
+            if grid is None:
+                raise UsageError(f"{path} does not record its token grid: give it with --patch-nums SIDE (LlamaGen: "
+                                 f"16 at 256px, 24 at 384px)")
+            config = infer_raster_config(state, grid=tuple(grid), depth=depth, num_classes=num_classes)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
+    model = RasterGPT(config)
+    load_into(model, state, source=str(path), strict=strict, derived=DERIVED_RASTER_BUFFERS)
+    return model
+
+
 def build_raster_models(config: EngineConfig):
-    """A raster GPT and a one-scale tokenizer with random weights: LlamaGen-B's size (12 layers, width
-    768) at ``--patch-nums`` (one side, default 24: 576 tokens, 384px), ``--depth`` overriding the
-    depth. Raster checkpoints do not load yet."""
+    """A raster GPT and its one-scale tokenizer: from ``--var-checkpoint`` (raster weights, see
+    :func:`load_raster`) and ``--vae-checkpoint`` (a tokenizer, run with the one-scale schedule of
+    the GPT's token grid); or, with ``--random-weights``, LlamaGen-B's size (12 layers, width 768)
+    at ``--patch-nums`` (one side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth.
+    The shipped default raster weights come in through :func:`with_weights`."""
     from .models.raster_gpt import RasterGPT, RasterGPTConfig
 
     m = config.model
-    if not m.random_weights:
-        raise UsageError("raster models run with --random-weights for now (no raster checkpoint loader or "
-                         "default raster weights yet)")
     if m.patch_nums and len(m.patch_nums) != 1:
         raise UsageError(f"--patch-nums for a raster model is one grid side (e.g. 24), got {len(m.patch_nums)} scales")
-    side = m.patch_nums[0] if m.patch_nums else 24
-    grid = (side, side) if isinstance(side, int) else tuple(side)
+    side = m.patch_nums[0] if m.patch_nums else None
+    grid = None if side is None else ((side, side) if isinstance(side, int) else tuple(side))
+    if m.var_checkpoint or m.vae_checkpoint:
+        if not (m.var_checkpoint and m.vae_checkpoint):
+            raise UsageError("give both --var-checkpoint (the raster GPT) and --vae-checkpoint (its tokenizer)")
+        tok_meta = _check_kind(m.vae_checkpoint, "tokenizer", "--vae-checkpoint takes the tokenizer's weights")
+        if grid is None and tok_meta and tok_meta.get("patch_nums") and not weights_metadata(m.var_checkpoint):
+            last = tok_meta["patch_nums"][-1]  # a LlamaGen file does not say its grid; our tokenizer's metadata does
+            grid = (last, last) if isinstance(last, int) else tuple(last)
+        model = load_raster(m.var_checkpoint, grid=grid, depth=m.depth, num_classes=m.num_classes, strict=m.strict)
+        tokenizer = load_tokenizer(m.vae_checkpoint, (_raster_side(model.config.grid),), strict=m.strict)
+        if tokenizer.vocab_size != model.vocab_size:
+            raise CheckpointError(f"tokenizer {m.vae_checkpoint} has {tokenizer.vocab_size} codes but the raster GPT "
+                                  f"{m.var_checkpoint} predicts {model.vocab_size} (give the tokenizer it was trained on)")
+        return model, tokenizer
+    if not m.random_weights:
+        have = ", ".join(available_defaults()) or "none in this installation"
+        raise UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); pass "
+                         f"--var-checkpoint and --vae-checkpoint, or --random-weights to time a random raster model")
+    grid = grid or (24, 24)
     torch.manual_seed(config.sampling.seed)
     tokenizer = MultiScaleVQVAE(TokenizerConfig(patch_nums=(grid,)))
     overrides = {"grid": grid, "vocab_size": tokenizer.vocab_size, "num_classes": m.num_classes or 1000}

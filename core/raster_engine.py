@@ -189,9 +189,11 @@ class RasterEngine:
     # -- decoding --------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens: LongTensor[B, h * w]`` -> images ``[B, 3, H, W]`` in ``[-1, 1]`` through a one-scale
-        tokenizer (``embed`` then ``fhat_to_img``)."""
+        """``tokens: LongTensor[B, h * w]`` -> images ``[B, 3, H, W]`` in ``[-1, 1]`` through the
+        tokenizer run as one scale of ``h x w``: ``f_hat = phi(embed(tokens))`` (the tokenizer's own
+        one-scale reconstruction, its phi convolution included), then ``fhat_to_img``."""
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer: decode the tokens elsewhere")
-        f_hat = self.tokenizer.embed(tokens, self.grid)
+        codes = self.tokenizer.embed(tokens, self.grid).float()
+        f_hat, _ = self.tokenizer.next_input(0, torch.zeros_like(codes), codes, patch_nums=(tuple(self.grid),))
         return self.tokenizer.fhat_to_img(f_hat)

@@ -190,12 +190,17 @@ def test_raster_trajectory_generates_with_random_weights(tmp_path, capsys):
     assert torch.load(tmp_path / "t.pt")["tokens.0"].shape == (4, 4)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--attention", "neighborhood", "--random-weights"], "drop --attention"),
-    ([], "raster models run with --random-weights"),
-    (["--random-weights", "--patch-nums", "1,2"], "one grid side"),
+@pytest.mark.parametrize("argv, needle, shipped", [
+    (["--attention", "neighborhood", "--random-weights"], "drop --attention", True),
+    ([], "no default weights for trajectory 'raster'", False),
+    (["--random-weights", "--patch-nums", "1,2"], "one grid side", True),
 ])
-def test_raster_bad_input_is_one_line(argv, needle, capsys):
+def test_raster_bad_input_is_one_line(argv, needle, shipped, capsys, monkeypatch, tmp_cwd):
+    if not shipped:  # an installation without the raster weights
+        from mvar_engine.core import default_models
+
+        monkeypatch.setattr(default_models, "DEFAULT_TRANSFORMERS",
+                            {k: v for k, v in default_models.DEFAULT_TRANSFORMERS.items() if k != "raster"})
     assert main(["--trajectory", "raster", "--no-progress"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -8,7 +8,7 @@ from PIL import Image
 
 from mvar_engine.core.config import ComponentChoice, EngineConfig
 from mvar_engine.core.default_models import (DEFAULT_TRANSFORMERS, WEIGHTS_DIR, default_checkpoints,
-                                             recommended_choices, weights_metadata)
+                                             recommended_choices, tokenizer_file, weights_metadata)
 from mvar_engine.core.pipeline import Pipeline, with_weights
 
 SHIPPED = pytest.mark.skipif(default_checkpoints("markov") is None, reason="the default weights are not installed")
@@ -36,6 +36,19 @@ def test_defaults_carry_their_training_metadata(trajectory, kind, attention):
         assert config.attention.options == meta["attention"]["options"]
 
 
+@pytest.mark.skipif(default_checkpoints("raster") is None, reason="the default raster weights are not installed")
+def test_raster_default_carries_its_metadata_and_one_scale_tokenizer():
+    gpt_path, tok_path = default_checkpoints("raster")
+    assert tok_path.name == tokenizer_file("raster") != tokenizer_file("markov")
+    meta, tok_meta = weights_metadata(gpt_path), weights_metadata(tok_path)
+    assert (meta["kind"], meta["family"], meta["trajectory"]["name"]) == ("raster", "next-token", "raster")
+    assert meta["grid"] == [8, 8] and tok_meta["patch_nums"] == [8] and meta["vocab_size"] == tok_meta["architecture"]["vocab_size"]
+    assert meta["class_names"] == [str(d) for d in range(10)] and meta["architecture"]["class_dropout_prob"] > 0
+    assert gpt_path.stat().st_size < 2.6 * 2**20  # float16, a few MB at most
+    config = with_weights(EngineConfig(trajectory="raster"))
+    assert config.model.var_checkpoint == str(gpt_path) and config.model.vae_checkpoint == str(tok_path)
+
+
 def test_explicit_options_and_other_patterns_win_over_the_metadata():
     meta = {"trajectory": {"name": "markov"}, "attention": {"name": "neighborhood", "options": {"kernel_size": 5}}}
     plain = EngineConfig(trajectory="markov")
@@ -60,12 +73,14 @@ def test_bare_command_writes_one_row_per_digit(tmp_path, capsys):
 
 
 @SHIPPED
-@pytest.mark.parametrize("trajectory", ["markov", "full"])
+@pytest.mark.parametrize("trajectory", ["markov", "full", "raster"])
 def test_shipped_models_draw_the_requested_digits(trajectory, tmp_path, monkeypatch):
     from mvar_engine.core.data import load_digits_set
     from mvar_engine.core.evaluation import load_or_train
 
     monkeypatch.setenv("MVAR_ENGINE_CACHE", str(tmp_path_factory_cache()))
+    if default_checkpoints(trajectory) is None:
+        pytest.skip(f"the default {trajectory} weights are not installed")
     classifier, _ = load_or_train(load_digits_set(32, "train"))
     pipe = Pipeline.from_config(EngineConfig(trajectory=trajectory, samples_per_label=10, progress=False))
     result = pipe.generate(labels=list(range(10)))

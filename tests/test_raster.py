@@ -253,3 +253,23 @@ def test_decode_through_one_scale_tokenizer():
     out = eng.generate(torch.tensor([0, 1]), cfg=4.0)
     img = eng.decode(out.tokens)
     assert img.shape[:2] == (2, 3) and img.shape[2] / img.shape[3] == 2 / 3 and torch.isfinite(img).all()
+
+
+@pytest.mark.parametrize("quant_resi", [0.0, 0.5])
+def test_decode_is_the_tokenizers_one_scale_reconstruction(quant_resi):
+    """decode applies the tokenizer's phi like its own one-scale path (a bug skipped it)."""
+    from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+
+    torch.manual_seed(1)
+    tok = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                                          using_sa=False, using_mid_sa=False, quant_resi=quant_resi,
+                                          patch_nums=((2, 3),))).eval()
+    with torch.no_grad():
+        for module in tok.modules():  # phi convolutions far from identity
+            if isinstance(module, torch.nn.Conv2d) and module.in_channels == module.out_channels == 8:
+                module.weight.normal_(0, 0.5)
+    eng = engine(tiny_model((2, 3)), "full", tokenizer=tok)
+    tokens = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tok.indices_to_img([tokens], ((2, 3),))
+    torch.testing.assert_close(eng.decode(tokens), expected)

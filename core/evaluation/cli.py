@@ -90,7 +90,10 @@ def build_parser():
                 epilog="default comparison:\n" + "\n".join(f"  --compare \"{c}\"" for c in DEFAULT_COMPARE)
                        + "\n\nexample:\n  mvar-engine evaluate --common \"--var-checkpoint var.pth --vae-checkpoint "
                          "vae.pth\" \\\n      --compare \"var=--trajectory full\" --compare \"mvar=--trajectory markov "
-                         "--attention-kernel-size 5\"")
+                         "--attention-kernel-size 5\""
+                         + "\n\nraster cache policies (the shipped raster GPT):\n  mvar-engine evaluate --compare "
+                           "\"raster=--trajectory raster\" \\\n      --compare \"raster-sink=--trajectory raster --cache "
+                           "sink --cache-budget 0.5\"")
     p.add_argument("--compare", action="append", metavar="NAME=FLAGS", default=None,
                    help="a configuration: a name and its generate flags, one shell word (repeatable)")
     p.add_argument("--common", metavar="FLAGS", default="", help="generate flags put before every configuration's own")

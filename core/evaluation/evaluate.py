@@ -8,7 +8,12 @@ class; a classifier trained on the data's ``train`` split (:mod:`.classifier`) s
   ``heldout`` split (an FID on digit-classifier features; lower is better);
 - ``precision`` / ``recall``: k-NN manifold precision and recall in the same feature space;
 - ``generate_s`` / ``images_per_s``: wall time of ``Pipeline.generate`` (model loading excluded,
-  reported as ``load_s``).
+  reported as ``load_s``); ``cache_peak_mib``: the KV cache's peak size during generation (how the
+  cache policies of one model compare, e.g. raster ``full`` against ``sink``).
+
+Any configuration ``mvar-engine`` generates with can be scored: next-scale (VAR ``full``, MVAR
+``markov``) and next-token (``--trajectory raster`` with any raster cache policy) side by side,
+as long as they make images of one size for the data's classes.
 
 The first row, ``real``, scores the real held-out split against the real train split with the same
 metrics (its accuracy is the classifier's held-out accuracy): the floor a perfect generator would
@@ -43,7 +48,7 @@ DEFAULT_K = 3
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("name", "config"), ("images", "images"), ("generate_s", "gen s"), ("images_per_s", "img/s"),
     ("accuracy", "accuracy"), ("fd", "FD"), ("precision", "precision"), ("recall", "recall"),
-    ("components", "trajectory/attention/cache"),
+    ("cache_peak_mib", "cache MiB"), ("components", "trajectory/attention/cache"),
 )
 
 METRIC_NOTES = {

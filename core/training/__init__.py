@@ -1,4 +1,5 @@
-"""Training: the multi-scale VQ-VAE tokenizer and VAR/MVAR transformers, single-process or under torchrun.
+"""Training: the multi-scale VQ-VAE tokenizer, VAR/MVAR transformers and the raster GPT, single-process or
+under torchrun.
 
 Modules, one job each:
 
@@ -9,7 +10,9 @@ Modules, one job each:
 - :mod:`.loop` - the step loop: progress bar, metrics JSONL, periodic checkpoints, graceful stop;
 - :mod:`.rundir` - run-directory rules (overwrite / resume) and the settings record;
 - :mod:`.grouped_forward` - logits of a subset of scales, MVAR's parallel groups, the DDP unit;
-- :mod:`.tokenizer_trainer` / :mod:`.var_trainer` - the two trainers (Python API);
+- :mod:`.common` / :mod:`.frozen_tokenizer` - what the transformer trainers share: settings helpers, the
+  frozen tokenizer and its token targets;
+- :mod:`.tokenizer_trainer` / :mod:`.var_trainer` / :mod:`.raster_trainer` - the trainers (Python API);
 - :mod:`.cli` - ``mvar-engine train-tokenizer`` and ``mvar-engine train``.
 
 Python API::
@@ -21,7 +24,8 @@ Python API::
 
 from .checkpointing import read_weights_metadata
 from .tokenizer_trainer import TokenizerTrainSettings, TrainSummary, train_tokenizer
+from .raster_trainer import RasterTrainSettings, train_raster
 from .var_trainer import VarTrainSettings, train_var
 
-__all__ = ["TokenizerTrainSettings", "TrainSummary", "VarTrainSettings", "read_weights_metadata", "train_tokenizer",
-           "train_var"]
+__all__ = ["RasterTrainSettings", "TokenizerTrainSettings", "TrainSummary", "VarTrainSettings", "read_weights_metadata",
+           "train_raster", "train_tokenizer", "train_var"]

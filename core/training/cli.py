@@ -1,5 +1,9 @@
 """``mvar-engine train-tokenizer`` and ``mvar-engine train``: flags -> settings -> trainer.
 
+``train`` picks its trainer by the trajectory's family: next-scale trajectories (``full``,
+``markov``) train a VAR/MVAR transformer (:mod:`.var_trainer`), next-token ones (``raster``) a
+LlamaGen-style GPT (:mod:`.raster_trainer`), each with its own flags.
+
 Both run as one process or under torchrun (``python -m torch.distributed.run --nproc_per_node N
 -m mvar_engine.core.cli train ...``; ``--batch-size`` is the global batch, split over the ranks).
 Bad input raises a one-line :class:`UsageError` (the top-level CLI prints it and exits 2); a
@@ -13,9 +17,11 @@ import sys
 from typing import Any, Sequence
 
 from ..cli import PROG, _Parser
+from ..errors import UsageError
 from ..registry import get_registry
 from . import distributed as D
 from .loop import TrainingInterrupted
+from .raster_trainer import RasterTrainSettings, train_raster
 from .tokenizer_trainer import TokenizerTrainSettings, train_tokenizer
 from .var_trainer import VarTrainSettings, train_var
 
@@ -200,8 +206,84 @@ def parse_var_args(argv: Sequence[str]) -> VarTrainSettings:
         device=args.device, progress=not args.no_progress)
 
 
+NEXT_SCALE_ONLY: dict[str, str] = {
+    "--attention": "attention patterns apply to next-scale trajectories; a raster GPT attends causally over the "
+                   "class prefix and every earlier token",
+    "--strategy": "training strategies split next-scale schedules into groups of scales; a raster GPT trains on "
+                  "every token each step",
+    "--ratio": "--ratio belongs to --strategy parallel (next-scale training)",
+    "--parallel-split": "--parallel-split belongs to --strategy parallel (next-scale training)",
+    "--mlp-ratio": "the raster GPT's SwiGLU width comes from --multiple-of and --ffn-dim-multiplier (LlamaGen's)",
+}
+"""``train`` flags a raster run refuses, with the reason."""
+
+
+def raster_parser() -> _Parser:
+    """The ``train --trajectory raster`` parser."""
+    d = RasterTrainSettings()
+    p = _Parser(prog=f"{PROG} train --trajectory raster", allow_abbrev=False,
+                description="Train a LlamaGen-style raster (next-token) GPT by teacher forcing on the tokens of a "
+                            "frozen tokenizer's last scale (its latent grid). Writes <output>/model.safetensors "
+                            "(with metadata) and checkpoint.pt.")
+    t = p.add_argument_group("tokenizer")
+    t.add_argument("--tokenizer", default=d.tokenizer, metavar="PATH",
+                   help=f"tokenizer weights from train-tokenizer; its last scale is the token grid (default {d.tokenizer})")
+    t.add_argument("--tokenizer-patch-nums", type=int_list, default=None, metavar="N,N,...",
+                   help="scale schedule of a tokenizer file without mvar_engine metadata (its last entry is used)")
+    t.add_argument("--resolution", type=int, default=None, help="image side; must match the tokenizer (default: its own)")
+    c = p.add_argument_group("components (see 'mvar-engine plugins')")
+    c.add_argument("--trajectory", default=d.trajectory, help="a next-token trajectory (default raster)")
+    c.add_argument("--backend", default=d.backend, help=f"attention backend with a backward pass (default {d.backend})")
+    m = p.add_argument_group("model (LlamaGen c2i GPT)")
+    m.add_argument("--depth", type=int, default=d.depth, help=f"transformer blocks (default {d.depth})")
+    m.add_argument("--embed-dim", type=int, default=d.embed_dim, help=f"width (default {d.embed_dim})")
+    m.add_argument("--num-heads", type=int, default=d.num_heads,
+                   help=f"attention heads; head_dim must be divisible by 4 for 2-D RoPE (default {d.num_heads})")
+    m.add_argument("--cls-token-num", type=int, default=d.cls_token_num,
+                   help=f"class-prefix length (default {d.cls_token_num}, LlamaGen c2i)")
+    m.add_argument("--multiple-of", type=int, default=d.multiple_of,
+                   help=f"SwiGLU hidden width rounded up to a multiple of this (default {d.multiple_of})")
+    m.add_argument("--ffn-dim-multiplier", type=float, default=d.ffn_dim_multiplier,
+                   help="SwiGLU hidden width multiplier (default: none, LlamaGen's 8/3 x width)")
+    m.add_argument("--class-dropout", type=float, default=d.class_dropout,
+                   help=f"probability of the null class (CFG training; default {d.class_dropout:g})")
+    m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from raster weights of the same architecture (.pth, .safetensors, checkpoint.pt)")
+    for flag in NEXT_SCALE_ONLY:  # accepted by the parser only to refuse them with the reason
+        p.add_argument(flag, dest=f"refused__{flag[2:].replace('-', '_')}", default=None, help=argparse.SUPPRESS)
+    _common_run_flags(p, d, d.output)
+    return p
+
+
+def parse_raster_args(argv: Sequence[str]) -> RasterTrainSettings:
+    args = raster_parser().parse_args(list(argv))
+    for flag, reason in NEXT_SCALE_ONLY.items():
+        if getattr(args, f"refused__{flag[2:].replace('-', '_')}") is not None:
+            raise UsageError(f"{flag} does not apply to --trajectory {args.trajectory}: {reason} (drop {flag})")
+    return RasterTrainSettings(
+        tokenizer=args.tokenizer, tokenizer_patch_nums=args.tokenizer_patch_nums, data=args.data, split=args.split,
+        max_images=args.max_images, resolution=args.resolution, trajectory=args.trajectory, backend=args.backend,
+        depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads, cls_token_num=args.cls_token_num,
+        multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule, grad_clip=args.grad_clip, class_dropout=args.class_dropout,
+        init_from=args.init_from, seed=args.seed, output=args.output, save_every=args.save_every,
+        log_every=args.log_every, resume=args.resume, overwrite=args.overwrite, device=args.device,
+        progress=not args.no_progress)
+
+
+def trajectory_family(argv: Sequence[str]) -> str:
+    """The family (``next-scale``, ``next-token``) of the trajectory named on the command line."""
+    known, _ = var_parser(add_help=False)[0].parse_known_args(list(argv))
+    factory = get_registry().get("trajectory", known.trajectory).record.factory
+    return getattr(factory, "family", "next-scale")
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     """``mvar-engine train [flags]``; returns the exit status."""
+    if trajectory_family(argv) == "next-token":
+        raster = parse_raster_args(argv)
+        return _run(lambda: train_raster(raster), ("loss", "acc"))
     settings = parse_var_args(argv)
     return _run(lambda: train_var(settings), ("loss", "ce", "acc"))
 

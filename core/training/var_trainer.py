@@ -20,7 +20,6 @@ Outputs in the run directory: ``checkpoint.pt`` (resume), ``model.safetensors`` 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,15 +30,16 @@ from torch import nn
 
 from ..checkpoint import load_into, read_state_dict
 from ..config import EngineConfig
-from ..errors import CheckpointError, ConfigError, UsageError
+from ..errors import ConfigError, UsageError
 from ..layout import SequenceLayout
-from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ..models.var import VAR, VARConfig
-from ..pipeline import DERIVED_VAR_BUFFERS, infer_tokenizer_config, resolve_components
+from ..pipeline import DERIVED_VAR_BUFFERS, resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
-from .checkpointing import (checkpoint_path, export_weights, file_sha256, load_training_checkpoint,
-                            read_weights_metadata, restore_training_state, save_training_checkpoint, state_sha256)
+from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, restore_training_state,
+                            save_training_checkpoint, state_sha256)
+from .common import architecture_error, check_loop_settings, drop_classes, training_record, wrap_ddp
+from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize  # noqa: F401 (also imported from here)
 from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
                               scales_isolated)
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
@@ -92,71 +92,6 @@ class VarTrainSettings:
     progress: bool = True
 
 
-# -- tokenizer -------------------------------------------------------------------------------------
-@dataclass
-class FrozenTokenizer:
-    """The loaded tokenizer, its schedule, resolution (from metadata or flags) and file identity."""
-
-    model: MultiScaleVQVAE
-    patch_nums: tuple[int, ...]
-    resolution: int
-    path: Path
-    sha256: str
-    metadata: dict[str, Any] | None
-
-
-def load_frozen_tokenizer(path: str | Path, resolution: int | None, patch_nums: tuple[int, ...] | None) -> FrozenTokenizer:
-    """A tokenizer for training: from our ``tokenizer.safetensors`` (architecture, schedule and
-    resolution from its metadata; ``resolution`` must agree) or any state dict plus
-    ``patch_nums`` (architecture inferred; resolution = last scale x downsample)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--tokenizer {path} does not exist (train one with 'mvar-engine train-tokenizer')")
-    meta = read_weights_metadata(path) if path.suffix == ".safetensors" else None
-    state = read_state_dict(path)
-    if meta and meta.get("kind") == "tokenizer":
-        try:
-            config = TokenizerConfig(**meta["architecture"])
-        except (ValidationError, KeyError, TypeError) as error:
-            raise CheckpointError(f"--tokenizer {path}: unusable architecture metadata ({type(error).__name__}); "
-                                  f"re-export it with train-tokenizer") from None
-        if patch_nums is not None and tuple(patch_nums) != tuple(config.patch_nums):
-            raise UsageError(f"--tokenizer-patch-nums {','.join(map(str, patch_nums))} differs from the schedule "
-                             f"{','.join(map(str, config.patch_nums))} in {path}'s metadata (drop the flag)")
-        file_resolution = int(meta.get("resolution", config.image_hw[0]))
-    else:
-        if patch_nums is None:
-            raise UsageError(f"--tokenizer {path} carries no mvar_engine metadata: give its scale schedule with "
-                             f"--tokenizer-patch-nums (e.g. 1,2,3,4,5,6,8,10,13,16)")
-        try:
-            config = infer_tokenizer_config(state, patch_nums)
-        except (KeyError, ValueError) as error:
-            raise CheckpointError(f"--tokenizer {path}: {error.args[0] if error.args else error}") from None
-        file_resolution = config.image_hw[0]
-    if resolution is not None and resolution != file_resolution:
-        raise UsageError(f"--resolution {resolution} does not match the tokenizer {path}, trained at {file_resolution} "
-                         f"pixels (use --resolution {file_resolution} or drop the flag)")
-    model = MultiScaleVQVAE(config)
-    load_into(model, state, source=str(path), strict=True, derived=("quantize.ema_vocab_hit_SV",))
-    model.eval().requires_grad_(False)
-    return FrozenTokenizer(model, tuple(int(p) for p in config.patch_nums), file_resolution, path, file_sha256(path), meta)
-
-
-@torch.no_grad()
-def tokenize(tokenizer: MultiScaleVQVAE, images: torch.Tensor, device: torch.device,
-             chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``images [N, 3, R, R]`` -> (targets ``LongTensor[N, L]``, var_input ``[N, L - l_0, Cvae]`` or None),
-    both on CPU, computed in chunks on ``device``."""
-    targets, inputs = [], []
-    for part in images.split(chunk):
-        idx = tokenizer.img_to_indices(part.to(device))
-        targets.append(torch.cat(idx, dim=1).cpu())
-        var_input = tokenizer.indices_to_var_input(idx)
-        if var_input is not None:
-            inputs.append(var_input.float().cpu())
-    return torch.cat(targets), (torch.cat(inputs) if inputs else None)
-
-
 # -- model -----------------------------------------------------------------------------------------
 def var_config(s: VarTrainSettings, tok: FrozenTokenizer, num_classes: int) -> VARConfig:
     try:
@@ -164,9 +99,7 @@ def var_config(s: VarTrainSettings, tok: FrozenTokenizer, num_classes: int) -> V
                            num_classes=num_classes, vocab_size=tok.model.config.vocab_size,
                            z_channels=tok.model.config.z_channels, patch_nums=tok.patch_nums)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise UsageError(f"model architecture: {where}: {first.get('msg')} (check --depth, --embed-dim, --num-heads)") from None
+        raise architecture_error(error, "--depth, --embed-dim, --num-heads") from None
     if config.width % config.heads:
         raise UsageError(f"--embed-dim {config.width} is not divisible by --num-heads {config.heads}")
     return config
@@ -246,11 +179,7 @@ def plan_groups(s: VarTrainSettings, components, layout: SequenceLayout) -> tupl
 def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> TrainSummary:
     """Train (or resume) a VAR/MVAR transformer per ``s``; see the module docstring. Under torchrun
     every rank calls this; files are written by rank 0."""
-    for name in ("steps", "save_every", "log_every"):
-        if getattr(s, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    if not 0.0 <= s.class_dropout < 1.0:
-        raise UsageError(f"--class-dropout must lie in [0, 1), got {s.class_dropout}")
+    check_loop_settings(s)
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
     components = build_components(s)
@@ -284,12 +213,8 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
                   derived=DERIVED_VAR_BUFFERS)
     model.to(device).train()
     module = VarTrainingModule(model, components.trajectory, components.pattern, components.backends)
-    wrapped: nn.Module = module
-    if info.distributed:
-        # Groups that leave out scale 0 (or every later scale) do not reach pos_start (word_embed).
-        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                                      find_unused_parameters=s.strategy == "parallel"
-                                                      or config.layout.num_scales == 1)
+    # Groups that leave out scale 0 (or every later scale) do not reach pos_start (word_embed).
+    wrapped = wrap_ddp(module, info, find_unused_parameters=s.strategy == "parallel" or config.layout.num_scales == 1)
     schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
     optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
     metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
@@ -313,10 +238,7 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
     def step_fn(step: int) -> dict[str, Any]:
         g = cycle[step % len(cycle)]
         idx = batches.indices(step)
-        labels = labels_all[idx]
-        if s.class_dropout > 0:
-            drop = batches.uniform(step, stream=1) < s.class_dropout
-            labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+        labels = drop_classes(labels_all[idx], batches, step, s.class_dropout, null_class)
         var_input = var_input_all[idx].to(device) if var_input_all is not None else None
         lr = optimizer.param_groups[0]["lr"]
         loss, ce, acc = wrapped(labels.to(device), var_input, targets_all[idx].to(device), groups[g])
@@ -356,8 +278,6 @@ def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenize
     """The ``mvar_engine`` metadata of ``model.safetensors``: everything needed to rebuild and run
     the model (architecture, schedule, classes, components and their options, tokenizer identity)
     plus a training summary."""
-    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
-
     def choice(kind: str, component) -> dict[str, Any]:
         options = getattr(component, "options", None)
         dumped = options.model_dump(mode="json") if hasattr(options, "model_dump") else {}
@@ -380,12 +300,7 @@ def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenize
         "tokenizer": {"path": str(tok.path), "sha256": tok.sha256,
                       "architecture": tok.model.config.model_dump(mode="json")},
         "data": {"source": images.source, "split": s.split, "num_images": len(images)},
-        "training": {"steps": step, "total_steps": s.steps, "strategy": s.strategy,
-                     "groups": [list(g) for g in groups], "ratio": [cycle.count(g) for g in range(len(groups))],
-                     "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay,
-                     "warmup_steps": s.warmup_steps, "lr_schedule": s.lr_schedule, "grad_clip": s.grad_clip,
-                     "class_dropout": s.class_dropout, "init_from": s.init_from, "backend": s.backend,
-                     "seed": s.seed, "world_size": world_size, "seconds": round(seconds, 2),
-                     "final_loss": numbers.get("loss"), "final": numbers,
-                     "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "training": training_record(s, step=step, metrics=metrics, seconds=seconds, world_size=world_size,
+                                    strategy=s.strategy, groups=[list(g) for g in groups],
+                                    ratio=[cycle.count(g) for g in range(len(groups))]),
     }
