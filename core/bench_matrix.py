@@ -38,7 +38,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import torch
 
-from .bench_report import peak_rss_bytes, reset_peak_rss, machine_info, synchronizer, write_json
+from .bench_report import machine_info, peak_rss_bytes, reset_peak_rss, run_json_worker, synchronizer, write_json
 from .bench_train import _rss_bytes
 from .errors import ConfigError, MvarEngineError, UsageError
 
@@ -506,21 +505,10 @@ def _worker_env() -> dict[str, str]:
 
 def _in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
     """Run one cell in a fresh interpreter; a failure becomes a row with status ``error``."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "mvar_engine.core.bench_matrix", json.dumps(cell)],
-                              capture_output=True, text=True, env=_worker_env(), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "reason": f"timed out after {timeout_s:g} s (--timeout-s)"}
-    if done.returncode == 0:
-        try:
-            return json.loads(done.stdout.strip().splitlines()[-1])
-        except (IndexError, json.JSONDecodeError):
-            return {"status": "error", "reason": "the worker printed no result"}
-    if done.returncode < 0:
-        reason = f"killed by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")
-    else:
-        reason = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit status {done.returncode}"
-    return {"status": "error", "reason": reason}
+    row = run_json_worker("mvar_engine.core.bench_matrix", json.dumps(cell), env=_worker_env(), timeout_s=timeout_s)
+    if row.get("status") == "error" and str(row.get("reason", "")).startswith("timed out"):
+        row["reason"] += " (--timeout-s)"
+    return row
 
 
 RATIO_FIELDS = {"memory_ratio": "peak_rss_total", "transformer_memory_ratio": "peak_rss_transformer",
