@@ -119,7 +119,10 @@ def heatmap_image(head_map: HeadMap, cell: int = 28):
     from PIL import Image, ImageDraw
 
     margin = 34
-    width, height = margin + cell * head_map.heads + 4, margin + cell * head_map.layers + 18
+    caption = f"layer x head, sparsity (tau {head_map.threshold:.3f}; outlined: sink)"
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(margin + cell * head_map.heads + 4, int(probe.textlength(caption)) + 8)
+    height = margin + cell * head_map.layers + 18
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     for h in range(head_map.heads):
@@ -132,7 +135,7 @@ def heatmap_image(head_map: HeadMap, cell: int = 28):
             level = int(round(255 * (1 - min(max(score, 0.0), 1.0))))
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(255, level, level),
                            outline="black" if kind == "sink" else (200, 200, 200), width=3 if kind == "sink" else 1)
-    draw.text((4, height - 14), f"layer x head, sparsity (tau {head_map.threshold:.3f}; outlined: sink)", fill="black")
+    draw.text((4, height - 14), caption, fill="black")
     return image
 
 
