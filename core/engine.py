@@ -11,16 +11,34 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .attention import AttentionPattern
+from .attention import AttentionPattern, AttentionSpec
 from .backend_selection import BackendSelector
 from .cache import CachePolicy
 from .layout import Spans
 from .models.var import VAR
 from .sampling import guided_logits_var, sample_tokens
+
+def cached_attention(cache: CachePolicy, backends: BackendSelector, spans: Spans,
+                     spec_for: Callable[[Spans], AttentionSpec]):
+    """The ``attend(layer, q, k, v, scale)`` callback of a cached step over the tokens at ``spans``:
+    store the step's keys/values in ``cache``, build the spec from the spans it returns
+    (``spec_for(k_spans)``), let the cache ``observe`` the step when it has that hook, then attend
+    over the returned keys/values. Shared by the next-scale and raster engines."""
+    observe = getattr(cache, "observe", None)
+
+    def attend(layer, q, k, v, scale):
+        k_all, v_all, k_spans = cache.update(layer, k, v, spans)
+        spec = spec_for(k_spans)
+        if observe is not None:
+            observe(layer, q, k_all, spec, scale)
+        return backends.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
+
+    return attend
+
 
 LOGITS_CHUNK_BYTES = 64 * 2**20
 """Most bytes of float32 logits the sampling path materialises at once (see ``_sample``)."""
@@ -62,16 +80,8 @@ class NextScaleEngine:
         return attend
 
     def _attend_cached(self, spans: Spans):
-        observe = getattr(self.cache, "observe", None)
-
-        def attend(layer, q, k, v, scale):
-            k_all, v_all, k_spans = self.cache.update(layer, k, v, spans)
-            spec = self.pattern.spec(self.layout, spans, k_spans, self.trajectory.visible)
-            if observe is not None:
-                observe(layer, q, k_all, spec, scale)
-            return self.backends.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
-
-        return attend
+        return cached_attention(self.cache, self.backends, spans,
+                                lambda k_spans: self.pattern.spec(self.layout, spans, k_spans, self.trajectory.visible))
 
     def _autocast(self, device: torch.device):
         return autocast_context(device, self.autocast_dtype)

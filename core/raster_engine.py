@@ -34,7 +34,7 @@ import torch
 
 from .backend_selection import BackendSelector
 from .cache import CachePolicy
-from .engine import autocast_context
+from .engine import autocast_context, cached_attention
 from .layout import Spans
 from .models.raster_gpt import RasterGPT
 from .sampling import sample_tokens
@@ -80,16 +80,7 @@ class RasterEngine:
         return attend
 
     def _attend_cached(self, spans: Spans):
-        observe = getattr(self.cache, "observe", None)
-
-        def attend(layer, q, k, v, scale):
-            k_all, v_all, k_spans = self.cache.update(layer, k, v, spans)
-            spec = self.trajectory.spec(spans, k_spans)
-            if observe is not None:
-                observe(layer, q, k_all, spec, scale)
-            return self.backends.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
-
-        return attend
+        return cached_attention(self.cache, self.backends, spans, lambda k_spans: self.trajectory.spec(spans, k_spans))
 
     def _autocast(self, device: torch.device):
         return autocast_context(device, self.autocast_dtype)
