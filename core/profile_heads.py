@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plugins.budget_cache import SCORE_CHUNK_BYTES
+from ..plugins.budget_cache import attention_probabilities
 from ..plugins.caches import FullCache
 from .attention import AttentionSpec
 from .head_map import HeadMap, classify
@@ -50,20 +50,11 @@ class ProfilingCache(FullCache):
         return image, image[None, :] & ~near
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> None:
-        rows, heads, l, _ = q.shape
-        n = k.shape[2]
+        l, n = q.shape[2], k.shape[2]
         q_pos = torch.arange(n - l, n, device=q.device)
-        k_pos = torch.arange(n, device=q.device)
-        image, outside = self._outside(q_pos, k_pos)
-        mask = spec.mask(l, n, q.device)
-        chunk = max(1, SCORE_CHUNK_BYTES // max(1, rows * heads * n * 4))
-        kf = k.float()
-        for start in range(0, l, chunk):
-            stop = min(l, start + chunk)
-            logits = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)) * scale
-            if mask is not None:
-                logits = logits.masked_fill(~mask[start:stop], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)  # [rows, heads, c, n]
+        image, outside = self._outside(q_pos, torch.arange(n, device=q.device))
+        for start, probs in attention_probabilities(q, k, spec, scale):  # probs: [rows, heads, c, n]
+            stop = start + probs.shape[2]
             on_image = (probs * image).sum(-1)
             off = (probs * outside[start:stop]).sum(-1)
             valid = (q_pos[start:stop] >= self.prefix) & (on_image > 1e-12)  # image queries that see image keys

@@ -31,7 +31,7 @@ queries (at most ``SCORE_CHUNK_BYTES`` of probabilities at a time), so any backe
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -249,21 +249,30 @@ class BudgetedCache(CachePolicy):
         return sum(store.nbytes() for store in self.layers)
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> torch.Tensor:
-    """``[B, H, n]``: the softmax attention mass each of the ``n`` keys receives, summed over the
-    ``l`` queries (``q: [B, H, l, D]``, ``k: [B, H, n, D]``, float32), at most
-    :data:`SCORE_CHUNK_BYTES` of probabilities at a time."""
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec,
+                            scale: float) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, probs)`` over chunks of queries: ``probs: float32 [B, H, c, n]`` is the softmax
+    attention of queries ``start .. start + c - 1`` (``q: [B, H, l, D]``) over the ``n`` keys
+    (``k: [B, H, n, D]``) under ``spec``, at most :data:`SCORE_CHUNK_BYTES` at a time."""
     b, h, l, _ = q.shape
     n = k.shape[2]
     mask = spec.mask(l, n, q.device)
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, b * h * n * 4))
     kf = k.float()
-    total = torch.zeros(b, h, n, device=q.device, dtype=torch.float32)
     for start in range(0, l, chunk):
         logits = torch.matmul(q[:, :, start:start + chunk].float(), kf.transpose(-1, -2)) * scale
         if mask is not None:
             logits = logits.masked_fill(~mask[start:start + chunk], float("-inf"))
-        total += torch.softmax(logits, dim=-1).sum(dim=2)
+        yield start, torch.softmax(logits, dim=-1)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> torch.Tensor:
+    """``[B, H, n]``: the softmax attention mass each of the ``n`` keys receives, summed over the
+    ``l`` queries (``q: [B, H, l, D]``, ``k: [B, H, n, D]``, float32), chunked as
+    :func:`attention_probabilities`."""
+    total = torch.zeros(q.shape[0], q.shape[1], k.shape[2], device=q.device, dtype=torch.float32)
+    for _, probs in attention_probabilities(q, k, spec, scale):
+        total += probs.sum(dim=2)
     return total
 
 
@@ -285,4 +294,4 @@ class TokenWindowCache(BudgetedCache):
 
 
 __all__ = ["BudgetOptions", "BudgetedCache", "SCORE_CHUNK_BYTES", "TokenWindowCache", "budget_tokens",
-           "positions_to_spans", "received_attention"]
+           "attention_probabilities", "positions_to_spans", "received_attention"]
