@@ -409,9 +409,11 @@ def _one_line(error: BaseException) -> str:
 
 
 # -- SSD calibration --------------------------------------------------------------------------------------
-def calibrate_head_map(config: BenchCacheConfig, engine, path: Path, log: TextIO) -> dict[str, Any]:
-    """Profile the heads over ``--calibration-images`` generations with the full cache; write the head
-    map (and its heat map) to ``path``; returns what the report records."""
+def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: int, cfg: float, top_k: int,
+                       top_p: float, seed: int, model: str, source: str) -> dict[str, Any]:
+    """Profile a :class:`RasterEngine`'s heads over ``images`` generations (``batch`` at a time, the
+    full cache, sampled from ``seed``); write the head map (and its heat map) to ``path``; returns what
+    a report records. The engine's cache is left unset (None)."""
     from .head_map import write_head_map, write_heatmap
     from .profile_heads import ProfilingCache
 
@@ -419,13 +421,13 @@ def calibrate_head_map(config: BenchCacheConfig, engine, path: Path, log: TextIO
     neighborhood = 3
     profiler = ProfilingCache(engine.grid, engine.prefix, neighborhood)
     engine.cache = profiler
-    labels = class_labels(config.calibration_images, engine.model.num_classes, engine.model.output.weight.device)
-    generator = torch.Generator(device=labels.device).manual_seed(config.seed + 1)
+    labels = class_labels(images, engine.model.num_classes, engine.model.output.weight.device)
+    generator = torch.Generator(device=labels.device).manual_seed(seed)
     print(f"calibrating SSD heads: {len(labels)} generations with the full cache ...", file=log, flush=True)
-    for chunk in torch.split(labels, config.batch):
-        engine.generate(chunk, cfg=config.cfg, top_k=config.top_k, top_p=config.top_p, generator=generator)
-    calibration = {"images": len(labels), "cfg": config.cfg, "seed": config.seed + 1,
-                   "tokens_per_image": engine.num_tokens, "model": config.model, "source": "mvar-engine bench cache"}
+    for chunk in torch.split(labels, batch):
+        engine.generate(chunk, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+    calibration = {"images": len(labels), "cfg": cfg, "seed": seed, "tokens_per_image": engine.num_tokens,
+                   "model": model, "source": source}
     head_map = profiler.head_map(None, calibration)
     engine.cache = None
     write_head_map(head_map, path)
@@ -759,7 +761,10 @@ def run_bench_cache(config: BenchCacheConfig, out: TextIO | None = None, log: Te
             payload["head_map"] = given_head_map(config.head_map, bench)
         else:
             path = Path(config.output).with_suffix(".head_map.json")
-            payload["head_map"] = calibrate_head_map(config, engine, path, log)
+            payload["head_map"] = calibrate_head_map(
+                engine, path, log, images=config.calibration_images, batch=config.batch, cfg=config.cfg,
+                top_k=config.top_k, top_p=config.top_p, seed=config.seed + 1, model=config.model,
+                source="mvar-engine bench cache")
         head_map_path = str(Path(payload["head_map"]["path"]).resolve())  # workers may run elsewhere
     tokens = engine.num_tokens
     payload.update({

@@ -27,8 +27,11 @@ and a PNG chart (``.png``, drawn with PIL) of total peak memory and transformer 
 configuration, each bar labelled with its ratio to the baseline.
 
 Models: ``dN-256`` / ``dN-512`` (VAR-dN on VAR's 256px or 512px schedule, the released tokenizer's
-architecture, downsample 16) and ``tiny`` (depth 2, scales 1,2,4, a small tokenizer; for tests).
-Raster models (LlamaGen-style) are not implemented yet: see ``MODEL_FAMILIES`` (the extension point).
+architecture, downsample 16), ``tiny`` (depth 2, scales 1,2,4, a small tokenizer; for tests), and the
+raster family (:mod:`.bench_matrix_raster`): ``llamagen-b`` (LlamaGen GPT-B, 576 tokens) and
+``raster-tiny``. A cell runs the configurations of its family, told by the trajectory's ``family``
+(``raster/dense/...`` for raster models, next-scale trajectories for VAR models); the first
+configuration of each family is that family's baseline. ``MODEL_FAMILIES`` maps a family to its worker.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import torch
 
@@ -69,7 +72,7 @@ class ModelSpec:
         return sum(p * p for p in self.patch_nums)
 
 
-KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny")
+KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny")
 """Model ids listed in messages; any ``dN-256`` or ``dN-512`` is accepted."""
 
 
@@ -77,7 +80,13 @@ def model_spec(model_id: str) -> ModelSpec:
     """``d16-256`` -> VAR-d16 on the 256px schedule; ``tiny`` -> the test model; else a UsageError."""
     from .models.var import PATCH_NUMS_256, PATCH_NUMS_512
 
+    from .bench_matrix_raster import RASTER_GRIDS
+
     key = model_id.strip().lower()
+    if key in RASTER_GRIDS:
+        grid = RASTER_GRIDS[key]
+        depth = 12 if key == "llamagen-b" else 2
+        return ModelSpec(key, "next-token", depth, (grid[0],), grid[0] * 16)
     if key == "tiny":
         return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2)
     match = re.fullmatch(r"(?:var-)?d(\d+)-(256|512)", key)
@@ -86,7 +95,7 @@ def model_spec(model_id: str) -> ModelSpec:
         return ModelSpec(f"d{int(match.group(1))}-{match.group(2)}", "next-scale", int(match.group(1)),
                          tuple(schedule), int(match.group(2)))
     raise UsageError(f"unknown model {model_id!r} (available: {', '.join(KNOWN_MODELS)}; any dN-256 or dN-512 is "
-                     f"VAR-dN at that resolution; raster models are not implemented yet)")
+                     f"VAR-dN at that resolution)")
 
 
 # -- configurations ----------------------------------------------------------------------------------
@@ -144,14 +153,34 @@ def parse_cell(text: str) -> tuple[str, int]:
     return model, int(batch)
 
 
-def check_combo(combo: Combo, backend: str) -> None:
-    """Resolve the components (names, options, compatibility) now, before any process starts; errors
-    name the configuration and list what exists."""
-    from .config import EngineConfig
-    from .pipeline import resolve_components
+def combo_family(combo: Combo) -> str:
+    """The model family a configuration runs on: its trajectory's ``family`` (``next-scale`` or
+    ``next-token``); an unknown trajectory is a one-line error listing the known ones."""
+    from .registry import get_registry
 
     try:
-        resolve_components(EngineConfig(**combo.engine_components(), backend=backend))
+        return get_registry().create("trajectory", combo.trajectory, combo.options.get("trajectory", {})).family
+    except MvarEngineError as error:
+        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
+    except ValueError as error:
+        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
+
+
+def check_combo(combo: Combo, backend: str) -> None:
+    """Resolve the components (names, options, compatibility) now, before any process starts; errors
+    name the configuration and list what exists. An ``ssd`` cache without a head map (the matrix
+    calibrates one) is checked with its options, and its compatibility through a stand-in."""
+    from .bench_matrix_raster import SSD_STAND_IN, needs_calibration
+    from .config import EngineConfig
+    from .pipeline import resolve_components
+    from .registry import get_registry
+
+    components = combo.engine_components()
+    try:
+        if needs_calibration(combo):
+            get_registry().validate_options("cache", combo.cache, components["cache"]["options"])
+            components["cache"] = {"name": SSD_STAND_IN, "options": {}}
+        resolve_components(EngineConfig(**components, backend=backend))
     except ConfigError as error:
         raise ConfigError([f"configuration '{combo.text}': {'; '.join(error.problems)}"]) from None
     except MvarEngineError as error:
@@ -163,6 +192,10 @@ def check_combo(combo: Combo, backend: str) -> None:
 # -- presets -----------------------------------------------------------------------------------------
 BASELINE = "full/dense/full"
 MVAR = "markov/neighborhood/none"
+RASTER_BASELINE = "raster/dense/full"
+RASTER_SSD = "raster/dense/ssd:budget=0.2"
+RASTER_POLICIES = (RASTER_BASELINE, "raster/dense/window:budget=0.2", "raster/dense/sink:budget=0.2",
+                   "raster/dense/h2o:budget=0.2", RASTER_SSD)
 
 
 @dataclass(frozen=True)
@@ -177,11 +210,12 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        cells=(("d16-256", 1), ("d16-256", 4)),
-        configs=(BASELINE, MVAR, "markov/dense/none"),
+        cells=(("d16-256", 1), ("d16-256", 4), ("llamagen-b", 4)),
+        configs=(BASELINE, MVAR, "markov/dense/none", RASTER_BASELINE, RASTER_SSD),
         repeats=2, warmup=1, device="cpu",
         description="VAR-d16 256px, batch 1 and 4 with CFG: VAR, MVAR and MVAR's trajectory without its "
-                    "neighbourhood (about 10 minutes on an idle 2-core CPU)"),
+                    "neighbourhood; LlamaGen-B (576 tokens) batch 4 with CFG: full cache vs SSD at 20% "
+                    "(about 12 minutes on an idle 2-core CPU)"),
     "target": Preset(
         cells=(("d16-256", 32), ("d16-512", 8)),
         configs=(BASELINE, MVAR),
@@ -193,6 +227,12 @@ PRESETS: dict[str, Preset] = {
         configs=(BASELINE, MVAR),
         repeats=5, warmup=1, device="auto",
         description="the MVAR paper's setting: d16/d20/d24 256px, batch 32, CFG 1.5 (for a GPU)"),
+    "raster": Preset(
+        cells=(("llamagen-b", 32),),
+        configs=RASTER_POLICIES,
+        repeats=3, warmup=1, device="auto",
+        description="the SSD paper's batch: LlamaGen-B (576 tokens) batch 32 with CFG, full cache vs window, sink, "
+                    "h2o and ssd at a 20% budget (for a GPU; minutes per cell on a CPU)"),
 }
 
 
@@ -212,6 +252,7 @@ class MatrixConfig:
     cfg: float = 1.5
     seed: int = 0
     decode_chunk: int = 2
+    calibration_images: int = 1             # ssd head maps calibrated by the matrix (raster cells)
     threads: int | None = None              # None: torch's default (OMP_NUM_THREADS)
     timeout_s: float | None = None
     output: str = "bench-matrix.json"
@@ -257,6 +298,8 @@ class MatrixConfig:
             out.append("--batches must be positive integers")
         if self.decode_chunk < 1:
             out.append("--decode-chunk must be at least 1")
+        if self.calibration_images < 1:
+            out.append("--calibration-images must be at least 1")
         if self.threads is not None and self.threads < 1:
             out.append("--threads must be at least 1")
         if self.cfg < 0:
@@ -474,16 +517,19 @@ def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    from .bench_matrix_raster import run_raster_cell as run
+
+    return run(cell)
+
+
 MODEL_FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "next-scale": run_next_scale_cell,
-    # EXTENSION POINT (issue #7, raster models): a raster AR model (LlamaGen-B-size GPT, 256px = 16x16
-    # tokens) goes here as "raster": run_raster_cell, with ids such as "llamagen-b-256" added to
-    # model_spec() (family "raster") and KNOWN_MODELS. Its cell function must return the same row
-    # fields (baseline/peaks via MemoryProbe, cache_peak_bytes, attention FLOPs from its spec per
-    # decoding step, transformer and decode times); the parent, the ratios, the table and the chart
-    # need no change. Its configurations are trajectory/attention/cache triples of the raster family.
+    "next-token": run_raster_cell,
 }
-"""Model family -> the function that measures one cell of it in the current (fresh) process."""
+"""Model family (the trajectory family its configurations belong to) -> the function that measures
+one cell of it in the current (fresh) process. A worker returns the shared row fields (baseline and
+peaks via :class:`MemoryProbe`, ``cache_peak_bytes``, attention FLOPs, transformer and decode times)."""
 
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
@@ -517,10 +563,13 @@ RATIO_FIELDS = {"memory_ratio": "peak_rss_total", "transformer_memory_ratio": "p
 """Ratio name -> the row field it divides (this configuration / the baseline of the same model and batch)."""
 
 
-def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
-    """Fill every row's ratios against the ``baseline`` configuration of its (model, batch) (None where
-    either side is missing or failed)."""
-    bases = {(r["model"], r["batch"]): r for r in rows if r["config"] == baseline and r["status"] == "ok"}
+def add_ratios(rows: list[dict[str, Any]], baseline: str | Mapping[str, str]) -> None:
+    """Fill every row's ratios against the baseline configuration of its (model, batch): ``baseline``,
+    or ``baseline[family]`` per model family (None where either side is missing or failed)."""
+    def base_of(row: dict[str, Any]) -> str | None:
+        return baseline if isinstance(baseline, str) else baseline.get(row.get("family", "next-scale"))
+
+    bases = {(r["model"], r["batch"]): r for r in rows if r["config"] == base_of(r) and r["status"] == "ok"}
     for row in rows:
         base = bases.get((row["model"], row["batch"]))
         for name, key in RATIO_FIELDS.items():
@@ -559,12 +608,47 @@ def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                               if mvar.get("working_memory_transformer") else None)
                 check["total_reduction"] = 1 / mvar["memory_ratio"] if mvar.get("memory_ratio") else None
             out.append(check)
+    out += raster_cache_checks(rows)
+    return out
+
+
+RASTER_CACHE_TARGET = (0.2, 5.0, "SSD paper: about 5x less KV-cache memory at a 20% budget")
+"""(largest budget fraction checked, minimum reduction of key/value bytes, source)."""
+
+
+def raster_cache_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Raster rows with a cache budget of at most 20% (a fraction): key/value bytes of the family's
+    baseline (the full cache) over the row's, against issue #5's 5x (bookkeeping is reported apart)."""
+    largest, minimum, source = RASTER_CACHE_TARGET
+    out = []
+    ok = [r for r in rows if r["status"] == "ok" and r.get("family") == "next-token"]
+    full = {(r["model"], r["batch"]): r for r in ok if r["cache"] == "full"}
+    for row in ok:
+        budget = (row.get("options") or {}).get("cache", {}).get("budget")
+        base = full.get((row["model"], row["batch"]))
+        if base is None or budget is None or not 0 < budget <= largest or not row.get("kv_bytes"):
+            continue
+        reduction = base["kv_bytes"] / row["kv_bytes"]
+        out.append({"model": row["model"], "batch": row["batch"], "target_batch": row["batch"], "at_target_batch": True,
+                    "cfg": row["cfg"], "metric": "kv_ratio", "config": row["config"], "reduction": reduction,
+                    "minimum": minimum, "met": reduction >= minimum, "paper": source,
+                    "with_bookkeeping": base["kv_bytes"] / row["cache_peak_bytes"] if row.get("cache_peak_bytes") else None})
+    return out
+
+
+def families_of(combos: list[Combo]) -> dict[str, list[Combo]]:
+    """Configurations per model family, in the given order (the first of each is its baseline)."""
+    out: dict[str, list[Combo]] = {}
+    for combo in combos:
+        out.setdefault(combo_family(combo), []).append(combo)
     return out
 
 
 def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | None = None) -> dict[str, Any]:
-    """Validate, run every cell in a fresh process (JSON rewritten after each), then write the table
-    and the chart; returns the payload."""
+    """Validate, calibrate ssd head maps where needed, run every cell in a fresh process (JSON
+    rewritten after each), then write the table and the chart; returns the payload."""
+    from .bench_matrix_raster import calibrate_for_matrix, needs_calibration
+
     out, log = out or sys.stdout, log or sys.stderr
     problems = config.problems()
     if problems:
@@ -575,33 +659,44 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
         raise UsageError("--configs lists a configuration twice")
     for combo in combos:
         check_combo(combo, config.backend)
+    by_family = families_of(combos)
+    for spec, _ in dict.fromkeys(cells):
+        if spec.family not in by_family:
+            kind = "raster/dense/CACHE" if spec.family == "next-token" else "trajectory/attention/cache of a next-scale trajectory"
+            raise UsageError(f"model '{spec.id}' ({spec.family}) has no configuration of its family among the configurations "
+                             f"({', '.join(c.text for c in combos)}): add {kind} triples to --configs")
     settings = config.resolved()
     device = config.device_name()
+    baselines = {family: group[0].text for family, group in by_family.items()}
     payload: dict[str, Any] = {
         "benchmark": "matrix", "machine": machine_info(device), "config": asdict(config), "settings": settings,
-        "baseline": combos[0].text, "random_weights": True,
+        "baseline": next(iter(baselines.values())), "baselines": baselines, "random_weights": True,
         "note": "random weights: time and memory only; ratios are this configuration / the baseline configuration "
-                "of the same model and batch",
-        "results": [], "targets": []}
+                "(the first of its model family) of the same model and batch",
+        "head_maps": {}, "results": [], "targets": []}
     write_json(config.output, payload)
-    total = len(cells) * len(combos)
-    for spec, batch in cells:
-        for combo in combos:
-            cell = {"model": spec.id, "batch": batch, "config": combo.text, "backend": config.backend, "device": device,
-                    "dtype": config.dtype, "cfg": config.cfg, "seed": config.seed, "repeats": settings["repeats"],
-                    "warmup": settings["warmup"], "decode_chunk": config.decode_chunk, "threads": config.threads}
-            index = len(payload["results"]) + 1
-            print(f"[{index}/{total}] {spec.id} batch {batch} {combo.text}: fresh process ...", file=log, flush=True)
-            t0 = time.perf_counter()
-            row = _in_subprocess(cell, config.timeout_s)
-            if row["status"] != "ok":
-                row = {**{k: cell[k] for k in ("model", "batch", "config", "backend", "cfg")}, **row}
-            row["wall_s"] = time.perf_counter() - t0
-            payload["results"].append(row)
-            add_ratios(payload["results"], combos[0].text)
-            payload["targets"] = target_checks(payload["results"])
-            write_json(config.output, payload)
-            print(f"[{index}/{total}] {_progress_line(row)}", file=log, flush=True)
+    plan = [(spec, batch, combo) for spec, batch in cells for combo in by_family[spec.family]]
+    for index, (spec, batch, combo) in enumerate(plan, 1):
+        cell = {"model": spec.id, "batch": batch, "config": combo.text, "backend": config.backend, "device": device,
+                "dtype": config.dtype, "cfg": config.cfg, "seed": config.seed, "repeats": settings["repeats"],
+                "warmup": settings["warmup"], "decode_chunk": config.decode_chunk, "threads": config.threads}
+        if needs_calibration(combo):
+            if spec.id not in payload["head_maps"]:
+                path = Path(config.output).with_suffix(f".{spec.id}.head_map.json")
+                payload["head_maps"][spec.id] = calibrate_for_matrix(spec.id, cell, path, config.calibration_images, log)
+                write_json(config.output, payload)
+            cell["head_map"] = payload["head_maps"][spec.id]["path"]
+        print(f"[{index}/{len(plan)}] {spec.id} batch {batch} {combo.text}: fresh process ...", file=log, flush=True)
+        t0 = time.perf_counter()
+        row = _in_subprocess(cell, config.timeout_s)
+        if row["status"] != "ok":
+            row = {**{k: cell[k] for k in ("model", "batch", "config", "backend", "cfg")}, "family": spec.family, **row}
+        row["wall_s"] = time.perf_counter() - t0
+        payload["results"].append(row)
+        add_ratios(payload["results"], baselines)
+        payload["targets"] = target_checks(payload["results"])
+        write_json(config.output, payload)
+        print(f"[{index}/{len(plan)}] {_progress_line(row)}", file=log, flush=True)
     md_path = Path(config.output).with_suffix(".md")
     write_markdown(md_path, payload)
     png_path = Path(config.output).with_suffix(".png")
@@ -672,15 +767,18 @@ def target_lines(payload: dict[str, Any]) -> list[str]:
     lines = []
     for t in payload.get("targets", []):
         what = {"transformer_memory_ratio": "peak memory of generation incl. weights", "time_ratio": "transformer time",
-                "flops_ratio": "attention FLOPs"}[t["metric"]]
+                "flops_ratio": "attention FLOPs", "kv_ratio": "KV-cache bytes"}[t["metric"]]
         where = "" if t["at_target_batch"] else f" (target setting: batch {t['target_batch']})"
         extra = ""
         if t.get("working_reduction") is not None:
             extra = f"; working memory {t['working_reduction']:.2f}x"
         if t.get("total_reduction") is not None:
             extra += f", with decoding {t['total_reduction']:.2f}x"
+        if t.get("with_bookkeeping") is not None:
+            extra += f"; with positions and scores {t['with_bookkeeping']:.2f}x"
         lines.append(f"target {t['model']} batch {t['batch']} cfg {t['cfg']:g}{where}: {what} {t['reduction']:.2f}x "
-                     f"lower with MVAR (>= {t['minimum']:g}x: {'met' if t['met'] else 'NOT met'}{extra}; {t['paper']})")
+                     f"lower with {t.get('config', 'MVAR')} (>= {t['minimum']:g}x: {'met' if t['met'] else 'NOT met'}"
+                     f"{extra}; {t['paper']})")
     return lines
 
 
@@ -689,10 +787,11 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
 
     machine = payload["machine"]
     settings = payload["settings"]
+    baselines = ", ".join(f"`{text}`" for text in payload.get("baselines", {"": payload["baseline"]}).values())
     text = (f"# mvar-engine bench matrix\n\n{machine['device_name']} ({machine['device']}, {machine['cpu_count']} CPUs, "
             f"{machine['torch_threads']} torch threads), torch {machine['torch']}. Random weights (time and memory "
-            f"only). Baseline: `{payload['baseline']}`; ratios are this configuration / the baseline of the same model "
-            f"and batch. Memory: {'peak allocated (CUDA)' if machine['device'].startswith('cuda') else 'peak resident set'}"
+            f"only). Baseline{'s' if len(baselines) > 1 else ''}: {baselines}; ratios are this configuration / the "
+            f"baseline of its family for the same model and batch. Memory: {'peak allocated (CUDA)' if machine['device'].startswith('cuda') else 'peak resident set'}"
             f" including weights; working = peak - memory after the load. Transformer time: median of "
             f"{settings['repeats']} after {settings['warmup']} warm-up; decoding timed separately.\n\n"
             + table_markdown(payload) + "\n")
@@ -721,8 +820,10 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
     groups = list(dict.fromkeys((r["model"], r["batch"]) for r in ok)) or [("no results", 0)]
     configs = list(dict.fromkeys(r["config"] for r in payload["results"])) or ["-"]
     font = ImageFont.load_default()
+    lookup = {(r["model"], r["batch"], r["config"]): r for r in ok}
+    present = {g: [c for c in configs if (*g, c) in lookup] for g in groups}  # a group's bars, in legend order
     bar_w, gap, left, top_pad = 46, 36, 70, 40
-    group_w = bar_w * len(configs) + gap
+    group_w = bar_w * max(1, *(len(v) for v in present.values())) + gap
     width = max(640, left + group_w * len(groups) + 20)
     panel_h, legend_h = 260, 20 * len(configs) + 20
     height = 2 * (panel_h + top_pad) + legend_h + 30
@@ -731,7 +832,6 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
     panels = (("total peak memory (MiB; lighter: memory after the load, incl. weights; black line: peak of "
                "generation where decoding set the total)", "peak_rss_total", 2**20, "memory_ratio"),
               ("transformer time per image (s)", "transformer_s_per_image", 1, "time_ratio"))
-    lookup = {(r["model"], r["batch"], r["config"]): r for r in ok}
     for p, (title, key, unit, ratio_key) in enumerate(panels):
         y0 = 10 + p * (panel_h + top_pad)
         base_y = y0 + top_pad + panel_h - 30
@@ -747,14 +847,12 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
         for g, (model, batch) in enumerate(groups):
             gx = left + g * group_w
             draw.text((gx, base_y + 6), f"{model} b{batch}", fill="black", font=font)
-            for c, config in enumerate(configs):
-                row = lookup.get((model, batch, config))
-                if row is None:
-                    continue
+            for slot, config in enumerate(present[(model, batch)]):
+                row = lookup[(model, batch, config)]
                 value = row[key] / unit
-                x = gx + c * bar_w
+                x = gx + slot * bar_w
                 h = (panel_h - 50) * value / top
-                colour = PALETTE[c % len(PALETTE)]
+                colour = PALETTE[configs.index(config) % len(PALETTE)]
                 draw.rectangle((x + 4, base_y - h, x + bar_w - 4, base_y), fill=colour)
                 if key == "peak_rss_total":  # the memory after the load (weights), lighter
                     hb = (panel_h - 50) * min(row["baseline_rss"] / unit, value) / top
@@ -771,7 +869,8 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
     for c, config in enumerate(configs):
         y = legend_y + 20 * c
         draw.rectangle((left, y, left + 14, y + 12), fill=PALETTE[c % len(PALETTE)])
-        suffix = " (baseline: ratios are config / baseline)" if c == 0 else ""
+        suffix = " (baseline of its family: ratios are config / baseline)" if config in payload.get(
+            "baselines", {"": payload.get("baseline")}).values() else ""
         draw.text((left + 22, y), config + suffix, fill="black", font=font)
     draw.text((10, height - 18), "random weights; " + payload["machine"]["device_name"][:60], fill="gray", font=font)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

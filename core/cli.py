@@ -326,7 +326,8 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
                             "cell in a fresh process, random weights; peak memory over the post-load baseline, "
                             "KV-cache bytes, attention FLOPs from the pattern, transformer and decoding time. Writes "
                             "JSON, a markdown table (.md) and a PNG chart (.png); ratios are against the first "
-                            f"configuration. Presets: {presets}.")
+                            "configuration of each model family (next-scale VAR/MVAR models; raster LlamaGen-style "
+                            f"models run raster/dense/CACHE triples). Presets: {presets}.")
     p.add_argument("--preset", choices=list(PRESETS), default=d.preset, help=f"default {d.preset}")
     p.add_argument("--models", type=_name_list, default=None, metavar="ID,...",
                    help=f"model ids ({', '.join(KNOWN_MODELS)}; any dN-256 / dN-512); with --batches, overrides "
@@ -335,8 +336,8 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
     p.add_argument("--cells", type=_name_list, default=None, metavar="MODEL:B,...",
                    help="exact (model, batch) cells, e.g. d16-256:8,d16-512:2 (overrides --models, --batches, preset)")
     p.add_argument("--configs", type=_name_list, default=None, metavar="T/A/C,...",
-                   help="trajectory/attention/cache triples, the first is the baseline (options as "
-                        "neighborhood:kernel_size=5)")
+                   help="trajectory/attention/cache triples; the first of each family is its baseline (options as "
+                        "neighborhood:kernel_size=5 or ssd:budget=0.2; ssd without head_map=FILE is calibrated)")
     p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
@@ -347,6 +348,8 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N",
                    help=f"images decoded at a time (default {d.decode_chunk})")
+    p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N",
+                   help=f"generations that calibrate an ssd head map (default {d.calibration_images})")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per cell (default: torch's)")
     p.add_argument("--timeout-s", type=float, default=None, metavar="SECONDS", help="limit per cell (default none)")
     p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
@@ -356,7 +359,8 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
     payload = run_matrix(MatrixConfig(
         preset=args.preset, cells_=args.cells, models=args.models, batches=args.batches, configs=args.configs, backend=args.backend,
         device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, cfg=args.cfg, seed=args.seed,
-        decode_chunk=args.decode_chunk, threads=args.threads, timeout_s=args.timeout_s, output=args.output, table=not args.no_table),
+        decode_chunk=args.decode_chunk, calibration_images=args.calibration_images, threads=args.threads,
+        timeout_s=args.timeout_s, output=args.output, table=not args.no_table),
         log=sys.stderr)
     return 1 if any(row["status"] != "ok" for row in payload["results"]) else 0
 

@@ -350,9 +350,11 @@ def build_raster_models(config: EngineConfig):
     """A raster GPT and its one-scale tokenizer: from ``--var-checkpoint`` (raster weights, see
     :func:`load_raster`) and ``--vae-checkpoint`` (a tokenizer, run with the one-scale schedule of
     the GPT's token grid); or, with ``--random-weights``, LlamaGen-B's size (12 layers, width 768)
-    at ``--patch-nums`` (one side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth.
+    at ``--patch-nums`` (one side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth,
+    with a tokenizer of LlamaGen VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes).
     The shipped default raster weights come in through :func:`with_weights`."""
     from .models.raster_gpt import RasterGPT, RasterGPTConfig
+    from .models.tokenizer import llamagen_vq16_sized
 
     m = config.model
     if m.patch_nums and len(m.patch_nums) != 1:
@@ -378,7 +380,7 @@ def build_raster_models(config: EngineConfig):
                          f"--var-checkpoint and --vae-checkpoint, or --random-weights to time a random raster model")
     grid = grid or (24, 24)
     torch.manual_seed(config.sampling.seed)
-    tokenizer = MultiScaleVQVAE(TokenizerConfig(patch_nums=(grid,)))
+    tokenizer = MultiScaleVQVAE(llamagen_vq16_sized(grid))
     overrides = {"grid": grid, "vocab_size": tokenizer.vocab_size, "num_classes": m.num_classes or 1000}
     if m.depth:
         overrides["depth"] = m.depth

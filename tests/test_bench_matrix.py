@@ -210,3 +210,93 @@ def test_bad_input_is_one_line(tmp_cwd, argv, needle, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_cwd / "bench-matrix.json").exists()
+
+
+# -- the raster (next-token) family ----------------------------------------------------------------------
+RASTER_TINY_CELL = {"model": "raster-tiny", "batch": 2, "backend": "sdpa", "device": "cpu", "dtype": "float32",
+                    "cfg": 1.5, "seed": 0, "repeats": 1, "warmup": 1, "decode_chunk": 1, "threads": 1}
+RASTER_TINY_UNIT = 4 * 4 * 2 * 16 * 2  # rows 4 (batch 2 with CFG), heads 2, head_dim 16, depth 2
+
+
+def _raster_pairs(budget: int | None, prefix: int = 1, tokens: int = 9) -> int:
+    """Prefill: the prefix attends causally to itself; then each of the other ``tokens - 1`` steps one
+    query over the keys held (all of them, or ``budget``)."""
+    held = [prefix + t for t in range(1, tokens)]
+    return prefix * (prefix + 1) // 2 + sum(h if budget is None else min(h, budget) for h in held)
+
+
+@pytest.mark.parametrize("config, budget", [
+    ("raster/dense/full", None), ("raster/dense/window:budget=4", 4), ("raster/dense/sink:budget=3", 3),
+    ("raster/dense/h2o:budget=5", 5), ("raster/dense/window:budget=0.5", 5),
+])
+def test_raster_cell_counts_flops_bytes_and_budget(config, budget):
+    row = bm.run_cell({**RASTER_TINY_CELL, "config": config})
+    assert row["status"] == "ok" and row["family"] == "next-token" and row["rows"] == 4
+    assert row["attention_gflops"] * 1e9 == pytest.approx(RASTER_TINY_UNIT * _raster_pairs(budget))
+    assert row["sequence_length"] == 10 and row["tokens_per_image"] == 9 and row["grid"] == [3, 3]
+    # key/value buffers: 2 layers x k and v x 4 rows x 2 heads x head_dim 16 x float32 per stored token
+    per_token = 2 * 2 * 4 * 2 * 16 * 4
+    assert row["kv_bytes"] == per_token * (10 if budget is None else budget)
+    assert row["budget_tokens"] == (10 if budget is None else budget)
+    assert row["cache_peak_bytes"] == row["kv_bytes"] + row["cache_bookkeeping_bytes"]
+    assert row["decode_s_per_image"] > 0 and row["peak_rss_decode"] > 0
+    # prefill and growing caches are causal; a step whose every held key is visible is dense
+    assert row["backends_used"] in ({"causal": "sdpa"}, {"causal": "sdpa", "dense": "sdpa"})
+
+
+def test_raster_cell_without_guidance_runs_conditional_rows_only():
+    row = bm.run_cell({**RASTER_TINY_CELL, "config": "raster/dense/full", "cfg": 0.0})
+    assert row["rows"] == 2 and row["cfg"] == 1.0
+    assert row["attention_gflops"] * 1e9 == pytest.approx(RASTER_TINY_UNIT / 2 * _raster_pairs(None))
+
+
+def test_model_ids_raster():
+    spec = bm.model_spec("llamagen-b")
+    assert (spec.family, spec.depth, spec.tokens_per_image, spec.resolution) == ("next-token", 12, 576, 384)
+    assert bm.model_spec("raster-tiny").family == "next-token"
+    assert bm.combo_family(bm.parse_combo("raster/dense/ssd:budget=0.2")) == "next-token"
+    assert bm.combo_family(bm.parse_combo(bm.MVAR)) == "next-scale"
+    assert [c.text for c in bm.MatrixConfig(preset="raster").combos()][0] == bm.RASTER_BASELINE
+
+
+def test_matrix_mixes_families_and_calibrates_ssd(tmp_cwd, capsys):
+    argv = ["bench", "matrix", "--cells", "tiny:1,raster-tiny:2", "--configs",
+            "full/dense/full,raster/dense/full,raster/dense/ssd:budget=0.2,markov/neighborhood:kernel_size=3/none",
+            "--repeats", "1", "--warmup", "0", "--backend", "sdpa", "--threads", "1", "--output", "mix.json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    data = json.loads((tmp_cwd / "mix.json").read_text())
+    assert data["baselines"] == {"next-scale": "full/dense/full", "next-token": "raster/dense/full"}
+    assert [(r["model"], r["config"]) for r in data["results"]] == [
+        ("tiny", "full/dense/full"), ("tiny", "markov/neighborhood:kernel_size=3/none"),
+        ("raster-tiny", "raster/dense/full"), ("raster-tiny", "raster/dense/ssd:budget=0.2")]
+    _, mvar, full, ssd = data["results"]
+    assert mvar["flops_ratio"] == pytest.approx(MVAR_K3_PAIRS / FULL_PAIRS)
+    assert full["memory_ratio"] == full["time_ratio"] == 1.0
+    budget = 2  # 20% of the 10-token sequence
+    assert ssd["flops_ratio"] == pytest.approx(_raster_pairs(budget) / _raster_pairs(None))
+    head_map = data["head_maps"]["raster-tiny"]
+    assert head_map["calibrated"] and (tmp_cwd / "mix.raster-tiny.head_map.json").exists()
+    assert ssd["options"]["cache"]["head_map"] == head_map["path"]
+    kv_target = [t for t in data["targets"] if t["metric"] == "kv_ratio"]
+    assert len(kv_target) == 1 and kv_target[0]["reduction"] == pytest.approx(5.0) and kv_target[0]["met"]
+    assert "KV-cache bytes 5.00x lower with raster/dense/ssd:budget=0.2" in captured.out
+    assert "| raster-tiny | 2 | raster/dense/ssd:budget=0.2 |" in (tmp_cwd / "mix.md").read_text()
+    with Image.open(tmp_cwd / "mix.png") as chart:
+        assert chart.format == "PNG"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--cells", "raster-tiny:1", "--configs", "full/dense/full"],
+     "model 'raster-tiny' (next-token) has no configuration of its family"),
+    (["--cells", "tiny:1", "--configs", "raster/dense/full"], "model 'tiny' (next-scale) has no configuration"),
+    (["--configs", "raster/dense/ssd:bogus=1"], "configuration 'raster/dense/ssd:bogus=1'"),
+    (["--configs", "raster/neighborhood/full"], "configuration 'raster/neighborhood/full': --attention neighborhood"),
+    (["--configs", "warp/dense/full"], "configuration 'warp/dense/full': unknown trajectory 'warp'"),
+    (["--calibration-images", "0"], "--calibration-images must be at least 1"),
+])
+def test_bad_raster_input_is_one_line(tmp_cwd, argv, needle, capsys):
+    assert main(["bench", "matrix", "--models", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_cwd / "bench-matrix.json").exists()

@@ -190,6 +190,17 @@ def test_raster_trajectory_generates_with_random_weights(tmp_path, capsys):
     assert torch.load(tmp_path / "t.pt")["tokens.0"].shape == (4, 4)
 
 
+def test_random_raster_models_have_llamagen_b_and_vq16_sizes():
+    from mvar_engine.core.config import EngineConfig
+    from mvar_engine.core.pipeline import build_raster_models
+
+    model, tokenizer = build_raster_models(EngineConfig(trajectory="raster", model={"random_weights": True}))
+    c = model.config
+    assert (c.depth, c.width, c.heads, tuple(c.grid)) == (12, 768, 12, (24, 24))
+    assert model.vocab_size == tokenizer.vocab_size == 16384  # LlamaGen VQ-16's codebook
+    assert tokenizer.config.ch == 128 and tokenizer.config.downsample == 16 and tokenizer.config.z_channels == 8
+
+
 @pytest.mark.parametrize("argv, needle, shipped", [
     (["--attention", "neighborhood", "--random-weights"], "drop --attention", True),
     ([], "no default weights for trajectory 'raster'", False),

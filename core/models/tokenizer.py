@@ -135,6 +135,20 @@ class TokenizerConfig(BaseModel):
         return sum(h * w for h, w in self.scale_hws())
 
 
+
+LLAMAGEN_VQ16_CODES = 16384
+"""LlamaGen VQ-16's codebook: 16384 codes of 8 dimensions."""
+
+
+def llamagen_vq16_sized(grid: ScaleSide) -> TokenizerConfig:
+    """A one-scale tokenizer of LlamaGen VQ-16's size for raster models with random weights (timing):
+    16384 codes of 8 dimensions, decoder width 128 x (1, 1, 2, 2, 4) with 3 res blocks per level and
+    self-attention at the lowest resolution and in the middle, downsample 16, no phi (LlamaGen has
+    none). VQ-16 itself feeds its decoder through an 8 -> 256 ``post_quant_conv``; here the decoder's
+    first convolution reads the 8 code channels directly (LlamaGen's checkpoint format is not loaded)."""
+    return TokenizerConfig(vocab_size=LLAMAGEN_VQ16_CODES, z_channels=8, ch=128, ch_mult=(1, 1, 2, 2, 4),
+                           num_res_blocks=2, quant_resi=0.0, patch_nums=(grid,))
+
 # --------------------------------------------------------------------------------------------------
 # Phi (the residual-refinement conv applied to each scale's upsampled code map)
 # --------------------------------------------------------------------------------------------------
