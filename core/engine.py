@@ -77,6 +77,7 @@ class NextScaleEngine:
             spec = self.pattern.spec(self.layout, spans, spans, self.trajectory.visible)
             return self.backends.attend(q, k, v, spec, scale=scale)
 
+        attend.heads_independent = True  # no cache sees the heads: blocks may attend a head group at a time
         return attend
 
     def _attend_cached(self, spans: Spans):
@@ -169,13 +170,19 @@ class NextScaleEngine:
             s = sc.index
             history = self.dependencies(s)
             with self._autocast(device):
+                # the embedded input is passed without a name so that the backbone holds its only
+                # reference and frees it after the first block (64 MiB at d16's last scale, 16 rows)
                 if self.cache.stores_history or history == [s]:
-                    x = model.embed_scale(s, cond, var_inputs[s])
-                    hidden = model.backbone(x, cond, self._attend_cached((sc.span,)))
+                    # a cache that keeps nothing is not consulted: the step attends to itself alone,
+                    # through the uncached callback (heads independent: may run a head group at a time)
+                    attend = (self._attend_cached((sc.span,)) if self.cache.stores_history
+                              else self._attend_uncached((sc.span,)))
+                    hidden = model.backbone(model.embed_scale(s, cond, var_inputs[s]), cond, attend)
+                    del attend
                     self.cache.end_step()
                 else:
-                    x = model.embed_scales(history, cond, [var_inputs[j] for j in history])
-                    hidden = model.backbone(x, cond, self._attend_uncached(layout.spans_of(history)))[:, -sc.numel:]
+                    hidden = model.backbone(model.embed_scales(history, cond, [var_inputs[j] for j in history]), cond,
+                                            self._attend_uncached(layout.spans_of(history)))[:, -sc.numel:]
                 if return_logits or forced_tokens is not None:
                     logits = model.logits(hidden, cond)
             out.cache_peak_bytes = max(out.cache_peak_bytes, self.cache.nbytes())

@@ -75,8 +75,10 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x: [B, l, C]`` -> q, k, v each ``[B, H, l, D]`` (q already scaled for ``self.scale``).
+    def qkv(self, x: torch.Tensor, heads: tuple[int, int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x: [B, l, C]`` -> q, k, v each ``[B, H, l, D]`` (q already scaled for ``self.scale``);
+        ``heads=(first, stop)``: only those heads, ``[B, stop - first, l, D]``.
 
         The three projections are computed one at a time from the rows of ``mat_qkv`` (the same
         product as one ``[3C, C]`` GEMM), and q, k are normalised in place when no graph is
@@ -84,15 +86,17 @@ class SelfAttention(nn.Module):
         batch 32 and CFG that buffer alone is 192 MiB)."""
         b, l, c = x.shape
         weight = self.mat_qkv.weight
-        heads, d = self.heads, self.head_dim
+        d = self.head_dim
+        first, stop = heads or (0, self.heads)
+        rows = slice(first * d, stop * d)
 
         def project(part: int, bias: torch.Tensor | None) -> torch.Tensor:
-            out = F.linear(x, weight[part * c:(part + 1) * c], bias)
-            return out.view(b, l, heads, d).transpose(1, 2)
+            out = F.linear(x, weight[part * c:(part + 1) * c][rows], None if bias is None else bias[rows])
+            return out.view(b, l, stop - first, d).transpose(1, 2)
 
         q, k, v = project(0, self.q_bias), project(1, None), project(2, self.v_bias)
         if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            scale_mul = self.scale_mul_1H11[:, first:stop].clamp_max(self.max_scale_mul).exp()
             if torch.is_grad_enabled():
                 q, k = F.normalize(q, dim=-1).mul(scale_mul), F.normalize(k, dim=-1)
             else:
@@ -105,11 +109,39 @@ class SelfAttention(nn.Module):
         b, h, l, d = o.shape
         return self.proj(o.transpose(1, 2).reshape(b, l, h * d))
 
+    def head_groups(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """Head ranges whose q, k and v together stay within :data:`QKV_CHUNK_BYTES` for ``x: [B, l, C]``."""
+        per_head = 3 * x.shape[0] * x.shape[1] * self.head_dim * x.element_size()
+        size = max(1, min(self.heads, QKV_CHUNK_BYTES // per_head))
+        return [(first, min(first + size, self.heads)) for first in range(0, self.heads, size)]
 
-FFN_CHUNK_BYTES = 64 * 2**20
-"""Inference only: most bytes of FFN hidden activations (``tokens x 4C``) alive at once. Without
-it the two ``[tokens, 4C]`` tensors of fc1 and GELU set a block's peak (512 MiB at VAR-d16's last
-scale with batch 32 and CFG)."""
+    def attend_by_heads(self, x: torch.Tensor, attend: Callable, groups: list[tuple[int, int]]) -> torch.Tensor:
+        """Attention of ``x: [B, l, C]`` one head group at a time (inference; ``attend`` must treat
+        heads independently, as every uncached pattern does) -> ``[B, l, C]`` after the projection.
+        Only one group's q, k and v exist at a time; outputs go to one token-major buffer."""
+        b, l, c = x.shape
+        o = None
+        for first, stop in groups:
+            q, k, v = self.qkv(x, (first, stop))
+            part = attend(q, k, v, self.scale)  # [B, g, l, D]
+            del q, k, v
+            if o is None:
+                o = part.new_empty(b, l, self.heads, self.head_dim)
+            o[:, :, first:stop] = part.transpose(1, 2)
+            del part
+        del x
+        return self.proj(o.view(b, l, c))
+
+
+QKV_CHUNK_BYTES = 48 * 2**20
+"""Inference with head-independent attention (no KV cache): most bytes of q, k and v alive at once;
+larger maps are projected and attended a group of heads at a time (:meth:`SelfAttention.attend_by_heads`).
+At VAR-d16's last 512px scale with batch 8 and CFG, q, k and v of all heads are 192 MiB."""
+
+FFN_CHUNK_BYTES = 32 * 2**20
+"""Inference only: bytes of one chunk of FFN hidden activations (``tokens x 4C``; fc1's output and
+GELU's exist together, so twice this is alive). Without it the two ``[tokens, 4C]`` tensors set a
+block's peak (512 MiB at VAR-d16's last scale with batch 32 and CFG)."""
 
 
 class FFN(nn.Module):
@@ -121,9 +153,11 @@ class FFN(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, overwrite_input: bool = False) -> torch.Tensor:
         """``x: [..., C]`` -> ``[..., C]``; without autograd, in chunks of tokens (each token is
-        independent) so that at most :data:`FFN_CHUNK_BYTES` of hidden activations exist."""
+        independent) so that at most :data:`FFN_CHUNK_BYTES` of hidden activations exist.
+        ``overwrite_input``: the caller gives up ``x``; chunked outputs are written over its rows
+        (when dtype and width allow) instead of into a new buffer."""
         width = x.shape[-1]
         tokens = x.numel() // width
         per_chunk = max(1, FFN_CHUNK_BYTES // (self.fc1.out_features * x.element_size()))
@@ -131,7 +165,8 @@ class FFN(nn.Module):
             return self._mlp(x)
         flat = x.reshape(tokens, width)
         first = self._mlp(flat[:per_chunk])  # its dtype is the output's (autocast may change it)
-        out = first.new_empty(tokens, self.fc2.out_features)
+        reuse = overwrite_input and x.is_contiguous() and first.dtype == x.dtype and first.shape[-1] == width
+        out = flat if reuse else first.new_empty(tokens, self.fc2.out_features)
         out[:per_chunk] = first
         for start in range(per_chunk, tokens, per_chunk):
             out[start:start + per_chunk] = self._mlp(flat[start:start + per_chunk])
@@ -149,12 +184,21 @@ class AdaLNSelfAttn(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(width, 6 * width))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Callable) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Callable, heads_independent: bool = False
+                ) -> torch.Tensor:
+        """``x: [B, l, C]``, ``cond: [B, C]``; ``attend(q, k, v, scale)`` computes attention of
+        ``[B, H, l, D]`` tensors. ``heads_independent``: ``attend`` may be called on any subset of the
+        heads (no KV cache sees them), so inference may run large maps a head group at a time."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
         # no locals hold the normalised input or q/k/v beyond their use (inference peak memory)
-        x = x + self.attn.out(attend(*self.attn.qkv(self.ln_wo_grad(x).mul(scale1.add(1)).add(shift1)),
-                                     self.attn.scale)).mul(gamma1)
-        return x + self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add(shift2)).mul(gamma2)
+        groups = self.attn.head_groups(x) if heads_independent and not torch.is_grad_enabled() else []
+        if len(groups) > 1:
+            x = x + self.attn.attend_by_heads(self.ln_wo_grad(x).mul(scale1.add(1)).add(shift1), attend,
+                                              groups).mul(gamma1)
+        else:
+            x = x + self.attn.out(attend(*self.attn.qkv(self.ln_wo_grad(x).mul(scale1.add(1)).add(shift1)),
+                                         self.attn.scale)).mul(gamma1)
+        return x + self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add(shift2), overwrite_input=True).mul(gamma2)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -224,9 +268,11 @@ class VAR(nn.Module):
 
     # -- transformer -----------------------------------------------------------------------------
     def backbone(self, x: torch.Tensor, cond: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        """Run every block on ``x: [B, l, C]``; ``attend(layer, q, k, v, scale)`` computes attention."""
+        """Run every block on ``x: [B, l, C]``; ``attend(layer, q, k, v, scale)`` computes attention.
+        An ``attend`` with a true ``heads_independent`` attribute may be called per head group."""
+        independent = bool(getattr(attend, "heads_independent", False))
         for layer, block in enumerate(self.blocks):
-            x = block(x, cond, lambda q, k, v, scale, layer=layer: attend(layer, q, k, v, scale))
+            x = block(x, cond, lambda q, k, v, scale, layer=layer: attend(layer, q, k, v, scale), independent)
         return x
 
     def logits(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
