@@ -10,7 +10,9 @@ peak nor hides it.
 
 Memory. CPU: the process's peak resident set (``VmHWM``), reset after the load and again before
 decoding (``/proc/self/clear_refs``), so ``peak_rss_transformer`` is the peak of the generation
-phase and ``peak_rss_decode`` the peak of the decoding phase, both weights included;
+phase and ``peak_rss_decode`` the peak of the decoding phase, both weights included; before each
+reset the C allocator returns its free heap memory to the OS (glibc ``malloc_trim``; without it,
+memory the generation freed but glibc kept resident was counted again in the decoding phase);
 ``peak_rss_total`` is their maximum and ``working_memory`` = ``peak_rss_total - baseline_rss``.
 CUDA: the same fields from ``torch.cuda.max_memory_allocated`` (``reset_peak_memory_stats``
 between the phases) and ``memory_allocated`` after the load. The engine's own count of KV-cache
@@ -49,7 +51,8 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import torch
 
-from .bench_report import machine_info, peak_rss_bytes, reset_peak_rss, run_json_worker, synchronizer, write_json
+from .bench_report import (machine_info, peak_rss_bytes, release_free_memory, reset_peak_rss, run_json_worker,
+                           synchronizer, write_json)
 from .bench_train import _rss_bytes
 from .errors import ConfigError, MvarEngineError, UsageError
 
@@ -380,6 +383,7 @@ class MemoryProbe:
         self.cuda = device.type == "cuda"
         self.device = device
         self.resets = True
+        self.trimmed = False
 
     def current(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.cuda else _rss_bytes()
@@ -388,11 +392,14 @@ class MemoryProbe:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else peak_rss_bytes()
 
     def reset(self) -> None:
+        """Start a phase: CUDA peak counters reset; CPU: free heap memory returned to the OS
+        (:func:`release_free_memory`), then the peak resident set reset to the current one."""
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            self.trimmed = release_free_memory()
             self.resets = reset_peak_rss() and self.resets
 
 
@@ -421,100 +428,134 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+class CellRun:
+    """What every family's worker shares in its fresh process: settings, building the pipeline and
+    the memory baseline (``__init__``), timed generations (:meth:`generations`), chunked decoding
+    (:meth:`decoding`) and the row's common fields (:meth:`row`).
+
+    ``make_config(device)`` returns the cell's :class:`EngineConfig`; ``build()`` the (model,
+    tokenizer) pair with random weights."""
+
+    def __init__(self, cell: dict[str, Any], make_config: Callable[[torch.device], Any],
+                 build: Callable[[], tuple[Any, Any]]) -> None:
+        from .pipeline import Pipeline, resolve_components, resolve_device
+
+        self.cell, self.spec, self.combo = cell, model_spec(cell["model"]), parse_combo(cell["config"])
+        if cell.get("threads"):
+            torch.set_num_threads(cell["threads"])
+        self.device = resolve_device(cell["device"])
+        self.probe, self.sync = MemoryProbe(self.device), synchronizer(self.device)
+        start = time.perf_counter()
+        self.config = make_config(self.device)
+        self.components = resolve_components(self.config)
+        model, tokenizer = build()
+        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer.to(self.device).eval()
+        self.engine = Pipeline(self.config, self.model, self.tokenizer, self.components, self.device).engine
+        self.sync()
+        self.load_s = time.perf_counter() - start
+        self.peak_load = self.probe.peak()
+        self.probe.reset()
+        self.baseline = self.probe.current()
+
+    def fresh_cache(self):
+        """A new instance of the configuration's cache policy (the previous call's buffers go first)."""
+        from .registry import get_registry
+
+        return get_registry().create("cache", self.config.cache.name, self.config.cache.options)
+
+    def generations(self, prepare: Callable[[int], None], call: Callable[[], None]) -> None:
+        """``--warmup`` untimed then ``--repeats`` timed calls (``prepare(i)`` before each, untimed);
+        then the peak of the generation phase."""
+        durations = []
+        for index in range(self.cell["warmup"] + self.cell["repeats"]):
+            prepare(index)
+            gc.collect()
+            self.sync()
+            t0 = time.perf_counter()
+            call()
+            self.sync()
+            durations.append(time.perf_counter() - t0)
+        self.warm, self.times = durations[:self.cell["warmup"]], durations[self.cell["warmup"]:]
+        self.peak_transformer = self.probe.peak()
+
+    def decoding(self, decode: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor) -> None:
+        """Decode ``items`` (f_hat maps or token maps, one per image) in ``--decode-chunk`` images at a
+        time after one untimed warm-up image, in a phase of its own for the peak."""
+        self.probe.reset()
+        self.decode_times = []
+        with torch.no_grad():
+            decode(items[:1])  # first-call allocations, untimed
+            for chunk in torch.split(items, self.cell["decode_chunk"]):
+                self.sync()
+                t0 = time.perf_counter()
+                images = decode(chunk)
+                self.sync()
+                self.decode_times.append((time.perf_counter() - t0) / chunk.shape[0])
+                del images
+        self.peak_decode = self.probe.peak()
+
+    def row(self, *, rows: int, cfg: float, flops: int, cache_peak: int, **extra: Any) -> dict[str, Any]:
+        cell, spec, combo = self.cell, self.spec, self.combo
+        median_s = statistics.median(self.times)
+        peak_total = max(self.peak_transformer, self.peak_decode)
+        return {
+            "status": "ok", "reason": None,
+            "model": spec.id, "family": spec.family, "random_weights": True, "depth": spec.depth,
+            "resolution": spec.resolution, "tokens_per_image": spec.tokens_per_image,
+            "batch": cell["batch"], "cfg": cfg, "rows": rows, "config": combo.text,
+            "trajectory": combo.trajectory, "attention": combo.attention, "cache": combo.cache,
+            "options": combo.options, "backend": cell["backend"], "backends_used": dict(self.components.backends.used),
+            "device": str(self.device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "tokenizer_params": sum(p.numel() for p in self.tokenizer.parameters()),
+            "weights_bytes": _module_bytes(self.model) + _module_bytes(self.tokenizer),
+            "memory_source": "cuda max_memory_allocated" if self.probe.cuda else "process peak RSS (VmHWM)",
+            "peak_resets": self.probe.resets, "heap_trimmed": self.probe.trimmed,
+            "load_s": self.load_s, "peak_load": self.peak_load, "baseline_rss": self.baseline,
+            "peak_rss_transformer": self.peak_transformer, "peak_rss_decode": self.peak_decode,
+            "peak_rss_total": peak_total, "working_memory": peak_total - self.baseline,
+            "working_memory_transformer": self.peak_transformer - self.baseline,
+            "cache_peak_bytes": cache_peak, "attention_gflops": flops / 1e9,
+            "attention_gflops_per_image": flops / 1e9 / cell["batch"],
+            "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
+            "transformer_times_s": self.times, "warmup_times_s": self.warm, "repeats": len(self.times),
+            "decode_s_per_image": statistics.median(self.decode_times), "decode_chunk": cell["decode_chunk"],
+            "tokens_per_s": cell["batch"] * spec.tokens_per_image / median_s,
+            **extra,
+        }
+
+
 def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Measure one (next-scale model, batch, configuration) cell in this process; returns the row."""
     from .config import EngineConfig
-    from .pipeline import Pipeline, resolve_components, resolve_device
-    from .registry import get_registry
 
-    spec = model_spec(cell["model"])
     combo = parse_combo(cell["config"])
-    if cell.get("threads"):
-        torch.set_num_threads(cell["threads"])
-    device = resolve_device(cell["device"])
-    probe = MemoryProbe(device)
-    sync = synchronizer(device)
-    start = time.perf_counter()
-    config = EngineConfig(**combo.engine_components(), backend=cell["backend"], device=str(device),
-                          dtype=cell["dtype"], sampling={"cfg": cell["cfg"], "seed": cell["seed"]})
-    components = resolve_components(config)
-    model, tokenizer = _build_next_scale(spec, cell)
-    pipe = Pipeline(config, model.to(device).eval(), tokenizer.to(device).eval(), components, device)
-    engine = pipe.engine
-    sync()
-    load_s = time.perf_counter() - start
-    peak_load = probe.peak()
-    probe.reset()
-    baseline = probe.current()
-
+    run = CellRun(cell, lambda device: EngineConfig(**combo.engine_components(), backend=cell["backend"],
+                                                    device=str(device), dtype=cell["dtype"],
+                                                    sampling={"cfg": cell["cfg"], "seed": cell["seed"]}),
+                  lambda: _build_next_scale(model_spec(cell["model"]), cell))
+    model, engine = run.model, run.engine
     block = model.blocks[0].attn
     rows = cell["batch"] * (2 if cell["cfg"] > 0 else 1)
-    flops = attention_flops(model.layout, components.trajectory, components.pattern,
-                            get_registry().create("cache", combo.cache, combo.options.get("cache", {})),
+    flops = attention_flops(model.layout, run.components.trajectory, run.components.pattern, run.fresh_cache(),
                             depth=len(model.blocks), heads=block.heads, head_dim=block.head_dim, rows=rows)
-
-    labels = (torch.arange(cell["batch"]) % model.num_classes).to(device)
-    generator = torch.Generator(device=device).manual_seed(cell["seed"])
-    fresh_cache = lambda: get_registry().create("cache", combo.cache, combo.options.get("cache", {}))  # noqa: E731
+    labels = (torch.arange(cell["batch"]) % model.num_classes).to(run.device)
+    generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
     last: list[Any] = [None]
 
-    def generate() -> float:
+    def prepare(_index: int) -> None:
         last[0] = None
-        engine.cache = fresh_cache()  # a new policy per call: the previous call's buffers are freed first
-        gc.collect()
-        sync()
-        t0 = time.perf_counter()
+        engine.cache = run.fresh_cache()
+
+    def call() -> None:
         last[0] = engine.generate(labels, cfg=cell["cfg"], generator=generator)
-        sync()
-        return time.perf_counter() - t0
 
-    warm = [generate() for _ in range(cell["warmup"])]
-    times = [generate() for _ in range(cell["repeats"])]
-    peak_transformer = probe.peak()
-    out = last[0]
-    f_hat, cache_peak = out.f_hat, out.cache_peak_bytes
-    del out
-    last[0] = None
-    engine.cache = fresh_cache()
-
-    probe.reset()
-    decode_times = []
-    with torch.no_grad():
-        tokenizer.fhat_to_img(f_hat[:1])  # warm-up (first-call allocations), untimed
-        for chunk in torch.split(f_hat, cell["decode_chunk"]):
-            sync()
-            t0 = time.perf_counter()
-            images = tokenizer.fhat_to_img(chunk)
-            sync()
-            decode_times.append((time.perf_counter() - t0) / chunk.shape[0])
-            del images
-    peak_decode = probe.peak()
-    median_s = statistics.median(times)
-    tokens = spec.tokens_per_image
-    peak_total = max(peak_transformer, peak_decode)
-    return {
-        "status": "ok", "reason": None,
-        "model": spec.id, "family": spec.family, "random_weights": True, "depth": spec.depth,
-        "resolution": spec.resolution, "patch_nums": list(spec.patch_nums), "tokens_per_image": tokens,
-        "batch": cell["batch"], "cfg": cell["cfg"], "rows": rows, "config": combo.text,
-        "trajectory": combo.trajectory, "attention": combo.attention, "cache": combo.cache,
-        "options": combo.options, "backend": cell["backend"], "backends_used": dict(components.backends.used),
-        "device": str(device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()),
-        "tokenizer_params": sum(p.numel() for p in tokenizer.parameters()),
-        "weights_bytes": _module_bytes(model) + _module_bytes(tokenizer),
-        "memory_source": "cuda max_memory_allocated" if probe.cuda else "process peak RSS (VmHWM)",
-        "peak_resets": probe.resets,
-        "load_s": load_s, "peak_load": peak_load, "baseline_rss": baseline,
-        "peak_rss_transformer": peak_transformer, "peak_rss_decode": peak_decode, "peak_rss_total": peak_total,
-        "working_memory": peak_total - baseline, "working_memory_transformer": peak_transformer - baseline,
-        "cache_peak_bytes": cache_peak, "attention_gflops": flops / 1e9,
-        "attention_gflops_per_image": flops / 1e9 / cell["batch"],
-        "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
-        "transformer_times_s": times, "warmup_times_s": warm, "repeats": len(times),
-        "decode_s_per_image": statistics.median(decode_times), "decode_chunk": cell["decode_chunk"],
-        "tokens_per_s": cell["batch"] * tokens / median_s,
-    }
+    run.generations(prepare, call)
+    f_hat, cache_peak = last[0].f_hat, last[0].cache_peak_bytes
+    prepare(-1)
+    run.decoding(run.tokenizer.fhat_to_img, f_hat)
+    return run.row(rows=rows, cfg=cell["cfg"], flops=flops, cache_peak=cache_peak,
+                   patch_nums=list(run.spec.patch_nums))
 
 
 def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:

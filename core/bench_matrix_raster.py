@@ -21,9 +21,6 @@ over the last generation's tokens in chunks of ``--decode-chunk`` images.
 
 from __future__ import annotations
 
-import gc
-import statistics
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -93,38 +90,18 @@ class FlopCounter:
 def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Measure one (raster model, batch, configuration) cell in this process; returns the row."""
     from .bench_cache import cache_bytes
-    from .bench_matrix import MemoryProbe, _module_bytes, model_spec, parse_combo
-    from .bench_report import synchronizer
-    from .pipeline import Pipeline, resolve_components, resolve_device
-    from .registry import get_registry
+    from .bench_matrix import CellRun, model_spec, parse_combo
     from ..plugins.budget_cache import budget_tokens
 
-    spec = model_spec(cell["model"])
     combo = parse_combo(cell["config"])
-    if cell.get("threads"):
-        torch.set_num_threads(cell["threads"])
-    device = resolve_device(cell["device"])
-    probe = MemoryProbe(device)
-    sync = synchronizer(device)
-    start = time.perf_counter()
-    config = engine_config(combo, {**cell, "device": str(device)})
-    components = resolve_components(config)
-    model, tokenizer = _build(spec, cell)
-    pipe = Pipeline(config, model.to(device).eval(), tokenizer.to(device).eval(), components, device)
-    engine = pipe.engine
-    counter = FlopCounter(components.backends)
-    sync()
-    load_s = time.perf_counter() - start
-    peak_load = probe.peak()
-    probe.reset()
-    baseline = probe.current()
-
+    run = CellRun(cell, lambda device: engine_config(combo, {**cell, "device": str(device)}),
+                  lambda: _build(model_spec(cell["model"]), cell))
+    model, engine = run.model, run.engine
+    counter = FlopCounter(run.components.backends)
     cfg = raster_cfg(cell["cfg"])
     rows = cell["batch"] * (2 if cfg != 1.0 else 1)
-    labels = (torch.arange(cell["batch"]) % model.num_classes).to(device)
-    generator = torch.Generator(device=device).manual_seed(cell["seed"])
-    cache_options = config.cache.options
-    fresh_cache = lambda: get_registry().create("cache", combo.cache, cache_options)  # noqa: E731
+    labels = (torch.arange(cell["batch"]) % model.num_classes).to(run.device)
+    generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
     held = {"kv": 0, "bookkeeping": 0}
     last: list[Any] = [None]
 
@@ -132,69 +109,28 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
         kv, bookkeeping = cache_bytes(engine.cache)
         held["kv"], held["bookkeeping"] = max(held["kv"], kv), max(held["bookkeeping"], bookkeeping)
 
-    def generate(first: bool) -> float:
+    def prepare(index: int) -> None:
         last[0] = None
-        engine.cache = fresh_cache()  # a new policy per call: the previous call's buffers are freed first
-        counter.counting = first
-        gc.collect()
-        sync()
-        t0 = time.perf_counter()
+        engine.cache = run.fresh_cache()
+        counter.counting = index == 0  # the first generation counts the FLOPs
+
+    def call() -> None:
         last[0] = engine.generate(labels, cfg=cfg, generator=generator, progress=poll)
-        sync()
-        return time.perf_counter() - t0
 
-    calls = cell["warmup"] + cell["repeats"]
-    durations = [generate(i == 0) for i in range(calls)]
-    warm, times = durations[:cell["warmup"]], durations[cell["warmup"]:]
-    peak_transformer = probe.peak()
-    out = last[0]
-    tokens_out, cache_peak = out.tokens, out.cache_peak_bytes
-    del out
-    last[0] = None
-    engine.cache = fresh_cache()
-
-    probe.reset()
-    decode_times = []
-    engine.decode(tokens_out[:1])  # warm-up (first-call allocations), untimed
-    for chunk in torch.split(tokens_out, cell["decode_chunk"]):
-        sync()
-        t0 = time.perf_counter()
-        images = engine.decode(chunk)
-        sync()
-        decode_times.append((time.perf_counter() - t0) / chunk.shape[0])
-        del images
-    peak_decode = probe.peak()
-    median_s = statistics.median(times)
-    tokens = spec.tokens_per_image
-    peak_total = max(peak_transformer, peak_decode)
+    run.generations(prepare, call)
+    tokens, cache_peak = last[0].tokens, last[0].cache_peak_bytes
+    prepare(-1)
+    run.decoding(engine.decode, tokens)
     length = model.layout.length
-    budget = cache_options.get("budget")
-    return {
-        "status": "ok", "reason": None,
-        "model": spec.id, "family": spec.family, "random_weights": True, "depth": spec.depth,
-        "resolution": spec.resolution, "grid": list(RASTER_GRIDS[spec.id]), "tokens_per_image": tokens,
-        "sequence_length": length, "batch": cell["batch"], "cfg": cfg, "rows": rows, "config": combo.text,
-        "trajectory": combo.trajectory, "attention": combo.attention, "cache": combo.cache,
-        "options": {**combo.options, "cache": dict(cache_options)} if cache_options else combo.options,
-        "backend": cell["backend"], "backends_used": dict(components.backends.used),
-        "device": str(device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()),
-        "tokenizer_params": sum(p.numel() for p in tokenizer.parameters()),
-        "weights_bytes": _module_bytes(model) + _module_bytes(tokenizer),
-        "memory_source": "cuda max_memory_allocated" if probe.cuda else "process peak RSS (VmHWM)",
-        "peak_resets": probe.resets,
-        "load_s": load_s, "peak_load": peak_load, "baseline_rss": baseline,
-        "peak_rss_transformer": peak_transformer, "peak_rss_decode": peak_decode, "peak_rss_total": peak_total,
-        "working_memory": peak_total - baseline, "working_memory_transformer": peak_transformer - baseline,
-        "cache_peak_bytes": cache_peak, "kv_bytes": held["kv"], "cache_bookkeeping_bytes": held["bookkeeping"],
-        "budget_tokens": (min(length, budget_tokens(budget, length)) if budget is not None
-                          else (length if engine.cache.stores_history else 0)),
-        "attention_gflops": counter.flops / 1e9, "attention_gflops_per_image": counter.flops / 1e9 / cell["batch"],
-        "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
-        "transformer_times_s": times, "warmup_times_s": warm, "repeats": len(times),
-        "decode_s_per_image": statistics.median(decode_times), "decode_chunk": cell["decode_chunk"],
-        "tokens_per_s": cell["batch"] * tokens / median_s,
-    }
+    options = run.config.cache.options
+    budget = options.get("budget")
+    return run.row(
+        rows=rows, cfg=cfg, flops=counter.flops, cache_peak=cache_peak,
+        options={**combo.options, "cache": dict(options)} if options else combo.options,
+        grid=list(RASTER_GRIDS[run.spec.id]), sequence_length=length,
+        kv_bytes=held["kv"], cache_bookkeeping_bytes=held["bookkeeping"],
+        budget_tokens=(min(length, budget_tokens(budget, length)) if budget is not None
+                       else (length if engine.cache.stores_history else 0)))
 
 
 def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images: int, log: TextIO) -> dict[str, Any]:

@@ -170,6 +170,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_free_memory() -> bool:
+    """Return the C allocator's free heap memory to the OS (glibc ``malloc_trim(0)``) so that memory
+    one phase freed is not still resident, and counted, in the next; False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Reset the peak resident set to the current one (Linux >= 4.0); False where that is impossible."""
     try:

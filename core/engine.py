@@ -40,7 +40,7 @@ def cached_attention(cache: CachePolicy, backends: BackendSelector, spans: Spans
     return attend
 
 
-LOGITS_CHUNK_BYTES = 64 * 2**20
+LOGITS_CHUNK_BYTES = 16 * 2**20
 """Most bytes of float32 logits the sampling path materialises at once (see ``_sample``)."""
 from .trajectory import Trajectory
 

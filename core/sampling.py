@@ -34,10 +34,11 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
     return logits
 
 
-SAMPLING_CHUNK_BYTES = 32 * 2**20
+SAMPLING_CHUNK_BYTES = 8 * 2**20
 """Float32 logits filtered and drawn at once: the sort, cumulative sums and masks of top-k/top-p
 cost several times the logits, so sampling a large scale in one piece would set the peak memory of
-a cache-free (MVAR) generation."""
+a cache-free (MVAR) generation. On this CPU, for ``[8, 1024, 4096]`` logits: 208 MiB of working
+memory in 32 MiB pieces, 20 MiB in 8 MiB pieces, and no slower."""
 
 
 def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,

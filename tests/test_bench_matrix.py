@@ -204,6 +204,13 @@ def test_presets_and_cells():
     (["--cells", "tiny:2,tiny"], "cell 'tiny' is not MODEL:BATCH"),
     (["--batches", "0"], "--batches: expected comma-separated positive integers"),
     (["--warmup", "-1"], "--warmup at least 0"),
+    (["--cells", "raster-tiny:1", "--configs", "full/dense/full"],
+     "model 'raster-tiny' (next-token) has no configuration of its family"),
+    (["--cells", "tiny:1", "--configs", "raster/dense/full"], "model 'tiny' (next-scale) has no configuration"),
+    (["--configs", "raster/dense/ssd:bogus=1"], "configuration 'raster/dense/ssd:bogus=1'"),
+    (["--configs", "raster/neighborhood/full"], "configuration 'raster/neighborhood/full': --attention neighborhood"),
+    (["--configs", "warp/dense/full"], "configuration 'warp/dense/full': unknown trajectory 'warp'"),
+    (["--calibration-images", "0"], "--calibration-images must be at least 1"),
 ])
 def test_bad_input_is_one_line(tmp_cwd, argv, needle, capsys):
     assert main(["bench", "matrix", "--models", "tiny", *argv]) == 2
@@ -284,19 +291,3 @@ def test_matrix_mixes_families_and_calibrates_ssd(tmp_cwd, capsys):
     assert "| raster-tiny | 2 | raster/dense/ssd:budget=0.2 |" in (tmp_cwd / "mix.md").read_text()
     with Image.open(tmp_cwd / "mix.png") as chart:
         assert chart.format == "PNG"
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--cells", "raster-tiny:1", "--configs", "full/dense/full"],
-     "model 'raster-tiny' (next-token) has no configuration of its family"),
-    (["--cells", "tiny:1", "--configs", "raster/dense/full"], "model 'tiny' (next-scale) has no configuration"),
-    (["--configs", "raster/dense/ssd:bogus=1"], "configuration 'raster/dense/ssd:bogus=1'"),
-    (["--configs", "raster/neighborhood/full"], "configuration 'raster/neighborhood/full': --attention neighborhood"),
-    (["--configs", "warp/dense/full"], "configuration 'warp/dense/full': unknown trajectory 'warp'"),
-    (["--calibration-images", "0"], "--calibration-images must be at least 1"),
-])
-def test_bad_raster_input_is_one_line(tmp_cwd, argv, needle, capsys):
-    assert main(["bench", "matrix", "--models", "tiny", *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
-    assert not (tmp_cwd / "bench-matrix.json").exists()

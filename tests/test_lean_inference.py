@@ -174,3 +174,24 @@ def test_banded_decoding_is_inference_only():
         banded_decode.BANDED_MAP_BYTES = saved
     out.sum().backward()  # the plain, differentiable path ran
     assert decoder.conv_out.weight.grad is not None
+
+
+def test_banded_level_takes_channels_last_maps():
+    """Regression: a plain convolution may hand a batch over as a channels-last map (LlamaGen-size
+    decoding at batch 2 failed in ``group_stats``'s view)."""
+    from mvar_engine.core.models import banded_decode
+    from mvar_engine.core.models.vae_blocks import Decoder
+
+    torch.manual_seed(0)
+    decoder = Decoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, using_sa=False, using_mid_sa=False).eval()
+    level = decoder.up[0]
+    x = torch.randn(2, 64, 6, 5).contiguous(memory_format=torch.channels_last)  # level 0 maps 64 -> 32 channels
+    y = torch.randn(2, 32, 6, 5).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous() and not y.is_contiguous()
+    with torch.no_grad():
+        plain = level.run(x.clone())
+        banded = banded_decode.run_level(level, x.clone())
+        head = banded_decode.norm_silu_conv(decoder.norm_out, decoder.conv_out, y.clone())
+        plain_head = decoder.conv_out(torch.nn.functional.silu(decoder.norm_out(y)))
+    torch.testing.assert_close(banded, plain, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(head, plain_head, atol=2e-5, rtol=1e-4)

@@ -101,6 +101,7 @@ def upsample(module: nn.Module, x: Tensor) -> Tensor:
 
 def norm_silu_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(silu(norm(x)))`` (the decoder's output head) band by band."""
+    x = x.contiguous()
     b, c, h, w = x.shape
     out = x.new_empty(b, conv.out_channels, h, w)
     stats = group_stats(x, norm)
@@ -110,7 +111,9 @@ def norm_silu_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def run_level(level: nn.Module, x: Tensor) -> Tensor:
-    """A decoder level without attention (its res blocks, then its upsampling if any), banded."""
+    """A decoder level without attention (its res blocks, then its upsampling if any), banded.
+    ``x`` may have any strides (a plain convolution may return channels-last maps for a batch)."""
+    x = x.contiguous()
     for block in level.block:
         x = resnet_block(block, x)
     if hasattr(level, "upsample"):
