@@ -218,7 +218,7 @@ PRESETS: dict[str, Preset] = {
         repeats=2, warmup=1, device="cpu",
         description="VAR-d16 256px, batch 1 and 4 with CFG: VAR, MVAR and MVAR's trajectory without its "
                     "neighbourhood; LlamaGen-B (576 tokens) batch 4 with CFG: full cache vs SSD at 20% "
-                    "(about 12 minutes on an idle 2-core CPU)"),
+                    "(about 8 minutes on an idle 2-core CPU)"),
     "target": Preset(
         cells=(("d16-256", 32), ("d16-512", 8)),
         configs=(BASELINE, MVAR),
