@@ -1,38 +1,61 @@
 """mvar-engine: efficient autoregressive image generation with swappable, pluggy-registered plugins.
 
-Public API for plugin authors and users:
+The whole plugin API, importable from here (the contracts live in ``mvar_engine.core``; the
+budgeted-cache base in ``mvar_engine.plugins.budget_cache``; those paths keep working too):
 
-- ``hookimpl``: the pluggy marker for plugin hook implementations (project name ``mvar_engine``).
-- Component records (``TrajectoryRecord``, ``AttentionPatternRecord``, ``CachePolicyRecord``,
-  ``AttentionBackendRecord``) returned from the hooks.
-- The interfaces: :mod:`mvar_engine.core.trajectory`, :mod:`mvar_engine.core.attention`,
-  :mod:`mvar_engine.core.cache` (and :mod:`mvar_engine.core.layout` for positions).
-- ``get_registry()``: the registry of every installed component.
+- ``hookimpl`` and the records the hooks return (``TrajectoryRecord``, ``AttentionPatternRecord``,
+  ``CachePolicyRecord``, ``AttentionBackendRecord``, ``ModelAdapterRecord``), ``Availability``,
+  ``NoOptions``; ``get_registry()`` for every installed component.
+- Trajectories: ``Trajectory``, ``Step``, ``Visibility``.
+- Attention patterns and their specs: ``AttentionPattern``, ``AttentionSpec``, ``Dense``,
+  ``Causal``, ``SlidingWindow1D``, ``BlockCausal``, ``BlockDiagonal``, ``Neighborhood2D``,
+  ``Masked``, ``visible_positions``.
+- Backends: ``AttentionBackend``, ``BackendCapabilities``.
+- Caches: ``CachePolicy`` (``observe`` and the traits ``families``, ``headwise``,
+  ``stores_history``, ``track_scores``), ``BudgetedCache`` with ``BudgetOptions`` and
+  ``budget_tokens``, the bounded store ``BoundedKV``, ``attention_probabilities``.
+- Token layout: ``SequenceLayout``, ``Spans``, ``merge_spans``, ``spans_length``,
+  ``spans_to_positions``.
+- Models: ``ModelAdapter``, ``GenerationState`` and the ``Engine`` that drives them.
+- Errors: ``MvarEngineError``, ``UsageError``, ``ConfigError``, ``IncompatibleComponentsError``,
+  ``BackendUnsupportedError``, ``CheckpointError``, ``UnknownComponentError``,
+  ``DuplicateComponentError``, ``ComponentFailedError``.
+
+The conformance kit for plugin packages is :mod:`mvar_engine.testing`.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .core.adapter import GenerationState, ModelAdapter
+from .core.attention import (AttentionBackend, AttentionPattern, AttentionSpec, BackendCapabilities, BlockCausal,
+                             BlockDiagonal, Causal, Dense, Masked, Neighborhood2D, SlidingWindow1D, visible_positions)
+from .core.cache import CachePolicy
+from .core.engine import Engine
+from .core.errors import (BackendUnsupportedError, CheckpointError, ComponentFailedError, ConfigError,
+                          DuplicateComponentError, IncompatibleComponentsError, MvarEngineError, UnknownComponentError,
+                          UsageError)
 from .core.hookspecs import hookimpl
-from .core.records import (
-    AttentionBackendRecord,
-    AttentionPatternRecord,
-    Availability,
-    CachePolicyRecord,
-    NoOptions,
-    TrajectoryRecord,
-)
+from .core.kv_store import BoundedKV
+from .core.layout import SequenceLayout, Spans, merge_spans, spans_length, spans_to_positions
+from .core.records import (AttentionBackendRecord, AttentionPatternRecord, Availability, CachePolicyRecord, NoOptions,
+                           TrajectoryRecord)
 from .core.registry import get_registry
+from .core.trajectory import Step, Trajectory, Visibility
+from .plugins.budget_cache import BudgetedCache, BudgetOptions, attention_probabilities, budget_tokens
 
 __all__ = [
-    "__version__",
-    "hookimpl",
-    "AttentionBackendRecord",
-    "AttentionPatternRecord",
-    "Availability",
-    "CachePolicyRecord",
-    "NoOptions",
+    "__version__", "hookimpl", "get_registry",
+    "AttentionBackendRecord", "AttentionPatternRecord", "Availability", "CachePolicyRecord", "NoOptions",
     "TrajectoryRecord",
-    "get_registry",
+    "Trajectory", "Step", "Visibility",
+    "AttentionPattern", "AttentionSpec", "Dense", "Causal", "SlidingWindow1D", "BlockCausal", "BlockDiagonal",
+    "Neighborhood2D", "Masked", "visible_positions",
+    "AttentionBackend", "BackendCapabilities",
+    "CachePolicy", "BudgetedCache", "BudgetOptions", "budget_tokens", "BoundedKV", "attention_probabilities",
+    "SequenceLayout", "Spans", "merge_spans", "spans_length", "spans_to_positions",
+    "ModelAdapter", "GenerationState", "Engine",
+    "MvarEngineError", "UsageError", "ConfigError", "IncompatibleComponentsError", "BackendUnsupportedError",
+    "CheckpointError", "UnknownComponentError", "DuplicateComponentError", "ComponentFailedError",
 ]

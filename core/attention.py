@@ -30,11 +30,14 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .layout import SequenceLayout, Spans
+from .layout import SequenceLayout, Spans, spans_to_positions
 from .neighborhood import axis_allowed, neighborhood_mask_2d
+from .trajectory import Visibility
 
 VisibilityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``visible(q_scale, k_scale) -> BoolTensor``: the trajectory's scale-level rule (broadcasting)."""
+"""``visible(q_scale, k_scale) -> BoolTensor``: the trajectory's scale-level rule (broadcasting).
+The engine passes a :class:`~mvar_engine.core.trajectory.Visibility`, which is such a callable and
+also gives the token-level rule (:func:`visible_positions`)."""
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> BoolTensor`` (pure index arithmetic or lookups)."""
@@ -317,21 +320,39 @@ SPEC_KINDS: tuple[str, ...] = ("dense", "causal", "window1d", "block-causal", "b
 """Every built-in spec kind, in the order documentation and benchmarks list them."""
 
 
+def visible_positions(layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn | Visibility
+                      ) -> torch.Tensor:
+    """BoolTensor[Lq, Lk]: what the trajectory lets the queries at ``queries`` see of the keys at
+    ``keys`` (token level when ``visible`` is a :class:`Visibility`, else its scale-level rule)."""
+    q_pos, k_pos = spans_to_positions(queries), spans_to_positions(keys)
+    if isinstance(visible, Visibility):
+        return visible.tokens(layout, q_pos, k_pos)
+    scale = layout.coords().scale
+    return visible(scale[q_pos][:, None], scale[k_pos][None, :])
+
+
 class AttentionPattern(ABC):
     """Decides which keys a query may see, at token level, within what the trajectory makes visible.
 
     Contract: ``spec`` is pure (same inputs, same spec) and cheap enough to call once per step;
     it must not look at tensor values, only at positions.
+
+    Traits (class attributes the engine checks): ``families`` (the trajectory families whose steps
+    it can describe); ``sees_every_visible_key`` (it never hides a key the trajectory shows, as
+    ``dense`` and ``causal``: a headwise cache, whose kept keys stand in by their count, needs it).
     """
 
     name: ClassVar[str] = "pattern"
+    families: ClassVar[tuple[str, ...]] = ("next-scale",)
+    sees_every_visible_key: ClassVar[bool] = False
 
     @abstractmethod
     def spec(self, layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn) -> AttentionSpec:
         """The spec for queries at positions ``queries`` over keys at positions ``keys``.
 
-        ``visible(q_scale, k_scale)`` is the trajectory's scale-level rule; the result must never
-        let a query see a key the trajectory hides.
+        ``visible`` is the trajectory's rule (:class:`Visibility`; :func:`visible_positions` gives
+        its token-level mask); the result must never let a query see a key the trajectory hides.
+        Keys come in the order given (a cache may return kept keys in slot order).
         """
 
 

@@ -304,15 +304,16 @@ def components_for(config: BenchCacheConfig):
 def make_engine(bench: BenchModel, components, config: BenchCacheConfig, device: torch.device):
     """A :class:`RasterEngine` that generates ``--max-tokens`` image tokens (all when None).
 
-    Truncation sets the engine's ``num_tokens`` (the number of steps ``generate`` runs); the layout,
+    Truncation keeps the engine's first ``--max-tokens`` steps (those ``generate`` runs); the layout,
     and therefore every cache's storage, stays the full sequence's."""
     from .pipeline import resolve_autocast
-    from .raster_engine import RasterEngine
+    from .models.raster_adapter import RasterEngine
 
     engine = RasterEngine(bench.model, bench.tokenizer, components.trajectory, components.cache, components.backends,
-                          autocast_dtype=resolve_autocast(config.dtype, device))
+                          pattern=components.pattern, autocast_dtype=resolve_autocast(config.dtype, device))
     if config.max_tokens is not None:
-        engine.num_tokens = min(config.max_tokens, engine.num_tokens)
+        engine.steps = engine.steps[:config.max_tokens]
+        engine.num_tokens = len(engine.steps)
     return engine
 
 
@@ -420,16 +421,14 @@ def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: i
     start = time.perf_counter()
     neighborhood = 3
     profiler = ProfilingCache(engine.grid, engine.prefix, neighborhood)
-    engine.cache = profiler
-    labels = class_labels(images, engine.model.num_classes, engine.model.output.weight.device)
+    labels = class_labels(images, engine.model.num_classes, engine.model.net.output.weight.device)
     generator = torch.Generator(device=labels.device).manual_seed(seed)
     print(f"calibrating SSD heads: {len(labels)} generations with the full cache ...", file=log, flush=True)
     for chunk in torch.split(labels, batch):
-        engine.generate(chunk, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+        engine.generate(chunk, profiler, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
     calibration = {"images": len(labels), "cfg": cfg, "seed": seed, "tokens_per_image": engine.num_tokens,
                    "model": model, "source": source}
     head_map = profiler.head_map(None, calibration)
-    engine.cache = None
     write_head_map(head_map, path)
     write_heatmap(head_map, path.with_suffix(".png"))
     counts = head_map.counts()
@@ -451,7 +450,7 @@ def given_head_map(path: str, bench: BenchModel) -> dict[str, Any]:
 # -- quality ----------------------------------------------------------------------------------------------
 def guided(logits: torch.Tensor, batch: int, config: BenchCacheConfig) -> torch.Tensor:
     """The CFG-guided logits ``[B, n, V]`` of raw per-row logits (the logits themselves without CFG)."""
-    from .raster_engine import guided_logits_raster
+    from .sampling import guided_logits_raster
 
     return guided_logits_raster(logits, batch, config.cfg) if config.guided else logits
 
@@ -521,9 +520,8 @@ class QualityBench:
         return torch.Generator(device=self.chunks[index].device).manual_seed(self.config.seed + 1000 + index)
 
     def _generate(self, cache, labels, index: int | None = None, forced=None, logits: bool = False):
-        self.engine.cache = cache
         c = self.config
-        return self.engine.generate(labels, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
+        return self.engine.generate(labels, cache, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
                                     generator=None if index is None else self._generator(index),
                                     forced_tokens=forced, return_logits=logits)
 
@@ -560,7 +558,6 @@ class QualityBench:
                        for index, labels in enumerate(self.chunks)]
             same = sum(int((s == r).sum()) for s, r in zip(sampled, self.reference_tokens))
             scores = self._score(sampled)
-        self.engine.cache = None
         row = {"quality_images": sum(len(c) for c in self.chunks), "quality_tokens": tokens,
                "top1_agreement": agree / tokens, "kl": kl / tokens, "sampled_agreement": same / tokens}
         if scores is not None:
@@ -850,7 +847,7 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
 
     d = BenchCacheConfig()
     p = _Parser(prog=f"{PROG} bench cache", allow_abbrev=False,
-                description="KV-cache policies of a raster model side by side (issue #5): per policy and budget the "
+                description="KV-cache policies of a raster model side by side: per policy and budget the "
                             "cache's key/value and bookkeeping bytes, time per image and tokens/s, peak memory over "
                             "the post-load baseline (each row in a fresh process), and quality against the full "
                             "cache (top-1 agreement and KL of the CFG-guided logits on full's tokens; tokens sampled "

@@ -223,7 +223,7 @@ PRESETS: dict[str, Preset] = {
         cells=(("d16-256", 32), ("d16-512", 8)),
         configs=(BASELINE, MVAR),
         repeats=1, warmup=1, device="auto",
-        description="issue #7's target rows: d16 256px batch 32 and d16 512px batch 8, with CFG, VAR vs MVAR (on a "
+        description="the target rows: d16 256px batch 32 and d16 512px batch 8, with CFG, VAR vs MVAR (on a "
                     "2-core CPU one batch-32 generation takes minutes: --cells d16-256:8,d16-512:2 there)"),
     "paper": Preset(
         cells=(("d16-256", 32), ("d20-256", 32), ("d24-256", 32)),
@@ -542,13 +542,14 @@ def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
     labels = (torch.arange(cell["batch"]) % model.num_classes).to(run.device)
     generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
     last: list[Any] = [None]
+    cache: list[Any] = [None]
 
     def prepare(_index: int) -> None:
         last[0] = None
-        engine.cache = run.fresh_cache()
+        cache[0] = run.fresh_cache()
 
     def call() -> None:
-        last[0] = engine.generate(labels, cfg=cell["cfg"], generator=generator)
+        last[0] = engine.generate(labels, cache[0], cfg=cell["cfg"], top_k=900, top_p=0.96, generator=generator)
 
     run.generations(prepare, call)
     f_hat, cache_peak = last[0].f_hat, last[0].cache_peak_bytes

@@ -104,23 +104,24 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
     held = {"kv": 0, "bookkeeping": 0}
     last: list[Any] = [None]
+    cache: list[Any] = [None]
 
     def poll(_step: int) -> None:
-        kv, bookkeeping = cache_bytes(engine.cache)
+        kv, bookkeeping = cache_bytes(cache[0])
         held["kv"], held["bookkeeping"] = max(held["kv"], kv), max(held["bookkeeping"], bookkeeping)
 
     def prepare(index: int) -> None:
         last[0] = None
-        engine.cache = run.fresh_cache()
+        cache[0] = run.fresh_cache()
         counter.counting = index == 0  # the first generation counts the FLOPs
 
     def call() -> None:
-        last[0] = engine.generate(labels, cfg=cfg, generator=generator, progress=poll)
+        last[0] = engine.generate(labels, cache[0], cfg=cfg, top_k=2000, top_p=1.0, generator=generator, progress=poll)
 
     run.generations(prepare, call)
     tokens, cache_peak = last[0].tokens, last[0].cache_peak_bytes
     prepare(-1)
-    run.decoding(engine.decode, tokens)
+    run.decoding(engine.model.decode, tokens)
     length = model.layout.length
     options = run.config.cache.options
     budget = options.get("budget")
@@ -130,7 +131,7 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
         grid=list(RASTER_GRIDS[run.spec.id]), sequence_length=length,
         kv_bytes=held["kv"], cache_bookkeeping_bytes=held["bookkeeping"],
         budget_tokens=(min(length, budget_tokens(budget, length)) if budget is not None
-                       else (length if engine.cache.stores_history else 0)))
+                       else (length if run.components.cache.stores_history else 0)))
 
 
 def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images: int, log: TextIO) -> dict[str, Any]:
@@ -138,14 +139,16 @@ def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images
     is not measured) with the same random weights the cells build; returns the report's record."""
     from .bench_cache import calibrate_head_map
     from .bench_matrix import model_spec
-    from .pipeline import Pipeline, resolve_components, resolve_device
+    from .models.raster_adapter import RasterEngine
+    from .pipeline import resolve_components, resolve_device
 
     spec = model_spec(model_id)
     device = resolve_device(cell["device"])
     config = engine_config(_full_combo(), {**cell, "device": str(device)})
     model, tokenizer = _build(spec, cell)
-    engine = Pipeline(config, model.to(device).eval(), tokenizer.to(device).eval(), resolve_components(config),
-                      device).engine
+    components = resolve_components(config)
+    engine = RasterEngine(model.to(device).eval(), tokenizer.to(device).eval(), components.trajectory, components.cache,
+                          components.backends, pattern=components.pattern)
     record = calibrate_head_map(engine, path, log, images=images, batch=min(images, cell["batch"]),
                                 cfg=raster_cfg(cell["cfg"]), top_k=2000, top_p=1.0, seed=cell["seed"] + 1,
                                 model=model_id, source="mvar-engine bench matrix (random weights)")

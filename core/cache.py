@@ -12,12 +12,16 @@ compute (scoring policies accumulate attention statistics there); ``end_step()``
 layer of a step (eviction point); ``nbytes()`` at any time. The tensors ``update`` returns may be
 views of the policy's buffers: they are valid until the next ``end_step()`` and must not be modified.
 
-Class attributes a policy may set: ``families`` (trajectory families it serves, e.g.
-``("next-scale", "next-token")``), ``headwise`` (keeps different positions per head; see
-:mod:`mvar_engine.plugins.budget_cache`).
+Traits, declared on the class and checked by the engine before a generation:
 
-A policy with ``stores_history = False`` (``none``) keeps nothing: the engine then recomputes
-whatever history the trajectory requires, which makes it the exact oracle of cached runs.
+- ``families``: the trajectory families it serves (``("next-scale", "next-token")``); a policy
+  that serves only ``next-token`` is refused under a next-scale trajectory, and vice versa;
+- ``headwise``: keeps different positions in each head (its returned spans stand in for the kept
+  keys by their count), so it needs a trajectory that ``sees_all_history`` and a pattern that
+  ``sees_every_visible_key``; see :mod:`mvar_engine.plugins.budget_cache`;
+- ``stores_history``: ``False`` (``none``) keeps nothing: the engine then recomputes whatever
+  history the trajectory requires, which makes it the exact oracle of cached runs;
+- ``track_scores``: the storage keeps a float32 score per slot (scoring policies).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from .attention import AttentionSpec
 from .layout import SequenceLayout, Spans
 
 
@@ -35,6 +40,7 @@ class CachePolicy(ABC):
     stores_history: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("next-scale",)
     headwise: ClassVar[bool] = False
+    track_scores: ClassVar[bool] = False
 
     @abstractmethod
     def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,
@@ -45,6 +51,11 @@ class CachePolicy(ABC):
     @abstractmethod
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> tuple[torch.Tensor, torch.Tensor, Spans]:
         """Store the step's new keys/values; return (keys, values, their spans) visible to the step."""
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> None:
+        """Called right after ``update`` with the step's queries ``q: [B, H, Lq, D]``, the keys
+        ``k: [B, H, Lk, D]`` that ``update`` returned and the spec the backend computes; scoring
+        policies accumulate attention statistics here. Default: nothing."""
 
     def end_step(self) -> None:
         """Called once after every layer of a step has been updated; evict here."""

@@ -16,14 +16,15 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
-from .errors import MvarEngineError, UsageError
+from .errors import ComponentFailedError, MvarEngineError, UsageError
 from .records import KIND_LABELS
-from .registry import Registry, get_registry
+from .registry import Registry, failing_component, get_registry
 
 PROG = "mvar-engine"
 
@@ -39,8 +40,17 @@ def _component_flag(kind: str, field: str) -> str:
     return f"--{kind}-{field.replace('_', '-')}"
 
 
+def _subcommands_epilog() -> str:
+    """The ``--help`` list of subcommands, from :data:`SUBCOMMANDS` (names are never split)."""
+    names = textwrap.fill(", ".join(SUBCOMMANDS), width=78, initial_indent="  ", subsequent_indent="  ",
+                          break_on_hyphens=False, break_long_words=False)
+    return f"subcommands:\n{names}\n\nsee '{PROG} SUBCOMMAND --help' for each one's options"
+
+
 def _base_generate_parser(add_help: bool = True) -> _Parser:
-    p = _Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model. Subcommands: plugins, bench.",
+    p = _Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model: the default "
+                                       f"subcommand,\nalso '{PROG} generate'.", epilog=_subcommands_epilog(),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
                 argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=add_help)
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config file (flags override it)")
     g = p.add_argument_group("components (see 'mvar-engine plugins')")
@@ -322,7 +332,7 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
     d = MatrixConfig()
     presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
     p = _Parser(prog=f"{PROG} bench matrix", allow_abbrev=False,
-                description="Inference benchmark matrix (issue #7): every model x batch x trajectory/attention/cache "
+                description="Inference benchmark matrix: every model x batch x trajectory/attention/cache "
                             "cell in a fresh process, random weights; peak memory over the post-load baseline, "
                             "KV-cache bytes, attention FLOPs from the pattern, transformer and decoding time. Writes "
                             "JSON, a markdown table (.md) and a PNG chart (.png); ratios are against the first "
@@ -473,11 +483,10 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
                          f"'{config.trajectory.name}': use --trajectory raster")
     pipe = Pipeline.from_config(config)
     start = time.perf_counter()
-    profiler = ProfilingCache(pipe.engine.grid, pipe.engine.prefix, args.neighborhood)
-    pipe.engine.cache = profiler
-    result = pipe.generate()
+    profiler = ProfilingCache(pipe.adapter.grid, pipe.adapter.prefix, args.neighborhood)
+    result = pipe.generate(cache=profiler)
     calibration = {"images": len(result.labels), "labels": sorted(set(int(x) for x in result.labels)),
-                   "cfg": config.sampling.cfg, "seed": config.sampling.seed, "grid": list(pipe.engine.grid),
+                   "cfg": config.sampling.cfg, "seed": config.sampling.seed, "grid": list(pipe.adapter.grid),
                    "model": str(config.model.var_checkpoint or "default weights")}
     head_map = profiler.head_map(threshold, calibration)
     json_path = write_head_map(head_map, args.head_map)
@@ -501,6 +510,9 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+DEBUG_HINT = "(rerun with --debug for the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -513,7 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MvarEngineError as error:
         if debug:
             raise
-        for line in str(error).splitlines() or [type(error).__name__]:
+        lines = str(error).splitlines() or [type(error).__name__]
+        if isinstance(error, ComponentFailedError):
+            lines[-1] += f" {DEBUG_HINT}"
+        for line in lines:
             print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
     except KeyboardInterrupt:
@@ -523,7 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         text = " ".join(str(error).split())
-        print(f"{PROG}: internal error: {type(error).__name__}: {text} (rerun with --debug for the traceback)", file=sys.stderr)
+        detail = f"{type(error).__name__}: {text}" if text else type(error).__name__
+        origin = failing_component(error)  # the plugin component whose code raised, if any
+        if origin is None:
+            print(f"{PROG}: internal error: {detail} {DEBUG_HINT}", file=sys.stderr)
+        else:
+            where = "internal error" if origin.provider.builtin else "error"
+            print(f"{PROG}: {where}: {origin} failed: {detail} {DEBUG_HINT}", file=sys.stderr)
         return 1
 
 

@@ -15,8 +15,17 @@ class UnknownComponentError(UsageError):
     """A component name that no installed plugin provides."""
 
 
-class DuplicateComponentError(MvarEngineError):
-    """Two providers registered the same (kind, name)."""
+class DuplicateComponentError(UsageError):
+    """Two providers registered the same (kind, name) and the name was used (the CLI exits with 2)."""
+
+
+class ComponentFailedError(MvarEngineError):
+    """Plugin code (a component's factory) raised; the message names the component and its provider
+    and ``__cause__`` holds the original exception. ``origin``: the component, when known."""
+
+    def __init__(self, message: str, origin: object | None = None):
+        self.origin = origin
+        super().__init__(message)
 
 
 class ConfigError(UsageError):

@@ -23,7 +23,12 @@ from .checkpoint import atomic_write, load_into, read_state_dict, save_state_dic
 from .config import ComponentChoice, EngineConfig
 from .backend_selection import BackendSelector, selector_for
 from .default_models import available_defaults, default_checkpoints, recommended_choices, weights_metadata
-from .engine import NextScaleEngine
+from .adapter import ModelAdapter
+from .cache import CachePolicy
+from .compatibility import check_compatible
+from .engine import Engine
+from .models.raster_adapter import RasterAdapter
+from .models.var_adapter import VarAdapter
 from .errors import CheckpointError, IncompatibleComponentsError, UsageError
 from .models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from .models.var import VAR, VARConfig, infer_var_config
@@ -53,24 +58,13 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
     names = {"trajectory": registry.get("trajectory", config.trajectory.name).name,
              "attention": registry.get("attention", attention.name).name,
              "cache": registry.get("cache", cache_choice.name).name}
-    if trajectory.family == "next-token":
-        if config.attention is not None and (names["attention"] != trajectory.default_attention or attention.options):
-            raise IncompatibleComponentsError(
-                f"--attention {names['attention']}: raster trajectories attend causally over what the cache keeps; "
-                f"attention patterns apply to next-scale trajectories (drop --attention)")
-        names["attention"] = "causal"
-        pattern = None
-    elif trajectory.family != "next-scale":
+    if trajectory.family not in ("next-scale", "next-token"):
         raise IncompatibleComponentsError(f"trajectory '{names['trajectory']}' is a {trajectory.family} trajectory; "
                                           f"this command runs next-scale and next-token models")
-    else:
-        pattern = registry.create("attention", attention.name, attention.options)
+    pattern = registry.create("attention", attention.name, attention.options)
     cache = registry.create("cache", cache_choice.name, cache_choice.options)
-    trajectory.check_cache(names["cache"], cache)
-    check_headwise(names, cache)
+    check_compatible(trajectory, pattern, cache, names=names)
     for kind, component in (("attention", pattern), ("cache", cache)):
-        if component is None:
-            continue
         availability = registry.get(kind, names[kind]).availability
         if not availability.ok:
             raise UsageError(f"{kind} '{names[kind]}' is unavailable: {availability.reason}")
@@ -78,17 +72,9 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
     return Components(names, trajectory, pattern, cache, build_backends(config, registry))
 
 
-def check_headwise(names: dict[str, str], cache: object) -> None:
-    """A headwise cache (different kept positions per head) stands its keys in by their count, which
-    is exact only where every kept past key is visible to every query of a step: raster decoding,
-    and next-scale ``full`` with ``dense`` attention."""
-    if not getattr(cache, "headwise", False) or names["attention"] == "causal":
-        return
-    if names["trajectory"] != "full" or names["attention"] != "dense":
-        raise IncompatibleComponentsError(
-            f"cache '{names['cache']}' keeps different positions in each head, which needs every kept key visible to "
-            f"every query: under next-scale that is --trajectory full --attention dense, not "
-            f"{names['trajectory']}/{names['attention']}")
+def build_adapter(model, tokenizer, family: str) -> ModelAdapter:
+    """The model adapter of ``model`` (a VAR or a raster GPT) and its tokenizer."""
+    return RasterAdapter(model, tokenizer) if family == "next-token" else VarAdapter(model, tokenizer)
 
 
 def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
@@ -220,15 +206,10 @@ class Pipeline:
                  device: torch.device) -> None:
         self.config, self.model, self.tokenizer, self.components, self.device = config, model, tokenizer, components, device
         autocast = resolve_autocast(config.dtype, device)
-        self.raster = components.trajectory.family == "next-token"
-        if self.raster:
-            from .raster_engine import RasterEngine
-
-            self.engine = RasterEngine(model, tokenizer, components.trajectory, components.cache, components.backends,
-                                       autocast_dtype=autocast)
-        else:
-            self.engine = NextScaleEngine(model, tokenizer, components.trajectory, components.pattern, components.cache,
-                                          components.backends, autocast_dtype=autocast)
+        self.adapter = build_adapter(model, tokenizer, components.trajectory.family)
+        self.engine = Engine(self.adapter, components.trajectory, components.pattern, components.backends,
+                             autocast_dtype=autocast)
+        self.engine.check(components.cache, components.names)
 
     @classmethod
     def from_config(cls, config: EngineConfig, registry: Registry | None = None) -> "Pipeline":
@@ -241,8 +222,11 @@ class Pipeline:
     def default_labels(self) -> list[int]:
         return list(range(min(self.model.num_classes, 10)))
 
-    def generate(self, labels: Sequence[int] | None = None, samples_per_label: int | None = None) -> GenerationResult:
+    def generate(self, labels: Sequence[int] | None = None, samples_per_label: int | None = None,
+                 cache: CachePolicy | None = None) -> GenerationResult:
+        """Images for ``labels`` (default: the config's), with the config's cache or ``cache``."""
         cfg = self.config
+        cache = cache or self.components.cache
         labels = list(labels if labels is not None else (cfg.labels if cfg.labels is not None else self.default_labels()))
         bad = [label for label in labels if not 0 <= label < self.model.num_classes]
         if bad:
@@ -252,19 +236,16 @@ class Pipeline:
         generator = torch.Generator(device=self.device).manual_seed(cfg.sampling.seed)
         images, tokens, peak = [], [], 0
         chunks = list(torch.split(all_labels, cfg.batch_size))
-        if self.raster:  # one step per image token; tokens come back as one [B, h * w] map
-            steps, unit = self.engine.grid[0] * self.engine.grid[1], "token"
-        else:
-            steps, unit = self.model.layout.num_scales, "scale"
+        steps, unit = len(self.engine.steps), self.components.trajectory.step_unit
         bar = tqdm(total=len(chunks) * steps, desc=f"{unit}s", unit=unit, disable=not cfg.progress, leave=False)
         for chunk in chunks:
-            out = self.engine.generate(chunk.to(self.device), cfg=cfg.sampling.cfg, top_k=cfg.sampling.top_k,
+            out = self.engine.generate(chunk.to(self.device), cache, cfg=cfg.sampling.cfg, top_k=cfg.sampling.top_k,
                                        top_p=cfg.sampling.top_p, generator=generator, progress=lambda s: bar.update(1))
             peak = max(peak, out.cache_peak_bytes)
             with torch.no_grad():
-                pixels = self.engine.decode(out.tokens) if self.raster else self.tokenizer.fhat_to_img(out.f_hat)
+                pixels = self.adapter.decode(out)
                 images.append(pixels.add(1).mul(0.5).clamp(0, 1).cpu())
-            tokens.append([out.tokens.cpu()] if self.raster else [t.cpu() for t in out.tokens])
+            tokens.append([t.cpu() for t in self.adapter.token_maps(out)])
         bar.close()
         per_scale = [torch.cat([chunk[s] for chunk in tokens]) for s in range(len(tokens[0]))]
         return GenerationResult(torch.cat(images), all_labels, per_scale, rows=len(labels), cache_peak_bytes=peak,

@@ -5,6 +5,11 @@ plugin's hooks are called one by one, and every record lands in a registry keyed
 ``(kind, normalised name)``. A plugin that fails to import, register or return valid records is
 kept in ``Registry.broken`` with its error; the rest still work.
 
+A name registered by two providers keeps both entries (both listed, each unavailable with the other
+as the reason); using it is a one-line :class:`DuplicateComponentError` naming both and the way out.
+Components built by :meth:`Registry.create` remember where they come from, so that an exception
+raised in plugin code is reported with the component and its provider (:func:`failing_component`).
+
 Environment:
 
 - ``MVAR_ENGINE_DISABLE_PLUGIN_AUTOLOAD=1``: load only the built-in plugins (for tests).
@@ -19,6 +24,8 @@ import functools
 import importlib
 import os
 import re
+import types
+import weakref
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Iterable
@@ -27,7 +34,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
-from .errors import ConfigError, DuplicateComponentError, UnknownComponentError
+from .errors import ComponentFailedError, ConfigError, DuplicateComponentError, MvarEngineError, UnknownComponentError
 from .records import KIND_LABELS, RECORD_TYPES, Availability, ComponentRecord
 
 ENTRY_POINT_GROUP = "mvar_engine"
@@ -59,8 +66,27 @@ class Provider:
     def __str__(self) -> str:
         return f"{self.package} {self.version}" if self.version else self.package
 
+    def describe(self) -> str:
+        """``str(self)`` and, for a third-party provider, its plugin (entry point) name."""
+        if self.builtin:
+            return f"{self} (built-in)"
+        return f"{self} (plugin '{self.plugin}')" if self.plugin != self.package else str(self)
+
     def as_dict(self) -> dict[str, Any]:
         return {"package": self.package, "version": self.version, "plugin": self.plugin, "builtin": self.builtin}
+
+
+@dataclass(frozen=True)
+class ComponentOrigin:
+    """Which component an object is (or which plugin a piece of code belongs to: ``kind`` None)."""
+
+    kind: str | None
+    name: str
+    provider: Provider
+
+    def __str__(self) -> str:
+        what = f"{KIND_LABELS.get(self.kind, self.kind)} '{self.name}'" if self.kind else f"plugin '{self.name}'"
+        return f"{what} (from {self.provider})"
 
 
 @dataclass(frozen=True)
@@ -110,6 +136,7 @@ class RegisteredComponent:
             "kind": self.kind,
             "name": self.name,
             "provider": self.provider.as_dict(),
+            "conflicts": [p.as_dict() for p in self.conflicts],
             "available": availability.ok,
             "reason": availability.reason or None,
             "description": self.record.description,
@@ -137,31 +164,34 @@ class Registry:
     """Components of every kind, keyed by normalised name; build with :func:`load_registry`."""
 
     def __init__(self) -> None:
-        self._components: dict[str, dict[str, RegisteredComponent]] = {kind: {} for kind in RECORD_TYPES}
+        # kind -> name -> its entries in registration order (more than one: a conflict)
+        self._components: dict[str, dict[str, list[RegisteredComponent]]] = {kind: {} for kind in RECORD_TYPES}
         self.broken: list[BrokenPlugin] = []
         self.skipped: list[SkippedPlugin] = []
 
     # -- building -------------------------------------------------------------------------------
     def add(self, record: ComponentRecord, provider: Provider) -> None:
-        """Register one record; a duplicate (kind, name) marks both entries as conflicting."""
+        """Register one record; a duplicate (kind, name) keeps both entries, each marked as
+        conflicting with the other's provider (the first registered stays the primary entry)."""
         name = normalize_name(record.name)
         if not _NAME_RE.match(name):
             raise ValueError(f"invalid component name {record.name!r} (use letters, digits, '-', '.')")
-        table = self._components[record.kind]
-        if name in table:
-            existing = table[name]
+        entries = self._components[record.kind].setdefault(name, [])
+        entry = RegisteredComponent(name=name, record=record, provider=provider)
+        for existing in entries:
             existing.conflicts.append(provider)
             existing.__dict__.pop("availability", None)
-            return
-        table[name] = RegisteredComponent(name=name, record=record, provider=provider)
+            entry.conflicts.append(existing.provider)
+        entries.append(entry)
 
     # -- queries --------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
         return sorted(self._components[kind])
 
     def components(self, kind: str | None = None) -> list[RegisteredComponent]:
+        """Every entry (both entries of a duplicated name), by kind, then name, then registration."""
         kinds = [kind] if kind else list(RECORD_TYPES)
-        return [self._components[k][n] for k in kinds for n in sorted(self._components[k])]
+        return [entry for k in kinds for n in sorted(self._components[k]) for entry in self._components[k][n]]
 
     def get(self, kind: str, name: str) -> RegisteredComponent:
         """The component called ``name``; unknown or duplicated names raise a one-line error."""
@@ -175,14 +205,10 @@ class Registry:
             close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise UnknownComponentError(f"unknown {label} '{name}' ({hint}available: {available})")
-        entry = table[key]
-        if entry.conflicts:
-            providers = " and ".join(str(p) for p in [entry.provider, *entry.conflicts])
-            raise DuplicateComponentError(
-                f"{KIND_LABELS[kind]} '{key}' is registered by both {providers}: uninstall one of them "
-                f"or allow-list one with {ENV_ALLOW}"
-            )
-        return entry
+        entries = table[key]
+        if len(entries) > 1:
+            raise DuplicateComponentError(_duplicate_message(kind, key, [e.provider for e in entries]))
+        return entries[0]
 
     def validate_options(self, kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> BaseModel:
         """The component's options model validated from ``options``; errors raise ``ConfigError``."""
@@ -200,7 +226,97 @@ class Registry:
         """Build the component with validated options (the record's factory gets the options model)."""
         entry = self.get(kind, name)
         validated = self.validate_options(kind, name, options)
-        return entry.record.factory(validated)
+        origin = ComponentOrigin(entry.kind, entry.name, entry.provider)
+        try:
+            component = entry.record.factory(validated)
+        except MvarEngineError:
+            raise  # the plugin's own one-line error (bad input, incompatible options)
+        except Exception as error:
+            if entry.provider.builtin:
+                raise
+            raise ComponentFailedError(f"{origin} failed: {_one_line(error)}", origin) from error
+        remember_component(component, origin)
+        return component
+
+
+def _duplicate_message(kind: str, name: str, providers: list[Provider]) -> str:
+    """One line: who registers ``name``, and how to keep only one of them."""
+    label = KIND_LABELS[kind]
+    if len({str(p) for p in providers}) == 1:
+        head = f"{label} '{name}' is registered {len(providers)} times by {providers[0].describe()}"
+    elif len(providers) == 2:
+        head = f"{label} '{name}' is registered by both {providers[0].describe()} and {providers[1].describe()}"
+    else:
+        head = f"{label} '{name}' is registered by {', '.join(p.describe() for p in providers)}"
+    third_party = list({p.package: p for p in providers if not p.builtin}.values())
+    if not third_party:
+        return f"{head}: reinstall mvar-engine"
+    uninstall = " or ".join(f"pip uninstall {p.package}" for p in third_party)
+    plugins = " or ".join(f"'{p.plugin}'" for p in third_party)
+    return (f"{head}: uninstall one of them ({uninstall}) or set {ENV_ALLOW} to the plugins to load, "
+            f"leaving out {plugins}")
+
+
+# -- where a component comes from (for errors raised in plugin code) --------------------------------
+_ORIGINS: dict[int, tuple[weakref.ref, ComponentOrigin]] = {}
+_PLUGIN_PACKAGES: dict[str, Provider] = {}  # top-level module of a third-party plugin -> its provider
+
+
+def remember_component(component: Any, origin: ComponentOrigin) -> None:
+    """Record that ``component`` (built by the registry) is ``origin``; the object itself is not
+    wrapped or modified. Objects that cannot be weakly referenced are not recorded."""
+    key = id(component)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if _ORIGINS.get(key, (None,))[0] is ref:
+            del _ORIGINS[key]
+
+    try:
+        ref = weakref.ref(component, forget)
+    except TypeError:
+        return
+    _ORIGINS[key] = (ref, origin)
+
+
+def component_origin(obj: Any) -> ComponentOrigin | None:
+    """The component ``obj`` is, if the registry built it."""
+    item = _ORIGINS.get(id(obj))
+    return item[1] if item is not None and item[0]() is obj else None
+
+
+def _frame_origin(frame: types.FrameType) -> ComponentOrigin | None:
+    try:
+        origin = component_origin(frame.f_locals.get("self"))
+    except Exception:  # an exotic frame: no attribution
+        origin = None
+    if origin is None and _PLUGIN_PACKAGES:
+        module = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        provider = _PLUGIN_PACKAGES.get(module)
+        if provider is not None:
+            origin = ComponentOrigin(None, provider.plugin, provider)
+    return origin
+
+
+def failing_component(error: BaseException) -> ComponentOrigin | None:
+    """The component (or third-party plugin module) whose code raised ``error``: the innermost
+    frame of the traceback whose ``self`` is a component the registry built, preferring third-party
+    components over built-in ones; the exception's cause or context is searched when it names none.
+    None when no component's code is on the traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found: ComponentOrigin | None = None
+        tb = current.__traceback__
+        while tb is not None:
+            origin = _frame_origin(tb.tb_frame)
+            if origin is not None and (found is None or found.provider.builtin or not origin.provider.builtin):
+                found = origin
+            tb = tb.tb_next
+        if found is not None:
+            return found
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return None
 
 
 # -- discovery ----------------------------------------------------------------------------------
@@ -252,6 +368,10 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, provider: Provid
         registry.broken.append(BrokenPlugin(provider.plugin, provider, _one_line(error)))
         return
     providers[id(plugin)] = provider
+    if not provider.builtin and isinstance(plugin, types.ModuleType):
+        package = plugin.__name__.split(".")[0]
+        if package and package not in ("mvar_engine", "__main__"):
+            _PLUGIN_PACKAGES[package] = provider
     known = {record.hook for record in RECORD_TYPES.values()}
     for attr in dir(plugin):
         if attr.startswith("mvar_engine_") and attr not in known and callable(getattr(plugin, attr, None)):

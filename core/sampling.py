@@ -58,3 +58,9 @@ def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
         filtered = filter_top_k_top_p(flat[start:start + rows].float(), top_k, top_p)
         out[start:start + rows] = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator)
     return out.view(logits.shape[:-1])
+
+
+def guided_logits_raster(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
+    """LlamaGen's CFG: rows ``[cond; uncond]`` -> ``uncond + cfg * (cond - uncond)`` (``[B, ..., V]``)."""
+    cond, uncond = logits[:batch], logits[batch:]
+    return uncond + cfg * (cond - uncond)

@@ -7,7 +7,7 @@ from ..core.hookspecs import hookimpl
 from ..core.records import AttentionPatternRecord, CachePolicyRecord, TrajectoryRecord
 from .caches import FullCache, NoCache, WindowOptions, make_window
 from .h2o_cache import H2OCache, H2OOptions
-from .patterns import DensePattern, NeighborhoodOptions, NeighborhoodPattern
+from .patterns import CausalPattern, DensePattern, NeighborhoodOptions, NeighborhoodPattern
 from .raster import RasterTrajectory
 from .sink_cache import SinkCache, SinkOptions
 from .ssd_cache import SSDCache, SSDOptions
@@ -30,6 +30,8 @@ def mvar_engine_trajectories():
 def mvar_engine_attention_patterns():
     return [
         AttentionPatternRecord(name="dense", factory=DensePattern, description="every visible key"),
+        AttentionPatternRecord(name="causal", factory=CausalPattern,
+                               description="every earlier token (raster's default; as dense, named for next-token)"),
         AttentionPatternRecord(name="neighborhood", factory=NeighborhoodPattern, options=NeighborhoodOptions,
                                description="k x k window at corresponding positions on the larger scales (MVAR)"),
     ]

@@ -1,4 +1,5 @@
-"""Built-in attention patterns: ``dense`` and ``neighborhood`` (MVAR's spatial-Markov attention)."""
+"""Built-in attention patterns: ``dense`` (every visible key), ``causal`` (the same under a raster
+trajectory: every earlier token; its default) and ``neighborhood`` (MVAR's spatial-Markov attention)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import functools
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.attention import (AttentionPattern, AttentionSpec, BlockCausal, BlockDiagonal, Dense, Masked, Neighborhood2D,
-                              VisibilityFn)
-from ..core.layout import SequenceLayout, Spans, spans_to_positions
+from ..core.attention import (AttentionPattern, AttentionSpec, BlockCausal, BlockDiagonal, Causal, Dense, Masked,
+                              Neighborhood2D, VisibilityFn, visible_positions)
+from ..core.layout import SequenceLayout, Spans, spans_length, spans_to_positions
 from ..core.neighborhood import axis_allowed
 from ..core.records import NoOptions
+from ..core.trajectory import Visibility
 
 
 def scale_visibility(layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn):
@@ -19,7 +21,7 @@ def scale_visibility(layout: SequenceLayout, queries: Spans, keys: Spans, visibl
     coords = layout.coords()
     qc = coords.take(spans_to_positions(queries))
     kc = coords.take(spans_to_positions(keys))
-    return visible(qc.scale[:, None], kc.scale[None, :]), qc, kc
+    return visible_positions(layout, queries, keys, visible), qc, kc
 
 
 def structured(layout: SequenceLayout, queries: Spans, keys: Spans, allowed: torch.Tensor, structure: str) -> AttentionSpec:
@@ -47,17 +49,53 @@ def _single_scale(layout: SequenceLayout, spans: Spans) -> int | None:
 
 
 class DensePattern(AttentionPattern):
-    """Every visible key (VAR)."""
+    """Every visible key (VAR; under a raster trajectory every earlier token, as ``causal``)."""
 
     name = "dense"
+    families = ("next-scale", "next-token")
+    sees_every_visible_key = True
 
     def __init__(self, options: NoOptions | None = None) -> None:
         self.options = options or NoOptions()
 
     @functools.lru_cache(maxsize=256)
     def spec(self, layout, queries, keys, visible):
+        if isinstance(visible, Visibility) and visible.trajectory.family == "next-token":
+            return causal_spec(layout, queries, keys, visible)  # token order: Causal before Dense
         allowed, _, _ = scale_visibility(layout, queries, keys, visible)
         return structured(layout, queries, keys, allowed, "scale-mask")
+
+
+class CausalPattern(DensePattern):
+    """Every key the trajectory shows: under ``raster`` each token sees the prefix and every earlier
+    token (LlamaGen), intersected with what the cache keeps."""
+
+    name = "causal"
+
+
+def causal_spec(layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn) -> AttentionSpec:
+    """The most specific spec of what the trajectory shows, in token order: ``Causal`` (bottom-right
+    aligned) when that is the rule, ``Dense`` when every query sees every key (one query over kept
+    keys in any slot order), else the explicit ``Masked`` mask."""
+    if spans_length(queries) == 0 or spans_length(keys) < 1:
+        raise ValueError(f"attention needs queries and keys, got {queries} over {keys}")
+    allowed = visible_positions(layout, queries, keys, visible)
+    if not bool(allowed.any(dim=1).all()):
+        raise ValueError(f"a query in {queries} sees no key of {keys}")
+    q_len, k_len = allowed.shape
+    if len(queries) == 1 and _ends_with(keys, queries[0]):
+        causal = Causal().mask(q_len, k_len, allowed.device)
+        if bool(allowed.all()) if causal is None else torch.equal(causal, allowed):
+            return Causal()
+    if bool(allowed.all()):
+        return Dense()
+    return Masked(allowed, "raster-causal")
+
+
+def _ends_with(keys: Spans, q_span: tuple[int, int]) -> bool:
+    """Do the keys end with exactly the positions of ``q_span``, every earlier key preceding it?"""
+    begin, end = keys[-1]
+    return begin <= q_span[0] and end == q_span[1]
 
 
 class NeighborhoodOptions(BaseModel):

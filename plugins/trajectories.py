@@ -13,6 +13,7 @@ class FullTrajectory(Trajectory):
     """VAR: every scale sees itself and all earlier scales (block-causal over scales)."""
 
     name = "full"
+    sees_all_history = True
     default_attention = "dense"
     default_cache = "full"
 

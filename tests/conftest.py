@@ -58,7 +58,7 @@ def small_models(patch_nums=(1, 2, 3), *, depth=2, width=32, heads=2, num_classe
 def make_engine(model, tokenizer, trajectory="full", attention="dense", cache="full", backend="sdpa",
                 trajectory_options=None, attention_options=None, cache_options=None):
     from mvar_engine.core.config import EngineConfig
-    from mvar_engine.core.engine import NextScaleEngine
+    from mvar_engine.core.models.var_adapter import NextScaleEngine
     from mvar_engine.core.pipeline import resolve_components
 
     config = EngineConfig(trajectory={"name": trajectory, "options": trajectory_options or {}},

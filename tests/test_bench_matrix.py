@@ -208,7 +208,7 @@ def test_presets_and_cells():
      "model 'raster-tiny' (next-token) has no configuration of its family"),
     (["--cells", "tiny:1", "--configs", "raster/dense/full"], "model 'tiny' (next-scale) has no configuration"),
     (["--configs", "raster/dense/ssd:bogus=1"], "configuration 'raster/dense/ssd:bogus=1'"),
-    (["--configs", "raster/neighborhood/full"], "configuration 'raster/neighborhood/full': --attention neighborhood"),
+    (["--configs", "raster/neighborhood/full"], "configuration 'raster/neighborhood/full': attention 'neighborhood' describes next-scale steps"),
     (["--configs", "warp/dense/full"], "configuration 'warp/dense/full': unknown trajectory 'warp'"),
     (["--calibration-images", "0"], "--calibration-images must be at least 1"),
 ])

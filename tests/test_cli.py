@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_random_raster_models_have_llamagen_b_and_vq16_sizes():
 
 
 @pytest.mark.parametrize("argv, needle, shipped", [
-    (["--attention", "neighborhood", "--random-weights"], "drop --attention", True),
+    (["--attention", "neighborhood", "--random-weights"], "describes next-scale steps, not the next-token steps", True),
     ([], "no default weights for trajectory 'raster'", False),
     (["--random-weights", "--patch-nums", "1,2"], "one grid side", True),
 ])
@@ -215,3 +216,164 @@ def test_raster_bad_input_is_one_line(argv, needle, shipped, capsys, monkeypatch
     assert main(["--trajectory", "raster", "--no-progress"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+# ------------------------------------------------- plugins: duplicate names, errors in plugin code
+
+
+class _FakeDist:
+    def __init__(self, name: str, version: str = "1.0"):
+        self.name, self.version = name, version
+
+
+class _FakeEntryPoint:
+    """An installed plugin as ``importlib.metadata.entry_points`` returns it."""
+
+    def __init__(self, name: str, dist: str, target):
+        self.name, self.value, self.dist, self._target = name, f"{dist.replace('-', '_')}.plugin", _FakeDist(dist), target
+
+    def load(self):
+        return self._target
+
+
+@pytest.fixture
+def install_plugins(monkeypatch):
+    """``install_plugins(name=hooks, ...)``: third-party plugins (distribution ``pkg-NAME``) that
+    ``get_registry()`` discovers, as if pip-installed, for the rest of the test."""
+    import types
+
+    from mvar_engine import hookimpl
+    from mvar_engine.core import registry as registry_module
+
+    def install(**plugins):
+        eps = []
+        for name, hooks in plugins.items():
+            module = types.ModuleType(name)
+            for hook, function in hooks.items():
+                setattr(module, hook, hookimpl(function))
+            eps.append(_FakeEntryPoint(name, f"pkg-{name}", module))
+        monkeypatch.delenv(registry_module.ENV_DISABLE_AUTOLOAD, raising=False)
+        monkeypatch.delenv(registry_module.ENV_ALLOW, raising=False)
+        monkeypatch.setattr(registry_module.metadata, "entry_points", lambda **kwargs: list(eps))
+        registry_module.reset_registry()
+
+    yield install
+    from mvar_engine.core.registry import reset_registry
+
+    reset_registry()
+
+
+def _caches(*records):
+    return {"mvar_engine_cache_policies": lambda: list(records)}
+
+
+def _full_cache_record(name, factory=None):
+    from mvar_engine import CachePolicyRecord
+    from mvar_engine.plugins.caches import FullCache
+
+    return CachePolicyRecord(name=name, factory=factory or FullCache, description=f"{name} from a plugin")
+
+
+def test_a_duplicated_name_lists_both_entries_and_using_it_exits_2(install_plugins, capsys):
+    install_plugins(shadow=_caches(_full_cache_record("window")))
+    assert main(["plugins", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    windows = [c for c in data["components"] if (c["kind"], c["name"]) == ("cache", "window")]
+    assert [w["provider"]["package"] for w in windows] == ["mvar-engine", "pkg-shadow"]
+    assert all(w["available"] is False and w["conflicts"] for w in windows)
+    assert main(["plugins"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("cache ")]
+    assert [row[2] for row in rows if row[1] == "window"] == ["mvar-engine", "pkg-shadow"]
+
+    assert main(["--trajectory", "full", "--attention", "dense", "--cache", "window", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mvar-engine: error: cache policy 'window' is registered by both"), err
+    assert "mvar-engine" in err[0] and "pkg-shadow" in err[0] and "pip uninstall pkg-shadow" in err[0]
+
+
+def test_an_unused_duplicate_breaks_no_other_run(install_plugins, tmp_path, checkpoints, capsys):
+    install_plugins(shadow=_caches(_full_cache_record("window")))
+    argv = ["--trajectory", "full", "--attention", "dense", "--cache", "full"] + checkpoints + [
+        "--labels", "0", "--samples-per-label", "1", "--output", str(tmp_path / "x.png"), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "x.png").exists()
+
+
+def test_an_exception_in_a_plugin_factory_names_component_and_provider(install_plugins, checkpoints, capsys):
+    from mvar_engine.core.errors import ComponentFailedError
+
+    def factory(options):
+        raise RuntimeError("boom in factory")
+
+    install_plugins(boom=_caches(_full_cache_record("boom", factory)))
+    argv = ["--trajectory", "full", "--attention", "dense", "--cache", "boom", "--no-progress"] + checkpoints
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mvar-engine: error: cache policy 'boom' (from pkg-boom 1.0) failed: RuntimeError: boom in factory "
+                   "(rerun with --debug for the traceback)"]
+    with pytest.raises(ComponentFailedError) as info:  # --debug: the traceback, down to the factory
+        main(argv + ["--debug"])
+    assert isinstance(info.value.__cause__, RuntimeError) and "boom" in str(info.value)
+
+
+def _raising_cache(options=None):
+    from mvar_engine.plugins.caches import FullCache
+
+    class RaisingCache(FullCache):
+        def update(self, layer, k, v, spans):
+            raise RuntimeError("boom in update")
+
+    return RaisingCache(options)
+
+
+def _raising_pattern(options=None):
+    from mvar_engine.plugins.patterns import DensePattern
+
+    class RaisingPattern(DensePattern):
+        def spec(self, *args, **kwargs):
+            raise RuntimeError("boom in spec")
+
+    return RaisingPattern(options)
+
+
+@pytest.mark.parametrize("kind, flag, label", [("cache", "--cache", "cache policy"),
+                                               ("attention", "--attention", "attention pattern")])
+def test_an_exception_in_a_plugin_method_names_component_and_provider(kind, flag, label, install_plugins, tmp_path,
+                                                                      checkpoints, capsys):
+    from mvar_engine import AttentionPatternRecord, CachePolicyRecord
+
+    if kind == "cache":
+        install_plugins(boom=_caches(CachePolicyRecord(name="boom", factory=_raising_cache)))
+    else:
+        install_plugins(boom={"mvar_engine_attention_patterns": lambda: [
+            AttentionPatternRecord(name="boom", factory=_raising_pattern)]})
+    components = {"--trajectory": "full", "--attention": "dense", "--cache": "full", flag: "boom"}
+    argv = [part for pair in components.items() for part in pair] + checkpoints + [
+        "--labels", "0", "--samples-per-label", "1", "--output", str(tmp_path / "x.png"), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"mvar-engine: error: {label} 'boom' (from pkg-boom 1.0) failed: RuntimeError: boom in "), err
+    assert err[0].endswith("(rerun with --debug for the traceback)") and "Traceback" not in err[0]
+    with pytest.raises(RuntimeError, match="boom in"):  # --debug: the original exception and its traceback
+        main(argv + ["--debug"])
+
+
+def test_help_lists_every_subcommand_from_the_table(monkeypatch, capsys):
+    from mvar_engine.core import cli
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "zz-added-command", lambda argv: 0)
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("subcommands:", 1)[1].split("\n\n", 1)[0]
+    assert [name.strip() for name in listed.replace("\n", " ").split(",")] == list(cli.SUBCOMMANDS)
+    assert {"generate", "plugins", "bench", "train", "evaluate", "profile-heads"} <= set(cli.SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("bench", ["attention", "train", "matrix", "cache"])
+def test_bench_help_cites_no_issue(bench, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", bench, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and not re.search(r"issue|#\d", out, re.IGNORECASE), out

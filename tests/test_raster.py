@@ -14,7 +14,11 @@ from mvar_engine.core.backend_selection import selector_for
 from mvar_engine.core.errors import IncompatibleComponentsError
 from mvar_engine.core.models.raster_gpt import (RasterGPT, RasterGPTConfig, apply_rotary_emb, infer_raster_config,
                                                 precompute_freqs_cis_2d)
-from mvar_engine.core.raster_engine import RasterEngine, guided_logits_raster
+from mvar_engine.core.models.raster_adapter import RasterEngine
+from mvar_engine.core.sampling import guided_logits_raster
+from mvar_engine.core.layout import SequenceLayout
+from mvar_engine.core.trajectory import Visibility
+from mvar_engine.plugins.patterns import CausalPattern, DensePattern
 from mvar_engine.plugins.caches import FullCache, NoCache, WindowCache
 from mvar_engine.plugins.raster import RasterTrajectory
 
@@ -35,7 +39,7 @@ def tiny_model(grid=(3, 3), cls_token_num=1, seed=0, **overrides) -> RasterGPT:
 
 def engine(model, cache="full", backend="sdpa", tokenizer=None) -> RasterEngine:
     policy = {"full": FullCache, "none": NoCache}[cache]() if isinstance(cache, str) else cache
-    return RasterEngine(model, tokenizer, RasterTrajectory(), policy, selector_for(backend))
+    return RasterEngine(model, tokenizer, RasterTrajectory(), policy, selector_for(backend), pattern=CausalPattern())
 
 
 # ------------------------------------------------------------------------------------- model
@@ -143,13 +147,29 @@ def test_raster_trajectory_registered_and_cache_checks():
 
 
 def test_raster_specs():
-    t = RasterTrajectory()
-    assert isinstance(t.spec(((0, 5),), ((0, 5),)), Causal)
-    assert isinstance(t.spec(((7, 8),), ((0, 8),)), Causal)
-    assert isinstance(t.spec(((7, 8),), ((0, 1), (4, 8))), Causal)  # compressed history, new token last
-    spec = t.spec(((3, 5),), ((0, 1), (3, 5), (6, 7)))  # keys not ending with the queries
-    assert isinstance(spec, Masked)
-    assert spec.allowed.tolist() == [[True, True, False, False], [True, True, True, False]]
+    """The ``causal`` pattern under ``raster``: Causal where the keys end with the queries, else the
+    explicit token-causal mask; ``dense`` (every visible key) gives the same specs."""
+    layout = SequenceLayout(((1, 1), (3, 3)))
+    visible = Visibility(RasterTrajectory())
+    for pattern in (CausalPattern(), DensePattern()):
+        def spec(queries, keys):
+            return pattern.spec(layout, queries, keys, visible)
+
+        assert isinstance(spec(((0, 5),), ((0, 5),)), Causal)
+        assert isinstance(spec(((7, 8),), ((0, 8),)), Causal)
+        assert isinstance(spec(((7, 8),), ((0, 1), (4, 8))), Causal)  # compressed history, new token last
+        masked = spec(((3, 5),), ((0, 1), (3, 5), (6, 7)))  # keys not ending with the queries
+        assert isinstance(masked, Masked)
+        assert masked.allowed.tolist() == [[True, True, False, False], [True, True, True, False]]
+        assert isinstance(spec(((7, 8),), ((8, 9), (0, 1), (7, 8))), Masked)  # a later key stays hidden
+
+
+def test_raster_steps():
+    """The prefix gives token 0, then step t feeds token t - 1 at position P + t - 1 and sees all before."""
+    layout = SequenceLayout(((1, 2), (2, 2)))
+    steps = RasterTrajectory().steps(layout)
+    assert [(s.index, s.spans, s.emits, s.history) for s in steps] == [
+        (0, ((0, 2),), 1, (0,)), (1, ((2, 3),), 1, (0, 1)), (2, ((3, 4),), 1, (0, 1, 2)), (3, ((4, 5),), 1, (0, 1, 2, 3))]
 
 
 # ------------------------------------------------------------------------------------- engine
@@ -200,7 +220,7 @@ def test_equivalence_is_not_vacuous():
                 return k_all[:, :, 1:], v_all[:, :, 1:], ((k_spans[0][0] + 1, k_spans[-1][1]),)
             return k_all, v_all, k_spans
 
-    out = RasterEngine(model, None, RasterTrajectory(), PrefixDroppingCache(), selector_for("sdpa")).generate(
+    out = RasterEngine(model, None, RasterTrajectory(), PrefixDroppingCache(), selector_for("sdpa"), pattern=CausalPattern()).generate(
         labels, cfg=1.0, forced_tokens=tokens, return_logits=True)
     assert not torch.allclose(out.logits, base, atol=1e-4)
 
@@ -224,7 +244,7 @@ def test_observe_hook_receives_queries_and_keys():
             calls.append((layer, tuple(q.shape), k_all.shape[2], spec, scale))
 
     model = tiny_model((2, 2))
-    RasterEngine(model, None, RasterTrajectory(), Observing(), selector_for("sdpa")).generate(
+    RasterEngine(model, None, RasterTrajectory(), Observing(), selector_for("sdpa"), pattern=CausalPattern()).generate(
         torch.tensor([1]), cfg=4.0, top_k=0)
     depth, heads, d = model.config.depth, model.config.heads, model.config.head_dim
     assert len(calls) == depth * 4  # prefill + 3 decode steps

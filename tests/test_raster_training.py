@@ -19,7 +19,8 @@ from mvar_engine.core.default_models import DEFAULT_TRANSFORMERS, default_checkp
 from mvar_engine.core.models.raster_gpt import RasterGPT, RasterGPTConfig
 from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from mvar_engine.core.pipeline import Pipeline, load_raster
-from mvar_engine.core.raster_engine import RasterEngine
+from mvar_engine.core.models.raster_adapter import RasterEngine
+from mvar_engine.plugins.patterns import CausalPattern
 from mvar_engine.core.training.checkpointing import export_weights
 from mvar_engine.core.training.loop import TrainingInterrupted
 from mvar_engine.core.training.raster_trainer import RasterTrainSettings, train_raster
@@ -66,7 +67,7 @@ def steps_of(run: Path) -> list[dict]:
 def teacher_forced(model: RasterGPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     from mvar_engine.core.backend_selection import selector_for
 
-    engine = RasterEngine(model.eval(), None, RasterTrajectory(), NoCache(), selector_for("sdpa"))
+    engine = RasterEngine(model.eval(), None, RasterTrajectory(), NoCache(), selector_for("sdpa"), pattern=CausalPattern())
     with torch.no_grad():
         return engine.teacher_forced_logits(labels, tokens)
 

@@ -27,11 +27,18 @@ from mvar_engine import (
 )
 from mvar_engine.core.attention import AttentionPattern, Dense, Neighborhood2D
 from mvar_engine.core.cache import CachePolicy
-from mvar_engine.core.errors import ConfigError, DuplicateComponentError, UnknownComponentError
+from mvar_engine.core.errors import (
+    ComponentFailedError,
+    ConfigError,
+    DuplicateComponentError,
+    UnknownComponentError,
+    UsageError,
+)
 from mvar_engine.core.layout import SequenceLayout
 from mvar_engine.core.registry import (
     ENV_ALLOW,
     ENV_DISABLE_AUTOLOAD,
+    failing_component,
     get_registry,
     load_registry,
     normalize_name,
@@ -253,6 +260,134 @@ def test_third_party_shadowing_a_builtin_is_a_conflict():
         registry.get("cache", "window")
     assert "pkg-shadow" in str(info.value) and "mvar-engine" in str(info.value)
     assert isinstance(registry.create("cache", "full"), CachePolicy)
+
+
+def test_both_entries_of_a_duplicated_name_are_listed_with_their_providers():
+    registry = load_registry(entry_points=[FakeEntryPoint("shadow", "pkg-shadow", cache_plugin("shadow", "window"))])
+    windows = [c for c in registry.components("cache") if c.name == "window"]
+    assert [(c.provider.package, c.provider.builtin) for c in windows] == [("mvar-engine", True), ("pkg-shadow", False)]
+    assert windows[1].record.description == "window from shadow"  # its own record, not the built-in's
+    for entry, other in zip(windows, reversed(windows)):
+        assert [p.package for p in entry.conflicts] == [other.provider.package]
+        assert not entry.availability.ok and other.provider.package in entry.availability.reason
+        listed = entry.as_dict()
+        assert listed["provider"]["package"] == entry.provider.package and listed["available"] is False
+        assert [c["package"] for c in listed["conflicts"]] == [other.provider.package]
+    assert registry.names("cache").count("window") == 1
+    assert all(c.conflicts == [] for c in registry.components() if c.name != "window")
+
+
+def test_using_a_duplicated_name_is_a_one_line_usage_error_naming_both_and_the_fix():
+    registry = load_registry(entry_points=[FakeEntryPoint("shadow", "pkg-shadow", cache_plugin("shadow", "window"))])
+    for use in (lambda: registry.get("cache", "Window"), lambda: registry.create("cache", "window", {"scales": 2}),
+                lambda: registry.validate_options("cache", "window")):
+        with pytest.raises(DuplicateComponentError) as info:
+            use()
+        message = str(info.value)
+        assert isinstance(info.value, UsageError)  # the CLI exits with status 2
+        assert "\n" not in message
+        assert "cache policy 'window'" in message and "mvar-engine" in message and "pkg-shadow" in message
+        assert "pip uninstall pkg-shadow" in message and ENV_ALLOW in message
+
+
+@FAST
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "c", "window", "full"]), max_size=4, unique=True),
+                min_size=1, max_size=3))
+def test_every_registration_is_listed_and_only_shared_names_fail(plugins):
+    eps = [FakeEntryPoint(f"p{i}", f"pkg-{i}", cache_plugin(f"p{i}", *names)) for i, names in enumerate(plugins)]
+    registry = load_registry(entry_points=eps)
+    providers: dict[str, list[str]] = {}
+    for name in sorted(BUILTINS["cache"] | set(registry.names("cache"))):
+        providers[name] = [c.provider.package for c in registry.components("cache") if c.name == name]
+    for i, names in enumerate(plugins):
+        for name in names:
+            assert f"pkg-{i}" in providers[name]
+    for name, packages in providers.items():
+        if len(packages) > 1:
+            with pytest.raises(DuplicateComponentError) as info:
+                registry.get("cache", name)
+            assert all(package in str(info.value) for package in packages)
+        else:
+            assert registry.get("cache", name).provider.package == packages[0]
+
+
+# -------------------------------------------------------------------- errors raised in plugin code
+
+
+class _BoomCache(_Cache):
+    def update(self, layer, k, v, spans):
+        return self._helper()
+
+    def _helper(self):
+        raise RuntimeError("boom in update")
+
+
+def _boom_factory(options):
+    raise RuntimeError("boom in factory")
+
+
+def _refusing_factory(options):
+    raise UsageError("--cache-x must be even")
+
+
+def _boom_plugin():
+    return plugin_module("boom", mvar_engine_cache_policies=lambda: [
+        CachePolicyRecord(name="boom-factory", factory=_boom_factory),
+        CachePolicyRecord(name="refusing", factory=_refusing_factory),
+        CachePolicyRecord(name="boom-update", factory=_BoomCache),
+    ])
+
+
+def test_an_exception_in_a_plugin_factory_names_the_component_and_provider():
+    registry = load_registry(entry_points=[FakeEntryPoint("boom", "pkg-boom", _boom_plugin())])
+    with pytest.raises(ComponentFailedError) as info:
+        registry.create("cache", "boom-factory")
+    assert str(info.value) == "cache policy 'boom-factory' (from pkg-boom 1.0) failed: RuntimeError: boom in factory"
+    assert isinstance(info.value.__cause__, RuntimeError)  # the traceback (--debug) goes down to the plugin
+    assert info.value.origin.provider.package == "pkg-boom" and info.value.origin.kind == "cache"
+    # the plugin's own one-line errors are bad input, not failures: passed on unchanged
+    with pytest.raises(UsageError, match="--cache-x must be even"):
+        registry.create("cache", "refusing")
+
+
+def test_an_exception_in_a_plugin_method_is_attributed_to_the_component():
+    registry = load_registry(entry_points=[FakeEntryPoint("boom", "pkg-boom", _boom_plugin())])
+    cache = registry.create("cache", "boom-update")
+    assert type(cache) is _BoomCache  # not wrapped
+    with pytest.raises(RuntimeError) as info:
+        cache.update(0, None, None, ())
+    origin = failing_component(info.value)
+    assert (origin.kind, origin.name, origin.provider.package) == ("cache", "boom-update", "pkg-boom")
+    assert str(origin) == "cache policy 'boom-update' (from pkg-boom 1.0)"
+    # another instance of the same class, not built by the registry, is no component
+    with pytest.raises(RuntimeError) as info:
+        _BoomCache().update(0, None, None, ())
+    assert failing_component(info.value) is None
+    # an error raised while handling a plugin's error still names the plugin
+    try:
+        try:
+            cache.update(0, None, None, ())
+        except RuntimeError:
+            raise KeyError("engine bookkeeping")
+    except KeyError as error:
+        assert failing_component(error).name == "boom-update"
+
+
+def test_a_plugin_is_named_before_the_builtin_it_calls():
+    builtin = load_registry(entry_points=[]).create("cache", "full")
+    with pytest.raises(Exception) as info:  # a built-in used outside its life cycle
+        builtin.update(0, torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), ((0, 1),))
+    assert failing_component(info.value).provider.builtin
+
+    class Wrapper(_Cache):  # a plugin component delegating to a built-in one that raises
+        def update(self, layer, k, v, spans):
+            return builtin.update(layer, k, v, spans)
+
+    wrapper_plugin = plugin_module("wrap", mvar_engine_cache_policies=lambda: [CachePolicyRecord(name="wrap", factory=Wrapper)])
+    registry = load_registry(entry_points=[FakeEntryPoint("wrap", "pkg-wrap", wrapper_plugin)])
+    with pytest.raises(Exception) as info:
+        registry.create("cache", "wrap").update(0, torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), ((0, 1),))
+    assert failing_component(info.value).name == "wrap"
 
 
 # ----------------------------------------------------------------------------- broken plugins

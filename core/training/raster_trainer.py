@@ -8,7 +8,7 @@ from ``train-tokenizer --patch-nums 8``.
 
 Model and loss: a :class:`~mvar_engine.core.models.raster_gpt.RasterGPT` (LlamaGen's c2i GPT:
 class prefix, RMSNorm, SwiGLU, 2-D RoPE) run through
-:meth:`~mvar_engine.core.raster_engine.RasterEngine.teacher_forced_logits` (one causal pass, the
+:meth:`~mvar_engine.core.models.raster_adapter.RasterEngine.teacher_forced_logits` (one causal pass, the
 attention backend ``sdpa`` by default) and trained with the mean token cross-entropy (LlamaGen's
 loss). Labels become the null class with probability ``class_dropout`` (CFG training); the model
 then has a null-class row (``class_dropout_prob > 0``). Initialisation as LlamaGen: normal(0, 0.02)
@@ -35,6 +35,7 @@ from torch import nn
 from ..checkpoint import load_into, read_state_dict
 from ..config import EngineConfig
 from ..errors import ConfigError, UsageError
+from ..models.raster_adapter import RasterEngine
 from ..models.raster_gpt import RasterGPT, RasterGPTConfig
 from . import distributed as D
 from .batches import ShardedBatches, load_images
@@ -131,10 +132,10 @@ class RasterTrainingModule(nn.Module):
 
     def __init__(self, model: RasterGPT, components) -> None:
         super().__init__()
-        from ..raster_engine import RasterEngine
 
         self.model = model
-        self.engine = RasterEngine(model, None, components.trajectory, components.cache, components.backends)
+        self.engine = RasterEngine(model, None, components.trajectory, components.cache, components.backends,
+                                   pattern=components.pattern)
 
     def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.engine.teacher_forced_logits(labels, tokens)  # [B, n, V]

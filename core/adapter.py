@@ -1,0 +1,99 @@
+"""The model-adapter contract: what the one generation engine needs of a model family.
+
+The engine (:mod:`mvar_engine.core.engine`) owns the loop: steps from the trajectory, attention
+through the pattern, the cache and the backends, sampling. An adapter owns everything about its
+model: the rows it runs (``[cond; uncond]`` under guidance), how a step's tokens are embedded and
+run through the backbone, logits, its guidance rule, how sampled tokens become the next input, and
+decoding. Adding a model family means writing an adapter (and registering it through the
+``mvar_engine_model_adapters`` hook), never touching the engine.
+
+Tensors: ``labels: LongTensor[B]``; hidden states ``[rows, n, C]``; logits ``[rows, l, V]``;
+sampled tokens ``LongTensor[B, l]``; ``attend(layer, q, k, v, scale)`` takes and returns
+``[rows, H, n, D]`` tensors (see :mod:`mvar_engine.core.attention`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from .layout import SequenceLayout, Spans
+from .trajectory import Step
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+AttendFor = Callable[[Spans], AttendFn]
+"""``attend_for(spans)``: the engine's attention callback for queries and keys at ``spans``."""
+
+
+class GenerationState:
+    """One generation's model-side state, owned by the adapter (the engine reads ``batch`` and
+    ``rows`` only): ``batch`` samples, ``rows`` forward rows (``2 * batch`` under guidance)."""
+
+    def __init__(self, batch: int, rows: int) -> None:
+        self.batch, self.rows = batch, rows
+
+
+class ModelAdapter(ABC):
+    """A model family as the engine drives it. Attributes: ``family`` (the trajectory family it
+    generates under), ``layout`` (positions of the whole sequence), ``num_layers``, ``num_heads``,
+    ``head_dim`` (for ``cache.begin``), ``vocab_size``, ``num_classes``, ``dtype`` (of its weights:
+    the cache's dtype without autocast)."""
+
+    name: ClassVar[str] = "model"
+    family: ClassVar[str] = "next-scale"
+    layout: SequenceLayout
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    vocab_size: int
+    num_classes: int
+    dtype: torch.dtype
+
+    @abstractmethod
+    def guided(self, cfg: float) -> bool:
+        """Does guidance scale ``cfg`` run unconditional rows beside the conditional ones?"""
+
+    @abstractmethod
+    def start(self, labels: torch.Tensor, guided: bool) -> GenerationState:
+        """A new generation for ``labels: LongTensor[B]``."""
+
+    @abstractmethod
+    def run(self, state: GenerationState, steps: Sequence[Step], spans: Spans, attend: AttendFn) -> torch.Tensor:
+        """Hidden states ``[rows, n, C]`` of the tokens of ``steps`` (all fed now, at positions
+        ``spans``, ``n`` of them) through the backbone, attention through ``attend``."""
+
+    @abstractmethod
+    def logits(self, state: GenerationState, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[r, l, V]`` of ``hidden: [r, l, C]``, the forward rows ``rows`` (None: all)."""
+
+    @abstractmethod
+    def guide(self, logits: torch.Tensor, batch: int, cfg: float, step: Step) -> torch.Tensor:
+        """Guided logits ``[B, l, V]`` from ``logits: [2B, l, V]`` with rows ``[cond; uncond]``."""
+
+    @abstractmethod
+    def advance(self, state: GenerationState, step: Step, tokens: torch.Tensor) -> None:
+        """Take the tokens ``[B, step.emits]`` sampled at ``step`` (they feed later steps)."""
+
+    def forced(self, forced_tokens: Any, step: Step) -> torch.Tensor:
+        """The tokens ``[B, step.emits]`` of ``step`` from the ``forced_tokens`` a caller replays
+        (default: ``forced_tokens[step.index]``)."""
+        return forced_tokens[step.index]
+
+    @abstractmethod
+    def finish(self, state: GenerationState, tokens: list[torch.Tensor], logits: list[torch.Tensor],
+               cache_peak_bytes: int) -> Any:
+        """The generation's output from the tokens and (when asked) raw logits of every step."""
+
+    @abstractmethod
+    def token_maps(self, output: Any) -> list[torch.Tensor]:
+        """The output's tokens as ``LongTensor[B, h * w]`` maps (one per scale, or one)."""
+
+    @abstractmethod
+    def decode(self, output: Any) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` from a generation's output."""
+
+    @abstractmethod
+    def teacher_forced_logits(self, labels: torch.Tensor, inputs: Any, attend_for: AttendFor) -> torch.Tensor:
+        """Differentiable logits of a whole training sequence (the training path)."""
