@@ -377,3 +377,18 @@ def test_bench_help_cites_no_issue(bench, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out and not re.search(r"issue|#\d", out, re.IGNORECASE), out
+
+
+def test_a_next_token_only_cache_under_full_is_refused_in_one_line(install_plugins, capsys, tmp_cwd):
+    """Compatibility comes from the traits a plugin declares, not its name (exit 2, before any model)."""
+    from mvar_engine import CachePolicyRecord
+    from mvar_engine.plugins.caches import FullCache
+
+    class TokenOnly(FullCache):
+        families = ("next-token",)
+
+    install_plugins(tokenonly=_caches(CachePolicyRecord(name="token-only", factory=lambda options: TokenOnly())))
+    assert main(["--trajectory", "full", "--cache", "token-only", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cache 'token-only' serves next-token trajectories, not trajectory 'full'" in err[0], err
+    assert not (tmp_cwd / "outputs").exists()

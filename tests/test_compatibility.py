@@ -1,0 +1,52 @@
+"""Compatibility is decided by the traits components declare, for every family, before any model runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from mvar_engine import AttentionPattern, Dense, IncompatibleComponentsError
+from mvar_engine.core.compatibility import check_compatible
+from mvar_engine.plugins.caches import FullCache, NoCache
+from mvar_engine.plugins.h2o_cache import H2OCache
+from mvar_engine.plugins.patterns import CausalPattern, DensePattern, NeighborhoodPattern
+from mvar_engine.plugins.raster import RasterTrajectory
+from mvar_engine.plugins.trajectories import FullTrajectory, MarkovOptions, MarkovTrajectory
+
+
+class TokenOnlyCache(FullCache):
+    name = "token-only"
+    families = ("next-token",)
+
+
+class RasterOnlyPattern(AttentionPattern):
+    name = "raster-only"
+    families = ("next-token",)
+
+    def spec(self, layout, queries, keys, visible):
+        return Dense()
+
+
+def test_next_token_only_cache_is_refused_under_a_next_scale_trajectory():
+    with pytest.raises(IncompatibleComponentsError, match="cache 'token-only' serves next-token trajectories, not "
+                                                          "trajectory 'full'"):
+        check_compatible(FullTrajectory(), DensePattern(), TokenOnlyCache())
+    check_compatible(RasterTrajectory(), CausalPattern(), TokenOnlyCache())
+
+
+def test_pattern_family_is_checked():
+    with pytest.raises(IncompatibleComponentsError, match="attention 'neighborhood' describes next-scale steps"):
+        check_compatible(RasterTrajectory(), NeighborhoodPattern(), FullCache())
+    with pytest.raises(IncompatibleComponentsError, match="attention 'raster-only' describes next-token steps"):
+        check_compatible(FullTrajectory(), RasterOnlyPattern(), FullCache())
+    with pytest.raises(IncompatibleComponentsError, match="generates next-scale"):
+        check_compatible(RasterTrajectory(), CausalPattern(), FullCache(), model_family="next-scale")
+
+
+def test_headwise_needs_all_history_and_every_visible_key():
+    check_compatible(FullTrajectory(), DensePattern(), H2OCache())
+    check_compatible(RasterTrajectory(), CausalPattern(), H2OCache())
+    with pytest.raises(IncompatibleComponentsError, match="trajectory 'markov' hides some earlier keys"):
+        check_compatible(MarkovTrajectory(MarkovOptions(order=2)), DensePattern(), H2OCache())
+    with pytest.raises(IncompatibleComponentsError, match="attention 'raster-only' hides some visible keys"):
+        check_compatible(RasterTrajectory(), RasterOnlyPattern(), H2OCache())
+    check_compatible(MarkovTrajectory(), NeighborhoodPattern(), NoCache())
