@@ -26,8 +26,7 @@ The conformance kit for plugin packages is :mod:`mvar_engine.testing`.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from .core import __version__
 from .core.adapter import GenerationState, ModelAdapter
 from .core.attention import (AttentionBackend, AttentionPattern, AttentionSpec, BackendCapabilities, BlockCausal,
                              BlockDiagonal, Causal, Dense, Masked, Neighborhood2D, SlidingWindow1D, visible_positions)

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
 from .errors import ComponentFailedError, ConfigError, DuplicateComponentError, MvarEngineError, UnknownComponentError
+from . import __version__
 from .records import KIND_LABELS, RECORD_TYPES, Availability, ComponentRecord
 
 ENTRY_POINT_GROUP = "mvar_engine"
@@ -426,8 +427,6 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
     missing_builtins = [m for m in BUILTIN_MODULES if m not in found_builtin]
     if missing_builtins:
         # A source tree whose metadata is not installed (or is stale): load those built-ins directly.
-        from .. import __version__
-
         for module_name in missing_builtins:
             provider = Provider(DISTRIBUTION, f"{__version__} (source)", module_name, True)
             try:

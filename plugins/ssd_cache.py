@@ -1,4 +1,4 @@
-"""``ssd``: head-adaptive compression from an offline head map (:mod:`mvar_engine.core.head_map`).
+"""``ssd``: head-adaptive compression from an offline head map (:mod:`mvar_engine.plugins.head_map`).
 
 Every head stores ``budget`` tokens (the same count in every head, so the saving is real memory,
 not masking). Spatial-locality heads keep the class prefix and the most recent tokens (a window of
@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from ..core.errors import UsageError
-from ..core.head_map import HeadMap, load_head_map
+from .head_map import HeadMap, load_head_map
 from .budget_cache import BudgetedCache, BudgetOptions
 
 

@@ -39,8 +39,8 @@ def read_keys_tsv(path: Path) -> list[tuple[str, list[int]]]:
 
 def small_models(patch_nums=(1, 2, 3), *, depth=2, width=32, heads=2, num_classes=5, vocab=16, z=8, seed=0):
     """A random VAR and a matching small tokenizer (eval mode)."""
-    from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from mvar_engine.core.models.var import VAR, VARConfig
+    from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from mvar_engine.models.var import VAR, VARConfig
 
     torch.manual_seed(seed)
     model = VAR(VARConfig(depth=depth, embed_dim=width, num_heads=heads, num_classes=num_classes, vocab_size=vocab,
@@ -57,9 +57,9 @@ def small_models(patch_nums=(1, 2, 3), *, depth=2, width=32, heads=2, num_classe
 
 def make_engine(model, tokenizer, trajectory="full", attention="dense", cache="full", backend="sdpa",
                 trajectory_options=None, attention_options=None, cache_options=None):
-    from mvar_engine.core.config import EngineConfig
-    from mvar_engine.core.models.var_adapter import NextScaleEngine
-    from mvar_engine.core.pipeline import resolve_components
+    from mvar_engine.apps.config import EngineConfig
+    from mvar_engine.models.var_adapter import NextScaleEngine
+    from mvar_engine.apps.pipeline import resolve_components
 
     config = EngineConfig(trajectory={"name": trajectory, "options": trajectory_options or {}},
                           attention={"name": attention, "options": attention_options or {}},

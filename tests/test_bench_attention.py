@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from mvar_engine.core import bench_attention
+from mvar_engine.apps.bench import attention as bench_attention
 from mvar_engine.core.attention import AttentionBackend
-from mvar_engine.core.bench_attention import DENSE_ROW, AttentionBench, BenchAttentionConfig, Contender
-from mvar_engine.core.bench_report import (format_table, median_time, repeats_within, scaled_estimate, skip_reason,
+from mvar_engine.apps.bench.attention import DENSE_ROW, AttentionBench, BenchAttentionConfig, Contender
+from mvar_engine.apps.bench.report import (format_table, median_time, repeats_within, scaled_estimate, skip_reason,
                                            write_json)
-from mvar_engine.core.cli import main
+from mvar_engine.apps.cli import main
 from mvar_engine.core.neighborhood import neighborhood_mask_2d
 
 SMALL = ["bench", "attention", "--sides", "8,16", "--kernel-size", "3", "--heads", "2", "--head-dim", "8",
@@ -247,7 +247,7 @@ def test_a_call_that_cannot_fit_in_memory_is_skipped_not_run():
     from mvar_engine.backends.reference import ReferenceBackend
     from mvar_engine.backends.sdpa import SdpaBackend
     from mvar_engine.core.attention import Neighborhood2D
-    from mvar_engine.core.bench_attention import Cell, memory_reason
+    from mvar_engine.apps.bench.attention import Cell, memory_reason
 
     side, batch = 64, 8
     q = torch.empty(batch, 16, side * side, 64)

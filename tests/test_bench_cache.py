@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from mvar_engine.core import bench_cache as bc
-from mvar_engine.core.bench_report import format_markdown_table
-from mvar_engine.core.cli import main
+from mvar_engine.apps.bench import cache as bc
+from mvar_engine.apps.bench.report import format_markdown_table
+from mvar_engine.apps.cli import main
 
 POLICIES = ("full", "window", "sink", "h2o", "ssd")
 FAST = ["--model", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "0", "--calibration-images", "2"]
@@ -108,7 +108,7 @@ def test_logit_agreement():
 
 
 def test_default_model_without_weights_is_skipped(tmp_cwd, capsys, monkeypatch):
-    from mvar_engine.core import default_models
+    from mvar_engine.models import default_models
 
     monkeypatch.setattr(default_models, "DEFAULT_TRANSFORMERS", {k: v for k, v in
                                                                  default_models.DEFAULT_TRANSFORMERS.items() if k != "raster"})

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mvar_engine.core import bench_matrix as bm
-from mvar_engine.core.bench_report import peak_rss_bytes, reset_peak_rss
-from mvar_engine.core.cli import BENCH_COMMANDS, main
+from mvar_engine.apps.bench import matrix as bm
+from mvar_engine.apps.bench.report import peak_rss_bytes, reset_peak_rss
+from mvar_engine.apps.cli import BENCH_COMMANDS, main
 
 from conftest import make_engine, small_models
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from mvar_engine.core.bench_train import BenchTrainConfig, run_strategy
-from mvar_engine.core.cli import main
+from mvar_engine.apps.bench.train import BenchTrainConfig, run_strategy
+from mvar_engine.apps.cli import main
 
 TINY = dict(depth=1, patch_nums=(1, 2, 3, 4), batch_size=1, steps=1, ratio=(2, 1, 1), kernel_size=3)
 

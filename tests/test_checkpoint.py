@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import read_keys_tsv, shared_reference, small_models
-from mvar_engine.core.checkpoint import read_state_dict, save_state_dict
+from mvar_engine.models.checkpoint import read_state_dict, save_state_dict
 from mvar_engine.core.errors import CheckpointError
-from mvar_engine.core.models.var import VAR, VARConfig, infer_var_config
-from mvar_engine.core.pipeline import load_tokenizer, load_var
+from mvar_engine.models.var import VAR, VARConfig, infer_var_config
+from mvar_engine.apps.pipeline import load_tokenizer, load_var
 
 
 def test_var_d16_state_dict_matches_the_released_keys():
@@ -124,7 +124,7 @@ def test_released_tokenizer_architecture_is_inferred():
     path = shared_reference("vae_ch160v4096z32.keys.tsv")
     if path is None:
         pytest.skip("../shared/reference/vae_ch160v4096z32.keys.tsv is not present")
-    from mvar_engine.core.pipeline import infer_tokenizer_config
+    from mvar_engine.apps.pipeline import infer_tokenizer_config
 
     state = {k: torch.empty(shape) for k, shape in read_keys_tsv(path)}
     config = infer_tokenizer_config(state, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
@@ -136,7 +136,7 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_uses_normal_permissions(
     """Regression: files came out 0600 (mkstemp's mode) instead of honouring the umask."""
     import os
 
-    from mvar_engine.core.checkpoint import atomic_write
+    from mvar_engine.models.checkpoint import atomic_write
 
     path = tmp_path / "out.bin"
     atomic_write(path, lambda tmp: tmp.write_bytes(b"first"))
@@ -159,7 +159,7 @@ def test_export_weights_halves_the_file_and_keeps_metadata(tmp_path, capsys):
 
     from safetensors import safe_open
 
-    from mvar_engine.core.cli import main
+    from mvar_engine.apps.cli import main
 
     state = {"w": torch.randn(64, 64), "steps": torch.arange(3)}
     source = save_state_dict(state, tmp_path / "a.safetensors", metadata={"mvar_engine": json.dumps({"kind": "var"})})

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import small_models
-from mvar_engine.core.checkpoint import save_state_dict
-from mvar_engine.core.cli import main, parse_generate_args
+from mvar_engine.models.checkpoint import save_state_dict
+from mvar_engine.apps.cli import main, parse_generate_args
 from mvar_engine.core.errors import ConfigError, UsageError
 
 
@@ -173,7 +173,7 @@ def test_sdpa_options_are_flags(tmp_path, checkpoints, capsys):
 
 
 def test_missing_default_weights_is_one_line(monkeypatch, tmp_path, capsys):
-    from mvar_engine.core import default_models
+    from mvar_engine.models import default_models
 
     monkeypatch.setattr(default_models, "WEIGHTS_DIR", tmp_path)
     assert main(["--no-progress"]) == 2
@@ -192,8 +192,8 @@ def test_raster_trajectory_generates_with_random_weights(tmp_path, capsys):
 
 
 def test_random_raster_models_have_llamagen_b_and_vq16_sizes():
-    from mvar_engine.core.config import EngineConfig
-    from mvar_engine.core.pipeline import build_raster_models
+    from mvar_engine.apps.config import EngineConfig
+    from mvar_engine.apps.pipeline import build_raster_models
 
     model, tokenizer = build_raster_models(EngineConfig(trajectory="raster", model={"random_weights": True}))
     c = model.config
@@ -209,7 +209,7 @@ def test_random_raster_models_have_llamagen_b_and_vq16_sizes():
 ])
 def test_raster_bad_input_is_one_line(argv, needle, shipped, capsys, monkeypatch, tmp_cwd):
     if not shipped:  # an installation without the raster weights
-        from mvar_engine.core import default_models
+        from mvar_engine.models import default_models
 
         monkeypatch.setattr(default_models, "DEFAULT_TRANSFORMERS",
                             {k: v for k, v in default_models.DEFAULT_TRANSFORMERS.items() if k != "raster"})
@@ -360,7 +360,7 @@ def test_an_exception_in_a_plugin_method_names_component_and_provider(kind, flag
 
 
 def test_help_lists_every_subcommand_from_the_table(monkeypatch, capsys):
-    from mvar_engine.core import cli
+    from mvar_engine.apps import cli
 
     monkeypatch.setitem(cli.SUBCOMMANDS, "zz-added-command", lambda argv: 0)
     assert main(["--help"]) == 0

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from conftest import make_engine, small_models
 from mvar_engine.core.attention import Causal, Dense
-from mvar_engine.core.cli import main
+from mvar_engine.apps.cli import main
 from mvar_engine.core.errors import IncompatibleComponentsError, UsageError
-from mvar_engine.core.head_map import classify
+from mvar_engine.plugins.head_map import classify
 from mvar_engine.core.kv_store import BoundedKV
 from mvar_engine.plugins import budget_cache
 from mvar_engine.plugins.budget_cache import BudgetOptions, TokenWindowCache, budget_tokens, received_attention
@@ -252,7 +252,7 @@ def test_a_budget_below_the_class_tokens_is_one_line(capsys):
 
 
 def test_a_head_map_for_another_model_is_one_line(capsys, tmp_path):
-    from mvar_engine.core.head_map import write_head_map
+    from mvar_engine.plugins.head_map import write_head_map
 
     path = tmp_path / "heads.json"
     write_head_map(head_map_for(5, 3), path)

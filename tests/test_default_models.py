@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mvar_engine.core.config import ComponentChoice, EngineConfig
-from mvar_engine.core.default_models import (DEFAULT_TRANSFORMERS, WEIGHTS_DIR, default_checkpoints,
-                                             recommended_choices, tokenizer_file, weights_metadata)
-from mvar_engine.core.pipeline import Pipeline, with_weights
+from mvar_engine.apps.config import ComponentChoice, EngineConfig
+from mvar_engine.models.default_models import (DEFAULT_TRANSFORMERS, WEIGHTS_DIR, default_checkpoints,
+                                             tokenizer_file, weights_metadata)
+from mvar_engine.apps.pipeline import recommended_choices
+from mvar_engine.apps.pipeline import Pipeline, with_weights
 
 SHIPPED = pytest.mark.skipif(default_checkpoints("markov") is None, reason="the default weights are not installed")
 
@@ -64,7 +65,7 @@ def test_explicit_options_and_other_patterns_win_over_the_metadata():
 
 @SHIPPED
 def test_bare_command_writes_one_row_per_digit(tmp_path, capsys):
-    from mvar_engine.core.cli import main
+    from mvar_engine.apps.cli import main
 
     out = tmp_path / "grid.png"
     assert main(["--samples-per-label", "2", "--output", str(out), "--no-progress"]) == 0, capsys.readouterr().err
@@ -75,8 +76,8 @@ def test_bare_command_writes_one_row_per_digit(tmp_path, capsys):
 @SHIPPED
 @pytest.mark.parametrize("trajectory", ["markov", "full", "raster"])
 def test_shipped_models_draw_the_requested_digits(trajectory, tmp_path, monkeypatch):
-    from mvar_engine.core.data import load_digits_set
-    from mvar_engine.core.evaluation import load_or_train
+    from mvar_engine.apps.data import load_digits_set
+    from mvar_engine.apps.evaluation import load_or_train
 
     monkeypatch.setenv("MVAR_ENGINE_CACHE", str(tmp_path_factory_cache()))
     if default_checkpoints(trajectory) is None:

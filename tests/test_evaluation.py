@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mvar_engine.core.checkpoint import save_state_dict
-from mvar_engine.core.cli import main
-from mvar_engine.core.data import load_digits_set
+from mvar_engine.models.checkpoint import save_state_dict
+from mvar_engine.apps.cli import main
+from mvar_engine.apps.data import load_digits_set
 from mvar_engine.core.errors import UsageError
-from mvar_engine.core.evaluation import classifier as clf
-from mvar_engine.core.evaluation.evaluate import metric_row
-from mvar_engine.core.evaluation.metrics import (class_accuracy, frechet_distance, frechet_distance_from_moments,
+from mvar_engine.apps.evaluation import classifier as clf
+from mvar_engine.apps.evaluation.evaluate import metric_row
+from mvar_engine.apps.evaluation.metrics import (class_accuracy, frechet_distance, frechet_distance_from_moments,
                                                  kth_neighbour_radii, precision_recall)
 
 RESOLUTION = 16  # the tiny test tokenizer's image size (4x4 latent, 4x upsampling)
@@ -179,8 +179,8 @@ def test_real_images_score_as_real(trained, digits):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Random 10-class VAR + tokenizer making 16x16 images (scales 1, 2, 4; 4x upsampling)."""
-    from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from mvar_engine.core.models.var import VAR, VARConfig
+    from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from mvar_engine.models.var import VAR, VARConfig
 
     patch_nums = (1, 2, 4)
     torch.manual_seed(0)
@@ -269,7 +269,7 @@ def test_resolution_mismatch_is_one_line(tmp_path, checkpoints, capsys):
 
 
 def test_class_count_mismatch_is_one_line(tmp_path, checkpoints, trained, capsys):
-    from mvar_engine.core.models.var import VAR, VARConfig
+    from mvar_engine.models.var import VAR, VARConfig
 
     torch.manual_seed(0)
     model = VAR(VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=4, vocab_size=16, z_channels=8,
@@ -286,8 +286,8 @@ def test_class_count_mismatch_is_one_line(tmp_path, checkpoints, trained, capsys
 def raster_checkpoints(tmp_path_factory):
     """A random 10-class LlamaGen-shaped raster GPT (4x4 token grid) saved as LlamaGen's files are
     (``{"model": ...}``), and a 16px tokenizer run with the one-scale schedule 4."""
-    from mvar_engine.core.models.raster_gpt import RasterGPT, RasterGPTConfig
-    from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from mvar_engine.models.raster_gpt import RasterGPT, RasterGPTConfig
+    from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
     torch.manual_seed(0)
     model = RasterGPT(RasterGPTConfig(depth=1, width=64, heads=1, num_classes=10, vocab_size=16, grid=(4, 4)))

@@ -368,9 +368,9 @@ def test_axial_spec_runs_on_the_cpu_backends(registry):
 
 def _engine(registry, model, tokenizer, trajectory, attention, cache, trajectory_options=None, cache_options=None,
             attention_options=None):
-    from mvar_engine.core.config import EngineConfig
-    from mvar_engine.core.models.var_adapter import NextScaleEngine
-    from mvar_engine.core.pipeline import resolve_components
+    from mvar_engine.apps.config import EngineConfig
+    from mvar_engine.models.var_adapter import NextScaleEngine
+    from mvar_engine.apps.pipeline import resolve_components
 
     config = EngineConfig(trajectory={"name": trajectory, "options": trajectory_options or {}},
                           attention={"name": attention, "options": attention_options or {}},

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import make_engine, small_models
 from mvar_engine.core.attention import Dense, Neighborhood2D
-from mvar_engine.core.models import var
+from mvar_engine.models import var
 
 
 def _reference_attend(spec):
@@ -136,8 +136,8 @@ def test_engine_runs_cache_less_steps_a_head_group_at_a_time(trajectory, attenti
        ch_mult=st.sampled_from([(1,), (1, 2), (2, 1), (1, 1, 2)]), seed=st.integers(0, 50))
 def test_banded_decoder_equals_the_plain_decoder(batch, height, width, band_rows, ch_mult, seed):
     """Every level banded (ragged bands of ``band_rows`` rows of the widest map) vs the plain forward."""
-    from mvar_engine.core.models import banded_decode
-    from mvar_engine.core.models.vae_blocks import Decoder
+    from mvar_engine.models import banded_decode
+    from mvar_engine.models.vae_blocks import Decoder
 
     torch.manual_seed(seed)
     decoder = Decoder(ch=32, ch_mult=ch_mult, num_res_blocks=1, z_channels=4, using_sa=False, using_mid_sa=False).eval()
@@ -162,8 +162,8 @@ def test_banded_decoder_equals_the_plain_decoder(batch, height, width, band_rows
 
 
 def test_banded_decoding_is_inference_only():
-    from mvar_engine.core.models import banded_decode
-    from mvar_engine.core.models.vae_blocks import Decoder
+    from mvar_engine.models import banded_decode
+    from mvar_engine.models.vae_blocks import Decoder
 
     decoder = Decoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, using_sa=False, using_mid_sa=False)
     saved = banded_decode.BANDED_MAP_BYTES
@@ -179,8 +179,8 @@ def test_banded_decoding_is_inference_only():
 def test_banded_level_takes_channels_last_maps():
     """Regression: a plain convolution may hand a batch over as a channels-last map (LlamaGen-size
     decoding at batch 2 failed in ``group_stats``'s view)."""
-    from mvar_engine.core.models import banded_decode
-    from mvar_engine.core.models.vae_blocks import Decoder
+    from mvar_engine.models import banded_decode
+    from mvar_engine.models.vae_blocks import Decoder
 
     torch.manual_seed(0)
     decoder = Decoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, using_sa=False, using_mid_sa=False).eval()

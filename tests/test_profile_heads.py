@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mvar_engine.core.attention import Causal, Dense
-from mvar_engine.core.cli import main
-from mvar_engine.core.head_map import auto_threshold, classify, load_head_map
-from mvar_engine.core.profile_heads import ProfilingCache
+from mvar_engine.apps.cli import main
+from mvar_engine.plugins.head_map import auto_threshold, classify, load_head_map
+from mvar_engine.apps.profile_heads import ProfilingCache
 
 
 def planted_attention(grid, prefix, t, n_local_heads, n_sink_heads, sharpness=30.0):

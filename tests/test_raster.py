@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from mvar_engine.core.attention import Causal, Masked
 from mvar_engine.core.backend_selection import selector_for
 from mvar_engine.core.errors import IncompatibleComponentsError
-from mvar_engine.core.models.raster_gpt import (RasterGPT, RasterGPTConfig, apply_rotary_emb, infer_raster_config,
+from mvar_engine.models.raster_gpt import (RasterGPT, RasterGPTConfig, apply_rotary_emb, infer_raster_config,
                                                 precompute_freqs_cis_2d)
-from mvar_engine.core.models.raster_adapter import RasterEngine
+from mvar_engine.models.raster_adapter import RasterEngine
 from mvar_engine.core.sampling import guided_logits_raster
 from mvar_engine.core.layout import SequenceLayout
 from mvar_engine.core.trajectory import Visibility
@@ -263,7 +263,7 @@ def test_rows_see_rotated_keys_in_cache():
 
 
 def test_decode_through_one_scale_tokenizer():
-    from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
     torch.manual_seed(0)
     tok = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
@@ -278,7 +278,7 @@ def test_decode_through_one_scale_tokenizer():
 @pytest.mark.parametrize("quant_resi", [0.0, 0.5])
 def test_decode_is_the_tokenizers_one_scale_reconstruction(quant_resi):
     """decode applies the tokenizer's phi like its own one-scale path (a bug skipped it)."""
-    from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
     torch.manual_seed(1)
     tok = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,

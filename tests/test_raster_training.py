@@ -12,18 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from mvar_engine.core.checkpoint import convert_weights, read_state_dict
-from mvar_engine.core.cli import main
-from mvar_engine.core.config import EngineConfig
-from mvar_engine.core.default_models import DEFAULT_TRANSFORMERS, default_checkpoints, weights_metadata
-from mvar_engine.core.models.raster_gpt import RasterGPT, RasterGPTConfig
-from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from mvar_engine.core.pipeline import Pipeline, load_raster
-from mvar_engine.core.models.raster_adapter import RasterEngine
+from mvar_engine.models.checkpoint import convert_weights, read_state_dict
+from mvar_engine.apps.cli import main
+from mvar_engine.apps.config import EngineConfig
+from mvar_engine.models.default_models import DEFAULT_TRANSFORMERS, default_checkpoints, weights_metadata
+from mvar_engine.models.raster_gpt import RasterGPT, RasterGPTConfig
+from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from mvar_engine.apps.pipeline import Pipeline, load_raster
+from mvar_engine.models.raster_adapter import RasterEngine
 from mvar_engine.plugins.patterns import CausalPattern
-from mvar_engine.core.training.checkpointing import export_weights
-from mvar_engine.core.training.loop import TrainingInterrupted
-from mvar_engine.core.training.raster_trainer import RasterTrainSettings, train_raster
+from mvar_engine.apps.training.checkpointing import export_weights
+from mvar_engine.apps.training.loop import TrainingInterrupted
+from mvar_engine.apps.training.raster_trainer import RasterTrainSettings, train_raster
 from mvar_engine.plugins.caches import NoCache
 from mvar_engine.plugins.raster import RasterTrajectory
 

@@ -63,7 +63,7 @@ def test_next_scale_engine_samples_in_chunks_of_samples_as_in_one_pass(batch, ch
 
 @given(tokens=st.integers(1, 50), chunk_tokens=st.integers(1, 20), seed=st.integers(0, 9))
 def test_ffn_in_chunks_equals_one_pass(tokens, chunk_tokens, seed):
-    from mvar_engine.core.models import var
+    from mvar_engine.models import var
 
     torch.manual_seed(seed)
     ffn = var.FFN(8, 32)

@@ -1,4 +1,4 @@
-"""Tests of the VAR multi-scale VQ-VAE tokenizer (``mvar_engine.core.models.tokenizer``)."""
+"""Tests of the VAR multi-scale VQ-VAE tokenizer (``mvar_engine.models.tokenizer``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, Phi, TokenizerConfig
+from mvar_engine.models.tokenizer import MultiScaleVQVAE, Phi, TokenizerConfig
 
 TSV_NAME = "vae_ch160v4096z32.keys.tsv"
 HERE = Path(__file__).resolve()

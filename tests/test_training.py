@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 
 import mvar_engine
 from conftest import make_engine, small_models
-from mvar_engine.core.cli import main
+from mvar_engine.apps.cli import main
 from mvar_engine.core.errors import CheckpointError, UsageError
-from mvar_engine.core.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from mvar_engine.core.training import checkpointing
-from mvar_engine.core.training.batches import ShardedBatches
-from mvar_engine.core.training.grouped_forward import (grouped_logits, parallel_groups, parse_ratio, scales_isolated,
+from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from mvar_engine.apps.training import checkpointing
+from mvar_engine.apps.training.batches import ShardedBatches
+from mvar_engine.apps.training.grouped_forward import (grouped_logits, parallel_groups, parse_ratio, scales_isolated,
                                                        token_positions)
-from mvar_engine.core.training.loop import TrainingInterrupted
-from mvar_engine.core.training.tokenizer_trainer import TokenizerTrainSettings, train_tokenizer
-from mvar_engine.core.training.var_trainer import VarTrainSettings, train_var
+from mvar_engine.apps.training.loop import TrainingInterrupted
+from mvar_engine.apps.training.tokenizer_trainer import TokenizerTrainSettings, train_tokenizer
+from mvar_engine.apps.training.var_trainer import VarTrainSettings, train_var
 
 TINY_TOKENIZER = dict(resolution=16, patch_nums=(1, 2, 4), vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1, 1),
                       num_res_blocks=1, max_images=96, batch_size=32, progress=False)
@@ -335,7 +335,7 @@ def test_torchrun_two_processes_train_checkpoint_and_resume(tokenizer_run, tmp_p
              "--log-every", "1", "--no-progress", "--output", str(run)]
     for steps, resume in ((4, []), (7, ["--resume"])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "-m", "mvar_engine.core.cli", "train", *flags, "--steps", str(steps), *resume]
+               "-m", "mvar_engine.apps.cli", "train", *flags, "--steps", str(steps), *resume]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-12000:]
     records = read_metrics(run)

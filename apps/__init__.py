@@ -1,0 +1,2 @@
+"""The applications over the engine: the CLI, the pipeline and its configuration, benchmarks, training,
+evaluation and head profiling."""

@@ -1,0 +1,928 @@
+"""``mvar-engine bench matrix``: the inference benchmark matrix of issue #7 (next-scale models).
+
+Every cell (model x batch x configuration) runs in a fresh process, so that peak memory is the
+cell's own: the worker (``python -m mvar_engine.apps.bench.matrix CELL_JSON``) builds the model with
+random weights (cost does not depend on the weights; rows say ``random_weights: true``), records
+the memory after the load (the baseline), times the transformer's generation (``--warmup`` untimed
+calls, then the median of ``--repeats``), then decodes the last ``f_hat`` to images in chunks of
+``--decode-chunk`` images, timed separately, so that the tokenizer neither sets the transformer's
+peak nor hides it.
+
+Memory. CPU: the process's peak resident set (``VmHWM``), reset after the load and again before
+decoding (``/proc/self/clear_refs``), so ``peak_rss_transformer`` is the peak of the generation
+phase and ``peak_rss_decode`` the peak of the decoding phase, both weights included; before each
+reset the C allocator returns its free heap memory to the OS (glibc ``malloc_trim``; without it,
+memory the generation freed but glibc kept resident was counted again in the decoding phase);
+``peak_rss_total`` is their maximum and ``working_memory`` = ``peak_rss_total - baseline_rss``.
+CUDA: the same fields from ``torch.cuda.max_memory_allocated`` (``reset_peak_memory_stats``
+between the phases) and ``memory_allocated`` after the load. The engine's own count of KV-cache
+bytes (``cache_peak_bytes``) is reported beside them.
+
+Attention FLOPs are counted from the pattern (:func:`attention_flops`): for every scale the spec the
+engine asks the pattern for (cached step: the step's queries over the keys the cache returns;
+recomputed step: the visible history over itself), ``4 * rows * heads * head_dim * pairs`` per
+layer. Ratios compare each configuration with the first configuration (the baseline) of the same
+model and batch: ``this / baseline``.
+
+Output: ``--output`` (JSON, rewritten after every cell), the markdown table beside it (``.md``)
+and a PNG chart (``.png``, drawn with PIL) of total peak memory and transformer time per image per
+configuration, each bar labelled with its ratio to the baseline.
+
+Models: ``dN-256`` / ``dN-512`` (VAR-dN on VAR's 256px or 512px schedule, the released tokenizer's
+architecture, downsample 16), ``tiny`` (depth 2, scales 1,2,4, a small tokenizer; for tests), and the
+raster family (:mod:`.bench_matrix_raster`): ``llamagen-b`` (LlamaGen GPT-B, 576 tokens) and
+``raster-tiny``. A cell runs the configurations of its family, told by the trajectory's ``family``
+(``raster/dense/...`` for raster models, next-scale trajectories for VAR models); the first
+configuration of each family is that family's baseline. ``MODEL_FAMILIES`` maps a family to its worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TextIO
+
+import torch
+
+from .report import (machine_info, peak_rss_bytes, release_free_memory, reset_peak_rss, run_json_worker,
+                           synchronizer, write_json)
+from .train import _rss_bytes
+from ...core.errors import ConfigError, MvarEngineError, UsageError
+
+# -- models ------------------------------------------------------------------------------------------
+TINY_PATCH_NUMS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model: ``family`` picks the worker (see :data:`MODEL_FAMILIES`)."""
+
+    id: str
+    family: str
+    depth: int
+    patch_nums: tuple[int, ...]
+    resolution: int  # pixels per image side
+
+    @property
+    def tokens_per_image(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+
+KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny")
+"""Model ids listed in messages; any ``dN-256`` or ``dN-512`` is accepted."""
+
+
+def model_spec(model_id: str) -> ModelSpec:
+    """``d16-256`` -> VAR-d16 on the 256px schedule; ``tiny`` -> the test model; else a UsageError."""
+    from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512
+
+    from .matrix_raster import RASTER_GRIDS
+
+    key = model_id.strip().lower()
+    if key in RASTER_GRIDS:
+        grid = RASTER_GRIDS[key]
+        depth = 12 if key == "llamagen-b" else 2
+        return ModelSpec(key, "next-token", depth, (grid[0],), grid[0] * 16)
+    if key == "tiny":
+        return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2)
+    match = re.fullmatch(r"(?:var-)?d(\d+)-(256|512)", key)
+    if match and int(match.group(1)) >= 1:
+        schedule = PATCH_NUMS_256 if match.group(2) == "256" else PATCH_NUMS_512
+        return ModelSpec(f"d{int(match.group(1))}-{match.group(2)}", "next-scale", int(match.group(1)),
+                         tuple(schedule), int(match.group(2)))
+    raise UsageError(f"unknown model {model_id!r} (available: {', '.join(KNOWN_MODELS)}; any dN-256 or dN-512 is "
+                     f"VAR-dN at that resolution)")
+
+
+# -- configurations ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Combo:
+    """One configuration ``trajectory/attention/cache``; a part may carry options as
+    ``name:key=value:key=value`` (``markov/neighborhood:kernel_size=5/none``)."""
+
+    text: str
+    trajectory: str
+    attention: str
+    cache: str
+    options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+
+    def engine_components(self) -> dict[str, dict[str, Any]]:
+        return {kind: {"name": getattr(self, kind), "options": self.options.get(kind, {})}
+                for kind in ("trajectory", "attention", "cache")}
+
+
+def _option_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_combo(text: str) -> Combo:
+    """``"full/dense/full"`` -> :class:`Combo`; a malformed triple is a one-line UsageError."""
+    parts = [p.strip() for p in text.strip().split("/")]
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"configuration {text!r} is not trajectory/attention/cache (e.g. full/dense/full or "
+                         f"markov/neighborhood/none; options as neighborhood:kernel_size=5)")
+    names, options = [], {}
+    for kind, part in zip(("trajectory", "attention", "cache"), parts):
+        name, *pairs = part.split(":")
+        names.append(name.strip())
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"configuration {text!r}: option {pair!r} of {kind} '{name}' is not key=value")
+            options.setdefault(kind, {})[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return Combo("/".join(parts), *names, options=options)
+
+
+def parse_cell(text: str) -> tuple[str, int]:
+    """``"d16-512:8"`` -> ``("d16-512", 8)``; anything else is a one-line UsageError."""
+    model, sep, batch = text.strip().rpartition(":")
+    if not sep or not model or not batch.isdigit() or int(batch) < 1:
+        raise UsageError(f"cell {text!r} is not MODEL:BATCH (e.g. d16-256:8)")
+    return model, int(batch)
+
+
+def combo_family(combo: Combo) -> str:
+    """The model family a configuration runs on: its trajectory's ``family`` (``next-scale`` or
+    ``next-token``); an unknown trajectory is a one-line error listing the known ones."""
+    from ...core.registry import get_registry
+
+    try:
+        return get_registry().create("trajectory", combo.trajectory, combo.options.get("trajectory", {})).family
+    except MvarEngineError as error:
+        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
+    except ValueError as error:
+        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
+
+
+def check_combo(combo: Combo, backend: str) -> None:
+    """Resolve the components (names, options, compatibility) now, before any process starts; errors
+    name the configuration and list what exists. An ``ssd`` cache without a head map (the matrix
+    calibrates one) is checked with its options, and its compatibility through a stand-in."""
+    from .matrix_raster import SSD_STAND_IN, needs_calibration
+    from ..config import EngineConfig
+    from ..pipeline import resolve_components
+    from ...core.registry import get_registry
+
+    components = combo.engine_components()
+    try:
+        if needs_calibration(combo):
+            get_registry().validate_options("cache", combo.cache, components["cache"]["options"])
+            components["cache"] = {"name": SSD_STAND_IN, "options": {}}
+        resolve_components(EngineConfig(**components, backend=backend))
+    except ConfigError as error:
+        raise ConfigError([f"configuration '{combo.text}': {'; '.join(error.problems)}"]) from None
+    except MvarEngineError as error:
+        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
+    except ValueError as error:  # pydantic validation of the options
+        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
+
+
+# -- presets -----------------------------------------------------------------------------------------
+BASELINE = "full/dense/full"
+MVAR = "markov/neighborhood/none"
+RASTER_BASELINE = "raster/dense/full"
+RASTER_SSD = "raster/dense/ssd:budget=0.2"
+RASTER_POLICIES = (RASTER_BASELINE, "raster/dense/window:budget=0.2", "raster/dense/sink:budget=0.2",
+                   "raster/dense/h2o:budget=0.2", RASTER_SSD)
+
+
+@dataclass(frozen=True)
+class Preset:
+    cells: tuple[tuple[str, int], ...]  # (model id, batch) in order
+    configs: tuple[str, ...]
+    repeats: int
+    warmup: int
+    device: str
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        cells=(("d16-256", 1), ("d16-256", 4), ("llamagen-b", 4)),
+        configs=(BASELINE, MVAR, "markov/dense/none", RASTER_BASELINE, RASTER_SSD),
+        repeats=2, warmup=1, device="cpu",
+        description="VAR-d16 256px, batch 1 and 4 with CFG: VAR, MVAR and MVAR's trajectory without its "
+                    "neighbourhood; LlamaGen-B (576 tokens) batch 4 with CFG: full cache vs SSD at 20% "
+                    "(about 8 minutes on an idle 2-core CPU)"),
+    "target": Preset(
+        cells=(("d16-256", 32), ("d16-512", 8)),
+        configs=(BASELINE, MVAR),
+        repeats=1, warmup=1, device="auto",
+        description="the target rows: d16 256px batch 32 and d16 512px batch 8, with CFG, VAR vs MVAR (on a "
+                    "2-core CPU one batch-32 generation takes minutes: --cells d16-256:8,d16-512:2 there)"),
+    "paper": Preset(
+        cells=(("d16-256", 32), ("d20-256", 32), ("d24-256", 32)),
+        configs=(BASELINE, MVAR),
+        repeats=5, warmup=1, device="auto",
+        description="the MVAR paper's setting: d16/d20/d24 256px, batch 32, CFG 1.5 (for a GPU)"),
+    "raster": Preset(
+        cells=(("llamagen-b", 32),),
+        configs=RASTER_POLICIES,
+        repeats=3, warmup=1, device="auto",
+        description="the SSD paper's batch: LlamaGen-B (576 tokens) batch 32 with CFG, full cache vs window, sink, "
+                    "h2o and ssd at a 20% budget (for a GPU; minutes per cell on a CPU)"),
+}
+
+
+# -- the matrix configuration --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MatrixConfig:
+    preset: str = "default"
+    cells_: tuple[str, ...] | None = None   # "MODEL:BATCH" pairs; overrides models, batches and the preset's cells
+    models: tuple[str, ...] | None = None   # None: the preset's cells
+    batches: tuple[int, ...] | None = None  # None: the preset's cells
+    configs: tuple[str, ...] | None = None  # None: the preset's; the first is the baseline
+    backend: str = "auto"
+    device: str | None = None               # None: the preset's
+    dtype: str = "float32"
+    repeats: int | None = None
+    warmup: int | None = None
+    cfg: float = 1.5
+    seed: int = 0
+    decode_chunk: int = 2
+    calibration_images: int = 1             # ssd head maps calibrated by the matrix (raster cells)
+    threads: int | None = None              # None: torch's default (OMP_NUM_THREADS)
+    timeout_s: float | None = None
+    output: str = "bench-matrix.json"
+    table: bool = True
+
+    @property
+    def base(self) -> Preset:
+        if self.preset not in PRESETS:
+            raise UsageError(f"unknown preset {self.preset!r} (available: {', '.join(PRESETS)})")
+        return PRESETS[self.preset]
+
+    def cells(self) -> list[tuple[ModelSpec, int]]:
+        """(model, batch) pairs in run order: ``--cells``, else the preset's, or ``models x batches`` where given."""
+        if self.cells_ is not None:
+            return [(model_spec(m), b) for m, b in map(parse_cell, self.cells_)]
+        base = self.base
+        models = self.models if self.models is not None else tuple(dict.fromkeys(m for m, _ in base.cells))
+        if self.models is None and self.batches is None:
+            pairs = list(base.cells)
+        else:
+            batches = self.batches if self.batches is not None else tuple(dict.fromkeys(b for _, b in base.cells))
+            pairs = [(m, b) for m in models for b in batches]
+        return [(model_spec(m), b) for m, b in pairs]
+
+    def combos(self) -> list[Combo]:
+        return [parse_combo(text) for text in (self.configs if self.configs is not None else self.base.configs)]
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective settings (preset values filled in)."""
+        base = self.base
+        return {"repeats": self.repeats if self.repeats is not None else base.repeats,
+                "warmup": self.warmup if self.warmup is not None else base.warmup,
+                "device": self.device or base.device}
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.preset not in PRESETS:
+            return [f"unknown preset {self.preset!r} (available: {', '.join(PRESETS)})"]
+        settings = self.resolved()
+        if settings["repeats"] < 1 or settings["warmup"] < 0:
+            out.append("--repeats must be at least 1 and --warmup at least 0")
+        if self.batches is not None and (not self.batches or min(self.batches) < 1):
+            out.append("--batches must be positive integers")
+        if self.decode_chunk < 1:
+            out.append("--decode-chunk must be at least 1")
+        if self.calibration_images < 1:
+            out.append("--calibration-images must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            out.append("--threads must be at least 1")
+        if self.cfg < 0:
+            out.append("--cfg must be >= 0 (0 disables guidance)")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            out.append("--timeout-s must be positive")
+        if self.cells_ is not None and not self.cells_:
+            out.append("--cells needs at least one MODEL:BATCH")
+        if self.configs is not None and not self.configs:
+            out.append("--configs needs at least one trajectory/attention/cache triple")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            out.append(f"--dtype {self.dtype}: choose float32, bfloat16 or float16")
+        device = settings["device"]
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            out.append(f"--device {device}: choose auto, cpu or cuda[:N]")
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            out.append(f"--device {device}: no CUDA device is available (use --device cpu)")
+        elif self.dtype != "float32" and not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+            out.append(f"--dtype {self.dtype} (autocast) is supported on CUDA only; use --dtype float32 on the CPU")
+        if not Path(self.output).suffix == ".json":
+            out.append(f"--output {self.output}: give a .json path (the .md table and .png chart go beside it)")
+        return out
+
+    def device_name(self) -> str:
+        device = self.resolved()["device"]
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
+
+# -- attention FLOPs -----------------------------------------------------------------------------------
+def attention_flops(layout, trajectory, pattern, cache, *, depth: int, heads: int, head_dim: int, rows: int,
+                    per_scale: list[int] | None = None) -> int:
+    """FLOPs of the attention products of one generation (``4 * rows * heads * head_dim * pairs`` per
+    layer and step, QK^T and PV), walking the scales as :meth:`NextScaleEngine.generate` does: a step
+    that the cache serves (or that needs no history) asks the pattern for its queries over the keys
+    the cache returns; otherwise the visible history is recomputed and attends to itself.
+
+    ``cache`` is driven with one-element tensors (``begin`` resets it, so the engine's own instance
+    may be passed). ``per_scale``, if given, receives each step's FLOPs."""
+    from ...core.layout import spans_length
+
+    cache.begin(num_layers=1, batch=1, num_heads=1, head_dim=1, layout=layout, device=torch.device("cpu"),
+                dtype=torch.float32)
+    total = 0
+    for sc in layout.scales:
+        s = sc.index
+        needed, frontier = {s}, [s]  # the engine's dependencies(): visible history, transitively
+        while frontier:
+            for j in trajectory.history(frontier.pop()):
+                if j not in needed:
+                    needed.add(j)
+                    frontier.append(j)
+        history = sorted(needed)
+        if cache.stores_history or history == [s]:
+            queries = (sc.span,)
+            dummy = torch.zeros(1, 1, sc.numel, 1)
+            _, _, keys = cache.update(0, dummy, dummy, queries)
+            cache.end_step()
+        else:
+            queries = keys = layout.spans_of(history)
+        q_len, kv_len = spans_length(queries), spans_length(keys)
+        spec = pattern.spec(layout, queries, keys, trajectory.visible)
+        flops = 4 * rows * heads * head_dim * spec.pair_count(q_len, kv_len) * depth
+        if per_scale is not None:
+            per_scale.append(flops)
+        total += flops
+    cache.begin(num_layers=1, batch=1, num_heads=1, head_dim=1, layout=layout, device=torch.device("cpu"),
+                dtype=torch.float32)
+    return total
+
+
+# -- memory probes -------------------------------------------------------------------------------------
+class MemoryProbe:
+    """Baseline, phase resets and phase peaks: CUDA allocator counters or the process's RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.resets = True
+        self.trimmed = False
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else _rss_bytes()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else peak_rss_bytes()
+
+    def reset(self) -> None:
+        """Start a phase: CUDA peak counters reset; CPU: free heap memory returned to the OS
+        (:func:`release_free_memory`), then the peak resident set reset to the current one."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.trimmed = release_free_memory()
+            self.resets = reset_peak_rss() and self.resets
+
+
+# -- the worker ----------------------------------------------------------------------------------------
+def _build_next_scale(spec: ModelSpec, cell: dict[str, Any]):
+    """(VAR, tokenizer) with random weights: ``tiny`` is built here, the VAR sizes through the same
+    path as ``mvar-engine --random-weights`` (:func:`build_models`)."""
+    from ..config import EngineConfig
+    from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from ...models.var import VAR, VARConfig
+    from ..pipeline import build_models
+
+    if spec.id == "tiny":
+        torch.manual_seed(cell["seed"])
+        model = VAR(VARConfig(depth=spec.depth, embed_dim=64, num_heads=2, num_classes=10, vocab_size=64, z_channels=8,
+                              patch_nums=spec.patch_nums))
+        tokenizer = MultiScaleVQVAE(TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2),
+                                                    num_res_blocks=1, using_sa=False, using_mid_sa=False,
+                                                    patch_nums=spec.patch_nums))
+        return model, tokenizer
+    return build_models(EngineConfig(model={"random_weights": True, "depth": spec.depth,
+                                            "patch_nums": spec.patch_nums}, sampling={"seed": cell["seed"]}))
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+class CellRun:
+    """What every family's worker shares in its fresh process: settings, building the pipeline and
+    the memory baseline (``__init__``), timed generations (:meth:`generations`), chunked decoding
+    (:meth:`decoding`) and the row's common fields (:meth:`row`).
+
+    ``make_config(device)`` returns the cell's :class:`EngineConfig`; ``build()`` the (model,
+    tokenizer) pair with random weights."""
+
+    def __init__(self, cell: dict[str, Any], make_config: Callable[[torch.device], Any],
+                 build: Callable[[], tuple[Any, Any]]) -> None:
+        from ..pipeline import Pipeline, resolve_components, resolve_device
+
+        self.cell, self.spec, self.combo = cell, model_spec(cell["model"]), parse_combo(cell["config"])
+        if cell.get("threads"):
+            torch.set_num_threads(cell["threads"])
+        self.device = resolve_device(cell["device"])
+        self.probe, self.sync = MemoryProbe(self.device), synchronizer(self.device)
+        start = time.perf_counter()
+        self.config = make_config(self.device)
+        self.components = resolve_components(self.config)
+        model, tokenizer = build()
+        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer.to(self.device).eval()
+        self.engine = Pipeline(self.config, self.model, self.tokenizer, self.components, self.device).engine
+        self.sync()
+        self.load_s = time.perf_counter() - start
+        self.peak_load = self.probe.peak()
+        self.probe.reset()
+        self.baseline = self.probe.current()
+
+    def fresh_cache(self):
+        """A new instance of the configuration's cache policy (the previous call's buffers go first)."""
+        from ...core.registry import get_registry
+
+        return get_registry().create("cache", self.config.cache.name, self.config.cache.options)
+
+    def generations(self, prepare: Callable[[int], None], call: Callable[[], None]) -> None:
+        """``--warmup`` untimed then ``--repeats`` timed calls (``prepare(i)`` before each, untimed);
+        then the peak of the generation phase."""
+        durations = []
+        for index in range(self.cell["warmup"] + self.cell["repeats"]):
+            prepare(index)
+            gc.collect()
+            self.sync()
+            t0 = time.perf_counter()
+            call()
+            self.sync()
+            durations.append(time.perf_counter() - t0)
+        self.warm, self.times = durations[:self.cell["warmup"]], durations[self.cell["warmup"]:]
+        self.peak_transformer = self.probe.peak()
+
+    def decoding(self, decode: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor) -> None:
+        """Decode ``items`` (f_hat maps or token maps, one per image) in ``--decode-chunk`` images at a
+        time after one untimed warm-up image, in a phase of its own for the peak."""
+        self.probe.reset()
+        self.decode_times = []
+        with torch.no_grad():
+            decode(items[:1])  # first-call allocations, untimed
+            for chunk in torch.split(items, self.cell["decode_chunk"]):
+                self.sync()
+                t0 = time.perf_counter()
+                images = decode(chunk)
+                self.sync()
+                self.decode_times.append((time.perf_counter() - t0) / chunk.shape[0])
+                del images
+        self.peak_decode = self.probe.peak()
+
+    def row(self, *, rows: int, cfg: float, flops: int, cache_peak: int, **extra: Any) -> dict[str, Any]:
+        cell, spec, combo = self.cell, self.spec, self.combo
+        median_s = statistics.median(self.times)
+        peak_total = max(self.peak_transformer, self.peak_decode)
+        return {
+            "status": "ok", "reason": None,
+            "model": spec.id, "family": spec.family, "random_weights": True, "depth": spec.depth,
+            "resolution": spec.resolution, "tokens_per_image": spec.tokens_per_image,
+            "batch": cell["batch"], "cfg": cfg, "rows": rows, "config": combo.text,
+            "trajectory": combo.trajectory, "attention": combo.attention, "cache": combo.cache,
+            "options": combo.options, "backend": cell["backend"], "backends_used": dict(self.components.backends.used),
+            "device": str(self.device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "tokenizer_params": sum(p.numel() for p in self.tokenizer.parameters()),
+            "weights_bytes": _module_bytes(self.model) + _module_bytes(self.tokenizer),
+            "memory_source": "cuda max_memory_allocated" if self.probe.cuda else "process peak RSS (VmHWM)",
+            "peak_resets": self.probe.resets, "heap_trimmed": self.probe.trimmed,
+            "load_s": self.load_s, "peak_load": self.peak_load, "baseline_rss": self.baseline,
+            "peak_rss_transformer": self.peak_transformer, "peak_rss_decode": self.peak_decode,
+            "peak_rss_total": peak_total, "working_memory": peak_total - self.baseline,
+            "working_memory_transformer": self.peak_transformer - self.baseline,
+            "cache_peak_bytes": cache_peak, "attention_gflops": flops / 1e9,
+            "attention_gflops_per_image": flops / 1e9 / cell["batch"],
+            "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
+            "transformer_times_s": self.times, "warmup_times_s": self.warm, "repeats": len(self.times),
+            "decode_s_per_image": statistics.median(self.decode_times), "decode_chunk": cell["decode_chunk"],
+            "tokens_per_s": cell["batch"] * spec.tokens_per_image / median_s,
+            **extra,
+        }
+
+
+def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (next-scale model, batch, configuration) cell in this process; returns the row."""
+    from ..config import EngineConfig
+
+    combo = parse_combo(cell["config"])
+    run = CellRun(cell, lambda device: EngineConfig(**combo.engine_components(), backend=cell["backend"],
+                                                    device=str(device), dtype=cell["dtype"],
+                                                    sampling={"cfg": cell["cfg"], "seed": cell["seed"]}),
+                  lambda: _build_next_scale(model_spec(cell["model"]), cell))
+    model, engine = run.model, run.engine
+    block = model.blocks[0].attn
+    rows = cell["batch"] * (2 if cell["cfg"] > 0 else 1)
+    flops = attention_flops(model.layout, run.components.trajectory, run.components.pattern, run.fresh_cache(),
+                            depth=len(model.blocks), heads=block.heads, head_dim=block.head_dim, rows=rows)
+    labels = (torch.arange(cell["batch"]) % model.num_classes).to(run.device)
+    generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
+    last: list[Any] = [None]
+    cache: list[Any] = [None]
+
+    def prepare(_index: int) -> None:
+        last[0] = None
+        cache[0] = run.fresh_cache()
+
+    def call() -> None:
+        last[0] = engine.generate(labels, cache[0], cfg=cell["cfg"], top_k=900, top_p=0.96, generator=generator)
+
+    run.generations(prepare, call)
+    f_hat, cache_peak = last[0].f_hat, last[0].cache_peak_bytes
+    prepare(-1)
+    run.decoding(run.tokenizer.fhat_to_img, f_hat)
+    return run.row(rows=rows, cfg=cell["cfg"], flops=flops, cache_peak=cache_peak,
+                   patch_nums=list(run.spec.patch_nums))
+
+
+def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    from .matrix_raster import run_raster_cell as run
+
+    return run(cell)
+
+
+MODEL_FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "next-scale": run_next_scale_cell,
+    "next-token": run_raster_cell,
+}
+"""Model family (the trajectory family its configurations belong to) -> the function that measures
+one cell of it in the current (fresh) process. A worker returns the shared row fields (baseline and
+peaks via :class:`MemoryProbe`, ``cache_peak_bytes``, attention FLOPs, transformer and decode times)."""
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    spec = model_spec(cell["model"])
+    runner = MODEL_FAMILIES.get(spec.family)
+    if runner is None:
+        raise UsageError(f"model family '{spec.family}' has no benchmark worker yet (have: {', '.join(MODEL_FAMILIES)})")
+    return runner(cell)
+
+
+# -- the parent: one process per cell --------------------------------------------------------------------
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.basename(package_dir) == "mvar_engine":
+        env["PYTHONPATH"] = os.path.dirname(package_dir) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """Run one cell in a fresh interpreter; a failure becomes a row with status ``error``."""
+    row = run_json_worker("mvar_engine.apps.bench.matrix", json.dumps(cell), env=_worker_env(), timeout_s=timeout_s)
+    if row.get("status") == "error" and str(row.get("reason", "")).startswith("timed out"):
+        row["reason"] += " (--timeout-s)"
+    return row
+
+
+RATIO_FIELDS = {"memory_ratio": "peak_rss_total", "transformer_memory_ratio": "peak_rss_transformer",
+                "working_memory_ratio": "working_memory", "time_ratio": "transformer_s_per_image",
+                "flops_ratio": "attention_gflops"}
+"""Ratio name -> the row field it divides (this configuration / the baseline of the same model and batch)."""
+
+
+def add_ratios(rows: list[dict[str, Any]], baseline: str | Mapping[str, str]) -> None:
+    """Fill every row's ratios against the baseline configuration of its (model, batch): ``baseline``,
+    or ``baseline[family]`` per model family (None where either side is missing or failed)."""
+    def base_of(row: dict[str, Any]) -> str | None:
+        return baseline if isinstance(baseline, str) else baseline.get(row.get("family", "next-scale"))
+
+    bases = {(r["model"], r["batch"]): r for r in rows if r["config"] == base_of(r) and r["status"] == "ok"}
+    for row in rows:
+        base = bases.get((row["model"], row["batch"]))
+        for name, key in RATIO_FIELDS.items():
+            ok = base is not None and row["status"] == "ok" and base.get(key)
+            row[name] = row[key] / base[key] if ok else None
+
+
+TARGETS = (  # (model, target batch, metric, minimum reduction baseline / MVAR, paper figures)
+    ("d16-256", 32, "transformer_memory_ratio", 3.0, "paper 10882 MB -> 3846 MB"),
+    ("d16-256", 32, "time_ratio", 1.25, "paper 0.34 s -> 0.27 s"),
+    ("d16-512", 8, "transformer_memory_ratio", 3.0, "paper 43826 MB -> 15090 MB"),
+    ("d16-512", 8, "flops_ratio", 1.9, "paper 219.9 -> 116.4 GFLOPs"),
+)
+
+
+def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue #7's targets, for every measured (model, batch) group that has both VAR (full/dense/full)
+    and MVAR (markov/neighborhood/none) rows; ``at_target_batch`` says whether it is the target setting.
+    Memory: the peak of the generation phase, weights included (decoding is chunked and reported apart);
+    ``working_reduction`` is the same over the post-load baseline, ``total_reduction`` with decoding."""
+    out = []
+    by_key = {(r["model"], r["batch"], r["config"]): r for r in rows if r["status"] == "ok"}
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        var, mvar = by_key.get((model, batch, BASELINE)), by_key.get((model, batch, MVAR))
+        if var is None or mvar is None:
+            continue
+        for t_model, t_batch, metric, minimum, paper in TARGETS:
+            if t_model != model or not mvar.get(metric):
+                continue
+            reduction = 1 / mvar[metric] if metric != "flops_ratio" else var["attention_gflops"] / mvar["attention_gflops"]
+            check = {"model": model, "batch": batch, "target_batch": t_batch, "at_target_batch": batch == t_batch,
+                     "cfg": mvar["cfg"], "metric": metric, "reduction": reduction, "minimum": minimum,
+                     "met": reduction >= minimum, "paper": paper}
+            if metric == "transformer_memory_ratio":
+                check["working_reduction"] = (var["working_memory_transformer"] / mvar["working_memory_transformer"]
+                                              if mvar.get("working_memory_transformer") else None)
+                check["total_reduction"] = 1 / mvar["memory_ratio"] if mvar.get("memory_ratio") else None
+            out.append(check)
+    out += raster_cache_checks(rows)
+    return out
+
+
+RASTER_CACHE_TARGET = (0.2, 5.0, "SSD paper: about 5x less KV-cache memory at a 20% budget")
+"""(largest budget fraction checked, minimum reduction of key/value bytes, source)."""
+
+
+def raster_cache_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Raster rows with a cache budget of at most 20% (a fraction): key/value bytes of the family's
+    baseline (the full cache) over the row's, against issue #5's 5x (bookkeeping is reported apart)."""
+    largest, minimum, source = RASTER_CACHE_TARGET
+    out = []
+    ok = [r for r in rows if r["status"] == "ok" and r.get("family") == "next-token"]
+    full = {(r["model"], r["batch"]): r for r in ok if r["cache"] == "full"}
+    for row in ok:
+        budget = (row.get("options") or {}).get("cache", {}).get("budget")
+        base = full.get((row["model"], row["batch"]))
+        if base is None or budget is None or not 0 < budget <= largest or not row.get("kv_bytes"):
+            continue
+        reduction = base["kv_bytes"] / row["kv_bytes"]
+        out.append({"model": row["model"], "batch": row["batch"], "target_batch": row["batch"], "at_target_batch": True,
+                    "cfg": row["cfg"], "metric": "kv_ratio", "config": row["config"], "reduction": reduction,
+                    "minimum": minimum, "met": reduction >= minimum, "paper": source,
+                    "with_bookkeeping": base["kv_bytes"] / row["cache_peak_bytes"] if row.get("cache_peak_bytes") else None})
+    return out
+
+
+def families_of(combos: list[Combo]) -> dict[str, list[Combo]]:
+    """Configurations per model family, in the given order (the first of each is its baseline)."""
+    out: dict[str, list[Combo]] = {}
+    for combo in combos:
+        out.setdefault(combo_family(combo), []).append(combo)
+    return out
+
+
+def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | None = None) -> dict[str, Any]:
+    """Validate, calibrate ssd head maps where needed, run every cell in a fresh process (JSON
+    rewritten after each), then write the table and the chart; returns the payload."""
+    from .matrix_raster import calibrate_for_matrix, needs_calibration
+
+    out, log = out or sys.stdout, log or sys.stderr
+    problems = config.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    cells = config.cells()
+    combos = config.combos()
+    if len({c.text for c in combos}) != len(combos):
+        raise UsageError("--configs lists a configuration twice")
+    for combo in combos:
+        check_combo(combo, config.backend)
+    by_family = families_of(combos)
+    for spec, _ in dict.fromkeys(cells):
+        if spec.family not in by_family:
+            kind = "raster/dense/CACHE" if spec.family == "next-token" else "trajectory/attention/cache of a next-scale trajectory"
+            raise UsageError(f"model '{spec.id}' ({spec.family}) has no configuration of its family among the configurations "
+                             f"({', '.join(c.text for c in combos)}): add {kind} triples to --configs")
+    settings = config.resolved()
+    device = config.device_name()
+    baselines = {family: group[0].text for family, group in by_family.items()}
+    payload: dict[str, Any] = {
+        "benchmark": "matrix", "machine": machine_info(device), "config": asdict(config), "settings": settings,
+        "baseline": next(iter(baselines.values())), "baselines": baselines, "random_weights": True,
+        "note": "random weights: time and memory only; ratios are this configuration / the baseline configuration "
+                "(the first of its model family) of the same model and batch",
+        "head_maps": {}, "results": [], "targets": []}
+    write_json(config.output, payload)
+    plan = [(spec, batch, combo) for spec, batch in cells for combo in by_family[spec.family]]
+    for index, (spec, batch, combo) in enumerate(plan, 1):
+        cell = {"model": spec.id, "batch": batch, "config": combo.text, "backend": config.backend, "device": device,
+                "dtype": config.dtype, "cfg": config.cfg, "seed": config.seed, "repeats": settings["repeats"],
+                "warmup": settings["warmup"], "decode_chunk": config.decode_chunk, "threads": config.threads}
+        if needs_calibration(combo):
+            if spec.id not in payload["head_maps"]:
+                path = Path(config.output).with_suffix(f".{spec.id}.head_map.json")
+                payload["head_maps"][spec.id] = calibrate_for_matrix(spec.id, cell, path, config.calibration_images, log)
+                write_json(config.output, payload)
+            cell["head_map"] = payload["head_maps"][spec.id]["path"]
+        print(f"[{index}/{len(plan)}] {spec.id} batch {batch} {combo.text}: fresh process ...", file=log, flush=True)
+        t0 = time.perf_counter()
+        row = _in_subprocess(cell, config.timeout_s)
+        if row["status"] != "ok":
+            row = {**{k: cell[k] for k in ("model", "batch", "config", "backend", "cfg")}, "family": spec.family, **row}
+        row["wall_s"] = time.perf_counter() - t0
+        payload["results"].append(row)
+        add_ratios(payload["results"], baselines)
+        payload["targets"] = target_checks(payload["results"])
+        write_json(config.output, payload)
+        print(f"[{index}/{len(plan)}] {_progress_line(row)}", file=log, flush=True)
+    md_path = Path(config.output).with_suffix(".md")
+    write_markdown(md_path, payload)
+    png_path = Path(config.output).with_suffix(".png")
+    draw_chart(png_path, payload)
+    if config.table:
+        print(table_markdown(payload), file=out)
+        for line in target_lines(payload):
+            print(line, file=out)
+    print(f"wrote {config.output}, {md_path}, {png_path}", file=out)
+    return payload
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"{row['model']} batch {row['batch']} {row['config']}: error: {row['reason']}"
+    return (f"{row['model']} batch {row['batch']} {row['config']}: peak {row['peak_rss_total'] / 2**20:.0f} MiB, "
+            f"{row['transformer_s_per_image']:.3g} s/image, {row['wall_s']:.0f} s in all")
+
+
+# -- presentation ----------------------------------------------------------------------------------------
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
+def _ratio(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}x"
+
+
+TABLE_COLUMNS = (
+    ("model", "model"), ("batch", "batch"), ("config", "trajectory/attention/cache"), ("peak", "peak MiB"),
+    ("memory_ratio", "vs base"), ("peak_transformer", "transformer peak MiB"), ("transformer_memory_ratio", "vs base"),
+    ("working", "working MiB"), ("working_memory_ratio", "vs base"),
+    ("cache", "KV cache MiB"), ("attention_gflops", "attn GFLOPs"), ("flops_ratio", "vs base"),
+    ("transformer_s_per_image", "transformer s/img"), ("time_ratio", "vs base"),
+    ("decode_s_per_image", "decode s/img"), ("tokens_per_s", "tokens/s"), ("backends", "backends"),
+)
+
+
+def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in payload["results"]:
+        if r["status"] != "ok":
+            rows.append({"model": r["model"], "batch": r["batch"], "config": r["config"],
+                         "backends": f"error: {r['reason']}"})
+            continue
+        rows.append({**r, "peak": _mib(r["peak_rss_total"]), "peak_transformer": _mib(r["peak_rss_transformer"]),
+                     "working": _mib(r["working_memory"]),
+                     "cache": _mib(r["cache_peak_bytes"]),
+                     **{k: _ratio(r[k]) for k in RATIO_FIELDS},
+                     "backends": ", ".join(f"{k}: {v}" for k, v in sorted(r["backends_used"].items()))})
+    return rows
+
+
+def table_markdown(payload: dict[str, Any]) -> str:
+    """The results as a markdown table (one line per cell)."""
+    from .report import format_value
+
+    rows = table_rows(payload)
+    header = "| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(k)) for k, _ in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def target_lines(payload: dict[str, Any]) -> list[str]:
+    lines = []
+    for t in payload.get("targets", []):
+        what = {"transformer_memory_ratio": "peak memory of generation incl. weights", "time_ratio": "transformer time",
+                "flops_ratio": "attention FLOPs", "kv_ratio": "KV-cache bytes"}[t["metric"]]
+        where = "" if t["at_target_batch"] else f" (target setting: batch {t['target_batch']})"
+        extra = ""
+        if t.get("working_reduction") is not None:
+            extra = f"; working memory {t['working_reduction']:.2f}x"
+        if t.get("total_reduction") is not None:
+            extra += f", with decoding {t['total_reduction']:.2f}x"
+        if t.get("with_bookkeeping") is not None:
+            extra += f"; with positions and scores {t['with_bookkeeping']:.2f}x"
+        lines.append(f"target {t['model']} batch {t['batch']} cfg {t['cfg']:g}{where}: {what} {t['reduction']:.2f}x "
+                     f"lower with {t.get('config', 'MVAR')} (>= {t['minimum']:g}x: {'met' if t['met'] else 'NOT met'}"
+                     f"{extra}; {t['paper']})")
+    return lines
+
+
+def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
+    from ...models.checkpoint import atomic_write
+
+    machine = payload["machine"]
+    settings = payload["settings"]
+    baselines = ", ".join(f"`{text}`" for text in payload.get("baselines", {"": payload["baseline"]}).values())
+    text = (f"# mvar-engine bench matrix\n\n{machine['device_name']} ({machine['device']}, {machine['cpu_count']} CPUs, "
+            f"{machine['torch_threads']} torch threads), torch {machine['torch']}. Random weights (time and memory "
+            f"only). Baseline{'s' if len(baselines) > 1 else ''}: {baselines}; ratios are this configuration / the "
+            f"baseline of its family for the same model and batch. Memory: {'peak allocated (CUDA)' if machine['device'].startswith('cuda') else 'peak resident set'}"
+            f" including weights; working = peak - memory after the load. Transformer time: median of "
+            f"{settings['repeats']} after {settings['warmup']} warm-up; decoding timed separately.\n\n"
+            + table_markdown(payload) + "\n")
+    lines = target_lines(payload)
+    if lines:
+        text += "\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+PALETTE = ((70, 110, 180), (220, 120, 50), (80, 160, 90), (180, 70, 90), (130, 100, 170), (120, 120, 120),
+           (200, 170, 60), (60, 170, 170))
+
+
+def _tint(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(c + (255 - c) * 3 // 5 for c in colour)
+
+
+def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
+    """Two panels (total peak memory, transformer seconds per image) of bars grouped by (model, batch),
+    one colour per configuration, each bar labelled with its value and its ratio to the baseline."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ...models.checkpoint import atomic_write
+
+    ok = [r for r in payload["results"] if r["status"] == "ok"]
+    groups = list(dict.fromkeys((r["model"], r["batch"]) for r in ok)) or [("no results", 0)]
+    configs = list(dict.fromkeys(r["config"] for r in payload["results"])) or ["-"]
+    font = ImageFont.load_default()
+    lookup = {(r["model"], r["batch"], r["config"]): r for r in ok}
+    present = {g: [c for c in configs if (*g, c) in lookup] for g in groups}  # a group's bars, in legend order
+    bar_w, gap, left, top_pad = 46, 36, 70, 40
+    group_w = bar_w * max(1, *(len(v) for v in present.values())) + gap
+    width = max(640, left + group_w * len(groups) + 20)
+    panel_h, legend_h = 260, 20 * len(configs) + 20
+    height = 2 * (panel_h + top_pad) + legend_h + 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    panels = (("total peak memory (MiB; lighter: memory after the load, incl. weights; black line: peak of "
+               "generation where decoding set the total)", "peak_rss_total", 2**20, "memory_ratio"),
+              ("transformer time per image (s)", "transformer_s_per_image", 1, "time_ratio"))
+    for p, (title, key, unit, ratio_key) in enumerate(panels):
+        y0 = 10 + p * (panel_h + top_pad)
+        base_y = y0 + top_pad + panel_h - 30
+        draw.text((10, y0), title, fill="black", font=font)
+        values = [r[key] / unit for r in ok] or [1.0]
+        top = max(values) * 1.15 or 1.0
+        draw.line((left - 5, base_y, width - 10, base_y), fill="black")
+        for tick in range(5):
+            y = base_y - (panel_h - 50) * tick / 4
+            tick_value = top * tick / 4
+            draw.text((5, y - 6), f"{tick_value:.0f}" if tick_value >= 100 else f"{tick_value:.3g}", fill="gray",
+                      font=font)
+        for g, (model, batch) in enumerate(groups):
+            gx = left + g * group_w
+            draw.text((gx, base_y + 6), f"{model} b{batch}", fill="black", font=font)
+            for slot, config in enumerate(present[(model, batch)]):
+                row = lookup[(model, batch, config)]
+                value = row[key] / unit
+                x = gx + slot * bar_w
+                h = (panel_h - 50) * value / top
+                colour = PALETTE[configs.index(config) % len(PALETTE)]
+                draw.rectangle((x + 4, base_y - h, x + bar_w - 4, base_y), fill=colour)
+                if key == "peak_rss_total":  # the memory after the load (weights), lighter
+                    hb = (panel_h - 50) * min(row["baseline_rss"] / unit, value) / top
+                    draw.rectangle((x + 4, base_y - hb, x + bar_w - 4, base_y), fill=_tint(colour))
+                    if row["peak_rss_transformer"] < row["peak_rss_total"]:  # decoding set the peak: mark generation's
+                        ht = (panel_h - 50) * row["peak_rss_transformer"] / unit / top
+                        draw.line((x + 4, base_y - ht, x + bar_w - 4, base_y - ht), fill="black", width=2)
+                draw.text((x + 4, base_y - h - 24), f"{value:.0f}" if value >= 100 else f"{value:.3g}", fill="black",
+                          font=font)
+                ratio = row.get(ratio_key)
+                draw.text((x + 4, base_y - h - 12), f"{ratio:.2f}x" if ratio is not None else "-", fill="black",
+                          font=font)
+    legend_y = 2 * (panel_h + top_pad) + 10
+    for c, config in enumerate(configs):
+        y = legend_y + 20 * c
+        draw.rectangle((left, y, left + 14, y + 12), fill=PALETTE[c % len(PALETTE)])
+        suffix = " (baseline of its family: ratios are config / baseline)" if config in payload.get(
+            "baselines", {"": payload.get("baseline")}).values() else ""
+        draw.text((left + 22, y), config + suffix, fill="black", font=font)
+    draw.text((10, height - 18), "random weights; " + payload["machine"]["device_name"][:60], fill="gray", font=font)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def main(argv: Sequence[str]) -> int:
+    """Worker entry: ``python -m mvar_engine.apps.bench.matrix CELL_JSON`` prints one JSON line."""
+    print(json.dumps(run_cell(json.loads(argv[0]))))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

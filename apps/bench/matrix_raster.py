@@ -1,0 +1,164 @@
+"""The raster (next-token) family of ``mvar-engine bench matrix``: LlamaGen-style models, one cell per
+process like the next-scale family (:mod:`.bench_matrix`), with the same row fields.
+
+Models: ``llamagen-b`` (LlamaGen GPT-B: 12 layers, width 768, 12 heads, 16384 codes, on a 24 x 24
+grid = 576 image tokens, 384px; with a tokenizer of LlamaGen VQ-16's size for decoding, see
+:func:`~mvar_engine.models.tokenizer.llamagen_vq16_sized`) and ``raster-tiny`` (for tests); both
+with random weights, built through the path of ``mvar-engine --trajectory raster --random-weights``.
+
+Configurations are ``raster/dense/CACHE`` triples (``raster/dense/ssd:budget=0.2``). An ``ssd``
+configuration without a ``head_map`` option gets one calibrated by the parent before the cells
+(:func:`calibrate_for_matrix`: the full cache over ``--calibration-images`` generations, written
+beside ``--output``); every process then loads the same file.
+
+Row fields beyond the shared ones: ``kv_bytes`` and ``cache_bookkeeping_bytes`` (the cache's own
+split of ``cache_peak_bytes`` into key/value buffers and positions/scores, polled after every step)
+and ``budget_tokens``. Attention FLOPs are counted from the specs the backends are asked to compute
+during the first generation (``4 * rows * heads * head_dim * pairs`` per call), so they follow
+whatever the cache returned. Decoding runs the tokenizer's one-scale path (``RasterEngine.decode``)
+over the last generation's tokens in chunks of ``--decode-chunk`` images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3)}
+"""Raster model ids -> their token grid."""
+
+SSD_STAND_IN = "h2o"
+"""The cache that stands in for an ``ssd`` configuration without a head map in the compatibility
+check (the same families and headwise storage; the head map comes from the calibration)."""
+
+
+def needs_calibration(combo) -> bool:
+    """An ``ssd`` configuration whose head map the matrix calibrates itself."""
+    return combo.cache == "ssd" and not combo.options.get("cache", {}).get("head_map")
+
+
+def _build(spec, cell: dict[str, Any]):
+    """(RasterGPT, tokenizer) with random weights from ``cell["seed"]`` (every process builds the same)."""
+    from ..config import EngineConfig
+    from ...models.raster_gpt import RasterGPT, RasterGPTConfig
+    from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from ..pipeline import build_raster_models
+
+    grid = RASTER_GRIDS[spec.id]
+    if spec.id == "raster-tiny":
+        torch.manual_seed(cell["seed"])
+        tokenizer = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                                    using_sa=False, using_mid_sa=False, quant_resi=0.0,
+                                                    patch_nums=(grid,)))
+        return RasterGPT(RasterGPTConfig.tiny(grid=grid, vocab_size=16)), tokenizer
+    return build_raster_models(EngineConfig(trajectory="raster", model={"random_weights": True,
+                                                                        "patch_nums": (grid[0],)},
+                                            sampling={"seed": cell["seed"]}))
+
+
+def raster_cfg(cfg: float) -> float:
+    """The matrix's ``--cfg`` for a raster engine: 0 (no guidance in the matrix's terms) is 1.0 there."""
+    return 1.0 if cfg <= 0 else cfg
+
+
+def engine_config(combo, cell: dict[str, Any]):
+    from ..config import EngineConfig
+
+    components = combo.engine_components()
+    if cell.get("head_map") and needs_calibration(combo):
+        components["cache"]["options"] = {**components["cache"]["options"], "head_map": cell["head_map"]}
+    return EngineConfig(**components, backend=cell["backend"], device=cell["device"], dtype=cell["dtype"],
+                        sampling={"cfg": raster_cfg(cell["cfg"]), "seed": cell["seed"]})
+
+
+class FlopCounter:
+    """Wraps ``backends.attend`` and adds ``4 * B * H * D * pairs`` per call while ``counting``."""
+
+    def __init__(self, backends) -> None:
+        self.flops, self.counting = 0, False
+        self._attend = backends.attend
+        backends.attend = self
+
+    def __call__(self, q, k, v, spec, *, scale):
+        if self.counting:
+            self.flops += 4 * q.shape[0] * q.shape[1] * q.shape[-1] * spec.pair_count(q.shape[-2], k.shape[-2])
+        return self._attend(q, k, v, spec, scale=scale)
+
+
+def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (raster model, batch, configuration) cell in this process; returns the row."""
+    from .cache import cache_bytes
+    from .matrix import CellRun, model_spec, parse_combo
+    from ...plugins.budget_cache import budget_tokens
+
+    combo = parse_combo(cell["config"])
+    run = CellRun(cell, lambda device: engine_config(combo, {**cell, "device": str(device)}),
+                  lambda: _build(model_spec(cell["model"]), cell))
+    model, engine = run.model, run.engine
+    counter = FlopCounter(run.components.backends)
+    cfg = raster_cfg(cell["cfg"])
+    rows = cell["batch"] * (2 if cfg != 1.0 else 1)
+    labels = (torch.arange(cell["batch"]) % model.num_classes).to(run.device)
+    generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
+    held = {"kv": 0, "bookkeeping": 0}
+    last: list[Any] = [None]
+    cache: list[Any] = [None]
+
+    def poll(_step: int) -> None:
+        kv, bookkeeping = cache_bytes(cache[0])
+        held["kv"], held["bookkeeping"] = max(held["kv"], kv), max(held["bookkeeping"], bookkeeping)
+
+    def prepare(index: int) -> None:
+        last[0] = None
+        cache[0] = run.fresh_cache()
+        counter.counting = index == 0  # the first generation counts the FLOPs
+
+    def call() -> None:
+        last[0] = engine.generate(labels, cache[0], cfg=cfg, top_k=2000, top_p=1.0, generator=generator, progress=poll)
+
+    run.generations(prepare, call)
+    tokens, cache_peak = last[0].tokens, last[0].cache_peak_bytes
+    prepare(-1)
+    run.decoding(engine.model.decode, tokens)
+    length = model.layout.length
+    options = run.config.cache.options
+    budget = options.get("budget")
+    return run.row(
+        rows=rows, cfg=cfg, flops=counter.flops, cache_peak=cache_peak,
+        options={**combo.options, "cache": dict(options)} if options else combo.options,
+        grid=list(RASTER_GRIDS[run.spec.id]), sequence_length=length,
+        kv_bytes=held["kv"], cache_bookkeeping_bytes=held["bookkeeping"],
+        budget_tokens=(min(length, budget_tokens(budget, length)) if budget is not None
+                       else (length if run.components.cache.stores_history else 0)))
+
+
+def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images: int, log: TextIO) -> dict[str, Any]:
+    """Calibrate a head map for ``ssd`` cells of ``model_id`` in this process (the parent: its memory
+    is not measured) with the same random weights the cells build; returns the report's record."""
+    from .cache import calibrate_head_map
+    from .matrix import model_spec
+    from ...models.raster_adapter import RasterEngine
+    from ..pipeline import resolve_components, resolve_device
+
+    spec = model_spec(model_id)
+    device = resolve_device(cell["device"])
+    config = engine_config(_full_combo(), {**cell, "device": str(device)})
+    model, tokenizer = _build(spec, cell)
+    components = resolve_components(config)
+    engine = RasterEngine(model.to(device).eval(), tokenizer.to(device).eval(), components.trajectory, components.cache,
+                          components.backends, pattern=components.pattern)
+    record = calibrate_head_map(engine, path, log, images=images, batch=min(images, cell["batch"]),
+                                cfg=raster_cfg(cell["cfg"]), top_k=2000, top_p=1.0, seed=cell["seed"] + 1,
+                                model=model_id, source="mvar-engine bench matrix (random weights)")
+    return {**record, "path": str(path.resolve()), "model": model_id}
+
+
+def _full_combo():
+    from .matrix import parse_combo
+
+    return parse_combo("raster/dense/full")
+
+
+__all__ = ["RASTER_GRIDS", "FlopCounter", "calibrate_for_matrix", "needs_calibration", "run_raster_cell"]

@@ -1,0 +1,189 @@
+"""``mvar-engine bench train``: peak memory and step time of the ``sequence`` and ``parallel``
+training strategies, side by side in one run.
+
+Each strategy runs in a fresh process (peak memory on CPU is the process's peak resident set, so
+processes must not share it): a VAR of ``--depth`` with random weights (cost does not depend on the
+weights) on the ``--patch-nums`` schedule, MVAR's components (``markov`` + ``neighborhood`` +
+``sdpa``), AdamW, random token targets and teacher-forcing inputs. ``sequence`` trains every scale
+in one block-diagonal sequence each step; ``parallel`` cycles through MVAR's groups (the scales
+before the neighbourhood packed together, then each later scale alone). Reported per strategy:
+peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS) and that peak minus the memory after
+the model was built, the median step time per group, and the cycle-weighted mean step time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .report import format_table, machine_info, peak_rss_bytes, reset_peak_rss, write_json
+from ...core.errors import UsageError
+
+STRATEGIES = ("sequence", "parallel")
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    depth: int = 16
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    batch_size: int = 8
+    steps: int = 2
+    ratio: tuple[int, ...] = (8, 1, 1)
+    kernel_size: int = 7
+    strategies: tuple[str, ...] = STRATEGIES
+    device: str = "cpu"
+    seed: int = 0
+    output: str = "bench-train.json"
+    table: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.depth < 1 or self.batch_size < 1 or self.steps < 1:
+            out.append("--depth, --batch-size and --steps must be at least 1")
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            out.append(f"unknown strategy {unknown[0]!r} (choose from {', '.join(STRATEGIES)})")
+        if len(self.patch_nums) < 3:
+            out.append("--patch-nums needs at least 3 scales (dense scales, then scales trained alone)")
+        elif "parallel" in self.strategies and len(self.ratio) != 3:
+            out.append(f"--ratio needs 3 numbers (the dense scales packed, then the last two scales alone: MVAR's "
+                       f"neighbourhood scales), got {':'.join(map(str, self.ratio))}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            out.append("--device cuda: no CUDA device is available (use --device cpu)")
+        return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_strategy(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
+    """Build, train ``steps`` steps per group, measure; meant to run in its own process."""
+    from ..config import EngineConfig
+    from ...models.var import VAR, VARConfig
+    from ..pipeline import resolve_components
+    from ..training.grouped_forward import grouped_logits, parallel_groups
+
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    model = VAR(VARConfig(depth=config.depth, patch_nums=config.patch_nums)).to(device).train()
+    components = resolve_components(EngineConfig(
+        trajectory="markov", attention={"name": "neighborhood", "options": {"kernel_size": config.kernel_size}},
+        cache="none", backend="sdpa"))
+    layout = model.layout
+    split = components.pattern.first_scale(layout)
+    groups = [tuple(range(layout.num_scales))] if strategy == "sequence" else parallel_groups(layout.num_scales, split)
+    weights = [1] if strategy == "sequence" else list(config.ratio)
+    if len(weights) != len(groups):
+        raise UsageError(f"--ratio needs {len(groups)} numbers for the {len(groups)} parallel groups of this schedule "
+                         f"(scales before {split} packed, then each scale alone), got {len(weights)}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _rss_bytes()
+        reset_peak_rss()
+    b = config.batch_size
+    labels = torch.randint(0, model.num_classes, (b,), device=device)
+    var_input = torch.randn(b, layout.length - layout.scales[0].numel, model.z_channels, device=device)
+    targets = torch.randint(0, model.vocab_size, (b, layout.length), device=device)
+    times: dict[str, list[float]] = {}
+    for group in groups:
+        positions = torch.cat([torch.arange(layout.scales[s].begin, layout.scales[s].end) for s in group]).to(device)
+        for _ in range(config.steps + 1):  # the first step allocates the optimizer state: not timed
+            start = time.perf_counter()
+            logits = grouped_logits(model, components.trajectory, components.pattern, components.backends, labels,
+                                    var_input, group)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, positions].flatten(),
+                                                     reduction="sum") / (b * layout.length)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.setdefault(_group_name(group), []).append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    step_ms = {name: sorted(t[1:])[len(t[1:]) // 2] * 1e3 for name, t in times.items()}
+    mean = sum(w * step_ms[_group_name(g)] for w, g in zip(weights, groups)) / sum(weights)
+    return {"strategy": strategy, "groups": [list(g) for g in groups], "tokens_per_step": {
+        _group_name(g): sum(layout.scales[s].numel for s in g) for g in groups},
+        "peak_bytes": peak, "baseline_bytes": baseline, "peak_above_model_bytes": peak - baseline,
+        "step_ms": step_ms, "mean_step_ms": mean, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _group_name(group: Sequence[int]) -> str:
+    return f"scales {group[0]}" if len(group) == 1 else f"scales {group[0]}-{group[-1]}"
+
+
+def run_bench_train(config: BenchTrainConfig, out=None) -> dict[str, Any]:
+    """Every strategy in a fresh process; JSON written after each; returns the payload."""
+    problems = config.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    out = out or sys.stdout
+    payload: dict[str, Any] = {"benchmark": "train", "machine": machine_info(config.device), "config": asdict(config),
+                               "results": []}
+    for strategy in config.strategies:
+        print(f"training strategy '{strategy}' in a fresh process ...", file=sys.stderr, flush=True)
+        payload["results"].append(_in_subprocess(config, strategy))
+        write_json(config.output, payload)
+    results = {r["strategy"]: r for r in payload["results"]}
+    if "sequence" in results and "parallel" in results:
+        payload["peak_ratio_sequence_over_parallel"] = results["sequence"]["peak_bytes"] / results["parallel"]["peak_bytes"]
+        payload["peak_above_model_ratio"] = (results["sequence"]["peak_above_model_bytes"]
+                                             / results["parallel"]["peak_above_model_bytes"])
+        write_json(config.output, payload)
+    if config.table:
+        print(table_text(payload), file=out)
+    return payload
+
+
+def _in_subprocess(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) == "mvar_engine":
+        env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "mvar_engine.apps.bench.train", json.dumps(asdict(config)), strategy],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit status {done.returncode}"
+        raise UsageError(f"bench train: strategy '{strategy}' failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table_text(payload: dict[str, Any]) -> str:
+    rows = []
+    for r in payload["results"]:
+        rows.append({"strategy": r["strategy"], "peak": r["peak_bytes"] / 2**30,
+                     "above": r["peak_above_model_bytes"] / 2**30, "mean": r["mean_step_ms"] / 1e3,
+                     "groups": ", ".join(f"{k}: {v / 1e3:.3g} s" for k, v in r["step_ms"].items())})
+    text = format_table(rows, [("strategy", "strategy"), ("peak", "peak GiB"), ("above", "above model GiB"),
+                               ("mean", "mean step s"), ("groups", "median step per group")])
+    if "peak_ratio_sequence_over_parallel" in payload:
+        text += (f"\nsequence / parallel peak memory: {payload['peak_ratio_sequence_over_parallel']:.2f}x "
+                 f"(above the model: {payload['peak_above_model_ratio']:.2f}x)")
+    return text
+
+
+def main(argv: Sequence[str]) -> int:
+    """Worker entry: ``python -m mvar_engine.apps.bench.train CONFIG_JSON STRATEGY`` prints one JSON line."""
+    raw = json.loads(argv[0])
+    raw["patch_nums"] = tuple(raw["patch_nums"])
+    raw["ratio"] = tuple(raw["ratio"])
+    raw["strategies"] = tuple(raw["strategies"])
+    print(json.dumps(run_strategy(BenchTrainConfig(**raw), argv[1])))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

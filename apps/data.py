@@ -1,0 +1,131 @@
+"""Labelled image datasets for training and evaluation.
+
+Every dataset becomes an :class:`ImageSet`: ``images [N, 3, R, R]`` float32 in ``[-1, 1]`` (the
+tokenizer's input range), ``labels [N]`` int64 in ``0 .. C-1`` and the class names. Two sources:
+
+- ``digits`` (the default): scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes,
+  ships offline), ink as white on black, upsampled bicubically to ``R x R`` and repeated over RGB;
+- a folder with one subfolder per class (``--data PATH``), each image centre-cropped to a square
+  and resized to ``R x R``.
+
+Splits are deterministic and stratified: ``heldout`` takes ``heldout_fraction`` of every class
+(at least one image per class), ``train`` the rest, ``all`` everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import UsageError
+
+Split = Literal["train", "heldout", "all"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(UsageError):
+    """A dataset that cannot be read (no images, an unreadable file, a bad resolution)."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """``images [N, 3, R, R]`` in [-1, 1], ``labels [N]`` (int64), ``class_names[c]`` for label c."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.class_names, self.source)
+
+
+def split_indices(labels: np.ndarray, split: Split, heldout_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Indices of ``split``: a seeded per-class shuffle; the first ``ceil(fraction * n_c)`` go to heldout."""
+    if split == "all":
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rng.shuffle(members)
+        cut = max(1, int(np.ceil(heldout_fraction * len(members)))) if len(members) > 1 else 0
+        chosen.append(members[:cut] if split == "heldout" else members[cut:])
+    return np.sort(np.concatenate(chosen))
+
+
+def _check_resolution(resolution: int) -> None:
+    if resolution < 8:
+        raise DataError(f"image resolution must be at least 8 pixels, got {resolution} (use --resolution 32)")
+
+
+def load_digits_set(resolution: int = 32, split: Split = "train", *, heldout_fraction: float = 0.2,
+                    seed: int = 0) -> ImageSet:
+    """scikit-learn's digits at ``resolution`` (see the module docstring)."""
+    _check_resolution(resolution)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
+        raise DataError("the digits dataset needs scikit-learn (pip install scikit-learn)") from exc
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    index = split_indices(labels, split, heldout_fraction, seed)
+    small = torch.from_numpy(digits.images[index].astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8], ink = 1
+    images = F.interpolate(small, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
+    images = images.clamp(0, 1).repeat(1, 3, 1, 1) * 2 - 1
+    return ImageSet(images.contiguous(), torch.from_numpy(labels[index]), tuple(str(d) for d in range(10)), "digits")
+
+
+def load_image_folder(path: str | Path, resolution: int, split: Split = "all", *, heldout_fraction: float = 0.2,
+                      seed: int = 0) -> ImageSet:
+    """A folder with one subfolder of images per class (class names = subfolder names, sorted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    _check_resolution(resolution)
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"--data {path}: not a folder (give a folder with one subfolder of images per class, or 'digits')")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [(c, f) for c, folder in enumerate(classes) for f in sorted(folder.iterdir())
+             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"--data {path}: no images found (expected {path}/<class>/<image>{IMAGE_SUFFIXES[0]}, "
+                        f"suffixes {', '.join(IMAGE_SUFFIXES)})")
+    labels = np.array([c for c, _ in files], dtype=np.int64)
+    images = []
+    for _, file in (files[i] for i in split_indices(labels, split, heldout_fraction, seed)):
+        try:
+            with Image.open(file) as im:
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+                images.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"--data: cannot read image {file}: {exc.__class__.__name__} (remove or fix the file)") from exc
+    index = split_indices(labels, split, heldout_fraction, seed)
+    return ImageSet(torch.stack(images), torch.from_numpy(labels[index]), tuple(c.name for c in classes), str(root))
+
+
+def load_dataset(data: str | None, resolution: int, split: Split = "train", *, heldout_fraction: float = 0.2,
+                 seed: int = 0) -> ImageSet:
+    """``data`` None or ``"digits"``: the digits; anything else: a class-per-subfolder image folder."""
+    if data in (None, "", "digits"):
+        return load_digits_set(resolution, split, heldout_fraction=heldout_fraction, seed=seed)
+    return load_image_folder(data, resolution, split, heldout_fraction=heldout_fraction, seed=seed)

@@ -1,0 +1,45 @@
+"""Writing images: a PNG grid (one row per label) and one PNG per image, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models.checkpoint import atomic_write
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` in [0, 1] -> uint8 ``[N, H, W, 3]``."""
+    return (images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def grid_array(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:
+    """Tile ``N`` images into ``rows`` rows (``ceil(N / rows)`` columns) with ``pad`` white pixels."""
+    pixels = to_uint8(images)
+    n, h, w, c = pixels.shape
+    rows = max(1, min(rows, n))
+    cols = -(-n // rows)
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[top:top + h, left:left + w] = pixels[i]
+    return canvas
+
+
+def _save_png(array: np.ndarray, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def save_grid(images: torch.Tensor, rows: int, path: str | Path) -> Path:
+    return _save_png(grid_array(images, rows), Path(path))
+
+
+def save_images(images: torch.Tensor, labels: torch.Tensor, folder: str | Path) -> list[Path]:
+    """One PNG per image: ``folder/{index:04d}_class{label}.png``."""
+    folder = Path(folder)
+    return [_save_png(pixels, folder / f"{i:04d}_class{int(label)}.png") for i, (pixels, label) in
+            enumerate(zip(to_uint8(images), labels))]

@@ -1,0 +1,31 @@
+"""Training: the multi-scale VQ-VAE tokenizer, VAR/MVAR transformers and the raster GPT, single-process or
+under torchrun.
+
+Modules, one job each:
+
+- :mod:`.distributed` - torchrun detection, process group (gloo on CPU, nccl on CUDA), rank helpers;
+- :mod:`.batches` - deterministic, resumable per-rank batch shards and per-step random streams;
+- :mod:`.optim` - AdamW parameter groups, warm-up + cosine/linear LR schedule, gradient clipping;
+- :mod:`.checkpointing` - ``checkpoint.pt`` (resume) and ``*.safetensors`` exports with metadata;
+- :mod:`.loop` - the step loop: progress bar, metrics JSONL, periodic checkpoints, graceful stop;
+- :mod:`.rundir` - run-directory rules (overwrite / resume) and the settings record;
+- :mod:`.grouped_forward` - logits of a subset of scales, MVAR's parallel groups, the DDP unit;
+- :mod:`.common` / :mod:`.frozen_tokenizer` - what the transformer trainers share: settings helpers, the
+  frozen tokenizer and its token targets;
+- :mod:`.tokenizer_trainer` / :mod:`.var_trainer` / :mod:`.raster_trainer` - the trainers (Python API);
+- :mod:`.cli` - ``mvar-engine train-tokenizer`` and ``mvar-engine train``.
+
+Python API::
+
+    from mvar_engine.apps.training import TokenizerTrainSettings, VarTrainSettings, train_tokenizer, train_var
+    train_tokenizer(TokenizerTrainSettings(steps=1500, output="runs/tokenizer"))
+    train_var(VarTrainSettings(tokenizer="runs/tokenizer/tokenizer.safetensors", strategy="parallel"))
+"""
+
+from .checkpointing import read_weights_metadata
+from .tokenizer_trainer import TokenizerTrainSettings, TrainSummary, train_tokenizer
+from .raster_trainer import RasterTrainSettings, train_raster
+from .var_trainer import VarTrainSettings, train_var
+
+__all__ = ["RasterTrainSettings", "TokenizerTrainSettings", "TrainSummary", "VarTrainSettings", "read_weights_metadata",
+           "train_raster", "train_tokenizer", "train_var"]

@@ -1,0 +1,66 @@
+"""Pieces both transformer trainers (next-scale ``train`` and raster ``train --trajectory raster``)
+share: settings checks, class dropout, the DDP wrapper, the training summary of exported weights
+and one-line architecture errors."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from ...core.errors import UsageError
+from . import distributed as D
+from .batches import ShardedBatches
+
+
+def check_loop_settings(s: Any) -> None:
+    """``steps``, ``save_every``, ``log_every`` at least 1 and ``class_dropout`` in [0, 1) (one-line errors)."""
+    for name in ("steps", "save_every", "log_every"):
+        if getattr(s, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if not 0.0 <= s.class_dropout < 1.0:
+        raise UsageError(f"--class-dropout must lie in [0, 1), got {s.class_dropout}")
+
+
+def architecture_error(error: ValidationError, flags: str) -> UsageError:
+    """A model config's first validation problem as a one-line usage error pointing at ``flags``."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return UsageError(f"model architecture: {where + ': ' if where else ''}{message} (check {flags})")
+
+
+def drop_classes(labels: torch.Tensor, batches: ShardedBatches, step: int, probability: float,
+                 null_class: int) -> torch.Tensor:
+    """``labels`` with each replaced by ``null_class`` with ``probability`` (CFG training); the draws
+    are private to (seed, step), so they do not depend on the world size or on a resume."""
+    if probability <= 0:
+        return labels
+    drop = batches.uniform(step, stream=1) < probability
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def wrap_ddp(module: nn.Module, info: D.DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+    """``module`` itself in one process; under torchrun, DDP around it (gloo on CPU, nccl on CUDA)."""
+    if not info.distributed:
+        return module
+    device = info.device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                               find_unused_parameters=find_unused_parameters)
+
+
+def training_record(s: Any, *, step: int, metrics: dict[str, Any], seconds: float, world_size: int,
+                    **extra: Any) -> dict[str, Any]:
+    """The ``training`` entry of exported weights' metadata: the run's optimisation settings, how far
+    it got, its last logged numbers (``final_loss``, ``final``) and ``extra`` trainer-specific keys."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+    return {"steps": step, "total_steps": s.steps, **extra,
+            "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay,
+            "warmup_steps": s.warmup_steps, "lr_schedule": s.lr_schedule, "grad_clip": s.grad_clip,
+            "class_dropout": s.class_dropout, "init_from": s.init_from, "backend": s.backend,
+            "seed": s.seed, "world_size": world_size, "seconds": round(seconds, 2),
+            "final_loss": numbers.get("loss"), "final": numbers,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,0 +1,275 @@
+"""Training a raster (next-token) GPT on a frozen tokenizer (``mvar-engine train --trajectory raster``).
+
+Data: every training image is tokenized once up front with ONE scale of the tokenizer, its last
+(the latent grid, e.g. 8x8 for the digits tokenizer): ``targets [N, h * w]`` row-major, the
+tokenizer's nearest code of every latent cell. A multi-scale tokenizer therefore works as a plain
+VQ tokenizer here (its schedule's earlier scales are unused), and so does a one-scale tokenizer
+from ``train-tokenizer --patch-nums 8``.
+
+Model and loss: a :class:`~mvar_engine.models.raster_gpt.RasterGPT` (LlamaGen's c2i GPT:
+class prefix, RMSNorm, SwiGLU, 2-D RoPE) run through
+:meth:`~mvar_engine.models.raster_adapter.RasterEngine.teacher_forced_logits` (one causal pass, the
+attention backend ``sdpa`` by default) and trained with the mean token cross-entropy (LlamaGen's
+loss). Labels become the null class with probability ``class_dropout`` (CFG training); the model
+then has a null-class row (``class_dropout_prob > 0``). Initialisation as LlamaGen: normal(0, 0.02)
+linears and embeddings, a zero output layer.
+
+Everything else is the next-scale trainer's: deterministic sharded batches, AdamW with warm-up and
+cosine/linear decay, gradient clipping, torchrun DDP, atomic ``checkpoint.pt`` with exact
+``--resume``, ``metrics.jsonl``, ``config.json`` and ``model.safetensors`` whose ``mvar_engine``
+metadata (:func:`weights_metadata`) lets ``mvar-engine --trajectory raster --var-checkpoint
+model.safetensors --vae-checkpoint TOKENIZER`` rebuild the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+
+from ...models.checkpoint import load_into, read_state_dict
+from ..config import EngineConfig
+from ...core.errors import ConfigError, UsageError
+from ...models.raster_adapter import RasterEngine
+from ...models.raster_gpt import RasterGPT, RasterGPTConfig
+from . import distributed as D
+from .batches import ShardedBatches, load_images
+from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, read_weights_metadata,
+                            restore_training_state, save_training_checkpoint, state_sha256)
+from .common import architecture_error, check_loop_settings, drop_classes, training_record, wrap_ddp
+from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize
+from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
+from .optim import LRSchedule, build_optimizer, clip_gradients
+from .rundir import METRICS_NAME, check_run_dir, fresh_start, settings_dict, write_settings
+
+WEIGHTS_NAME = "model.safetensors"
+KIND = "raster"
+FORMAT = "mvar-engine/raster"
+DERIVED_RASTER_BUFFERS = ("freqs_cis",)
+"""Recomputed from the config, never read (LlamaGen's checkpoints do not hold it either)."""
+
+
+@dataclass
+class RasterTrainSettings:
+    """Everything ``train --trajectory raster`` takes (the CLI flags, one to one)."""
+
+    tokenizer: str = "runs/tokenizer-raster/tokenizer.safetensors"
+    tokenizer_patch_nums: tuple[int, ...] | None = None
+    data: str = "digits"
+    split: Literal["train", "all"] = "train"
+    max_images: int | None = None
+    resolution: int | None = None
+    trajectory: str = "raster"
+    backend: str = "sdpa"
+    depth: int = 4
+    embed_dim: int = 128
+    num_heads: int = 4
+    cls_token_num: int = 1
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    class_dropout: float = 0.1
+    init_from: str | None = None
+    seed: int = 0
+    output: str = "runs/raster"
+    save_every: int = 250
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+# -- model -----------------------------------------------------------------------------------------
+def raster_config(s: RasterTrainSettings, tok: FrozenTokenizer, num_classes: int) -> RasterGPTConfig:
+    """The GPT's architecture: the flags plus the tokenizer's vocabulary and latent grid."""
+    try:
+        return RasterGPTConfig(depth=s.depth, width=s.embed_dim, heads=s.num_heads, num_classes=num_classes,
+                               vocab_size=tok.model.config.vocab_size, grid=tok.latent_grid,
+                               cls_token_num=s.cls_token_num, class_dropout_prob=s.class_dropout,
+                               multiple_of=s.multiple_of, ffn_dim_multiplier=s.ffn_dim_multiplier)
+    except ValidationError as error:
+        raise architecture_error(error, "--depth, --embed-dim, --num-heads, --cls-token-num, --multiple-of") from None
+
+
+def init_raster_weights(model: RasterGPT) -> None:
+    """LlamaGen's initialisation on top of the model's normal(0, 0.02): a zero output layer (every
+    token starts equally likely). Uses the global torch RNG only through the constructor."""
+    with torch.no_grad():
+        model.output.weight.zero_()
+
+
+def architecture_of(config: RasterGPTConfig, tok: FrozenTokenizer) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint: the model config and the tokenizer file."""
+    return {**config.model_dump(mode="json"), "resolution": tok.resolution, "tokenizer_sha256": tok.sha256}
+
+
+def load_init(model: RasterGPT, path: str) -> None:
+    """``--init-from``: raster weights of the same architecture (strict; one-line errors listing the
+    missing, unexpected and mis-shaped keys, or naming another kind of weights)."""
+    meta = read_weights_metadata(path) if Path(path).suffix == ".safetensors" else None
+    kind = (meta or {}).get("kind")
+    if kind is not None and kind != KIND:
+        raise UsageError(f"--init-from {path} holds {kind} weights, not a raster GPT's; start a raster run from "
+                         f"raster weights (a model.safetensors or checkpoint.pt of 'train --trajectory raster')")
+    load_into(model, read_state_dict(path), source=f"--init-from {path}", strict=True, derived=DERIVED_RASTER_BUFFERS)
+
+
+class RasterTrainingModule(nn.Module):
+    """The DDP unit: ``forward(labels, tokens) -> (loss, token accuracy)`` through the engine's
+    differentiable teacher-forcing path."""
+
+    def __init__(self, model: RasterGPT, components) -> None:
+        super().__init__()
+
+        self.model = model
+        self.engine = RasterEngine(model, None, components.trajectory, components.cache, components.backends,
+                                   pattern=components.pattern)
+
+    def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.engine.teacher_forced_logits(labels, tokens)  # [B, n, V]
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+        acc = (logits.detach().argmax(-1) == tokens).float().mean()
+        return loss, acc
+
+
+def build_components(s: RasterTrainSettings):
+    """The raster trajectory (its family must be next-token) and the backend, through the registry."""
+    from ..pipeline import resolve_components
+    from ...core.registry import get_registry
+
+    try:
+        config = EngineConfig(trajectory={"name": s.trajectory}, backend=s.backend)
+    except ValidationError as error:
+        raise ConfigError([f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in error.errors()]) from None
+    components = resolve_components(config, get_registry())
+    if components.trajectory.family != "next-token":
+        raise UsageError(f"--trajectory {s.trajectory} is a {components.trajectory.family} trajectory; the raster "
+                         f"trainer trains next-token models (use 'mvar-engine train' without --trajectory raster)")
+    return components
+
+
+# -- training ----------------------------------------------------------------------------------------
+def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -> TrainSummary:
+    """Train (or resume) a raster GPT per ``s``; see the module docstring. Under torchrun every rank
+    calls this; files are written by rank 0."""
+    check_loop_settings(s)
+    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
+    tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
+    components = build_components(s)
+    info = D.setup(s.device)
+    try:
+        summary = _train(s, run, tok, components, info, callbacks)
+        D.barrier()  # no rank tears the group down while another is still in a collective
+        return summary
+    finally:
+        D.cleanup()
+
+
+def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, info: D.DistInfo,
+           callbacks: tuple[Callback, ...]) -> TrainSummary:
+    device = info.device
+    images = load_images(s.data, tok.resolution, s.split, s.max_images)
+    config = raster_config(s, tok, images.num_classes)
+    batches = ShardedBatches(len(images), s.batch_size, s.seed, info.rank, info.world_size)
+    architecture = architecture_of(config, tok)
+
+    targets_all, _ = tokenize(tok.model.to(device), images.images, device, patch_nums=(tok.latent_grid,))
+    labels_all = images.labels
+
+    torch.manual_seed(s.seed)
+    model = RasterGPT(config)
+    init_raster_weights(model)
+    if s.init_from:
+        load_init(model, s.init_from)
+    model.to(device).train()
+    module = RasterTrainingModule(model, components)
+    wrapped = wrap_ddp(module, info)
+    schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
+    optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
+    metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
+    start, elapsed, previous = 0, 0.0, {}
+    if s.resume:
+        ckpt = load_training_checkpoint(run, kind=KIND, architecture=architecture)
+        start = restore_training_state(ckpt, model, optimizer, scheduler)
+        elapsed = float(ckpt["extra"].get("elapsed", 0.0))
+        previous = dict(ckpt["extra"].get("metrics", {}))
+        metrics_log.truncate_after(start)
+    elif info.is_main:
+        fresh_start(run, WEIGHTS_NAME)
+    settings = settings_dict(s)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_settings(run, {"command": "train", "world_size": info.world_size, "grid": list(config.grid), **settings})
+    null_class = config.num_classes
+
+    def step_fn(step: int) -> dict[str, Any]:
+        idx = batches.indices(step)
+        labels = drop_classes(labels_all[idx], batches, step, s.class_dropout, null_class)
+        lr = optimizer.param_groups[0]["lr"]
+        loss, acc = wrapped(labels.to(device), targets_all[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(model.parameters(), s.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": grad_norm}
+
+    def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
+        metrics = metrics or previous
+        if info.is_main:
+            export_weights(run / WEIGHTS_NAME, model.state_dict(),
+                           weights_metadata(s, config, tok, components, images, step, metrics, seconds,
+                                            info.world_size))
+        save_training_checkpoint(run, kind=KIND, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 architecture=architecture, config=settings,
+                                 extra={"elapsed": seconds,
+                                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+
+    result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
+                                  checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
+                                  save_every=s.save_every, progress=s.progress, desc="train raster",
+                                  elapsed_before=elapsed, callbacks=callbacks, device=device, postfix=("loss", "acc"))
+    hashes = D.all_gather_object(state_sha256(model))
+    finish(metrics_log, result, hashes)
+    return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
+
+
+def weights_metadata(s: RasterTrainSettings, config: RasterGPTConfig, tok: FrozenTokenizer, components, images,
+                     step: int, metrics: dict[str, Any], seconds: float, world_size: int) -> dict[str, Any]:
+    """The ``mvar_engine`` metadata of a raster ``model.safetensors``: the architecture (every
+    :class:`RasterGPTConfig` field), the token grid and the one-scale schedule it was trained on,
+    classes, the trajectory, the tokenizer's identity and a training summary."""
+    side = config.grid[0] if config.grid[0] == config.grid[1] else list(config.grid)
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "kind": KIND,
+        "family": "next-token",
+        "architecture": config.model_dump(mode="json"),
+        "grid": list(config.grid),
+        "patch_nums": [side],
+        "num_classes": config.num_classes,
+        "vocab_size": config.vocab_size,
+        "resolution": tok.resolution,
+        "class_names": list(images.class_names),
+        "trajectory": {"name": components.names["trajectory"], "options": {}},
+        "cache": components.names["cache"],
+        "tokenizer": {"path": str(tok.path), "sha256": tok.sha256, "patch_nums": [side], "grid": list(config.grid),
+                      "file_patch_nums": list(tok.patch_nums),
+                      "architecture": tok.model.config.model_dump(mode="json")},
+        "data": {"source": images.source, "split": s.split, "num_images": len(images)},
+        "training": training_record(s, step=step, metrics=metrics, seconds=seconds, world_size=world_size,
+                                    objective="mean token cross-entropy"),
+    }

@@ -1,0 +1,282 @@
+"""Training the multi-scale VQ-VAE tokenizer (``mvar-engine train-tokenizer``).
+
+Loss per step: ``l1_weight * |recon - x| + mse_weight * (recon - x)^2 + vq_weight * vq_loss``,
+where ``(recon, vq_loss, usage) = MultiScaleVQVAE.forward(x)`` (straight-through estimator;
+``vq_loss`` = codebook + ``beta`` x commitment, averaged over scales). Logged: loss, l1, mse,
+vq, psnr (of the reconstruction, images in [-1, 1]) and usage (fraction of the vocabulary hit in
+the batch). The codebook starts from data by default (``codebook_init="data"``): rows drawn from
+the per-scale residuals of one batch under ideal quantisation, which keeps most codes alive from
+the first step.
+
+Outputs in the run directory: ``checkpoint.pt`` (resume), ``tokenizer.safetensors`` (weights with
+``mvar_engine`` metadata: ``architecture`` = the TokenizerConfig fields, ``patch_nums``,
+``resolution``, ``downsample``, ``class_names``, ``data`` and a ``training`` summary),
+``metrics.jsonl`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+
+from ..data import ImageSet
+from ...core.errors import UsageError
+from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig, phi_index
+from . import distributed as D
+from .batches import ShardedBatches, load_images, step_generator
+from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, restore_training_state,
+                            save_training_checkpoint, state_sha256)
+from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
+from .optim import LRSchedule, build_optimizer, clip_gradients
+from .rundir import METRICS_NAME, check_run_dir, fresh_start, settings_dict, write_settings
+
+WEIGHTS_NAME = "tokenizer.safetensors"
+KIND = "tokenizer"
+
+
+@dataclass
+class TokenizerTrainSettings:
+    """Everything ``train-tokenizer`` takes (the CLI flags, one to one)."""
+
+    data: str = "digits"
+    split: Literal["train", "all"] = "train"
+    max_images: int | None = None
+    resolution: int = 32
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    vocab_size: int = 512
+    z_channels: int = 16
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    self_attention: bool = False
+    beta: float = 0.25
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+    codebook_init: Literal["data", "normal"] = "data"
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    mse_weight: float = 0.0
+    vq_weight: float = 1.0
+    seed: int = 0
+    output: str = "runs/tokenizer"
+    save_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+def check_schedule(patch_nums: tuple[int, ...], ch_mult: tuple[int, ...], resolution: int) -> int:
+    """The encoder's downsampling factor ``2 ** (len(ch_mult) - 1)``; a schedule whose last scale is
+    not the latent grid ``resolution / downsample`` is a one-line :class:`UsageError`."""
+    down = 2 ** (len(ch_mult) - 1)
+    last = patch_nums[-1]
+    if resolution % down or resolution // down != last:
+        latent = f"{resolution / down:g}x{resolution / down:g}"
+        fixes = [f"--resolution {last * down}"]
+        if resolution % down == 0:
+            fixes.append(f"a schedule ending at {resolution // down}")
+        raise UsageError(f"schedule {','.join(map(str, patch_nums))} (last scale {last}x{last}) does not divide the image "
+                         f"size {resolution}: --ch-mult {','.join(map(str, ch_mult))} downsamples by {down}, giving a "
+                         f"{latent} latent grid; use {' or '.join(fixes)}")
+    return down
+
+
+def tokenizer_config(s: TokenizerTrainSettings) -> TokenizerConfig:
+    """The architecture the settings ask for (validation problems as one-line UsageErrors)."""
+    if not s.patch_nums or any(p < 1 for p in s.patch_nums) or list(s.patch_nums) != sorted(s.patch_nums):
+        raise UsageError(f"--patch-nums {','.join(map(str, s.patch_nums))}: give increasing positive map sides, "
+                         f"e.g. 1,2,3,4,6,8")
+    check_schedule(tuple(s.patch_nums), tuple(s.ch_mult), s.resolution)
+    try:
+        return TokenizerConfig(vocab_size=s.vocab_size, z_channels=s.z_channels, ch=s.ch, ch_mult=tuple(s.ch_mult),
+                               num_res_blocks=s.num_res_blocks, beta=s.beta, quant_resi=s.quant_resi,
+                               share_quant_resi=s.share_quant_resi, using_sa=s.self_attention,
+                               using_mid_sa=s.self_attention, patch_nums=tuple(s.patch_nums))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "tokenizer"
+        raise UsageError(f"tokenizer architecture: {where}: {first.get('msg')} (check --ch, --ch-mult, --vocab-size, "
+                         f"--z-channels)") from None
+
+
+def architecture_of(config: TokenizerConfig, resolution: int) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint."""
+    return {**config.model_dump(mode="json"), "resolution": resolution}
+
+
+@torch.no_grad()
+def init_codebook_from_data(tokenizer: MultiScaleVQVAE, images: torch.Tensor, generator: torch.Generator) -> None:
+    """Codebook rows drawn from the per-scale residuals of ``images`` under ideal quantisation
+    (each scale's area-downsampled residual taken as its own code), so that codes start where the
+    encoder's latents and residuals actually are."""
+    cfg = tokenizer.config
+    f = tokenizer.encode(images).float()
+    hws = cfg.scale_hws()
+    S, HW, C = len(hws), hws[-1], f.shape[1]
+    f_rest, pool = f.clone(), []
+    for si, hw in enumerate(hws):
+        z = f_rest if tuple(f_rest.shape[-2:]) == hw else F.interpolate(f_rest, size=hw, mode="area")
+        pool.append(z.permute(0, 2, 3, 1).reshape(-1, C))
+        f_rest = f_rest - tokenizer._contribution(si, S, z, HW)
+    pool_t = torch.cat(pool)
+    V = cfg.vocab_size
+    rows = torch.randint(len(pool_t), (V,), generator=generator) if len(pool_t) < V else \
+        torch.randperm(len(pool_t), generator=generator)[:V]
+    noise = 0.01 * pool_t.std() * torch.randn(V, C, generator=generator)
+    tokenizer.quantize.embedding.weight.copy_((pool_t[rows.to(pool_t.device)].cpu() + noise).to(
+        tokenizer.quantize.embedding.weight))
+
+
+class TokenizerTrainingModule(nn.Module):
+    """``forward(images) -> (loss, l1, mse, vq, usage)`` (the last four detached); DDP wraps this."""
+
+    def __init__(self, tokenizer: MultiScaleVQVAE, l1_weight: float, mse_weight: float, vq_weight: float) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.l1_weight, self.mse_weight, self.vq_weight = l1_weight, mse_weight, vq_weight
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        recon, vq_loss, usage = self.tokenizer(images)
+        l1 = (recon - images).abs().mean()
+        mse = (recon - images).square().mean()
+        loss = self.l1_weight * l1 + self.mse_weight * mse + self.vq_weight * vq_loss
+        return loss, l1.detach(), mse.detach(), vq_loss.detach(), usage
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters of phis that no scale of the schedule selects (e.g. 3 scales, 4 phis)."""
+        quant = self.tokenizer.quantize
+        phis = getattr(quant.quant_resi, "qresi_ls", None)
+        if phis is None:
+            return []
+        S = self.tokenizer.config.num_scales
+        used = {phi_index(si, S, len(phis)) for si in range(S)}
+        return [p for k, phi in enumerate(phis) if k not in used for p in phi.parameters()]
+
+
+def train_tokenizer(s: TokenizerTrainSettings, callbacks: tuple[Callback, ...] = ()) -> TrainSummary:
+    """Train (or resume) a tokenizer per ``s``; see the module docstring. Under torchrun every
+    rank calls this; files are written by rank 0."""
+    config = tokenizer_config(s)
+    for name in ("steps", "save_every", "log_every"):
+        if getattr(s, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
+    info = D.setup(s.device)
+    try:
+        summary = _train(s, config, run, info, callbacks)
+        D.barrier()  # no rank tears the group down while another is still in a collective
+        return summary
+    finally:
+        D.cleanup()
+
+
+def _train(s: TokenizerTrainSettings, config: TokenizerConfig, run: Path, info: D.DistInfo,
+           callbacks: tuple[Callback, ...]) -> TrainSummary:
+    device = info.device
+    images = load_images(s.data, s.resolution, s.split, s.max_images)
+    batches = ShardedBatches(len(images), s.batch_size, s.seed, info.rank, info.world_size)
+    architecture = architecture_of(config, s.resolution)
+
+    torch.manual_seed(s.seed)
+    tokenizer = MultiScaleVQVAE(config)
+    if s.codebook_init == "data" and not s.resume:
+        init_codebook_from_data(tokenizer, images.images[batches.global_indices(0)],
+                                step_generator(s.seed, 0, 0, stream=7))
+    tokenizer.to(device).train()
+    module = TokenizerTrainingModule(tokenizer, s.l1_weight, s.mse_weight, s.vq_weight)
+    unused = module.unused_parameters()
+    wrapped: nn.Module = module
+    if info.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                                      find_unused_parameters=bool(unused))
+    schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
+    optimizer, scheduler = build_optimizer(tokenizer, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95),
+                                           schedule=schedule)
+    metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
+    start, elapsed, previous = 0, 0.0, {}
+    if s.resume:
+        ckpt = load_training_checkpoint(run, kind=KIND, architecture=architecture)
+        start = restore_training_state(ckpt, tokenizer, optimizer, scheduler)
+        tokenizer.quantize.record_hit = int(ckpt["extra"].get("record_hit", 0))
+        elapsed = float(ckpt["extra"].get("elapsed", 0.0))
+        previous = dict(ckpt["extra"].get("metrics", {}))
+        metrics_log.truncate_after(start)
+    elif info.is_main:
+        fresh_start(run, WEIGHTS_NAME)
+    settings = settings_dict(s)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_settings(run, {"command": "train-tokenizer", "world_size": info.world_size, **settings})
+    all_images = images.images
+
+    def step_fn(step: int) -> dict[str, Any]:
+        x = all_images[batches.indices(step)].to(device, non_blocking=True)
+        lr = optimizer.param_groups[0]["lr"]
+        loss, l1, mse, vq, usage = wrapped(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in unused:
+            p.grad = None
+        grad_norm = clip_gradients(tokenizer.parameters(), s.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        mse_f = float(mse)
+        return {"loss": float(loss.detach()), "l1": float(l1), "mse": mse_f, "vq": float(vq), "usage": float(usage),
+                "psnr": 10 * math.log10(4.0 / max(mse_f, 1e-12)), "lr": lr, "grad_norm": grad_norm}
+
+    def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
+        metrics = metrics or previous
+        if info.is_main:
+            export_weights(run / WEIGHTS_NAME, tokenizer.state_dict(), weights_metadata(s, config, images, step, metrics,
+                                                                                      seconds, info.world_size))
+        save_training_checkpoint(run, kind=KIND, step=step, model=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                                 architecture=architecture, config=settings,
+                                 extra={"record_hit": tokenizer.quantize.record_hit, "elapsed": seconds,
+                                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+
+    result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
+                                  checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
+                                  save_every=s.save_every, progress=s.progress, desc="train-tokenizer",
+                                  elapsed_before=elapsed, callbacks=callbacks, device=device,
+                                  postfix=("loss", "psnr", "usage"))
+    hashes = D.all_gather_object(state_sha256(tokenizer))
+    finish(metrics_log, result, hashes)
+    return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
+
+
+def weights_metadata(s: TokenizerTrainSettings, config: TokenizerConfig, images: ImageSet, step: int,
+                     metrics: dict[str, Any], seconds: float, world_size: int) -> dict[str, Any]:
+    """The ``mvar_engine`` metadata of ``tokenizer.safetensors``."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+    return {
+        "format": "mvar-engine/tokenizer",
+        "version": 1,
+        "kind": KIND,
+        "architecture": config.model_dump(mode="json"),
+        "patch_nums": list(config.patch_nums),
+        "resolution": s.resolution,
+        "downsample": config.downsample,
+        "class_names": list(images.class_names),
+        "data": {"source": images.source, "split": s.split, "num_images": len(images)},
+        "training": {"steps": step, "total_steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
+                     "seed": s.seed, "world_size": world_size, "seconds": round(seconds, 2),
+                     "loss_weights": {"l1": s.l1_weight, "mse": s.mse_weight, "vq": s.vq_weight},
+                     "codebook_init": s.codebook_init, "final": numbers,
+                     "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }

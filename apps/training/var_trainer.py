@@ -1,0 +1,306 @@
+"""Training a VAR/MVAR transformer on a frozen tokenizer (``mvar-engine train``).
+
+Data: every training image is tokenized once up front (``img_to_indices``; the targets
+``[N, L]``) and turned into the teacher-forcing input (``indices_to_var_input``, ``[N, L - 1,
+Cvae]``). Model input, attention and loss follow :mod:`.grouped_forward`: the components
+(trajectory, attention pattern, backend ``sdpa`` by default, which has a backward pass on CPU and
+CUDA) come from :func:`mvar_engine.apps.pipeline.resolve_components`, so the training mask is the
+trajectory's (block-causal for ``full``, block-diagonal for ``markov``) with the pattern's
+neighbourhood applied, as in :meth:`NextScaleEngine.teacher_forced_logits`.
+
+Strategies: ``sequence`` trains every scale at once each step; ``parallel`` (``markov`` order 1
+only) trains one group of scales per step in the ``--ratio`` cycle. Loss = the group's summed
+token cross-entropy / L (VAR's 1/L per token), averaged over the batch. Labels become the null
+class with probability ``class_dropout`` (CFG training).
+
+Outputs in the run directory: ``checkpoint.pt`` (resume), ``model.safetensors`` (weights plus
+``mvar_engine`` metadata, see :func:`weights_metadata`), ``metrics.jsonl`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from ...models.checkpoint import load_into, read_state_dict
+from ..config import EngineConfig
+from ...core.errors import ConfigError, UsageError
+from ...core.layout import SequenceLayout
+from ...models.var import VAR, VARConfig
+from ..pipeline import DERIVED_VAR_BUFFERS, resolve_components
+from . import distributed as D
+from .batches import ShardedBatches, load_images
+from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, restore_training_state,
+                            save_training_checkpoint, state_sha256)
+from .common import architecture_error, check_loop_settings, drop_classes, training_record, wrap_ddp
+from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize  # noqa: F401 (also imported from here)
+from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
+                              scales_isolated)
+from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
+from .optim import LRSchedule, build_optimizer, clip_gradients
+from .rundir import METRICS_NAME, check_run_dir, fresh_start, settings_dict, write_settings
+
+WEIGHTS_NAME = "model.safetensors"
+KIND = "var"
+
+
+@dataclass
+class VarTrainSettings:
+    """Everything ``train`` takes (the CLI flags, one to one). ``trajectory_options`` and
+    ``attention_options`` hold the components' own options (``--attention-kernel-size 5``)."""
+
+    tokenizer: str = "runs/tokenizer/tokenizer.safetensors"
+    tokenizer_patch_nums: tuple[int, ...] | None = None
+    data: str = "digits"
+    split: Literal["train", "all"] = "train"
+    max_images: int | None = None
+    resolution: int | None = None
+    trajectory: str = "markov"
+    trajectory_options: dict[str, Any] = field(default_factory=dict)
+    attention: str | None = None
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    backend: str = "sdpa"
+    strategy: Literal["sequence", "parallel"] = "sequence"
+    ratio: str | None = None
+    parallel_split: int | None = None
+    depth: int = 4
+    embed_dim: int = 128
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 2.0
+    class_dropout: float = 0.1
+    init_from: str | None = None
+    seed: int = 0
+    output: str = "runs/var"
+    save_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+# -- model -----------------------------------------------------------------------------------------
+def var_config(s: VarTrainSettings, tok: FrozenTokenizer, num_classes: int) -> VARConfig:
+    try:
+        config = VARConfig(depth=s.depth, embed_dim=s.embed_dim, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio,
+                           num_classes=num_classes, vocab_size=tok.model.config.vocab_size,
+                           z_channels=tok.model.config.z_channels, patch_nums=tok.patch_nums)
+    except ValidationError as error:
+        raise architecture_error(error, "--depth, --embed-dim, --num-heads") from None
+    if config.width % config.heads:
+        raise UsageError(f"--embed-dim {config.width} is not divisible by --num-heads {config.heads}")
+    return config
+
+
+def init_var_weights(model: VAR, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+    """VAR's initialisation: truncated-normal linears (std sqrt(1/3C)), residual projections scaled
+    by 1/sqrt(2 depth), AdaLN gates near zero, a small head. Uses the global torch RNG."""
+    c, depth = model.config.width, max(1, model.config.depth)
+    std = math.sqrt(1 / c / 3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
+        for block in model.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            lin = block.ada_lin[-1]
+            lin.weight[2 * c:].mul_(init_adaln)
+            lin.weight[:2 * c].mul_(init_adaln_gamma)
+        model.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        model.head.weight.mul_(init_head)
+
+
+def architecture_of(config: VARConfig, tok: FrozenTokenizer) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint: the model config and the tokenizer file."""
+    return {**config.model_dump(mode="json"), "resolution": tok.resolution, "tokenizer_sha256": tok.sha256}
+
+
+def build_components(s: VarTrainSettings):
+    """Trajectory, pattern and backend selector through the registry (one-line errors); the
+    attention pattern defaults to the trajectory's (markov -> neighborhood, full -> dense)."""
+    from ...core.registry import get_registry
+
+    attention = s.attention
+    if attention is None:
+        factory = get_registry().get("trajectory", s.trajectory).record.factory
+        attention = getattr(factory, "default_attention", "dense")
+    try:
+        config = EngineConfig(trajectory={"name": s.trajectory, "options": dict(s.trajectory_options)},
+                              attention={"name": attention, "options": dict(s.attention_options)}, backend=s.backend)
+    except ValidationError as error:
+        raise ConfigError([f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in error.errors()]) from None
+    return resolve_components(config)
+
+
+def plan_groups(s: VarTrainSettings, components, layout: SequenceLayout) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    """(groups, cycle): one group of every scale for ``sequence``; MVAR's grouping for ``parallel``
+    (default split: the pattern's ``first_scale(layout)``, e.g. the neighbourhood's first windowed
+    scale; patterns without one, like ``dense``: the last two scales alone)."""
+    num_scales = layout.num_scales
+    if s.strategy == "sequence":
+        if s.ratio is not None or s.parallel_split is not None:
+            raise UsageError("--ratio and --parallel-split apply to --strategy parallel only (drop them or add "
+                             "--strategy parallel)")
+        return [tuple(range(num_scales))], (0,)
+    names = components.names
+    if not scales_isolated(components.trajectory, num_scales):
+        raise UsageError(f"--strategy parallel needs each scale to see only itself, but trajectory '{names['trajectory']}'"
+                         f"{' with these options' if s.trajectory_options else ''} lets a scale attend to earlier scales, "
+                         f"which a scale trained alone would not have; use --trajectory markov (order 1) or "
+                         f"--strategy sequence")
+    if num_scales < 2:
+        raise UsageError("--strategy parallel needs a schedule of at least two scales (use --strategy sequence)")
+    split = s.parallel_split
+    if split is None:
+        first = getattr(components.pattern, "first_scale", None)
+        split = first(layout) if callable(first) else num_scales - 2
+        split = min(max(1, split), num_scales - 1)
+    groups = parallel_groups(num_scales, split)
+    return groups, group_cycle(parse_ratio(s.ratio, groups))
+
+
+# -- training ----------------------------------------------------------------------------------------
+def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> TrainSummary:
+    """Train (or resume) a VAR/MVAR transformer per ``s``; see the module docstring. Under torchrun
+    every rank calls this; files are written by rank 0."""
+    check_loop_settings(s)
+    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
+    tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
+    components = build_components(s)
+    groups, cycle = plan_groups(s, components, SequenceLayout.from_patch_nums(tok.patch_nums))
+    info = D.setup(s.device)
+    try:
+        summary = _train(s, run, tok, components, groups, cycle, info, callbacks)
+        D.barrier()  # no rank tears the group down while another is still in a collective
+        return summary
+    finally:
+        D.cleanup()
+
+
+def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, groups: list[tuple[int, ...]],
+           cycle: tuple[int, ...], info: D.DistInfo, callbacks: tuple[Callback, ...]) -> TrainSummary:
+    device = info.device
+    images = load_images(s.data, tok.resolution, s.split, s.max_images)
+    config = var_config(s, tok, images.num_classes)
+    batches = ShardedBatches(len(images), s.batch_size, s.seed, info.rank, info.world_size)
+    architecture = architecture_of(config, tok)
+
+    tokenizer = tok.model.to(device)
+    targets_all, var_input_all = tokenize(tokenizer, images.images, device)
+    labels_all = images.labels
+
+    torch.manual_seed(s.seed)
+    model = VAR(config)
+    init_var_weights(model)
+    if s.init_from:
+        load_into(model, read_state_dict(s.init_from), source=f"--init-from {s.init_from}", strict=True,
+                  derived=DERIVED_VAR_BUFFERS)
+    model.to(device).train()
+    module = VarTrainingModule(model, components.trajectory, components.pattern, components.backends)
+    # Groups that leave out scale 0 (or every later scale) do not reach pos_start (word_embed).
+    wrapped = wrap_ddp(module, info, find_unused_parameters=s.strategy == "parallel" or config.layout.num_scales == 1)
+    schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
+    optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
+    metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
+    start, elapsed, previous = 0, 0.0, {}
+    if s.resume:
+        ckpt = load_training_checkpoint(run, kind=KIND, architecture=architecture)
+        start = restore_training_state(ckpt, model, optimizer, scheduler)
+        elapsed = float(ckpt["extra"].get("elapsed", 0.0))
+        previous = dict(ckpt["extra"].get("metrics", {}))
+        metrics_log.truncate_after(start)
+    elif info.is_main:
+        fresh_start(run, WEIGHTS_NAME)
+    settings = settings_dict(s)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_settings(run, {"command": "train", "world_size": info.world_size, "groups": [list(g) for g in groups],
+                             "cycle": list(cycle), **settings})
+    null_class = config.num_classes
+    unused = {g: module.unused_parameters(groups[g]) for g in set(cycle)}
+
+    def step_fn(step: int) -> dict[str, Any]:
+        g = cycle[step % len(cycle)]
+        idx = batches.indices(step)
+        labels = drop_classes(labels_all[idx], batches, step, s.class_dropout, null_class)
+        var_input = var_input_all[idx].to(device) if var_input_all is not None else None
+        lr = optimizer.param_groups[0]["lr"]
+        loss, ce, acc = wrapped(labels.to(device), var_input, targets_all[idx].to(device), groups[g])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in unused[g]:
+            p.grad = None
+        grad_norm = clip_gradients(model.parameters(), s.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return {"loss": float(loss.detach()), "ce": float(ce), "acc": float(acc), "lr": lr, "grad_norm": grad_norm,
+                "group": describe_group(groups[g])}
+
+    def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
+        metrics = metrics or previous
+        if info.is_main:
+            export_weights(run / WEIGHTS_NAME, model.state_dict(),
+                           weights_metadata(s, config, tok, components, images, groups, cycle, step, metrics, seconds,
+                                            info.world_size))
+        save_training_checkpoint(run, kind=KIND, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 architecture=architecture, config=settings,
+                                 extra={"elapsed": seconds,
+                                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+
+    result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
+                                  checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
+                                  save_every=s.save_every, progress=s.progress, desc="train", elapsed_before=elapsed,
+                                  callbacks=callbacks, device=device, postfix=("loss", "acc"))
+    hashes = D.all_gather_object(state_sha256(model))
+    finish(metrics_log, result, hashes)
+    return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
+
+
+def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenizer, components, images,
+                     groups: list[tuple[int, ...]], cycle: tuple[int, ...], step: int, metrics: dict[str, Any],
+                     seconds: float, world_size: int) -> dict[str, Any]:
+    """The ``mvar_engine`` metadata of ``model.safetensors``: everything needed to rebuild and run
+    the model (architecture, schedule, classes, components and their options, tokenizer identity)
+    plus a training summary."""
+    def choice(kind: str, component) -> dict[str, Any]:
+        options = getattr(component, "options", None)
+        dumped = options.model_dump(mode="json") if hasattr(options, "model_dump") else {}
+        return {"name": components.names[kind], "options": dumped}
+
+    return {
+        "format": "mvar-engine/var",
+        "version": 1,
+        "kind": KIND,
+        "architecture": config.model_dump(mode="json"),
+        "patch_nums": list(config.patch_nums),
+        "num_classes": config.num_classes,
+        "vocab_size": config.vocab_size,
+        "z_channels": config.z_channels,
+        "resolution": tok.resolution,
+        "class_names": list(images.class_names),
+        "trajectory": choice("trajectory", components.trajectory),
+        "attention": choice("attention", components.pattern),
+        "cache": components.names["cache"],
+        "tokenizer": {"path": str(tok.path), "sha256": tok.sha256,
+                      "architecture": tok.model.config.model_dump(mode="json")},
+        "data": {"source": images.source, "split": s.split, "num_images": len(images)},
+        "training": training_record(s, step=step, metrics=metrics, seconds=seconds, world_size=world_size,
+                                    strategy=s.strategy, groups=[list(g) for g in groups],
+                                    ratio=[cycle.count(g) for g in range(len(groups))]),
+    }

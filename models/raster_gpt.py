@@ -1,0 +1,258 @@
+"""A LlamaGen-style class-conditional GPT for next-token (raster) image generation.
+
+State-dict keys are LlamaGen's (``autoregressive/models/gpt.py``, model_type ``c2i``):
+``tok_embeddings.weight``, ``cls_embedding.embedding_table.weight`` (``num_classes + 1`` rows with
+the null class last when ``class_dropout_prob > 0``), ``layers.{i}.attention.wqkv.weight``,
+``layers.{i}.attention.wo.weight``, ``layers.{i}.feed_forward.w1|w2|w3.weight``,
+``layers.{i}.attention_norm.weight``, ``layers.{i}.ffn_norm.weight``, ``norm.weight``,
+``output.weight``. LlamaGen keeps ``freqs_cis`` as a plain attribute (not in its checkpoints); here
+it is a non-persistent buffer, so the state dict has exactly LlamaGen's keys.
+
+Sequence: ``P = cls_token_num`` class-prefix positions ``0 .. P-1`` followed by the ``h x w`` image
+tokens row-major at positions ``P + r * w + c``. Logits at position ``P - 1 + t`` predict image
+token ``t``; the last image token is never an input. As a :class:`SequenceLayout` this is two
+"scales": the prefix as a ``1 x P`` grid, then the ``h x w`` image grid (so positions, row and
+column coordinates come from the usual layout helpers).
+
+2-D RoPE (LlamaGen's ``precompute_freqs_cis_2d``, generalised to ``h != w``): the head dimension
+``D`` is rotated in adjacent pairs ``(x[2i], x[2i+1])``; the first ``D/4`` pairs use the row index
+with frequencies ``base^(-2j / (D/2))``, the last ``D/4`` pairs the column index with the same
+frequencies. Prefix positions get ``cos = sin = 0`` exactly as LlamaGen (their rotated queries and
+keys are zero vectors: a quirk the released checkpoints were trained with).
+
+Attention is delegated to ``attend(layer, q, k, v, scale) -> out`` (``q, k, v: [B, H, l, D]``)
+with q and k already rotated, so a KV cache stores rotated keys (as LlamaGen's static cache).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ..core.layout import SequenceLayout
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+class RasterGPTConfig(BaseModel):
+    """Architecture of a LlamaGen c2i GPT (``GPT-B``: depth 12, width 768, 12 heads)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    depth: int = Field(12, ge=0)
+    width: int = Field(768, ge=1)
+    heads: int = Field(12, ge=1)
+    num_classes: int = Field(1000, ge=1)
+    vocab_size: int = Field(16384, ge=2)
+    grid: tuple[int, int] = (16, 16)
+    cls_token_num: int = Field(1, ge=1, description="class-prefix length; LlamaGen c2i uses 1")
+    class_dropout_prob: float = Field(0.1, ge=0, le=1, description="> 0: the embedding table has a null-class row")
+    ffn_dim_multiplier: float | None = None
+    multiple_of: int = Field(256, ge=1)
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "RasterGPTConfig":
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+        if (self.width // self.heads) % 4:
+            raise ValueError(f"head_dim {self.width // self.heads} must be divisible by 4 for 2-D RoPE")
+        if min(self.grid) < 1:
+            raise ValueError(f"grid sides must be positive, got {self.grid}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * (4 * self.width) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def layout(self) -> SequenceLayout:
+        """Prefix as a ``1 x P`` grid, then the image grid."""
+        return SequenceLayout(((1, self.cls_token_num), tuple(self.grid)))
+
+    @classmethod
+    def tiny(cls, **overrides) -> "RasterGPTConfig":
+        values = dict(depth=2, width=32, heads=2, num_classes=5, vocab_size=16, grid=(3, 3), multiple_of=8)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def llamagen_b(cls, **overrides) -> "RasterGPTConfig":
+        """LlamaGen GPT-B at 384px: 24 x 24 = 576 image tokens, 16384 codes."""
+        values = dict(depth=12, width=768, heads=12, num_classes=1000, vocab_size=16384, grid=(24, 24))
+        values.update(overrides)
+        return cls(**values)
+
+
+def precompute_freqs_cis_2d(grid: tuple[int, int], head_dim: int, base: float = 10000.0,
+                            cls_token_num: int = 1) -> torch.Tensor:
+    """``[P + h*w, head_dim // 2, 2]`` (cos, sin) per position and rotated pair; zeros on the prefix."""
+    h, w = grid
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # [D/4]
+    rows = torch.outer(torch.arange(h).float(), freqs)  # [h, D/4]
+    cols = torch.outer(torch.arange(w).float(), freqs)  # [w, D/4]
+    angles = torch.cat([rows[:, None, :].expand(h, w, -1), cols[None, :, :].expand(h, w, -1)], dim=-1)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(0, 1)  # [h*w, D/2, 2]
+    return torch.cat([torch.zeros(cls_token_num, half, 2), table])
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``x: [B, H, l, D]``, ``freqs: [l, D/2, 2]`` -> rotated ``x`` (computed in float32, cast back)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = freqs[..., 0].to(xs.device), freqs[..., 1].to(xs.device)  # [l, D/2]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes: int, width: int, null_class: bool) -> None:
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(null_class), width)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(width, hidden, bias=False)
+        self.w3 = nn.Linear(width, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.width = heads, width // heads, width
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.wqkv = nn.Linear(width, 3 * width, bias=False)
+        self.wo = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attend: Callable) -> torch.Tensor:
+        b, l, _ = x.shape
+        q, k, v = self.wqkv(x).view(b, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
+        o = attend(q, k, v, self.scale)
+        return self.wo(o.transpose(1, 2).reshape(b, l, self.width))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: RasterGPTConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config.width, config.heads)
+        self.feed_forward = FeedForward(config.width, config.ffn_hidden)
+        self.attention_norm = RMSNorm(config.width, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.width, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attend: Callable) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, attend)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class RasterGPT(nn.Module):
+    """LlamaGen's c2i ``Transformer`` (inference), attention delegated to the engine."""
+
+    def __init__(self, config: RasterGPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layout = config.layout
+        self.num_classes, self.vocab_size = config.num_classes, config.vocab_size
+        self.cls_token_num = config.cls_token_num
+        self.has_null_class = config.class_dropout_prob > 0
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.width, self.has_null_class)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.width)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.depth))
+        self.norm = RMSNorm(config.width, config.norm_eps)
+        self.output = nn.Linear(config.width, config.vocab_size, bias=False)
+        self.register_buffer("freqs_cis", precompute_freqs_cis_2d(config.grid, config.head_dim, config.rope_base,
+                                                                  config.cls_token_num), persistent=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def null_class(self) -> int:
+        """The label of the unconditional row (the last row of the class table)."""
+        if not self.has_null_class:
+            raise ValueError("this model has no null class (class_dropout_prob = 0): classifier-free guidance is unavailable")
+        return self.num_classes
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def embed(self, labels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings ``[B, l, C]``: the class prefix (``labels: LongTensor[B]``, ``P`` rows, each
+        the class embedding) when labels are given, followed by ``tokens: LongTensor[B, n]``."""
+        parts = []
+        if labels is not None:
+            parts.append(self.cls_embedding.embedding_table(labels)[:, None, :].expand(-1, self.cls_token_num, -1))
+        if tokens is not None:
+            parts.append(self.tok_embeddings(tokens))
+        if not parts:
+            raise ValueError("embed needs labels, tokens or both")
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    # -- transformer -----------------------------------------------------------------------------
+    def backbone(self, x: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        """Every block on ``x: [B, l, C]`` at sequence ``positions: LongTensor[l]``; q and k are rotated
+        at their positions before ``attend(layer, q, k, v, scale)``."""
+        freqs = self.freqs_cis[positions.to(self.freqs_cis.device)]
+        for layer, block in enumerate(self.layers):
+            x = block(x, freqs, lambda q, k, v, scale, layer=layer: attend(layer, q, k, v, scale))
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden: [B, l, C]`` -> float32 logits ``[B, l, V]``."""
+        return self.output(self.norm(hidden)).float()
+
+
+def infer_raster_config(state_dict: dict[str, torch.Tensor], **overrides) -> RasterGPTConfig:
+    """Architecture read off a LlamaGen c2i state dict (heads default to ``width // 64``; give
+    ``grid`` for the resolution: it is not in the checkpoint)."""
+    required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise KeyError(f"not a LlamaGen c2i state dict: missing {', '.join(missing)}")
+    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("layers.")), default=-1)
+    vocab, width = state_dict["tok_embeddings.weight"].shape
+    values: dict = dict(depth=depth, width=int(width), heads=max(1, int(width) // 64), vocab_size=int(vocab),
+                        num_classes=int(state_dict["cls_embedding.embedding_table.weight"].shape[0]) - 1)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = RasterGPTConfig(**values)
+    w1 = state_dict.get("layers.0.feed_forward.w1.weight")
+    if w1 is not None and w1.shape[0] != config.ffn_hidden:
+        raise KeyError(f"feed-forward width {w1.shape[0]} does not match {config.ffn_hidden}: "
+                       f"give ffn_dim_multiplier / multiple_of")
+    return config
