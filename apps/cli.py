@@ -21,34 +21,34 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
 from ..core.records import KIND_LABELS
 from ..core.registry import Registry, failing_component, get_registry
-
-PROG = "mvar-engine"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises a one-line ``UsageError`` instead of printing usage and exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+from .cli_helpers import PROG, Commands, Parser, under_torchrun
+from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
+from .pipeline import Pipeline
 
 
 def _component_flag(kind: str, field: str) -> str:
     return f"--{kind}-{field.replace('_', '-')}"
 
 
+def load_commands(registry: Registry | None = None) -> Commands:
+    """Every subcommand, built-in and from plugins, through the ``mvar_engine_register_commands`` hook."""
+    commands = Commands()
+    (registry or get_registry()).register_commands(commands)
+    return commands
+
+
 def _subcommands_epilog() -> str:
-    """The ``--help`` list of subcommands, from :data:`SUBCOMMANDS` (names are never split)."""
-    names = textwrap.fill(", ".join(SUBCOMMANDS), width=78, initial_indent="  ", subsequent_indent="  ",
+    """The ``--help`` list of subcommands, from :func:`load_commands` (names are never split)."""
+    names = textwrap.fill(", ".join(load_commands().names()), width=78, initial_indent="  ", subsequent_indent="  ",
                           break_on_hyphens=False, break_long_words=False)
     return f"subcommands:\n{names}\n\nsee '{PROG} SUBCOMMAND --help' for each one's options"
 
 
-def _base_generate_parser(add_help: bool = True) -> _Parser:
-    p = _Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model: the default "
+def _base_generate_parser(add_help: bool = True) -> Parser:
+    p = Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model: the default "
                                        f"subcommand,\nalso '{PROG} generate'.", epilog=_subcommands_epilog(),
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=add_help)
@@ -175,8 +175,6 @@ def parse_generate_args(argv: Sequence[str], registry: Registry | None = None) -
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
-    from .pipeline import Pipeline
-
     config = parse_generate_args(argv)
     start = time.perf_counter()
     pipe = Pipeline.from_config(config)
@@ -194,7 +192,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:
-    p = _Parser(prog=f"{PROG} plugins", description="List every component: kind, name, provider, availability.")
+    p = Parser(prog=f"{PROG} plugins", description="List every component: kind, name, provider, availability.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--kind", choices=list(COMPONENT_KINDS), help="only this kind")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -244,272 +242,6 @@ def _component_dict(component) -> dict[str, Any]:
     return data
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    from .bench.attention import parse_int_list
-
-    try:
-        return parse_int_list(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _name_list(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated backend names, got {text!r}")
-    return names
-
-
-def cmd_bench_attention(argv: Sequence[str]) -> int:
-    from .bench.attention import DEVICES, DTYPES, BenchAttentionConfig, run_bench_attention
-
-    d = BenchAttentionConfig()
-    p = _Parser(prog=f"{PROG} bench attention", allow_abbrev=False,
-                description="Time neighbourhood attention on square maps: every backend against dense SDPA "
-                            "on the same tokens, with achieved GFLOP/s, speed-up, the FLOP ceiling N^2/pairs "
-                            "and the error against the float64 reference (N <= 1024). Writes a JSON report.")
-    p.add_argument("--sides", type=_int_list, default=d.sides, metavar="S,S,...",
-                   help=f"map sides (square maps; default {','.join(map(str, d.sides))})")
-    p.add_argument("--kernel-size", type=int, default=d.kernel_size, metavar="K", help=f"window side (default {d.kernel_size})")
-    p.add_argument("--heads", type=int, default=d.heads, metavar="H", help=f"attention heads (default {d.heads})")
-    p.add_argument("--head-dim", type=int, default=d.head_dim, metavar="D", help=f"head dim (default {d.head_dim})")
-    p.add_argument("--batches", type=_int_list, default=d.batches, metavar="B,B,...",
-                   help=f"batch sizes (default {','.join(map(str, d.batches))})")
-    p.add_argument("--backends", type=_name_list, default=None, metavar="NAME,...",
-                   help="backends to time (default: every available one except reference)")
-    p.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"timed calls per cell (default {d.repeats})")
-    p.add_argument("--budget-s", type=float, default=d.budget_s, metavar="SECONDS",
-                   help=f"time budget per cell: fewer repeats when calls are slow, and a cell predicted "
-                        f"(from the previous side, as N^2) to need over 4x this is skipped (default {d.budget_s:g})")
-    p.add_argument("--device", choices=DEVICES, default=d.device, help="default auto (CUDA when available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help=f"input dtype (default {d.dtype})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"input seed (default {d.seed})")
-    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    config = BenchAttentionConfig(sides=args.sides, kernel_size=args.kernel_size, heads=args.heads,
-                                  head_dim=args.head_dim, batches=args.batches, backends=args.backends,
-                                  repeats=args.repeats, budget_s=args.budget_s, device=args.device, dtype=args.dtype,
-                                  seed=args.seed, output=args.output, table=not args.no_table)
-    run_bench_attention(config, log=sys.stderr)
-    return 0
-
-
-def cmd_bench_train(argv: Sequence[str]) -> int:
-    from .bench.train import STRATEGIES, BenchTrainConfig, run_bench_train
-
-    d = BenchTrainConfig()
-    p = _Parser(prog=f"{PROG} bench train", allow_abbrev=False,
-                description="Peak memory and step time of MVAR's training strategies (sequence vs parallel), each in "
-                            "a fresh process, random weights. Writes a JSON report.")
-    p.add_argument("--depth", type=int, default=d.depth, help=f"VAR depth (default {d.depth}: VAR-d16)")
-    p.add_argument("--patch-nums", type=_int_list, default=d.patch_nums, metavar="N,N,...",
-                   help="scale schedule (default VAR's 256px)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"timed steps per group, after one untimed (default {d.steps})")
-    p.add_argument("--ratio", type=lambda t: tuple(int(x) for x in t.split(":")), default=d.ratio, metavar="A:B:C",
-                   help="iterations per parallel group in a cycle, for the mean step time (default 8:1:1)")
-    p.add_argument("--kernel-size", type=int, default=d.kernel_size, help=f"neighbourhood kernel (default {d.kernel_size})")
-    p.add_argument("--strategies", type=_name_list, default=d.strategies, metavar="NAME,...",
-                   help=f"default {','.join(STRATEGIES)}")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    run_bench_train(BenchTrainConfig(depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size,
-                                     steps=args.steps, ratio=args.ratio, kernel_size=args.kernel_size,
-                                     strategies=args.strategies, device=args.device, seed=args.seed,
-                                     output=args.output, table=not args.no_table))
-    return 0
-
-
-def cmd_bench_matrix(argv: Sequence[str]) -> int:
-    from .bench.matrix import KNOWN_MODELS, PRESETS, MatrixConfig, run_matrix
-
-    d = MatrixConfig()
-    presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
-    p = _Parser(prog=f"{PROG} bench matrix", allow_abbrev=False,
-                description="Inference benchmark matrix: every model x batch x trajectory/attention/cache "
-                            "cell in a fresh process, random weights; peak memory over the post-load baseline, "
-                            "KV-cache bytes, attention FLOPs from the pattern, transformer and decoding time. Writes "
-                            "JSON, a markdown table (.md) and a PNG chart (.png); ratios are against the first "
-                            "configuration of each model family (next-scale VAR/MVAR models; raster LlamaGen-style "
-                            f"models run raster/dense/CACHE triples). Presets: {presets}.")
-    p.add_argument("--preset", choices=list(PRESETS), default=d.preset, help=f"default {d.preset}")
-    p.add_argument("--models", type=_name_list, default=None, metavar="ID,...",
-                   help=f"model ids ({', '.join(KNOWN_MODELS)}; any dN-256 / dN-512); with --batches, overrides "
-                        f"the preset's cells")
-    p.add_argument("--batches", type=_int_list, default=None, metavar="B,B,...", help="batch sizes (images)")
-    p.add_argument("--cells", type=_name_list, default=None, metavar="MODEL:B,...",
-                   help="exact (model, batch) cells, e.g. d16-256:8,d16-512:2 (overrides --models, --batches, preset)")
-    p.add_argument("--configs", type=_name_list, default=None, metavar="T/A/C,...",
-                   help="trajectory/attention/cache triples; the first of each family is its baseline (options as "
-                        "neighborhood:kernel_size=5 or ssd:budget=0.2; ssd without head_map=FILE is calibrated)")
-    p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
-                   help="autocast dtype (16-bit on CUDA only; default float32)")
-    p.add_argument("--repeats", type=int, default=None, help="timed generations per cell (default: the preset's)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed generations first (default: the preset's)")
-    p.add_argument("--cfg", type=float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg}; 0 disables)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N",
-                   help=f"images decoded at a time (default {d.decode_chunk})")
-    p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N",
-                   help=f"generations that calibrate an ssd head map (default {d.calibration_images})")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per cell (default: torch's)")
-    p.add_argument("--timeout-s", type=float, default=None, metavar="SECONDS", help="limit per cell (default none)")
-    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    payload = run_matrix(MatrixConfig(
-        preset=args.preset, cells_=args.cells, models=args.models, batches=args.batches, configs=args.configs, backend=args.backend,
-        device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, cfg=args.cfg, seed=args.seed,
-        decode_chunk=args.decode_chunk, calibration_images=args.calibration_images, threads=args.threads,
-        timeout_s=args.timeout_s, output=args.output, table=not args.no_table),
-        log=sys.stderr)
-    return 1 if any(row["status"] != "ok" for row in payload["results"]) else 0
-
-
-def cmd_bench_cache(argv: Sequence[str]) -> int:
-    from .bench.cache import cmd_bench_cache as run
-
-    return run(argv)
-
-
-BENCH_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "attention": (cmd_bench_attention, "attention backends on neighbourhood maps against dense SDPA"),
-    "train": (cmd_bench_train, "training memory and step time: sequence vs parallel strategy"),
-    "matrix": (cmd_bench_matrix, "inference matrix: memory, time and FLOPs per model, batch and configuration"),
-    "cache": (cmd_bench_cache, "raster KV-cache policies: cache bytes, throughput and quality against the full cache"),
-}
-"""``mvar-engine bench NAME``: benchmark name -> (command, one-line description)."""
-
-
-def _bench_parser() -> _Parser:
-    listing = "\n".join(f"  {name:<12} {text}" for name, (_, text) in BENCH_COMMANDS.items())
-    p = _Parser(prog=f"{PROG} bench", usage=f"{PROG} bench {{{','.join(BENCH_COMMANDS)}}} [options]",
-                description="Benchmarks; each writes a JSON report and prints a table.",
-                epilog=f"benchmarks:\n{listing}\n\nsee '{PROG} bench NAME --help' for each one's options",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def cmd_bench(argv: Sequence[str]) -> int:
-    if argv and argv[0] in BENCH_COMMANDS:
-        return BENCH_COMMANDS[argv[0]][0](argv[1:])
-    if argv and not argv[0].startswith("-"):
-        raise UsageError(f"unknown benchmark '{argv[0]}' (available: {', '.join(BENCH_COMMANDS)}; "
-                         f"see '{PROG} bench --help')")
-    parser = _bench_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
-
-
-def cmd_train_tokenizer(argv: Sequence[str]) -> int:
-    from .training.cli import cmd_train_tokenizer as run
-
-    return run(argv)
-
-
-def cmd_train(argv: Sequence[str]) -> int:
-    from .training.cli import cmd_train as run
-
-    return run(argv)
-
-
-def cmd_export_weights(argv: Sequence[str]) -> int:
-    import torch
-
-    from ..models.checkpoint import convert_weights
-
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-    p = _Parser(prog=f"{PROG} export-weights", allow_abbrev=False,
-                description="Copy a weights file to .safetensors with its floating tensors cast to --dtype, keeping "
-                            "the mvar_engine metadata (e.g. to ship trained weights at half the size).")
-    p.add_argument("source", help="weights file (.safetensors, .pth, checkpoint.pt)")
-    p.add_argument("target", help="output .safetensors file (written atomically)")
-    p.add_argument("--dtype", choices=list(dtypes), default="float16", help="default float16")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    path = convert_weights(args.source, args.target, dtypes[args.dtype])
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {args.dtype})")
-    return 0
-
-
-def cmd_evaluate(argv: Sequence[str]) -> int:
-    from .evaluation.cli import cmd_evaluate as run
-
-    return run(argv)
-
-
-def cmd_profile_heads(argv: Sequence[str]) -> int:
-    from ..plugins.head_map import write_head_map, write_heatmap
-    from .pipeline import Pipeline
-    from .profile_heads import ProfilingCache
-
-    p = _Parser(prog=f"{PROG} profile-heads", allow_abbrev=False,
-                description="Calibrate a raster model's heads for --cache ssd: generate with the full cache, score "
-                            "every (layer, head) by the share of attention outside the query's k x k neighbourhood "
-                            "on the token grid, write a JSON head map and a PNG heat map. Every other flag is a "
-                            "generation flag (model, --labels, --samples-per-label, --seed, --cfg, ...).")
-    p.add_argument("--head-map", default="head_map.json", help="JSON to write (the PNG goes beside it); default "
-                   "head_map.json")
-    p.add_argument("--neighborhood", type=int, default=3, help="neighbourhood side k in tokens (default 3)")
-    p.add_argument("--threshold", default="auto", help="sparsity above which a head is a sink head; 'auto' "
-                   "(default) splits the scores into two groups by Otsu's method")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args, rest = p.parse_known_args(argv)
-    if args.neighborhood < 1:
-        raise UsageError(f"--neighborhood must be at least 1, got {args.neighborhood}")
-    try:
-        threshold = None if args.threshold == "auto" else float(args.threshold)
-    except ValueError:
-        raise UsageError(f"--threshold must be a number or 'auto', got {args.threshold!r}") from None
-    if any(a == "--cache" or a.startswith("--cache=") for a in rest):
-        raise UsageError("profile-heads calibrates with the full cache: drop --cache")
-    if not any(a == "--trajectory" or a.startswith("--trajectory=") for a in rest):
-        rest = ["--trajectory", "raster", *rest]
-    config = parse_generate_args([*rest, "--cache", "full"])
-    trajectory = get_registry().create("trajectory", config.trajectory.name, config.trajectory.options)
-    if trajectory.family != "next-token":
-        raise UsageError(f"profile-heads classifies the heads of raster (next-token) models, not trajectory "
-                         f"'{config.trajectory.name}': use --trajectory raster")
-    pipe = Pipeline.from_config(config)
-    start = time.perf_counter()
-    profiler = ProfilingCache(pipe.adapter.grid, pipe.adapter.prefix, args.neighborhood)
-    result = pipe.generate(cache=profiler)
-    calibration = {"images": len(result.labels), "labels": sorted(set(int(x) for x in result.labels)),
-                   "cfg": config.sampling.cfg, "seed": config.sampling.seed, "grid": list(pipe.adapter.grid),
-                   "model": str(config.model.var_checkpoint or "default weights")}
-    head_map = profiler.head_map(threshold, calibration)
-    json_path = write_head_map(head_map, args.head_map)
-    png_path = write_heatmap(head_map, Path(args.head_map).with_suffix(".png"))
-    counts = head_map.counts()
-    print(f"wrote {json_path} and {png_path}: {head_map.layers} layers x {head_map.heads} heads, {counts['sink']} sink / "
-          f"{counts['local']} local at threshold {head_map.threshold:.3f} ({len(result.labels)} calibration images, "
-          f"{time.perf_counter() - start:.1f} s)")
-    return 0
-
-
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "generate": cmd_generate,
-    "plugins": cmd_plugins,
-    "bench": cmd_bench,
-    "train-tokenizer": cmd_train_tokenizer,
-    "train": cmd_train,
-    "evaluate": cmd_evaluate,
-    "export-weights": cmd_export_weights,
-    "profile-heads": cmd_profile_heads,
-}
-
-
 DEBUG_HINT = "(rerun with --debug for the traceback)"
 
 
@@ -517,8 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return SUBCOMMANDS[argv[0]](argv[1:])
+        commands = load_commands() if argv and not argv[0].startswith("-") else None
+        if commands is not None and argv[0] in commands.top:
+            return commands.top[argv[0]].run(argv[1:])
+        if commands is not None and argv[0] in commands.groups:
+            return run_group(commands, argv[0], argv[1:])
         if "-h" in argv or "--help" in argv:
             return _print_help(argv)
         return cmd_generate(argv)
@@ -548,6 +283,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _group_parser(commands: Commands, group: str) -> Parser:
+    table = commands.groups[group]
+    listing = "\n".join(f"  {name:<12} {command.help}" for name, command in table.items())
+    p = Parser(prog=f"{PROG} {group}", usage=f"{PROG} {group} {{{','.join(table)}}} [options]",
+               description=commands.group_help.get(group, ""),
+               epilog=f"{group} commands:\n{listing}\n\nsee '{PROG} {group} NAME --help' for each one's options",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run_group(commands: Commands, group: str, argv: Sequence[str]) -> int:
+    """``mvar-engine GROUP NAME ...``: run the named command of the group, or print the group's help."""
+    table = commands.groups[group]
+    if argv and argv[0] in table:
+        return table[argv[0]].run(argv[1:])
+    if argv and not argv[0].startswith("-"):
+        raise UsageError(f"unknown {group} command '{argv[0]}' (available: {', '.join(table)}; "
+                         f"see '{PROG} {group} --help')")
+    parser = _group_parser(commands, group)
+    parser.parse_args(argv)
+    parser.print_help()
+    return 0
+
+
 def _print_help(argv: Sequence[str]) -> int:
     stripped = [a for a in argv if a not in ("-h", "--help")]
     _full_parser(stripped, get_registry())[0].print_help()
@@ -563,8 +323,6 @@ def entry() -> None:
     exception", seen on 1 CI run in about 10 although each rank had passed a final barrier and
     destroyed its group)."""
     code = main()
-    from .training.distributed import under_torchrun
-
     if under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()

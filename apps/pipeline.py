@@ -19,20 +19,21 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..models.checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
-from .config import ComponentChoice, EngineConfig
-from ..core.backend_selection import BackendSelector, selector_for
-from ..models.default_models import available_defaults, default_checkpoints, weights_metadata
 from ..core.adapter import ModelAdapter
+from ..core.backend_selection import BackendSelector, selector_for
 from ..core.cache import CachePolicy
 from ..core.compatibility import check_compatible
 from ..core.engine import Engine
-from ..models.raster_adapter import RasterAdapter
-from ..models.var_adapter import VarAdapter
 from ..core.errors import CheckpointError, IncompatibleComponentsError, UsageError
-from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from ..models.var import VAR, VARConfig, infer_var_config
 from ..core.registry import Registry, get_registry
+from ..models.checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
+from ..models.default_models import available_defaults, default_checkpoints, weights_metadata
+from ..models.raster_adapter import RasterAdapter
+from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
+from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
+from ..models.var import VAR, VARConfig, infer_var_config
+from ..models.var_adapter import VarAdapter
+from .config import ComponentChoice, EngineConfig
 from .images import save_grid, save_images
 
 DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
@@ -320,7 +321,6 @@ def load_raster(path: Path, *, grid: tuple[int, int] | None = None, depth: int |
     state dict (flat, or nested under ``model`` / ``module`` / ``state_dict`` as LlamaGen's released
     and training checkpoints are; architecture read off the shapes, ``grid`` required since the file
     does not hold it). Strict loading reports every missing, unexpected and mis-shaped key on one line."""
-    from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
 
     meta = _check_kind(path, "raster", "--trajectory raster runs raster GPT weights (mvar-engine train --trajectory "
                                        "raster, or LlamaGen's c2i GPT checkpoints); run next-scale weights with "
@@ -352,8 +352,6 @@ def build_raster_models(config: EngineConfig):
     at ``--patch-nums`` (one side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth,
     with a tokenizer of LlamaGen VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes).
     The shipped default raster weights come in through :func:`with_weights`."""
-    from ..models.raster_gpt import RasterGPT, RasterGPTConfig
-    from ..models.tokenizer import llamagen_vq16_sized
 
     m = config.model
     if m.patch_nums and len(m.patch_nums) != 1:

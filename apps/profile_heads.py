@@ -11,12 +11,21 @@ there). Heads scoring above the threshold are semantic-sink heads, the rest spat
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Sequence
+
 import torch
 
+from ..core.attention import AttentionSpec
+from ..core.errors import UsageError
+from ..core.registry import get_registry
 from ..plugins.budget_cache import attention_probabilities
 from ..plugins.caches import FullCache
-from ..core.attention import AttentionSpec
-from ..plugins.head_map import HeadMap, classify
+from ..plugins.head_map import HeadMap, classify, write_head_map, write_heatmap
+from .cli import parse_generate_args
+from .cli_helpers import PROG, Parser
+from .pipeline import Pipeline
 
 
 class ProfilingCache(FullCache):
@@ -73,3 +82,48 @@ class ProfilingCache(FullCache):
 
 
 __all__ = ["ProfilingCache"]
+
+
+def cmd_profile_heads(argv: Sequence[str]) -> int:
+    p = Parser(prog=f"{PROG} profile-heads", allow_abbrev=False,
+                description="Calibrate a raster model's heads for --cache ssd: generate with the full cache, score "
+                            "every (layer, head) by the share of attention outside the query's k x k neighbourhood "
+                            "on the token grid, write a JSON head map and a PNG heat map. Every other flag is a "
+                            "generation flag (model, --labels, --samples-per-label, --seed, --cfg, ...).")
+    p.add_argument("--head-map", default="head_map.json", help="JSON to write (the PNG goes beside it); default "
+                   "head_map.json")
+    p.add_argument("--neighborhood", type=int, default=3, help="neighbourhood side k in tokens (default 3)")
+    p.add_argument("--threshold", default="auto", help="sparsity above which a head is a sink head; 'auto' "
+                   "(default) splits the scores into two groups by Otsu's method")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args, rest = p.parse_known_args(argv)
+    if args.neighborhood < 1:
+        raise UsageError(f"--neighborhood must be at least 1, got {args.neighborhood}")
+    try:
+        threshold = None if args.threshold == "auto" else float(args.threshold)
+    except ValueError:
+        raise UsageError(f"--threshold must be a number or 'auto', got {args.threshold!r}") from None
+    if any(a == "--cache" or a.startswith("--cache=") for a in rest):
+        raise UsageError("profile-heads calibrates with the full cache: drop --cache")
+    if not any(a == "--trajectory" or a.startswith("--trajectory=") for a in rest):
+        rest = ["--trajectory", "raster", *rest]
+    config = parse_generate_args([*rest, "--cache", "full"])
+    trajectory = get_registry().create("trajectory", config.trajectory.name, config.trajectory.options)
+    if trajectory.family != "next-token":
+        raise UsageError(f"profile-heads classifies the heads of raster (next-token) models, not trajectory "
+                         f"'{config.trajectory.name}': use --trajectory raster")
+    pipe = Pipeline.from_config(config)
+    start = time.perf_counter()
+    profiler = ProfilingCache(pipe.adapter.grid, pipe.adapter.prefix, args.neighborhood)
+    result = pipe.generate(cache=profiler)
+    calibration = {"images": len(result.labels), "labels": sorted(set(int(x) for x in result.labels)),
+                   "cfg": config.sampling.cfg, "seed": config.sampling.seed, "grid": list(pipe.adapter.grid),
+                   "model": str(config.model.var_checkpoint or "default weights")}
+    head_map = profiler.head_map(threshold, calibration)
+    json_path = write_head_map(head_map, args.head_map)
+    png_path = write_heatmap(head_map, Path(args.head_map).with_suffix(".png"))
+    counts = head_map.counts()
+    print(f"wrote {json_path} and {png_path}: {head_map.layers} layers x {head_map.heads} heads, {counts['sink']} sink / "
+          f"{counts['local']} local at threshold {head_map.threshold:.3f} ({len(result.labels)} calibration images, "
+          f"{time.perf_counter() - start:.1f} s)")
+    return 0

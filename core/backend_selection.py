@@ -15,6 +15,7 @@ import torch
 
 from .attention import AttentionBackend, AttentionSpec, check_inputs
 from .errors import BackendUnsupportedError, UsageError
+from .registry import get_registry
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,6 @@ class BackendSelector:
 def selector_for(name: str = "auto", options=None, registry=None) -> BackendSelector:
     """A selector over the registry's available backends (``auto``) or one forced backend by name;
     unavailable or unknown names are a one-line :class:`UsageError`."""
-    from .registry import get_registry
 
     registry = registry or get_registry()
     if name == "auto":

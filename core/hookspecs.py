@@ -9,7 +9,7 @@ iterable of the matching record type; it is found through the ``mvar_engine`` en
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import pluggy
 
@@ -39,3 +39,13 @@ def mvar_engine_cache_policies() -> Iterable[CachePolicyRecord]:
 @hookspec
 def mvar_engine_attention_backends() -> Iterable[AttentionBackendRecord]:
     """Return the attention backends this plugin provides."""
+
+
+@hookspec
+def mvar_engine_register_commands(commands: Any) -> None:
+    """Add subcommands of ``mvar-engine`` to ``commands`` (the CLI's command table):
+    ``commands.add(name, run, help)`` for ``mvar-engine NAME``, ``commands.add(name, run, help,
+    group="bench")`` for ``mvar-engine bench NAME``; ``run(argv) -> exit status``."""
+
+
+COMMAND_HOOK = "mvar_engine_register_commands"

@@ -42,7 +42,7 @@ ENTRY_POINT_GROUP = "mvar_engine"
 DISTRIBUTION = "mvar-engine"
 ENV_DISABLE_AUTOLOAD = "MVAR_ENGINE_DISABLE_PLUGIN_AUTOLOAD"
 ENV_ALLOW = "MVAR_ENGINE_PLUGINS"
-BUILTIN_MODULES = ("mvar_engine.plugins.builtin", "mvar_engine.backends.builtin")
+BUILTIN_MODULES = ("mvar_engine.plugins.builtin", "mvar_engine.backends.builtin", "mvar_engine.apps.commands")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
@@ -169,6 +169,16 @@ class Registry:
         self._components: dict[str, dict[str, list[RegisteredComponent]]] = {kind: {} for kind in RECORD_TYPES}
         self.broken: list[BrokenPlugin] = []
         self.skipped: list[SkippedPlugin] = []
+        self.command_hooks: list[tuple[Provider, Any]] = []  # (provider, hook function), registration order
+
+    def register_commands(self, commands: Any) -> None:
+        """Let every plugin add its subcommands to ``commands`` (the ``mvar_engine_register_commands``
+        hook); a plugin whose hook raises is recorded in :attr:`broken` and spares the rest."""
+        for provider, function in self.command_hooks:
+            try:
+                function(commands=commands)
+            except Exception as error:
+                self.broken.append(BrokenPlugin(provider.plugin, provider, f"{hookspecs.COMMAND_HOOK}: {_one_line(error)}"))
 
     # -- building -------------------------------------------------------------------------------
     def add(self, record: ComponentRecord, provider: Provider) -> None:
@@ -340,6 +350,9 @@ def _one_line(error: BaseException) -> str:
 
 def _collect(pm: pluggy.PluginManager, registry: Registry, providers: dict[int, Provider]) -> None:
     """Call every hook of every plugin separately, so that one failing plugin spares the rest."""
+    for impl in getattr(pm.hook, hookspecs.COMMAND_HOOK).get_hookimpls():
+        provider = providers.get(id(impl.plugin)) or Provider(impl.plugin_name, None, impl.plugin_name)
+        registry.command_hooks.append((provider, impl.function))
     for record_type in RECORD_TYPES.values():
         caller = getattr(pm.hook, record_type.hook)
         for impl in caller.get_hookimpls():  # registration order
@@ -373,7 +386,7 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, provider: Provid
         package = plugin.__name__.split(".")[0]
         if package and package not in ("mvar_engine", "__main__"):
             _PLUGIN_PACKAGES[package] = provider
-    known = {record.hook for record in RECORD_TYPES.values()}
+    known = {record.hook for record in RECORD_TYPES.values()} | {hookspecs.COMMAND_HOOK}
     for attr in dir(plugin):
         if attr.startswith("mvar_engine_") and attr not in known and callable(getattr(plugin, attr, None)):
             registry.broken.append(BrokenPlugin(provider.plugin, provider, f"unknown hook {attr} (hooks: {', '.join(sorted(known))})"))

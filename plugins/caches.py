@@ -13,9 +13,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.cache import CachePolicy
-from ..core.layout import SequenceLayout, Spans, merge_spans, spans_length
 from ..core.errors import UsageError
+from ..core.layout import SequenceLayout, Spans, merge_spans, spans_length
 from ..core.records import NoOptions
+from .budget_cache import BudgetOptions, TokenWindowCache
 
 
 class NoCache(CachePolicy):
@@ -131,7 +132,6 @@ def make_window(options: WindowOptions | None = None) -> CachePolicy:
     if "scales" in options.model_fields_set:
         raise UsageError("--cache-scales (a window of steps) and --cache-budget (a window of tokens) exclude each "
                          "other; give one")
-    from .budget_cache import BudgetOptions, TokenWindowCache
 
     return TokenWindowCache(BudgetOptions(budget=options.budget))
 

@@ -124,7 +124,7 @@ def test_bench_without_subcommand_lists_benchmarks(capsys):
     out = capsys.readouterr().out
     assert "attention" in out and "usage: mvar-engine bench" in out
     assert main(["bench", "nope"]) == 2
-    assert "unknown benchmark 'nope' (available: attention" in capsys.readouterr().err
+    assert "unknown bench command 'nope' (available: attention" in capsys.readouterr().err
 
 
 def test_generate_stays_the_default_command(capsys):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mvar_engine.apps.bench import matrix as bm
 from mvar_engine.apps.bench.report import peak_rss_bytes, reset_peak_rss
-from mvar_engine.apps.cli import BENCH_COMMANDS, main
+from mvar_engine.apps.cli import load_commands, main
 
 from conftest import make_engine, small_models
 
@@ -190,7 +190,7 @@ def test_presets_and_cells():
     assert [c.text for c in bm.MatrixConfig(preset="paper").combos()] == [bm.BASELINE, bm.MVAR]
     pinned = bm.MatrixConfig(preset="target", cells_=("d16-256:8", "d16-512:2"), batches=(5,))
     assert [(m.id, b) for m, b in pinned.cells()] == [("d16-256", 8), ("d16-512", 2)]
-    assert "matrix" in BENCH_COMMANDS
+    assert "matrix" in load_commands().groups["bench"]
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -359,15 +359,41 @@ def test_an_exception_in_a_plugin_method_names_component_and_provider(kind, flag
         main(argv + ["--debug"])
 
 
-def test_help_lists_every_subcommand_from_the_table(monkeypatch, capsys):
+def test_help_lists_every_subcommand_from_the_hook(install_plugins, capsys):
     from mvar_engine.apps import cli
 
-    monkeypatch.setitem(cli.SUBCOMMANDS, "zz-added-command", lambda argv: 0)
+    install_plugins(extra={"mvar_engine_register_commands": lambda commands: commands.add(
+        "zz-added-command", lambda argv: 0, "a plugin's command")})
+    names = cli.load_commands().names()
+    assert {"generate", "plugins", "bench", "train", "evaluate", "profile-heads", "zz-added-command"} <= set(names)
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     listed = out.split("subcommands:", 1)[1].split("\n\n", 1)[0]
-    assert [name.strip() for name in listed.replace("\n", " ").split(",")] == list(cli.SUBCOMMANDS)
-    assert {"generate", "plugins", "bench", "train", "evaluate", "profile-heads"} <= set(cli.SUBCOMMANDS)
+    assert [name.strip() for name in listed.replace("\n", " ").split(",")] == names
+
+
+def test_a_plugin_command_runs_and_a_plugin_bench_joins_the_group(install_plugins, capsys):
+    calls = []
+
+    def register(commands):
+        commands.add("hello", lambda argv: calls.append(("hello", list(argv))) or 0, "say hello")
+        commands.add("mine", lambda argv: calls.append(("mine", list(argv))) or 3, "my benchmark", group="bench")
+
+    install_plugins(extra={"mvar_engine_register_commands": register})
+    assert main(["hello", "--x"]) == 0 and main(["bench", "mine", "1"]) == 3
+    assert calls == [("hello", ["--x"]), ("mine", ["1"])]
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "my benchmark" in capsys.readouterr().out
+    assert main(["bench", "nope"]) == 2
+    assert "unknown bench command 'nope'" in capsys.readouterr().err
+
+
+def test_a_plugin_command_taking_a_builtin_name_is_a_broken_plugin(install_plugins, capsys):
+    install_plugins(clash={"mvar_engine_register_commands": lambda commands: commands.add(
+        "train", lambda argv: 0, "shadows the built-in")})
+    assert main(["plugins"]) == 0
+    assert "broken plugin" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bench", ["attention", "train", "matrix", "cache"])

@@ -57,3 +57,80 @@ def test_a_generation_never_imports_the_training_stack():
             "'mvar_engine.apps.evaluation'))); print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def package_modules() -> dict[str, Path]:
+    """``mvar_engine.x.y`` -> its source file, for every module of the package."""
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] not in LAYERS and rel != Path("__init__.py") and rel != Path("testing.py"):
+            continue
+        parts = rel.with_suffix("").parts
+        name = ".".join(["mvar_engine", *(parts[:-1] if parts[-1] == "__init__" else parts)])
+        out[name] = path
+    return out
+
+
+def module_imports(path: Path, *, top_level_only: bool) -> list[tuple[str, list[str], int]]:
+    """(module, imported names, line) of every internal import (``top_level_only``: outside functions)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = ["mvar_engine", *rel.parts[:-1]]
+    tree = ast.parse(path.read_text())
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    out = []
+    for node in ast.walk(tree):
+        if top_level_only and id(node) in inside:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            module = (".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+                      if node.level else node.module or "")
+            if module.startswith("mvar_engine"):
+                out.append((module, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def test_no_function_level_import_of_the_package():
+    """Function-level imports are for optional dependencies only (natten, transformers, ...)."""
+    for name, path in package_modules().items():
+        inner = set(map(tuple, [(m, tuple(n), line) for m, n, line in module_imports(path, top_level_only=False)]))
+        outer = set(map(tuple, [(m, tuple(n), line) for m, n, line in module_imports(path, top_level_only=True)]))
+        assert inner == outer, f"{path.relative_to(ROOT)}: function-level imports {sorted(inner - outer)}"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    for name, path in package_modules().items():
+        for module, names, line in module_imports(path, top_level_only=False):
+            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            assert not private, f"{path.relative_to(ROOT)}:{line} imports {private} from {module}"
+
+
+def test_no_import_cycle():
+    modules = package_modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for module, names, _ in module_imports(path, top_level_only=True):
+            for candidate in [f"{module}.{n}" for n in names] + [module]:
+                if candidate in modules and candidate != name:
+                    targets.add(candidate)
+                    break
+        graph[name] = targets
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if nxt.startswith(node + ".") or node.startswith(nxt + "."):
+                continue  # a package and its own submodules
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])

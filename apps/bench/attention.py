@@ -15,13 +15,17 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 import torch
 
+from ...backends.reference import ReferenceBackend
+from ...backends.sdpa import SdpaBackend
 from ...core.attention import AttentionBackend, AttentionSpec, Dense, Neighborhood2D
-from .report import format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
 from ...core.errors import UsageError
+from ...core.registry import get_registry
+from ..cli_helpers import PROG, Parser, int_list, name_list
+from .report import format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
 
 DENSE_ROW = "sdpa (dense)"
 """Backend column of the baseline row."""
@@ -109,7 +113,6 @@ def resolve_backends(names: tuple[str, ...] | None, registry=None) -> list[Conte
     """The chosen backends in order (default: every available one except ``reference``). Unknown
     names raise a one-line UsageError listing the known ones; unavailable named ones are kept
     without an instance so that their rows say why."""
-    from ...core.registry import get_registry
 
     registry = registry or get_registry()
     if names is None:
@@ -139,7 +142,6 @@ def make_inputs(batch: int, heads: int, n: int, head_dim: int, *, seed: int, dev
 
 def reference_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float) -> torch.Tensor:
     """The float64 reference output (``ReferenceBackend``), computed a few heads at a time."""
-    from ...backends.reference import ReferenceBackend
 
     batch, heads, n, dim = q.shape
     oracle = ReferenceBackend()
@@ -282,7 +284,6 @@ class AttentionBench:
         return Cell(side, batch, Neighborhood2D(side, side, c.kernel_size), q, k, v, c.head_dim ** -0.5)
 
     def run_cell(self, cell: Cell) -> None:
-        from ...backends.sdpa import SdpaBackend
 
         dense = self.measure(cell, DENSE_ROW, SdpaBackend(), Dense(), cell.n * cell.n)
         if dense["median_ms"] is not None:
@@ -397,3 +398,37 @@ def run_bench_attention(config: BenchAttentionConfig, *, registry=None, out: Tex
     print(fastest_line(bench.results), file=out)
     print(f"wrote {path}", file=out)
     return bench.payload()
+
+
+def cmd_bench_attention(argv: Sequence[str]) -> int:
+    d = BenchAttentionConfig()
+    p = Parser(prog=f"{PROG} bench attention", allow_abbrev=False,
+                description="Time neighbourhood attention on square maps: every backend against dense SDPA "
+                            "on the same tokens, with achieved GFLOP/s, speed-up, the FLOP ceiling N^2/pairs "
+                            "and the error against the float64 reference (N <= 1024). Writes a JSON report.")
+    p.add_argument("--sides", type=int_list, default=d.sides, metavar="S,S,...",
+                   help=f"map sides (square maps; default {','.join(map(str, d.sides))})")
+    p.add_argument("--kernel-size", type=int, default=d.kernel_size, metavar="K", help=f"window side (default {d.kernel_size})")
+    p.add_argument("--heads", type=int, default=d.heads, metavar="H", help=f"attention heads (default {d.heads})")
+    p.add_argument("--head-dim", type=int, default=d.head_dim, metavar="D", help=f"head dim (default {d.head_dim})")
+    p.add_argument("--batches", type=int_list, default=d.batches, metavar="B,B,...",
+                   help=f"batch sizes (default {','.join(map(str, d.batches))})")
+    p.add_argument("--backends", type=name_list, default=None, metavar="NAME,...",
+                   help="backends to time (default: every available one except reference)")
+    p.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"timed calls per cell (default {d.repeats})")
+    p.add_argument("--budget-s", type=float, default=d.budget_s, metavar="SECONDS",
+                   help=f"time budget per cell: fewer repeats when calls are slow, and a cell predicted "
+                        f"(from the previous side, as N^2) to need over 4x this is skipped (default {d.budget_s:g})")
+    p.add_argument("--device", choices=DEVICES, default=d.device, help="default auto (CUDA when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help=f"input dtype (default {d.dtype})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"input seed (default {d.seed})")
+    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    config = BenchAttentionConfig(sides=args.sides, kernel_size=args.kernel_size, heads=args.heads,
+                                  head_dim=args.head_dim, batches=args.batches, backends=args.backends,
+                                  repeats=args.repeats, budget_s=args.budget_s, device=args.device, dtype=args.dtype,
+                                  seed=args.seed, output=args.output, table=not args.no_table)
+    run_bench_attention(config, log=sys.stderr)
+    return 0

@@ -67,9 +67,25 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from .report import (format_markdown_table, format_table, machine_info, run_json_worker, synchronizer,
-                           write_json)
 from ...core.errors import MvarEngineError, UsageError
+from ...core.registry import get_registry
+from ...core.sampling import guided_logits_raster
+from ...models.checkpoint import atomic_write
+from ...models.default_models import available_defaults
+from ...models.raster_adapter import RasterEngine
+from ...models.raster_gpt import RasterGPT, RasterGPTConfig
+from ...plugins.budget_cache import budget_tokens
+from ...plugins.head_map import load_head_map, write_head_map, write_heatmap
+from ..cli_helpers import PROG, Parser, name_list
+from ..config import EngineConfig
+from ..data import load_dataset
+from ..evaluation.classifier import load_or_train
+from ..evaluation.evaluate import metric_row
+from ..pipeline import Pipeline, resolve_autocast, resolve_components, resolve_device
+from ..profile_heads import ProfilingCache
+from .cells import MemoryProbe
+from .report import (format_markdown_table, format_table, machine_info, run_json_worker, synchronizer, worker_env,
+                     write_json)
 
 MODELS = ("llamagen-b", "default", "tiny")
 BASELINE = "full"
@@ -193,7 +209,6 @@ class PolicyRun:
 
 def takes_budget(name: str, registry=None) -> bool:
     """Whether the cache ``name`` has a ``budget`` option (window, sink, h2o, ssd, plugins alike)."""
-    from ...core.registry import get_registry
 
     return "budget" in (registry or get_registry()).get("cache", name).record.options.model_fields
 
@@ -202,7 +217,6 @@ def plan_runs(config: BenchCacheConfig, registry=None) -> list[PolicyRun]:
     """The rows in order: ``full`` first (added when not named: it is the baseline), then each policy
     once (``none``) or once per budget. Unknown names list the known caches; caches that do not
     serve raster decoding say so."""
-    from ...core.registry import get_registry
 
     registry = registry or get_registry()
     names = list(dict.fromkeys(p.strip().lower() for p in config.policies if p.strip()))
@@ -228,7 +242,6 @@ def plan_runs(config: BenchCacheConfig, registry=None) -> list[PolicyRun]:
 
 
 def make_cache(run: PolicyRun, head_map: str | None = None, registry=None):
-    from ...core.registry import get_registry
 
     return (registry or get_registry()).create("cache", run.policy, run.options(head_map))
 
@@ -259,13 +272,9 @@ class BenchModel:
 def build_model(config: BenchCacheConfig, device: torch.device) -> BenchModel:
     """``tiny`` / ``llamagen-b`` with random weights from ``--seed`` (every process builds the same
     weights), or ``default``: what ``Pipeline.from_config`` loads for ``--trajectory raster``."""
-    from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 
     tokenizer, source = None, "random weights (seed {})".format(config.seed)
     if config.model == "default":
-        from ..config import EngineConfig
-        from ...models.default_models import available_defaults
-        from ..pipeline import Pipeline
 
         try:
             pipe = Pipeline.from_config(EngineConfig(trajectory="raster", cache="full", device=str(device),
@@ -295,8 +304,6 @@ def build_model(config: BenchCacheConfig, device: torch.device) -> BenchModel:
 
 def components_for(config: BenchCacheConfig):
     """The ``raster`` trajectory and the backend selector (through the pipeline's resolver)."""
-    from ..config import EngineConfig
-    from ..pipeline import resolve_components
 
     return resolve_components(EngineConfig(trajectory="raster", cache="full", backend=config.backend))
 
@@ -306,8 +313,6 @@ def make_engine(bench: BenchModel, components, config: BenchCacheConfig, device:
 
     Truncation keeps the engine's first ``--max-tokens`` steps (those ``generate`` runs); the layout,
     and therefore every cache's storage, stays the full sequence's."""
-    from ..pipeline import resolve_autocast
-    from ...models.raster_adapter import RasterEngine
 
     engine = RasterEngine(bench.model, bench.tokenizer, components.trajectory, components.cache, components.backends,
                           pattern=components.pattern, autocast_dtype=resolve_autocast(config.dtype, device))
@@ -325,7 +330,6 @@ def class_labels(count: int, num_classes: int, device: torch.device) -> torch.Te
 def measure(config: BenchCacheConfig, run: PolicyRun, bench: BenchModel, components, device: torch.device,
             head_map: str | None = None) -> dict[str, Any]:
     """Time ``--repeats`` generations of one row after ``--warmup``; its cache bytes and peak memory."""
-    from .matrix import MemoryProbe
 
     engine = make_engine(bench, components, config, device)
     engine.cache = make_cache(run, head_map)  # fails here, before any timing, on bad options
@@ -376,7 +380,6 @@ def measure(config: BenchCacheConfig, run: PolicyRun, bench: BenchModel, compone
 
 def budget_tokens_of(run: PolicyRun, bench: BenchModel) -> int:
     """Tokens per layer the row's cache stores: the whole sequence for ``full``, 0 for ``none``."""
-    from ...plugins.budget_cache import budget_tokens
 
     length = bench.info["sequence_length"]
     if run.budget is None:
@@ -386,7 +389,6 @@ def budget_tokens_of(run: PolicyRun, bench: BenchModel) -> int:
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """One row in this (fresh) process: build the model, then :func:`measure`."""
-    from ..pipeline import resolve_device
 
     config = BenchCacheConfig.from_dict(cell["config"])
     if config.threads:
@@ -415,8 +417,6 @@ def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: i
     """Profile a :class:`RasterEngine`'s heads over ``images`` generations (``batch`` at a time, the
     full cache, sampled from ``seed``); write the head map (and its heat map) to ``path``; returns what
     a report records. The engine's cache is left unset (None)."""
-    from ...plugins.head_map import write_head_map, write_heatmap
-    from ..profile_heads import ProfilingCache
 
     start = time.perf_counter()
     neighborhood = 3
@@ -438,7 +438,6 @@ def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: i
 
 
 def given_head_map(path: str, bench: BenchModel) -> dict[str, Any]:
-    from ...plugins.head_map import load_head_map
 
     head_map = load_head_map(path)
     head_map.check_model(bench.info["depth"], bench.info["heads"])
@@ -450,7 +449,6 @@ def given_head_map(path: str, bench: BenchModel) -> dict[str, Any]:
 # -- quality ----------------------------------------------------------------------------------------------
 def guided(logits: torch.Tensor, batch: int, config: BenchCacheConfig) -> torch.Tensor:
     """The CFG-guided logits ``[B, n, V]`` of raw per-row logits (the logits themselves without CFG)."""
-    from ...core.sampling import guided_logits_raster
 
     return guided_logits_raster(logits, batch, config.cfg) if config.guided else logits
 
@@ -469,8 +467,6 @@ class SampleScorer:
     against the real held-out split, precision/recall) for decoded digits."""
 
     def __init__(self, resolution: int, num_classes: int, log: TextIO) -> None:
-        from ..data import load_dataset
-        from ..evaluation.classifier import load_or_train
 
         train = load_dataset("digits", resolution, "train")
         heldout = load_dataset("digits", resolution, "heldout")
@@ -481,7 +477,6 @@ class SampleScorer:
         self.num_classes, self.info = num_classes, info.as_dict()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-        from ..evaluation.evaluate import metric_row
 
         row = metric_row(self.classifier, images.float().cpu(), labels.cpu(), self.heldout_features,
                          num_classes=self.num_classes)
@@ -690,7 +685,6 @@ def describe(payload: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
-    from ...models.checkpoint import atomic_write
 
     text = f"# mvar-engine bench cache\n\n{describe(payload)}\n\n{table_markdown(payload)}\n"
     lines = target_lines(payload)
@@ -705,9 +699,8 @@ def _worker_cell(config: BenchCacheConfig, run: PolicyRun, head_map: str | None)
 
 
 def _in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
-    from .matrix import _worker_env
 
-    return run_json_worker("mvar_engine.apps.bench.cache", json.dumps(cell), env=_worker_env(), timeout_s=timeout_s)
+    return run_json_worker("mvar_engine.apps.bench.cache", json.dumps(cell), env=worker_env(), timeout_s=timeout_s)
 
 
 def _progress_line(row: dict[str, Any]) -> str:
@@ -721,7 +714,6 @@ def run_bench_cache(config: BenchCacheConfig, out: TextIO | None = None, log: Te
     """Validate, build the model here (calibration, quality, budget checks), measure every row (fresh
     processes unless ``isolate`` is False), then the quality phase; JSON rewritten after each result.
     Returns the payload (``skipped`` set, and nothing measured, when ``--model default`` has no weights)."""
-    from ..pipeline import resolve_device
 
     out, log = out or sys.stdout, log or sys.stderr
     problems = config.problems()
@@ -843,10 +835,9 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 def cmd_bench_cache(argv: Sequence[str]) -> int:
     """``mvar-engine bench cache``: parse the flags, run, exit 0 (1 when a row failed)."""
-    from ..cli import PROG, _name_list, _Parser
 
     d = BenchCacheConfig()
-    p = _Parser(prog=f"{PROG} bench cache", allow_abbrev=False,
+    p = Parser(prog=f"{PROG} bench cache", allow_abbrev=False,
                 description="KV-cache policies of a raster model side by side: per policy and budget the "
                             "cache's key/value and bookkeeping bytes, time per image and tokens/s, peak memory over "
                             "the post-load baseline (each row in a fresh process), and quality against the full "
@@ -861,7 +852,7 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
     p.add_argument("--cfg", type=float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg:g}; 1 disables)")
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k sampling (default {d.top_k}, LlamaGen's)")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p sampling (default {d.top_p:g}: off)")
-    p.add_argument("--policies", type=_name_list, default=d.policies, metavar="NAME,...",
+    p.add_argument("--policies", type=name_list, default=d.policies, metavar="NAME,...",
                    help=f"cache policies (default {','.join(d.policies)}; full is always measured: it is the baseline)")
     p.add_argument("--budgets", type=_float_list, default=d.budgets, metavar="B,...",
                    help="budgets of the budgeted policies: a fraction of the sequence (<= 1) or a token count "

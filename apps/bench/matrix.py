@@ -51,145 +51,25 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import torch
 
-from .report import (machine_info, peak_rss_bytes, release_free_memory, reset_peak_rss, run_json_worker,
-                           synchronizer, write_json)
-from .train import _rss_bytes
 from ...core.errors import ConfigError, MvarEngineError, UsageError
+from ...core.layout import spans_length
+from ...core.registry import get_registry
+from ...models.checkpoint import atomic_write
+from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512, VAR, VARConfig
+from ..cli_helpers import PROG, Parser, int_list, name_list
+from ..config import EngineConfig
+from ..pipeline import Pipeline, build_models, resolve_components, resolve_device
+from .cells import (KNOWN_MODELS, SSD_STAND_IN, CellRun, Combo, MemoryProbe, ModelSpec, check_combo, combo_family,
+                    model_spec, needs_calibration, parse_cell, parse_combo)
+from .matrix_raster import calibrate_for_matrix, run_raster_cell
+from .report import (format_value, machine_info, peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes,
+                     run_json_worker, synchronizer, worker_env, write_json)
 
 # -- models ------------------------------------------------------------------------------------------
-TINY_PATCH_NUMS = (1, 2, 4)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A benchmarked model: ``family`` picks the worker (see :data:`MODEL_FAMILIES`)."""
-
-    id: str
-    family: str
-    depth: int
-    patch_nums: tuple[int, ...]
-    resolution: int  # pixels per image side
-
-    @property
-    def tokens_per_image(self) -> int:
-        return sum(p * p for p in self.patch_nums)
-
-
-KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny")
-"""Model ids listed in messages; any ``dN-256`` or ``dN-512`` is accepted."""
-
-
-def model_spec(model_id: str) -> ModelSpec:
-    """``d16-256`` -> VAR-d16 on the 256px schedule; ``tiny`` -> the test model; else a UsageError."""
-    from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512
-
-    from .matrix_raster import RASTER_GRIDS
-
-    key = model_id.strip().lower()
-    if key in RASTER_GRIDS:
-        grid = RASTER_GRIDS[key]
-        depth = 12 if key == "llamagen-b" else 2
-        return ModelSpec(key, "next-token", depth, (grid[0],), grid[0] * 16)
-    if key == "tiny":
-        return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2)
-    match = re.fullmatch(r"(?:var-)?d(\d+)-(256|512)", key)
-    if match and int(match.group(1)) >= 1:
-        schedule = PATCH_NUMS_256 if match.group(2) == "256" else PATCH_NUMS_512
-        return ModelSpec(f"d{int(match.group(1))}-{match.group(2)}", "next-scale", int(match.group(1)),
-                         tuple(schedule), int(match.group(2)))
-    raise UsageError(f"unknown model {model_id!r} (available: {', '.join(KNOWN_MODELS)}; any dN-256 or dN-512 is "
-                     f"VAR-dN at that resolution)")
 
 
 # -- configurations ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Combo:
-    """One configuration ``trajectory/attention/cache``; a part may carry options as
-    ``name:key=value:key=value`` (``markov/neighborhood:kernel_size=5/none``)."""
-
-    text: str
-    trajectory: str
-    attention: str
-    cache: str
-    options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
-
-    def engine_components(self) -> dict[str, dict[str, Any]]:
-        return {kind: {"name": getattr(self, kind), "options": self.options.get(kind, {})}
-                for kind in ("trajectory", "attention", "cache")}
-
-
-def _option_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_combo(text: str) -> Combo:
-    """``"full/dense/full"`` -> :class:`Combo`; a malformed triple is a one-line UsageError."""
-    parts = [p.strip() for p in text.strip().split("/")]
-    if len(parts) != 3 or not all(parts):
-        raise UsageError(f"configuration {text!r} is not trajectory/attention/cache (e.g. full/dense/full or "
-                         f"markov/neighborhood/none; options as neighborhood:kernel_size=5)")
-    names, options = [], {}
-    for kind, part in zip(("trajectory", "attention", "cache"), parts):
-        name, *pairs = part.split(":")
-        names.append(name.strip())
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key.strip():
-                raise UsageError(f"configuration {text!r}: option {pair!r} of {kind} '{name}' is not key=value")
-            options.setdefault(kind, {})[key.strip().replace("-", "_")] = _option_value(value.strip())
-    return Combo("/".join(parts), *names, options=options)
-
-
-def parse_cell(text: str) -> tuple[str, int]:
-    """``"d16-512:8"`` -> ``("d16-512", 8)``; anything else is a one-line UsageError."""
-    model, sep, batch = text.strip().rpartition(":")
-    if not sep or not model or not batch.isdigit() or int(batch) < 1:
-        raise UsageError(f"cell {text!r} is not MODEL:BATCH (e.g. d16-256:8)")
-    return model, int(batch)
-
-
-def combo_family(combo: Combo) -> str:
-    """The model family a configuration runs on: its trajectory's ``family`` (``next-scale`` or
-    ``next-token``); an unknown trajectory is a one-line error listing the known ones."""
-    from ...core.registry import get_registry
-
-    try:
-        return get_registry().create("trajectory", combo.trajectory, combo.options.get("trajectory", {})).family
-    except MvarEngineError as error:
-        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
-    except ValueError as error:
-        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
-
-
-def check_combo(combo: Combo, backend: str) -> None:
-    """Resolve the components (names, options, compatibility) now, before any process starts; errors
-    name the configuration and list what exists. An ``ssd`` cache without a head map (the matrix
-    calibrates one) is checked with its options, and its compatibility through a stand-in."""
-    from .matrix_raster import SSD_STAND_IN, needs_calibration
-    from ..config import EngineConfig
-    from ..pipeline import resolve_components
-    from ...core.registry import get_registry
-
-    components = combo.engine_components()
-    try:
-        if needs_calibration(combo):
-            get_registry().validate_options("cache", combo.cache, components["cache"]["options"])
-            components["cache"] = {"name": SSD_STAND_IN, "options": {}}
-        resolve_components(EngineConfig(**components, backend=backend))
-    except ConfigError as error:
-        raise ConfigError([f"configuration '{combo.text}': {'; '.join(error.problems)}"]) from None
-    except MvarEngineError as error:
-        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
-    except ValueError as error:  # pydantic validation of the options
-        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
 
 
 # -- presets -----------------------------------------------------------------------------------------
@@ -343,7 +223,6 @@ def attention_flops(layout, trajectory, pattern, cache, *, depth: int, heads: in
 
     ``cache`` is driven with one-element tensors (``begin`` resets it, so the engine's own instance
     may be passed). ``per_scale``, if given, receives each step's FLOPs."""
-    from ...core.layout import spans_length
 
     cache.begin(num_layers=1, batch=1, num_heads=1, head_dim=1, layout=layout, device=torch.device("cpu"),
                 dtype=torch.float32)
@@ -376,41 +255,12 @@ def attention_flops(layout, trajectory, pattern, cache, *, depth: int, heads: in
 
 
 # -- memory probes -------------------------------------------------------------------------------------
-class MemoryProbe:
-    """Baseline, phase resets and phase peaks: CUDA allocator counters or the process's RSS."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.resets = True
-        self.trimmed = False
-
-    def current(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.cuda else _rss_bytes()
-
-    def peak(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device) if self.cuda else peak_rss_bytes()
-
-    def reset(self) -> None:
-        """Start a phase: CUDA peak counters reset; CPU: free heap memory returned to the OS
-        (:func:`release_free_memory`), then the peak resident set reset to the current one."""
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.trimmed = release_free_memory()
-            self.resets = reset_peak_rss() and self.resets
 
 
 # -- the worker ----------------------------------------------------------------------------------------
 def _build_next_scale(spec: ModelSpec, cell: dict[str, Any]):
     """(VAR, tokenizer) with random weights: ``tiny`` is built here, the VAR sizes through the same
     path as ``mvar-engine --random-weights`` (:func:`build_models`)."""
-    from ..config import EngineConfig
-    from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from ...models.var import VAR, VARConfig
-    from ..pipeline import build_models
 
     if spec.id == "tiny":
         torch.manual_seed(cell["seed"])
@@ -424,110 +274,8 @@ def _build_next_scale(spec: ModelSpec, cell: dict[str, Any]):
                                             "patch_nums": spec.patch_nums}, sampling={"seed": cell["seed"]}))
 
 
-def _module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-class CellRun:
-    """What every family's worker shares in its fresh process: settings, building the pipeline and
-    the memory baseline (``__init__``), timed generations (:meth:`generations`), chunked decoding
-    (:meth:`decoding`) and the row's common fields (:meth:`row`).
-
-    ``make_config(device)`` returns the cell's :class:`EngineConfig`; ``build()`` the (model,
-    tokenizer) pair with random weights."""
-
-    def __init__(self, cell: dict[str, Any], make_config: Callable[[torch.device], Any],
-                 build: Callable[[], tuple[Any, Any]]) -> None:
-        from ..pipeline import Pipeline, resolve_components, resolve_device
-
-        self.cell, self.spec, self.combo = cell, model_spec(cell["model"]), parse_combo(cell["config"])
-        if cell.get("threads"):
-            torch.set_num_threads(cell["threads"])
-        self.device = resolve_device(cell["device"])
-        self.probe, self.sync = MemoryProbe(self.device), synchronizer(self.device)
-        start = time.perf_counter()
-        self.config = make_config(self.device)
-        self.components = resolve_components(self.config)
-        model, tokenizer = build()
-        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer.to(self.device).eval()
-        self.engine = Pipeline(self.config, self.model, self.tokenizer, self.components, self.device).engine
-        self.sync()
-        self.load_s = time.perf_counter() - start
-        self.peak_load = self.probe.peak()
-        self.probe.reset()
-        self.baseline = self.probe.current()
-
-    def fresh_cache(self):
-        """A new instance of the configuration's cache policy (the previous call's buffers go first)."""
-        from ...core.registry import get_registry
-
-        return get_registry().create("cache", self.config.cache.name, self.config.cache.options)
-
-    def generations(self, prepare: Callable[[int], None], call: Callable[[], None]) -> None:
-        """``--warmup`` untimed then ``--repeats`` timed calls (``prepare(i)`` before each, untimed);
-        then the peak of the generation phase."""
-        durations = []
-        for index in range(self.cell["warmup"] + self.cell["repeats"]):
-            prepare(index)
-            gc.collect()
-            self.sync()
-            t0 = time.perf_counter()
-            call()
-            self.sync()
-            durations.append(time.perf_counter() - t0)
-        self.warm, self.times = durations[:self.cell["warmup"]], durations[self.cell["warmup"]:]
-        self.peak_transformer = self.probe.peak()
-
-    def decoding(self, decode: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor) -> None:
-        """Decode ``items`` (f_hat maps or token maps, one per image) in ``--decode-chunk`` images at a
-        time after one untimed warm-up image, in a phase of its own for the peak."""
-        self.probe.reset()
-        self.decode_times = []
-        with torch.no_grad():
-            decode(items[:1])  # first-call allocations, untimed
-            for chunk in torch.split(items, self.cell["decode_chunk"]):
-                self.sync()
-                t0 = time.perf_counter()
-                images = decode(chunk)
-                self.sync()
-                self.decode_times.append((time.perf_counter() - t0) / chunk.shape[0])
-                del images
-        self.peak_decode = self.probe.peak()
-
-    def row(self, *, rows: int, cfg: float, flops: int, cache_peak: int, **extra: Any) -> dict[str, Any]:
-        cell, spec, combo = self.cell, self.spec, self.combo
-        median_s = statistics.median(self.times)
-        peak_total = max(self.peak_transformer, self.peak_decode)
-        return {
-            "status": "ok", "reason": None,
-            "model": spec.id, "family": spec.family, "random_weights": True, "depth": spec.depth,
-            "resolution": spec.resolution, "tokens_per_image": spec.tokens_per_image,
-            "batch": cell["batch"], "cfg": cfg, "rows": rows, "config": combo.text,
-            "trajectory": combo.trajectory, "attention": combo.attention, "cache": combo.cache,
-            "options": combo.options, "backend": cell["backend"], "backends_used": dict(self.components.backends.used),
-            "device": str(self.device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in self.model.parameters()),
-            "tokenizer_params": sum(p.numel() for p in self.tokenizer.parameters()),
-            "weights_bytes": _module_bytes(self.model) + _module_bytes(self.tokenizer),
-            "memory_source": "cuda max_memory_allocated" if self.probe.cuda else "process peak RSS (VmHWM)",
-            "peak_resets": self.probe.resets, "heap_trimmed": self.probe.trimmed,
-            "load_s": self.load_s, "peak_load": self.peak_load, "baseline_rss": self.baseline,
-            "peak_rss_transformer": self.peak_transformer, "peak_rss_decode": self.peak_decode,
-            "peak_rss_total": peak_total, "working_memory": peak_total - self.baseline,
-            "working_memory_transformer": self.peak_transformer - self.baseline,
-            "cache_peak_bytes": cache_peak, "attention_gflops": flops / 1e9,
-            "attention_gflops_per_image": flops / 1e9 / cell["batch"],
-            "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
-            "transformer_times_s": self.times, "warmup_times_s": self.warm, "repeats": len(self.times),
-            "decode_s_per_image": statistics.median(self.decode_times), "decode_chunk": cell["decode_chunk"],
-            "tokens_per_s": cell["batch"] * spec.tokens_per_image / median_s,
-            **extra,
-        }
-
-
 def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Measure one (next-scale model, batch, configuration) cell in this process; returns the row."""
-    from ..config import EngineConfig
 
     combo = parse_combo(cell["config"])
     run = CellRun(cell, lambda device: EngineConfig(**combo.engine_components(), backend=cell["backend"],
@@ -559,12 +307,6 @@ def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
                    patch_nums=list(run.spec.patch_nums))
 
 
-def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
-    from .matrix_raster import run_raster_cell as run
-
-    return run(cell)
-
-
 MODEL_FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "next-scale": run_next_scale_cell,
     "next-token": run_raster_cell,
@@ -583,17 +325,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the parent: one process per cell --------------------------------------------------------------------
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.basename(package_dir) == "mvar_engine":
-        env["PYTHONPATH"] = os.path.dirname(package_dir) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
     """Run one cell in a fresh interpreter; a failure becomes a row with status ``error``."""
-    row = run_json_worker("mvar_engine.apps.bench.matrix", json.dumps(cell), env=_worker_env(), timeout_s=timeout_s)
+    row = run_json_worker("mvar_engine.apps.bench.matrix", json.dumps(cell), env=worker_env(), timeout_s=timeout_s)
     if row.get("status") == "error" and str(row.get("reason", "")).startswith("timed out"):
         row["reason"] += " (--timeout-s)"
     return row
@@ -689,7 +423,6 @@ def families_of(combos: list[Combo]) -> dict[str, list[Combo]]:
 def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | None = None) -> dict[str, Any]:
     """Validate, calibrate ssd head maps where needed, run every cell in a fresh process (JSON
     rewritten after each), then write the table and the chart; returns the payload."""
-    from .matrix_raster import calibrate_for_matrix, needs_calibration
 
     out, log = out or sys.stdout, log or sys.stderr
     problems = config.problems()
@@ -794,7 +527,6 @@ def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
 def table_markdown(payload: dict[str, Any]) -> str:
     """The results as a markdown table (one line per cell)."""
-    from .report import format_value
 
     rows = table_rows(payload)
     header = "| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |"
@@ -825,7 +557,6 @@ def target_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
-    from ...models.checkpoint import atomic_write
 
     machine = payload["machine"]
     settings = payload["settings"]
@@ -856,7 +587,6 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
     one colour per configuration, each bar labelled with its value and its ratio to the baseline."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from ...models.checkpoint import atomic_write
 
     ok = [r for r in payload["results"] if r["status"] == "ok"]
     groups = list(dict.fromkeys((r["model"], r["batch"]) for r in ok)) or [("no results", 0)]
@@ -926,3 +656,50 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main(sys.argv[1:]))
+
+
+def cmd_bench_matrix(argv: Sequence[str]) -> int:
+    d = MatrixConfig()
+    presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+    p = Parser(prog=f"{PROG} bench matrix", allow_abbrev=False,
+                description="Inference benchmark matrix: every model x batch x trajectory/attention/cache "
+                            "cell in a fresh process, random weights; peak memory over the post-load baseline, "
+                            "KV-cache bytes, attention FLOPs from the pattern, transformer and decoding time. Writes "
+                            "JSON, a markdown table (.md) and a PNG chart (.png); ratios are against the first "
+                            "configuration of each model family (next-scale VAR/MVAR models; raster LlamaGen-style "
+                            f"models run raster/dense/CACHE triples). Presets: {presets}.")
+    p.add_argument("--preset", choices=list(PRESETS), default=d.preset, help=f"default {d.preset}")
+    p.add_argument("--models", type=name_list, default=None, metavar="ID,...",
+                   help=f"model ids ({', '.join(KNOWN_MODELS)}; any dN-256 / dN-512); with --batches, overrides "
+                        f"the preset's cells")
+    p.add_argument("--batches", type=int_list, default=None, metavar="B,B,...", help="batch sizes (images)")
+    p.add_argument("--cells", type=name_list, default=None, metavar="MODEL:B,...",
+                   help="exact (model, batch) cells, e.g. d16-256:8,d16-512:2 (overrides --models, --batches, preset)")
+    p.add_argument("--configs", type=name_list, default=None, metavar="T/A/C,...",
+                   help="trajectory/attention/cache triples; the first of each family is its baseline (options as "
+                        "neighborhood:kernel_size=5 or ssd:budget=0.2; ssd without head_map=FILE is calibrated)")
+    p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
+                   help="autocast dtype (16-bit on CUDA only; default float32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed generations per cell (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed generations first (default: the preset's)")
+    p.add_argument("--cfg", type=float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg}; 0 disables)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N",
+                   help=f"images decoded at a time (default {d.decode_chunk})")
+    p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N",
+                   help=f"generations that calibrate an ssd head map (default {d.calibration_images})")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per cell (default: torch's)")
+    p.add_argument("--timeout-s", type=float, default=None, metavar="SECONDS", help="limit per cell (default none)")
+    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    payload = run_matrix(MatrixConfig(
+        preset=args.preset, cells_=args.cells, models=args.models, batches=args.batches, configs=args.configs, backend=args.backend,
+        device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, cfg=args.cfg, seed=args.seed,
+        decode_chunk=args.decode_chunk, calibration_images=args.calibration_images, threads=args.threads,
+        timeout_s=args.timeout_s, output=args.output, table=not args.no_table),
+        log=sys.stderr)
+    return 1 if any(row["status"] != "ok" for row in payload["results"]) else 0

@@ -26,25 +26,18 @@ from typing import Any, TextIO
 
 import torch
 
-RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3)}
-"""Raster model ids -> their token grid."""
-
-SSD_STAND_IN = "h2o"
-"""The cache that stands in for an ``ssd`` configuration without a head map in the compatibility
-check (the same families and headwise storage; the head map comes from the calibration)."""
-
-
-def needs_calibration(combo) -> bool:
-    """An ``ssd`` configuration whose head map the matrix calibrates itself."""
-    return combo.cache == "ssd" and not combo.options.get("cache", {}).get("head_map")
+from ...models.raster_adapter import RasterEngine
+from ...models.raster_gpt import RasterGPT, RasterGPTConfig
+from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from ...plugins.budget_cache import budget_tokens
+from ..config import EngineConfig
+from ..pipeline import build_raster_models, resolve_components, resolve_device
+from .cache import cache_bytes, calibrate_head_map
+from .cells import RASTER_GRIDS, SSD_STAND_IN, CellRun, model_spec, needs_calibration, parse_combo
 
 
 def _build(spec, cell: dict[str, Any]):
     """(RasterGPT, tokenizer) with random weights from ``cell["seed"]`` (every process builds the same)."""
-    from ..config import EngineConfig
-    from ...models.raster_gpt import RasterGPT, RasterGPTConfig
-    from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from ..pipeline import build_raster_models
 
     grid = RASTER_GRIDS[spec.id]
     if spec.id == "raster-tiny":
@@ -64,7 +57,6 @@ def raster_cfg(cfg: float) -> float:
 
 
 def engine_config(combo, cell: dict[str, Any]):
-    from ..config import EngineConfig
 
     components = combo.engine_components()
     if cell.get("head_map") and needs_calibration(combo):
@@ -89,9 +81,6 @@ class FlopCounter:
 
 def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Measure one (raster model, batch, configuration) cell in this process; returns the row."""
-    from .cache import cache_bytes
-    from .matrix import CellRun, model_spec, parse_combo
-    from ...plugins.budget_cache import budget_tokens
 
     combo = parse_combo(cell["config"])
     run = CellRun(cell, lambda device: engine_config(combo, {**cell, "device": str(device)}),
@@ -137,10 +126,6 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
 def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images: int, log: TextIO) -> dict[str, Any]:
     """Calibrate a head map for ``ssd`` cells of ``model_id`` in this process (the parent: its memory
     is not measured) with the same random weights the cells build; returns the report's record."""
-    from .cache import calibrate_head_map
-    from .matrix import model_spec
-    from ...models.raster_adapter import RasterEngine
-    from ..pipeline import resolve_components, resolve_device
 
     spec = model_spec(model_id)
     device = resolve_device(cell["device"])
@@ -156,7 +141,6 @@ def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images
 
 
 def _full_combo():
-    from .matrix import parse_combo
 
     return parse_combo("raster/dense/full")
 

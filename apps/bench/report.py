@@ -153,6 +153,22 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a benchmark worker process: this one's, with the directory holding the
+    ``mvar_engine`` package on ``PYTHONPATH`` when it runs from a source tree named so."""
+    env = dict(os.environ)
+    package_dir = Path(__file__).resolve().parents[2]
+    if package_dir.name == "mvar_engine":
+        env["PYTHONPATH"] = str(package_dir.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set of this process since it started or since :func:`reset_peak_rss` (Linux
     ``VmHWM``). Unlike ``ru_maxrss`` it does not inherit the parent's peak across fork/exec."""

@@ -23,8 +23,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .report import format_table, machine_info, peak_rss_bytes, reset_peak_rss, write_json
 from ...core.errors import UsageError
+from ...models.var import VAR, VARConfig
+from ..cli_helpers import PROG, Parser, int_list, name_list
+from ..config import EngineConfig
+from ..pipeline import resolve_components
+from ..training.grouped_forward import grouped_logits, parallel_groups
+from .report import format_table, machine_info, peak_rss_bytes, reset_peak_rss, rss_bytes, worker_env, write_json
 
 STRATEGIES = ("sequence", "parallel")
 
@@ -60,17 +65,8 @@ class BenchTrainConfig:
         return out
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_strategy(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
     """Build, train ``steps`` steps per group, measure; meant to run in its own process."""
-    from ..config import EngineConfig
-    from ...models.var import VAR, VARConfig
-    from ..pipeline import resolve_components
-    from ..training.grouped_forward import grouped_logits, parallel_groups
 
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
@@ -91,7 +87,7 @@ def run_strategy(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = _rss_bytes()
+        baseline = rss_bytes()
         reset_peak_rss()
     b = config.batch_size
     labels = torch.randint(0, model.num_classes, (b,), device=device)
@@ -149,10 +145,7 @@ def run_bench_train(config: BenchTrainConfig, out=None) -> dict[str, Any]:
 
 
 def _in_subprocess(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) == "mvar_engine":
-        env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
+    env = worker_env()
     done = subprocess.run([sys.executable, "-m", "mvar_engine.apps.bench.train", json.dumps(asdict(config)), strategy],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -187,3 +180,31 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main(sys.argv[1:]))
+
+
+def cmd_bench_train(argv: Sequence[str]) -> int:
+    d = BenchTrainConfig()
+    p = Parser(prog=f"{PROG} bench train", allow_abbrev=False,
+                description="Peak memory and step time of MVAR's training strategies (sequence vs parallel), each in "
+                            "a fresh process, random weights. Writes a JSON report.")
+    p.add_argument("--depth", type=int, default=d.depth, help=f"VAR depth (default {d.depth}: VAR-d16)")
+    p.add_argument("--patch-nums", type=int_list, default=d.patch_nums, metavar="N,N,...",
+                   help="scale schedule (default VAR's 256px)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"timed steps per group, after one untimed (default {d.steps})")
+    p.add_argument("--ratio", type=lambda t: tuple(int(x) for x in t.split(":")), default=d.ratio, metavar="A:B:C",
+                   help="iterations per parallel group in a cycle, for the mean step time (default 8:1:1)")
+    p.add_argument("--kernel-size", type=int, default=d.kernel_size, help=f"neighbourhood kernel (default {d.kernel_size})")
+    p.add_argument("--strategies", type=name_list, default=d.strategies, metavar="NAME,...",
+                   help=f"default {','.join(STRATEGIES)}")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    run_bench_train(BenchTrainConfig(depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size,
+                                     steps=args.steps, ratio=args.ratio, kernel_size=args.kernel_size,
+                                     strategies=args.strategies, device=args.device, seed=args.seed,
+                                     output=args.output, table=not args.no_table))
+    return 0

@@ -20,8 +20,10 @@ import shlex
 import sys
 from typing import Sequence
 
-from ..config import EngineConfig
 from ...core.errors import UsageError
+from ..cli import parse_generate_args
+from ..cli_helpers import Parser
+from ..config import EngineConfig
 from .evaluate import DEFAULT_K, REAL_ROW, evaluate, one_line, print_report
 
 PROG = "mvar-engine evaluate"
@@ -70,7 +72,6 @@ def parse_compare(value: str, common: Sequence[str] = (), seed: int | None = Non
         defaults += ["--seed", str(seed)]
     if batch_size is not None:
         defaults += ["--batch-size", str(batch_size)]
-    from ..cli import parse_generate_args
 
     try:
         return name, parse_generate_args([*defaults, *common, *own])
@@ -79,9 +80,8 @@ def parse_compare(value: str, common: Sequence[str] = (), seed: int | None = Non
 
 
 def build_parser():
-    from ..cli import _Parser
 
-    p = _Parser(prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Generate samples of every class with each configuration and score them with a "
                             "classifier trained on the real data: accuracy, Frechet distance of classifier "
                             "features and k-NN precision/recall against the real held-out split, and generation "

@@ -33,10 +33,11 @@ from typing import Any, Iterator, Mapping, TextIO
 
 import torch
 
+from ...core.errors import ConfigError, UsageError
 from ..bench.report import format_table, machine_info, write_json
 from ..config import EngineConfig
 from ..data import ImageSet, load_dataset
-from ...core.errors import ConfigError, UsageError
+from ..pipeline import Pipeline, resolve_components
 from .classifier import FEATURE_DIM, DigitClassifier, load_or_train
 from .metrics import class_accuracy, frechet_distance, precision_recall
 
@@ -157,7 +158,6 @@ class Evaluation:
     # -- steps ----------------------------------------------------------------------------------
     def check_components(self) -> None:
         """Resolve every configuration's components before any long work (errors name the configuration)."""
-        from ..pipeline import resolve_components
 
         for name, config in self.configs.items():
             with named(name):
@@ -188,7 +188,6 @@ class Evaluation:
     def run_config(self, name: str, config: EngineConfig) -> None:
         """Build the configuration's pipeline, check it against the data, generate, score, add its row.
         The first configuration also fixes the resolution (when not given) and triggers the reference."""
-        from ..pipeline import Pipeline
 
         with named(name):
             start = time.perf_counter()

@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from ..cli import PROG, _Parser
+from ..cli_helpers import PROG, Parser
 from ...core.errors import UsageError
 from ...core.registry import get_registry
 from . import distributed as D
@@ -70,9 +70,9 @@ def _common_run_flags(p: argparse.ArgumentParser, d: Any, default_output: str) -
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def tokenizer_parser() -> _Parser:
+def tokenizer_parser() -> Parser:
     d = TokenizerTrainSettings()
-    p = _Parser(prog=f"{PROG} train-tokenizer", allow_abbrev=False,
+    p = Parser(prog=f"{PROG} train-tokenizer", allow_abbrev=False,
                 description="Train the multi-scale VQ-VAE tokenizer (L1 reconstruction + VQ codebook/commitment loss). "
                             "Writes <output>/tokenizer.safetensors (with metadata) and checkpoint.pt.")
     a = p.add_argument_group("architecture")
@@ -139,7 +139,7 @@ def _component_option_flags(p: argparse.ArgumentParser, kind: str, name: str) ->
 def var_parser(trajectory: str | None = None, attention: str | None = None, add_help: bool = True):
     """The ``train`` parser; with component names, also their option flags. Returns (parser, dests)."""
     d = VarTrainSettings()
-    p = _Parser(prog=f"{PROG} train", allow_abbrev=False, add_help=add_help,
+    p = Parser(prog=f"{PROG} train", allow_abbrev=False, add_help=add_help,
                 description="Train a VAR/MVAR transformer by teacher forcing on a frozen tokenizer. Writes "
                             "<output>/model.safetensors (with metadata) and checkpoint.pt.")
     t = p.add_argument_group("tokenizer")
@@ -218,10 +218,10 @@ NEXT_SCALE_ONLY: dict[str, str] = {
 """``train`` flags a raster run refuses, with the reason."""
 
 
-def raster_parser() -> _Parser:
+def raster_parser() -> Parser:
     """The ``train --trajectory raster`` parser."""
     d = RasterTrainSettings()
-    p = _Parser(prog=f"{PROG} train --trajectory raster", allow_abbrev=False,
+    p = Parser(prog=f"{PROG} train --trajectory raster", allow_abbrev=False,
                 description="Train a LlamaGen-style raster (next-token) GPT by teacher forcing on the tokens of a "
                             "frozen tokenizer's last scale (its latent grid). Writes <output>/model.safetensors "
                             "(with metadata) and checkpoint.pt.")

@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ...core.errors import UsageError
-
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+from ..cli_helpers import TORCHRUN_VARS, under_torchrun
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def under_torchrun() -> bool:
-    """True when the torchrun variables are all set (this process is one of its workers)."""
-    return all(name in os.environ for name in TORCHRUN_VARS)
 
 
 def launch_rank() -> int:

@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from ...models.checkpoint import load_into, read_state_dict
-from ..config import EngineConfig
 from ...core.errors import ConfigError, UsageError
+from ...core.registry import get_registry
+from ...models.checkpoint import load_into, read_state_dict
 from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
+from ..config import EngineConfig
+from ..pipeline import resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
 from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, read_weights_metadata,
@@ -146,8 +148,6 @@ class RasterTrainingModule(nn.Module):
 
 def build_components(s: RasterTrainSettings):
     """The raster trajectory (its family must be next-token) and the backend, through the registry."""
-    from ..pipeline import resolve_components
-    from ...core.registry import get_registry
 
     try:
         config = EngineConfig(trajectory={"name": s.trajectory}, backend=s.backend)

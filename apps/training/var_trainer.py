@@ -28,11 +28,12 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from ...models.checkpoint import load_into, read_state_dict
-from ..config import EngineConfig
 from ...core.errors import ConfigError, UsageError
 from ...core.layout import SequenceLayout
+from ...core.registry import get_registry
+from ...models.checkpoint import load_into, read_state_dict
 from ...models.var import VAR, VARConfig
+from ..config import EngineConfig
 from ..pipeline import DERIVED_VAR_BUFFERS, resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
@@ -134,7 +135,6 @@ def architecture_of(config: VARConfig, tok: FrozenTokenizer) -> dict[str, Any]:
 def build_components(s: VarTrainSettings):
     """Trajectory, pattern and backend selector through the registry (one-line errors); the
     attention pattern defaults to the trajectory's (markov -> neighborhood, full -> dense)."""
-    from ...core.registry import get_registry
 
     attention = s.attention
     if attention is None:

@@ -1,0 +1,287 @@
+"""What every benchmark-matrix cell shares, in both model families: model ids and their specs,
+``trajectory/attention/cache`` combinations, the memory probe, and :class:`CellRun` (build, time
+the generations and the decoding, report one row)."""
+
+from __future__ import annotations
+
+import gc
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ...core.errors import ConfigError, MvarEngineError, UsageError
+from ...core.registry import get_registry
+from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512
+from ..config import EngineConfig
+from ..pipeline import Pipeline, resolve_components, resolve_device
+from .report import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes, synchronizer
+
+RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3)}
+"""Raster model ids -> their token grid."""
+
+
+SSD_STAND_IN = "h2o"
+"""The cache that stands in for an ``ssd`` configuration without a head map in the compatibility
+check (the same families and headwise storage; the head map comes from the calibration)."""
+
+
+def needs_calibration(combo) -> bool:
+    """An ``ssd`` configuration whose head map the matrix calibrates itself."""
+    return combo.cache == "ssd" and not combo.options.get("cache", {}).get("head_map")
+
+
+TINY_PATCH_NUMS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model: ``family`` picks the worker (see :data:`MODEL_FAMILIES`)."""
+
+    id: str
+    family: str
+    depth: int
+    patch_nums: tuple[int, ...]
+    resolution: int  # pixels per image side
+
+    @property
+    def tokens_per_image(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+
+KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny")
+"""Model ids listed in messages; any ``dN-256`` or ``dN-512`` is accepted."""
+
+
+def model_spec(model_id: str) -> ModelSpec:
+    """``d16-256`` -> VAR-d16 on the 256px schedule; ``tiny`` -> the test model; else a UsageError."""
+
+
+    key = model_id.strip().lower()
+    if key in RASTER_GRIDS:
+        grid = RASTER_GRIDS[key]
+        depth = 12 if key == "llamagen-b" else 2
+        return ModelSpec(key, "next-token", depth, (grid[0],), grid[0] * 16)
+    if key == "tiny":
+        return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2)
+    match = re.fullmatch(r"(?:var-)?d(\d+)-(256|512)", key)
+    if match and int(match.group(1)) >= 1:
+        schedule = PATCH_NUMS_256 if match.group(2) == "256" else PATCH_NUMS_512
+        return ModelSpec(f"d{int(match.group(1))}-{match.group(2)}", "next-scale", int(match.group(1)),
+                         tuple(schedule), int(match.group(2)))
+    raise UsageError(f"unknown model {model_id!r} (available: {', '.join(KNOWN_MODELS)}; any dN-256 or dN-512 is "
+                     f"VAR-dN at that resolution)")
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One configuration ``trajectory/attention/cache``; a part may carry options as
+    ``name:key=value:key=value`` (``markov/neighborhood:kernel_size=5/none``)."""
+
+    text: str
+    trajectory: str
+    attention: str
+    cache: str
+    options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+
+    def engine_components(self) -> dict[str, dict[str, Any]]:
+        return {kind: {"name": getattr(self, kind), "options": self.options.get(kind, {})}
+                for kind in ("trajectory", "attention", "cache")}
+
+
+def _option_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_combo(text: str) -> Combo:
+    """``"full/dense/full"`` -> :class:`Combo`; a malformed triple is a one-line UsageError."""
+    parts = [p.strip() for p in text.strip().split("/")]
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"configuration {text!r} is not trajectory/attention/cache (e.g. full/dense/full or "
+                         f"markov/neighborhood/none; options as neighborhood:kernel_size=5)")
+    names, options = [], {}
+    for kind, part in zip(("trajectory", "attention", "cache"), parts):
+        name, *pairs = part.split(":")
+        names.append(name.strip())
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"configuration {text!r}: option {pair!r} of {kind} '{name}' is not key=value")
+            options.setdefault(kind, {})[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return Combo("/".join(parts), *names, options=options)
+
+
+def parse_cell(text: str) -> tuple[str, int]:
+    """``"d16-512:8"`` -> ``("d16-512", 8)``; anything else is a one-line UsageError."""
+    model, sep, batch = text.strip().rpartition(":")
+    if not sep or not model or not batch.isdigit() or int(batch) < 1:
+        raise UsageError(f"cell {text!r} is not MODEL:BATCH (e.g. d16-256:8)")
+    return model, int(batch)
+
+
+def combo_family(combo: Combo) -> str:
+    """The model family a configuration runs on: its trajectory's ``family`` (``next-scale`` or
+    ``next-token``); an unknown trajectory is a one-line error listing the known ones."""
+
+    try:
+        return get_registry().create("trajectory", combo.trajectory, combo.options.get("trajectory", {})).family
+    except MvarEngineError as error:
+        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
+    except ValueError as error:
+        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
+
+
+def check_combo(combo: Combo, backend: str) -> None:
+    """Resolve the components (names, options, compatibility) now, before any process starts; errors
+    name the configuration and list what exists. An ``ssd`` cache without a head map (the matrix
+    calibrates one) is checked with its options, and its compatibility through a stand-in."""
+
+    components = combo.engine_components()
+    try:
+        if needs_calibration(combo):
+            get_registry().validate_options("cache", combo.cache, components["cache"]["options"])
+            components["cache"] = {"name": SSD_STAND_IN, "options": {}}
+        resolve_components(EngineConfig(**components, backend=backend))
+    except ConfigError as error:
+        raise ConfigError([f"configuration '{combo.text}': {'; '.join(error.problems)}"]) from None
+    except MvarEngineError as error:
+        raise type(error)(f"configuration '{combo.text}': {' '.join(str(error).split())}") from None
+    except ValueError as error:  # pydantic validation of the options
+        raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
+
+
+class MemoryProbe:
+    """Baseline, phase resets and phase peaks: CUDA allocator counters or the process's RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.resets = True
+        self.trimmed = False
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else rss_bytes()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else peak_rss_bytes()
+
+    def reset(self) -> None:
+        """Start a phase: CUDA peak counters reset; CPU: free heap memory returned to the OS
+        (:func:`release_free_memory`), then the peak resident set reset to the current one."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.trimmed = release_free_memory()
+            self.resets = reset_peak_rss() and self.resets
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+class CellRun:
+    """What every family's worker shares in its fresh process: settings, building the pipeline and
+    the memory baseline (``__init__``), timed generations (:meth:`generations`), chunked decoding
+    (:meth:`decoding`) and the row's common fields (:meth:`row`).
+
+    ``make_config(device)`` returns the cell's :class:`EngineConfig`; ``build()`` the (model,
+    tokenizer) pair with random weights."""
+
+    def __init__(self, cell: dict[str, Any], make_config: Callable[[torch.device], Any],
+                 build: Callable[[], tuple[Any, Any]]) -> None:
+
+        self.cell, self.spec, self.combo = cell, model_spec(cell["model"]), parse_combo(cell["config"])
+        if cell.get("threads"):
+            torch.set_num_threads(cell["threads"])
+        self.device = resolve_device(cell["device"])
+        self.probe, self.sync = MemoryProbe(self.device), synchronizer(self.device)
+        start = time.perf_counter()
+        self.config = make_config(self.device)
+        self.components = resolve_components(self.config)
+        model, tokenizer = build()
+        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer.to(self.device).eval()
+        self.engine = Pipeline(self.config, self.model, self.tokenizer, self.components, self.device).engine
+        self.sync()
+        self.load_s = time.perf_counter() - start
+        self.peak_load = self.probe.peak()
+        self.probe.reset()
+        self.baseline = self.probe.current()
+
+    def fresh_cache(self):
+        """A new instance of the configuration's cache policy (the previous call's buffers go first)."""
+
+        return get_registry().create("cache", self.config.cache.name, self.config.cache.options)
+
+    def generations(self, prepare: Callable[[int], None], call: Callable[[], None]) -> None:
+        """``--warmup`` untimed then ``--repeats`` timed calls (``prepare(i)`` before each, untimed);
+        then the peak of the generation phase."""
+        durations = []
+        for index in range(self.cell["warmup"] + self.cell["repeats"]):
+            prepare(index)
+            gc.collect()
+            self.sync()
+            t0 = time.perf_counter()
+            call()
+            self.sync()
+            durations.append(time.perf_counter() - t0)
+        self.warm, self.times = durations[:self.cell["warmup"]], durations[self.cell["warmup"]:]
+        self.peak_transformer = self.probe.peak()
+
+    def decoding(self, decode: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor) -> None:
+        """Decode ``items`` (f_hat maps or token maps, one per image) in ``--decode-chunk`` images at a
+        time after one untimed warm-up image, in a phase of its own for the peak."""
+        self.probe.reset()
+        self.decode_times = []
+        with torch.no_grad():
+            decode(items[:1])  # first-call allocations, untimed
+            for chunk in torch.split(items, self.cell["decode_chunk"]):
+                self.sync()
+                t0 = time.perf_counter()
+                images = decode(chunk)
+                self.sync()
+                self.decode_times.append((time.perf_counter() - t0) / chunk.shape[0])
+                del images
+        self.peak_decode = self.probe.peak()
+
+    def row(self, *, rows: int, cfg: float, flops: int, cache_peak: int, **extra: Any) -> dict[str, Any]:
+        cell, spec, combo = self.cell, self.spec, self.combo
+        median_s = statistics.median(self.times)
+        peak_total = max(self.peak_transformer, self.peak_decode)
+        return {
+            "status": "ok", "reason": None,
+            "model": spec.id, "family": spec.family, "random_weights": True, "depth": spec.depth,
+            "resolution": spec.resolution, "tokens_per_image": spec.tokens_per_image,
+            "batch": cell["batch"], "cfg": cfg, "rows": rows, "config": combo.text,
+            "trajectory": combo.trajectory, "attention": combo.attention, "cache": combo.cache,
+            "options": combo.options, "backend": cell["backend"], "backends_used": dict(self.components.backends.used),
+            "device": str(self.device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "tokenizer_params": sum(p.numel() for p in self.tokenizer.parameters()),
+            "weights_bytes": _module_bytes(self.model) + _module_bytes(self.tokenizer),
+            "memory_source": "cuda max_memory_allocated" if self.probe.cuda else "process peak RSS (VmHWM)",
+            "peak_resets": self.probe.resets, "heap_trimmed": self.probe.trimmed,
+            "load_s": self.load_s, "peak_load": self.peak_load, "baseline_rss": self.baseline,
+            "peak_rss_transformer": self.peak_transformer, "peak_rss_decode": self.peak_decode,
+            "peak_rss_total": peak_total, "working_memory": peak_total - self.baseline,
+            "working_memory_transformer": self.peak_transformer - self.baseline,
+            "cache_peak_bytes": cache_peak, "attention_gflops": flops / 1e9,
+            "attention_gflops_per_image": flops / 1e9 / cell["batch"],
+            "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
+            "transformer_times_s": self.times, "warmup_times_s": self.warm, "repeats": len(self.times),
+            "decode_s_per_image": statistics.median(self.decode_times), "decode_chunk": cell["decode_chunk"],
+            "tokens_per_s": cell["batch"] * spec.tokens_per_image / median_s,
+            **extra,
+        }

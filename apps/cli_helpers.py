@@ -1,0 +1,119 @@
+"""What every subcommand shares: the program name, an argparse that fails in one line, list-valued
+argument types, the one-line form of an error, and :class:`Commands`, which the
+``mvar_engine_register_commands`` hook fills (built-in and plugin subcommands alike)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..core.errors import ConfigError, UsageError
+
+PROG = "mvar-engine"
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""Environment variables torchrun sets in every worker."""
+
+
+def under_torchrun() -> bool:
+    """True when the torchrun variables are all set (this process is one of its workers)."""
+    return all(name in os.environ for name in TORCHRUN_VARS)
+
+RunFn = Callable[[Sequence[str]], int]
+"""A subcommand: ``run(argv) -> exit status`` (raise ``UsageError`` for bad input: exit 2)."""
+
+
+def lazy_command(module: str, function: str) -> RunFn:
+    """``run(argv)`` that imports ``module`` when the command runs, so that listing or running one
+    subcommand never loads the others (a generation never imports the training stack)."""
+
+    def run(argv: Sequence[str]) -> int:
+        return getattr(importlib.import_module(module), function)(argv)
+
+    run.__qualname__ = f"{module}.{function}"
+    return run
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line ``UsageError`` instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"16,32"`` -> ``(16, 32)``; anything but comma-separated positive integers raises ``ValueError``."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type of :func:`parse_int_list` (errors become one-line usage errors)."""
+    try:
+        return parse_int_list(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """argparse type: ``"a, b"`` -> ``("a", "b")``; an empty list is an error."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def one_line(error: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
+    """An error's message on one line (a ``ConfigError``'s problems joined with '; '), prefixed
+    with its type when ``with_type``, cut to ``limit`` characters."""
+    lines = error.problems if isinstance(error, ConfigError) else str(error).splitlines()
+    text = "; ".join(" ".join(line.split()) for line in lines if line.strip())
+    if limit is not None:
+        text = text[:limit]
+    if with_type:
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text or type(error).__name__
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: RunFn
+    help: str
+    provider: str = ""
+
+
+@dataclass
+class Commands:
+    """The subcommands of ``mvar-engine``: top-level (``mvar-engine NAME``) and grouped
+    (``mvar-engine GROUP NAME``, e.g. ``bench``). A plugin adds its own in the
+    ``mvar_engine_register_commands(commands)`` hook with :meth:`add`."""
+
+    top: dict[str, Command] = field(default_factory=dict)
+    groups: dict[str, dict[str, Command]] = field(default_factory=dict)
+    group_help: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, run: RunFn, help: str, *, group: str | None = None) -> None:
+        """Register ``run`` as ``mvar-engine [GROUP] NAME``; a name taken twice is an error."""
+        table = self.top if group is None else self.groups.setdefault(group, {})
+        if name in table or (group is None and name in self.groups):
+            where = f"{group} {name}" if group else name
+            raise ValueError(f"subcommand '{where}' is registered twice")
+        table[name] = Command(name, run, help)
+
+    def add_group(self, group: str, help: str) -> None:
+        """Declare a group (``bench``) and its one-line description."""
+        self.groups.setdefault(group, {})
+        self.group_help[group] = help
+
+    def names(self) -> list[str]:
+        """Every top-level name and group, in registration order."""
+        return [*self.top, *(g for g in self.groups if g not in self.top)]
