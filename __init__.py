@@ -16,7 +16,8 @@ budgeted-cache base in ``mvar_engine.plugins.budget_cache``; those paths keep wo
   ``budget_tokens``, the bounded store ``BoundedKV``, ``attention_probabilities``.
 - Token layout: ``SequenceLayout``, ``Spans``, ``merge_spans``, ``spans_length``,
   ``spans_to_positions``.
-- Models: ``ModelAdapter``, ``GenerationState`` and the ``Engine`` that drives them.
+- Models: ``ModelFamily`` (the registered component), ``ModelAdapter``, ``GenerationState`` and the
+  ``Engine`` that drives them.
 - Errors: ``MvarEngineError``, ``UsageError``, ``ConfigError``, ``IncompatibleComponentsError``,
   ``BackendUnsupportedError``, ``CheckpointError``, ``UnknownComponentError``,
   ``DuplicateComponentError``, ``ComponentFailedError``.
@@ -27,7 +28,7 @@ The conformance kit for plugin packages is :mod:`mvar_engine.testing`.
 from __future__ import annotations
 
 from .core import __version__
-from .core.adapter import GenerationState, ModelAdapter
+from .core.adapter import GenerationState, ModelAdapter, ModelFamily
 from .core.attention import (AttentionBackend, AttentionPattern, AttentionSpec, BackendCapabilities, BlockCausal,
                              BlockDiagonal, Causal, Dense, Masked, Neighborhood2D, SlidingWindow1D, visible_positions)
 from .core.cache import CachePolicy
@@ -38,8 +39,8 @@ from .core.errors import (BackendUnsupportedError, CheckpointError, ComponentFai
 from .core.hookspecs import hookimpl
 from .core.kv_store import BoundedKV
 from .core.layout import SequenceLayout, Spans, merge_spans, spans_length, spans_to_positions
-from .core.records import (AttentionBackendRecord, AttentionPatternRecord, Availability, CachePolicyRecord, NoOptions,
-                           TrajectoryRecord)
+from .core.records import (AttentionBackendRecord, AttentionPatternRecord, Availability, CachePolicyRecord,
+                           ModelAdapterRecord, NoOptions, TrajectoryRecord)
 from .core.registry import get_registry
 from .core.trajectory import Step, Trajectory, Visibility
 from .plugins.budget_cache import BudgetedCache, BudgetOptions, attention_probabilities, budget_tokens
@@ -47,14 +48,14 @@ from .plugins.budget_cache import BudgetedCache, BudgetOptions, attention_probab
 __all__ = [
     "__version__", "hookimpl", "get_registry",
     "AttentionBackendRecord", "AttentionPatternRecord", "Availability", "CachePolicyRecord", "NoOptions",
-    "TrajectoryRecord",
+    "TrajectoryRecord", "ModelAdapterRecord",
     "Trajectory", "Step", "Visibility",
     "AttentionPattern", "AttentionSpec", "Dense", "Causal", "SlidingWindow1D", "BlockCausal", "BlockDiagonal",
     "Neighborhood2D", "Masked", "visible_positions",
     "AttentionBackend", "BackendCapabilities",
     "CachePolicy", "BudgetedCache", "BudgetOptions", "budget_tokens", "BoundedKV", "attention_probabilities",
     "SequenceLayout", "Spans", "merge_spans", "spans_length", "spans_to_positions",
-    "ModelAdapter", "GenerationState", "Engine",
+    "ModelAdapter", "ModelFamily", "GenerationState", "Engine",
     "MvarEngineError", "UsageError", "ConfigError", "IncompatibleComponentsError", "BackendUnsupportedError",
     "CheckpointError", "UnknownComponentError", "DuplicateComponentError", "ComponentFailedError",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
-from ..core.records import KIND_LABELS
+from ..core.records import KIND_LABELS, RECORD_TYPES
 from ..core.registry import Registry, failing_component, get_registry
 from .cli_helpers import PROG, Commands, Parser, under_torchrun
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
@@ -65,6 +65,8 @@ def _base_generate_parser(add_help: bool = True) -> Parser:
     m.add_argument("--patch-nums", metavar="N,N,...", help="scale schedule (default: VAR's 256px 1,2,3,4,5,6,8,10,13,16)")
     m.add_argument("--num-classes", type=int, help="number of classes (random weights)")
     m.add_argument("--random-weights", action="store_true", help="randomly initialised model (time and memory only)")
+    m.add_argument("--model-adapter", dest="adapter", metavar="NAME",
+                   help="model family (default: the trajectory family's built-in: var, raster-gpt)")
     m.add_argument("--no-strict", action="store_true", help="load checkpoints that do not match exactly")
     s = p.add_argument_group("sampling")
     s.add_argument("--labels", metavar="L,L,...", help="class labels, one grid row each")
@@ -133,7 +135,7 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
     for kind in COMPONENT_KINDS:
         if kind in given or kind in options:
             out[kind] = {"name": names[kind], "options": options.get(kind, {})}
-    model_keys = {"var_checkpoint", "vae_checkpoint", "depth", "patch_nums", "num_classes", "random_weights"}
+    model_keys = {"var_checkpoint", "vae_checkpoint", "depth", "patch_nums", "num_classes", "random_weights", "adapter"}
     sampling_keys = {"cfg", "top_k", "top_p", "seed"}
     output_keys = {"output", "per_image", "save_tokens"}
     for key, value in given.items():
@@ -194,7 +196,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
 def cmd_plugins(argv: Sequence[str]) -> int:
     p = Parser(prog=f"{PROG} plugins", description="List every component: kind, name, provider, availability.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--kind", choices=list(COMPONENT_KINDS), help="only this kind")
+    p.add_argument("--kind", choices=list(RECORD_TYPES), help="only this kind")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     registry = get_registry()

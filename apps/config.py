@@ -79,6 +79,8 @@ class ModelConfig(BaseModel):
     num_classes: int | None = Field(None, ge=1)
     random_weights: bool = False
     strict: bool = True
+    adapter: str | None = Field(None, description="model family (see 'mvar-engine plugins --kind model'); default: "
+                                                 "the first installed one that serves the trajectory's family")
 
     @field_validator("patch_nums", mode="before")
     @classmethod

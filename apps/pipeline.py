@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..core.adapter import ModelAdapter
+from ..core.adapter import ModelFamily
 from ..core.backend_selection import BackendSelector, selector_for
 from ..core.cache import CachePolicy
 from ..core.compatibility import check_compatible
@@ -28,11 +28,10 @@ from ..core.errors import CheckpointError, IncompatibleComponentsError, UsageErr
 from ..core.registry import Registry, get_registry
 from ..models.checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
 from ..models.default_models import available_defaults, default_checkpoints, weights_metadata
-from ..models.raster_adapter import RasterAdapter
 from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
 from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
 from ..models.var import VAR, VARConfig, infer_var_config
-from ..models.var_adapter import VarAdapter
+from .cli_helpers import PROG
 from .config import ComponentChoice, EngineConfig
 from .images import save_grid, save_images
 
@@ -48,6 +47,7 @@ class Components:
     pattern: object
     cache: object
     backends: BackendSelector
+    model: ModelFamily | None = None
 
 
 def resolve_components(config: EngineConfig, registry: Registry | None = None) -> Components:
@@ -63,19 +63,28 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
         raise IncompatibleComponentsError(f"trajectory '{names['trajectory']}' is a {trajectory.family} trajectory; "
                                           f"this command runs next-scale and next-token models")
     pattern = registry.create("attention", attention.name, attention.options)
+    names["model"] = choose_model(config, trajectory.family, registry)
+    model = registry.create("model", names["model"], {})
     cache = registry.create("cache", cache_choice.name, cache_choice.options)
-    check_compatible(trajectory, pattern, cache, names=names)
+    check_compatible(trajectory, pattern, cache, model_family=model.family, names=names)
     for kind, component in (("attention", pattern), ("cache", cache)):
         availability = registry.get(kind, names[kind]).availability
         if not availability.ok:
             raise UsageError(f"{kind} '{names[kind]}' is unavailable: {availability.reason}")
     names["backend"] = config.backend.name
-    return Components(names, trajectory, pattern, cache, build_backends(config, registry))
+    return Components(names, trajectory, pattern, cache, build_backends(config, registry), model)
 
 
-def build_adapter(model, tokenizer, family: str) -> ModelAdapter:
-    """The model adapter of ``model`` (a VAR or a raster GPT) and its tokenizer."""
-    return RasterAdapter(model, tokenizer) if family == "next-token" else VarAdapter(model, tokenizer)
+def choose_model(config: EngineConfig, family: str, registry: Registry) -> str:
+    """The model family a run uses: ``--model-adapter NAME``, else the first registered (built-ins
+    register first) that serves the trajectory's ``family``."""
+    if config.model.adapter:
+        return registry.get("model", config.model.adapter).name
+    serving = [entry.name for entry in registry.components("model") if getattr(entry.record, "family", None) == family]
+    if not serving:
+        raise IncompatibleComponentsError(f"no installed model adapter generates {family} sequences "
+                                          f"(see '{PROG} plugins --kind model')")
+    return serving[0]
 
 
 def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
@@ -225,7 +234,7 @@ class Pipeline:
                  device: torch.device) -> None:
         self.config, self.model, self.tokenizer, self.components, self.device = config, model, tokenizer, components, device
         autocast = resolve_autocast(config.dtype, device)
-        self.adapter = build_adapter(model, tokenizer, components.trajectory.family)
+        self.adapter = components.model.adapter(model, tokenizer)
         self.engine = Engine(self.adapter, components.trajectory, components.pattern, components.backends,
                              autocast_dtype=autocast)
         self.engine.check(components.cache, components.names)
@@ -235,7 +244,7 @@ class Pipeline:
         config = with_weights(config)
         components = resolve_components(config, registry)
         device = resolve_device(config.device)
-        model, tokenizer = build_models(config, family=components.trajectory.family)
+        model, tokenizer = components.model.build(config)
         return cls(config, model.to(device).eval(), tokenizer.to(device).eval(), components, device)
 
     def default_labels(self) -> list[int]:

@@ -35,6 +35,24 @@ class GenerationState:
         self.batch, self.rows = batch, rows
 
 
+class ModelFamily(ABC):
+    """A model family as a registered component (the ``mvar_engine_model_adapters`` hook): it builds
+    the models a run's settings ask for (checkpoints, random weights or shipped defaults) and wraps
+    them in its :class:`ModelAdapter`. ``family``: the trajectory family it generates under."""
+
+    name: ClassVar[str] = "model"
+    family: ClassVar[str] = "next-scale"
+
+    @abstractmethod
+    def build(self, settings: Any) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` for a run's settings (the CLI's ``EngineConfig``; ``settings.model``
+        holds the checkpoint paths and sizes). Bad settings raise a one-line ``UsageError``."""
+
+    @abstractmethod
+    def adapter(self, model: Any, tokenizer: Any) -> "ModelAdapter":
+        """The engine's adapter over a built ``(model, tokenizer)``."""
+
+
 class ModelAdapter(ABC):
     """A model family as the engine drives it. Attributes: ``family`` (the trajectory family it
     generates under), ``layout`` (positions of the whole sequence), ``num_layers``, ``num_heads``,

@@ -85,6 +85,14 @@ def _require_lengths(spec: AttentionSpec, q_len: int, kv_len: int) -> None:
         raise ValueError(problem)
 
 
+def _too_few_keys(kind: str, q_len: int, kv_len: int) -> str | None:
+    """Why ``q_len`` queries cannot be the last positions of ``kv_len`` keys (bottom-right
+    alignment), or None when they can."""
+    if q_len > kv_len:
+        return f"{kind} attention needs at least as many keys as queries, got {q_len} queries and {kv_len} keys"
+    return None
+
+
 @dataclass(frozen=True)
 class Dense(AttentionSpec):
     """Every query sees every key."""
@@ -106,9 +114,7 @@ class Causal(AttentionSpec):
     kind: ClassVar[str] = "causal"
 
     def check_lengths(self, q_len, kv_len):
-        if q_len > kv_len:
-            return f"causal attention needs at least as many keys as queries, got {q_len} queries and {kv_len} keys"
-        return None
+        return _too_few_keys(self.kind, q_len, kv_len)
 
     def mask(self, q_len, kv_len, device):
         _require_lengths(self, q_len, kv_len)
@@ -143,9 +149,7 @@ class SlidingWindow1D(AttentionSpec):
             raise ValueError(f"window1d needs left >= 0 and right >= 0, got ({self.left}, {self.right})")
 
     def check_lengths(self, q_len, kv_len):
-        if q_len > kv_len:
-            return f"window1d attention needs at least as many keys as queries, got {q_len} queries and {kv_len} keys"
-        return None
+        return _too_few_keys(self.kind, q_len, kv_len)
 
     def mask(self, q_len, kv_len, device):
         _require_lengths(self, q_len, kv_len)
@@ -189,6 +193,20 @@ class _Blocks(AttentionSpec):
     def block_ids(self, device) -> torch.Tensor:
         return _block_ids(self.blocks, str(device))
 
+    def sees_block(self, q_block: torch.Tensor, k_block: torch.Tensor) -> torch.Tensor:
+        """BoolTensor: may a query of block ``q_block`` see a key of block ``k_block`` (broadcasts)."""
+        raise NotImplementedError
+
+    def mask(self, q_len, kv_len, device):
+        _require_lengths(self, q_len, kv_len)
+        ids = self.block_ids(device)
+        return self.sees_block(ids[:, None], ids[None, :])
+
+    def mask_mod(self, q_len, kv_len, device):
+        ids = self.block_ids(device)
+        sees_block = self.sees_block
+        return lambda b, h, q_idx, kv_idx: sees_block(ids[q_idx], ids[kv_idx])
+
     def describe(self):
         return f"{self.kind}({'+'.join(map(str, self.blocks))})"
 
@@ -204,14 +222,8 @@ class BlockCausal(_Blocks):
 
     kind: ClassVar[str] = "block-causal"
 
-    def mask(self, q_len, kv_len, device):
-        _require_lengths(self, q_len, kv_len)
-        ids = self.block_ids(device)
-        return ids[:, None] >= ids[None, :]
-
-    def mask_mod(self, q_len, kv_len, device):
-        ids = self.block_ids(device)
-        return lambda b, h, q_idx, kv_idx: ids[q_idx] >= ids[kv_idx]
+    def sees_block(self, q_block, k_block):
+        return q_block >= k_block
 
     def pair_count(self, q_len, kv_len):
         return sum(n * m for n, m in zip(self.blocks, itertools.accumulate(self.blocks)))
@@ -223,14 +235,8 @@ class BlockDiagonal(_Blocks):
 
     kind: ClassVar[str] = "block-diagonal"
 
-    def mask(self, q_len, kv_len, device):
-        _require_lengths(self, q_len, kv_len)
-        ids = self.block_ids(device)
-        return ids[:, None] == ids[None, :]
-
-    def mask_mod(self, q_len, kv_len, device):
-        ids = self.block_ids(device)
-        return lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx]
+    def sees_block(self, q_block, k_block):
+        return q_block == k_block
 
     def pair_count(self, q_len, kv_len):
         return sum(n * n for n in self.blocks)

@@ -13,7 +13,8 @@ from typing import Any, Iterable
 
 import pluggy
 
-from .records import AttentionBackendRecord, AttentionPatternRecord, CachePolicyRecord, TrajectoryRecord
+from .records import (AttentionBackendRecord, AttentionPatternRecord, CachePolicyRecord, ModelAdapterRecord,
+                      TrajectoryRecord)
 
 PROJECT_NAME = "mvar_engine"
 
@@ -39,6 +40,11 @@ def mvar_engine_cache_policies() -> Iterable[CachePolicyRecord]:
 @hookspec
 def mvar_engine_attention_backends() -> Iterable[AttentionBackendRecord]:
     """Return the attention backends this plugin provides."""
+
+
+@hookspec
+def mvar_engine_model_adapters() -> Iterable[ModelAdapterRecord]:
+    """Return the model families (model adapters of the engine) this plugin provides."""
 
 
 @hookspec

@@ -105,9 +105,21 @@ class AttentionBackendRecord(ComponentRecord):
     priority: int = 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelAdapterRecord(ComponentRecord):
+    """A model family (``var``, ``raster-gpt``, ...); factory returns a ``ModelFamily`` that builds
+    the models and their engine adapter. ``family``: the trajectory family it serves."""
+
+    kind: ClassVar[str] = "model"
+    hook: ClassVar[str] = "mvar_engine_model_adapters"
+
+    family: str = "next-scale"
+
+
 RECORD_TYPES: dict[str, type[ComponentRecord]] = {
     record.kind: record
-    for record in (TrajectoryRecord, AttentionPatternRecord, CachePolicyRecord, AttentionBackendRecord)
+    for record in (TrajectoryRecord, AttentionPatternRecord, CachePolicyRecord, AttentionBackendRecord,
+                   ModelAdapterRecord)
 }
 """Component kind -> record class, in the order the CLI lists them."""
 
@@ -116,4 +128,5 @@ KIND_LABELS: dict[str, str] = {
     "attention": "attention pattern",
     "cache": "cache policy",
     "backend": "attention backend",
+    "model": "model adapter",
 }

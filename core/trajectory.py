@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from .layout import SequenceLayout, Spans
+from .records import NoOptions
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Trajectory(ABC):
     step_unit: ClassVar[str] = "scale"
     default_attention: ClassVar[str] = "dense"
     default_cache: ClassVar[str] = "full"
+
+    def __init__(self, options: NoOptions | None = None) -> None:
+        """A trajectory that takes no options keeps ``NoOptions``; one that takes options overrides this."""
+        self.options = options or NoOptions()
 
     @abstractmethod
     def visible(self, q_scale: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,7 @@ def test_wrong_backend_shows_a_large_error_and_failing_one_an_error_row(tmp_path
     rows = {r["backend"]: r for r in bench.run()}
     assert rows["zeros"]["status"] == "ok" and rows["zeros"]["max_abs_err"] > 0.1
     assert rows["broken"]["status"] == "error"
-    assert rows["broken"]["reason"] == "RuntimeError: kernel exploded second line"
+    assert rows["broken"]["reason"] == "RuntimeError: kernel exploded; second line"
     assert json.loads((tmp_path / "r.json").read_text())["results"] == bench.results
 
 

@@ -418,3 +418,27 @@ def test_a_next_token_only_cache_under_full_is_refused_in_one_line(install_plugi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cache 'token-only' serves next-token trajectories, not trajectory 'full'" in err[0], err
     assert not (tmp_cwd / "outputs").exists()
+
+
+def test_a_plugin_model_family_runs_through_the_one_engine(install_plugins, capsys, tmp_cwd):
+    """A fifth component kind: a package adds a model family (here one wrapping the shipped raster
+    GPT) without touching the engine; it is listed, chosen with --model-adapter, and checked."""
+    import torch
+
+    from mvar_engine import ModelAdapterRecord
+    from mvar_engine.apps.model_families import RasterFamily
+
+    class MyRaster(RasterFamily):
+        name = "my-raster"
+
+    install_plugins(mine={"mvar_engine_model_adapters": lambda: [
+        ModelAdapterRecord(name="my-raster", factory=MyRaster, family="next-token", description="a plugin's family")]})
+    assert main(["plugins", "--kind", "model"]) == 0
+    assert "my-raster" in capsys.readouterr().out
+    common = ["--trajectory", "raster", "--labels", "3", "--samples-per-label", "2", "--no-progress"]
+    assert main([*common, "--model-adapter", "my-raster", "--output", "a.png", "--save-tokens", "a.pt"]) == 0
+    assert main([*common, "--output", "b.png", "--save-tokens", "b.pt"]) == 0
+    assert torch.equal(torch.load("a.pt")["tokens.0"], torch.load("b.pt")["tokens.0"])
+    capsys.readouterr()
+    assert main(["--trajectory", "full", "--model-adapter", "my-raster", "--no-progress"]) == 2
+    assert "but the model generates next-token" in capsys.readouterr().err

@@ -24,7 +24,8 @@ from ...backends.sdpa import SdpaBackend
 from ...core.attention import AttentionBackend, AttentionSpec, Dense, Neighborhood2D
 from ...core.errors import UsageError
 from ...core.registry import get_registry
-from ..cli_helpers import PROG, Parser, int_list, name_list
+from ..cli_helpers import PROG, Parser, int_list, name_list, one_line
+from ..pipeline import resolve_device
 from .report import format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
 
 DENSE_ROW = "sdpa (dense)"
@@ -91,15 +92,6 @@ def parse_int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a CUDA device is a UsageError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
 @dataclass
 class Contender:
     """A backend to time: its name, the instance (None when unavailable) and why it is unavailable."""
@@ -150,11 +142,6 @@ def reference_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: At
     parts = [oracle.attend(*(t[:, i:i + per_chunk] for t in flat), spec, scale=scale)
              for i in range(0, batch * heads, per_chunk)]
     return torch.cat(parts, dim=1).reshape(batch, heads, n, v.shape[-1])
-
-
-def one_line(error: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:limit]}"
 
 
 @dataclass
@@ -319,7 +306,7 @@ class AttentionBench:
             output = self._time(row, backend, cell, spec)
         except Exception as error:  # a failing backend must not end the sweep
             self._release()
-            return {**row, "status": "error", "reason": one_line(error)}
+            return {**row, "status": "error", "reason": one_line(error, with_type=True, limit=240)}
         self.measured[(name, cell.batch)] = (cell.n, row["median_ms"] / 1e3)
         if isinstance(spec, Neighborhood2D) and cell.n <= ERROR_CHECK_MAX_N:
             row["max_abs_err"] = (output.double() - cell.reference()).abs().max().item()

@@ -76,7 +76,7 @@ from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...plugins.budget_cache import budget_tokens
 from ...plugins.head_map import load_head_map, write_head_map, write_heatmap
-from ..cli_helpers import PROG, Parser, name_list
+from ..cli_helpers import PROG, Parser, name_list, one_line
 from ..config import EngineConfig
 from ..data import load_dataset
 from ..evaluation.classifier import load_or_train
@@ -407,10 +407,6 @@ def _error_row(run: PolicyRun, reason: str) -> dict[str, Any]:
     return {"status": "error", "reason": reason, "policy": run.policy, "budget": run.budget, "label": run.label}
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 # -- SSD calibration --------------------------------------------------------------------------------------
 def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: int, cfg: float, top_k: int,
                        top_p: float, seed: int, model: str, source: str) -> dict[str, Any]:
@@ -504,7 +500,7 @@ class QualityBench:
             try:
                 self.scorer = SampleScorer(height, bench.model.num_classes, log)
             except Exception as error:  # the token and logit comparison does not need it
-                self.note = f"sample quality unavailable: {_one_line(error)}"
+                self.note = f"sample quality unavailable: {one_line(error)}"
         elif bench.tokenizer is not None:
             self.note = "sample quality needs whole images: not measured under --max-tokens"
         self.reference_tokens: list[torch.Tensor] = []
@@ -777,7 +773,7 @@ def run_bench_cache(config: BenchCacheConfig, out: TextIO | None = None, log: Te
             try:
                 row = measure(config, run, bench, components, device, head_map_path)
             except (MvarEngineError, RuntimeError, ValueError) as error:
-                row = _error_row(run, _one_line(error))
+                row = _error_row(run, one_line(error))
         row["wall_s"] = time.perf_counter() - start
         payload["results"].append(row)
         add_ratios(payload["results"])
@@ -813,7 +809,7 @@ def run_quality(config: BenchCacheConfig, engine, bench: BenchModel, runs: list[
         try:
             row.update(quality.compare(run))
         except (MvarEngineError, RuntimeError, ValueError) as error:
-            row["quality_error"] = _one_line(error)
+            row["quality_error"] = one_line(error)
         write_json(config.output, payload)
         if "top1_agreement" in row:
             print(f"quality {run.label}: top-1 agreement {row['top1_agreement']:.4f}, KL {row['kl']:.3g}, sampled "

@@ -22,9 +22,9 @@ from typing import Sequence
 
 from ...core.errors import UsageError
 from ..cli import parse_generate_args
-from ..cli_helpers import Parser
+from ..cli_helpers import Parser, one_line
 from ..config import EngineConfig
-from .evaluate import DEFAULT_K, REAL_ROW, evaluate, one_line, print_report
+from .evaluate import DEFAULT_K, REAL_ROW, evaluate, print_report
 
 PROG = "mvar-engine evaluate"
 

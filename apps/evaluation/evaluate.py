@@ -35,6 +35,7 @@ import torch
 
 from ...core.errors import ConfigError, UsageError
 from ..bench.report import format_table, machine_info, write_json
+from ..cli_helpers import one_line
 from ..config import EngineConfig
 from ..data import ImageSet, load_dataset
 from ..pipeline import Pipeline, resolve_components
@@ -59,12 +60,6 @@ METRIC_NOTES = {
     "recall": "fraction of real held-out images inside the generated k-NN feature manifold",
     "real row": "real held-out split scored against the real train split: the floor for each metric",
 }
-
-
-def one_line(error: BaseException) -> str:
-    """An error's message on one line (a ``ConfigError``'s problems joined with '; ')."""
-    lines = error.problems if isinstance(error, ConfigError) else str(error).splitlines()
-    return "; ".join(line.strip() for line in lines if line.strip()) or type(error).__name__
 
 
 @contextlib.contextmanager

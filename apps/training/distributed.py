@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ...core.errors import UsageError
 from ..cli_helpers import TORCHRUN_VARS, under_torchrun
+from ..pipeline import resolve_device as resolve_run_device
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,8 @@ def barrier() -> None:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda`` under torchrun means
     the worker's own GPU. Asking for CUDA without one is a one-line :class:`UsageError`."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = resolve_run_device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
         if device.index is None:
             device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)
