@@ -11,6 +11,7 @@ Spec -> kernel mapping (bottom-right alignment throughout, as :mod:`mvar_engine.
 from __future__ import annotations
 
 import importlib.util
+from typing import ClassVar
 
 import torch
 
@@ -34,23 +35,40 @@ def flash_attn_availability() -> Availability:
     return _cuda_package_availability("flash_attn", "flash-attn")
 
 
-class XformersBackend(AttentionBackend):
+class CudaPackageBackend(AttentionBackend):
+    """A backend whose kernel comes from a CUDA-only package: no options, a fixed ``--backend auto``
+    rank (``auto_preference``) and usable only where ``availability()`` says so."""
+
+    auto_preference: ClassVar[int]
+
+    def __init__(self, options: NoOptions | None = None) -> None:
+        self.options = options or NoOptions()
+
+    @staticmethod
+    def availability() -> Availability:
+        """Whether the package and a CUDA device are here."""
+        raise NotImplementedError
+
+    def preference(self, spec, device):
+        return self.auto_preference
+
+    def check(self, spec, *, device, dtype, head_dim):
+        available = self.availability()
+        return None if available.ok else available.reason
+
+
+class XformersBackend(CudaPackageBackend):
     """``xformers.ops.memory_efficient_attention`` with its attention-bias types."""
 
     name = "xformers"
     capabilities = BackendCapabilities(
         kinds=None, devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
         backward=frozenset({"cuda"}))
+    auto_preference = 60
 
-    def __init__(self, options: NoOptions | None = None) -> None:
-        self.options = options or NoOptions()
-
-    def preference(self, spec, device):
-        return 60
-
-    def check(self, spec, *, device, dtype, head_dim):
-        available = xformers_availability()
-        return None if available.ok else available.reason
+    @staticmethod
+    def availability() -> Availability:
+        return xformers_availability()
 
     def attend(self, q, k, v, spec, *, scale):
         from xformers.ops import fmha, memory_efficient_attention
@@ -79,23 +97,18 @@ class XformersBackend(AttentionBackend):
         return out.transpose(1, 2)
 
 
-class FlashAttnBackend(AttentionBackend):
+class FlashAttnBackend(CudaPackageBackend):
     """``flash_attn.flash_attn_func``: dense, causal and 1-D window specs (fp16/bf16, head_dim <= 256)."""
 
     name = "flash-attn"
     capabilities = BackendCapabilities(
         kinds=frozenset({"dense", "causal", "window1d"}), devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}), backward=frozenset({"cuda"}), max_head_dim=256)
+    auto_preference = 70
 
-    def __init__(self, options: NoOptions | None = None) -> None:
-        self.options = options or NoOptions()
-
-    def preference(self, spec, device):
-        return 70
-
-    def check(self, spec, *, device, dtype, head_dim):
-        available = flash_attn_availability()
-        return None if available.ok else available.reason
+    @staticmethod
+    def availability() -> Availability:
+        return flash_attn_availability()
 
     def attend(self, q, k, v, spec, *, scale):
         from flash_attn import flash_attn_func

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..core.hookspecs import hookimpl
-from ..core.records import AttentionPatternRecord, CachePolicyRecord, TrajectoryRecord
+from ..core.records import AttentionPatternRecord, CachePolicyRecord, NoOptions, TrajectoryRecord
 from .caches import FullCache, NoCache, WindowOptions, make_window
 from .h2o_cache import H2OCache, H2OOptions
 from .patterns import CausalPattern, DensePattern, NeighborhoodOptions, NeighborhoodPattern
@@ -37,22 +37,22 @@ def mvar_engine_attention_patterns():
     ]
 
 
+CACHE_POLICIES = (  # name, factory, options model, description
+    ("none", NoCache, NoOptions, "keep nothing; history the trajectory needs is recomputed (the exact oracle)"),
+    ("full", FullCache, NoOptions, "keep every key/value (VAR's KV cache)"),
+    ("window", make_window, WindowOptions,
+     "the last n scales (--cache-scales), or with --cache-budget the class prefix + the most recent tokens"),
+    ("sink", SinkCache, SinkOptions,
+     "StreamingLLM: class prefix + first tokens + recent tokens within a budget (raster and full)"),
+    ("h2o", H2OCache, H2OOptions, "H2O: class prefix + heavy hitters by accumulated attention + recent tokens, "
+     "per head within a budget (raster; full with dense attention)"),
+    ("ssd", SSDCache, SSDOptions, "SSD: per head from a profiled head map, locality heads a recent window, "
+     "sink heads the most attended tokens, within a budget"),
+)
+"""The built-in cache policies, in registration order."""
+
+
 @hookimpl
 def mvar_engine_cache_policies():
-    return [
-        CachePolicyRecord(name="none", factory=NoCache,
-                          description="keep nothing; history the trajectory needs is recomputed (the exact oracle)"),
-        CachePolicyRecord(name="full", factory=FullCache, description="keep every key/value (VAR's KV cache)"),
-        CachePolicyRecord(name="window", factory=make_window, options=WindowOptions,
-                          description="the last n scales (--cache-scales), or with --cache-budget the class prefix "
-                                      "+ the most recent tokens"),
-        CachePolicyRecord(name="sink", factory=SinkCache, options=SinkOptions,
-                          description="StreamingLLM: class prefix + first tokens + recent tokens within a budget "
-                                      "(raster and full)"),
-        CachePolicyRecord(name="h2o", factory=H2OCache, options=H2OOptions,
-                          description="H2O: class prefix + heavy hitters by accumulated attention + recent tokens, "
-                                      "per head within a budget (raster; full with dense attention)"),
-        CachePolicyRecord(name="ssd", factory=SSDCache, options=SSDOptions,
-                          description="SSD: per head from a profiled head map, locality heads a recent window, "
-                                      "sink heads the most attended tokens, within a budget"),
-    ]
+    return [CachePolicyRecord(name=name, factory=factory, options=options, description=description)
+            for name, factory, options, description in CACHE_POLICIES]

@@ -28,7 +28,6 @@ from typing import ClassVar
 
 from ..core.errors import IncompatibleComponentsError
 from ..core.layout import SequenceLayout
-from ..core.records import NoOptions
 from ..core.trajectory import Step, Trajectory
 
 
@@ -41,9 +40,6 @@ class RasterTrajectory(Trajectory):
     step_unit: ClassVar[str] = "token"
     default_attention = "causal"
     default_cache = "full"
-
-    def __init__(self, options: NoOptions | None = None) -> None:
-        self.options = options or NoOptions()
 
     def visible(self, q_scale, k_scale):
         return k_scale <= q_scale

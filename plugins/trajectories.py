@@ -5,7 +5,6 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import IncompatibleComponentsError
-from ..core.records import NoOptions
 from ..core.trajectory import Trajectory
 
 
@@ -16,9 +15,6 @@ class FullTrajectory(Trajectory):
     sees_all_history = True
     default_attention = "dense"
     default_cache = "full"
-
-    def __init__(self, options: NoOptions | None = None) -> None:
-        self.options = options or NoOptions()
 
     def visible(self, q_scale, k_scale):
         return k_scale <= q_scale
