@@ -4,9 +4,9 @@ trajectories and the LlamaGen-style raster GPT for next-token ones."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, ClassVar
 
-from ..core.adapter import ModelFamily
+from ..core.adapter import ModelAdapter, ModelFamily
 from ..core.hookspecs import hookimpl
 from ..core.records import ModelAdapterRecord
 from ..models.raster_adapter import RasterAdapter
@@ -14,36 +14,34 @@ from ..models.var_adapter import VarAdapter
 from .pipeline import build_models, build_raster_models
 
 
-class VarFamily(ModelFamily):
+class BuiltinFamily(ModelFamily):
+    """A built-in family: ``builder(settings) -> (model, tokenizer)`` and its ``adapter_type``."""
+
+    builder: ClassVar[Callable[[Any], tuple[Any, Any]]]
+    adapter_type: ClassVar[type[ModelAdapter]]
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options
+
+    def build(self, settings):
+        return type(self).builder(settings)
+
+    def adapter(self, model, tokenizer) -> ModelAdapter:
+        return self.adapter_type(model, tokenizer)
+
+
+class VarFamily(BuiltinFamily):
     """VAR/MVAR transformers with their multi-scale tokenizer (VAR's and MVAR's released files, ours)."""
 
-    name = "var"
-    family = "next-scale"
-
-    def __init__(self, options: Any = None) -> None:
-        self.options = options
-
-    def build(self, settings):
-        return build_models(settings, family=self.family)
-
-    def adapter(self, model, tokenizer) -> VarAdapter:
-        return VarAdapter(model, tokenizer)
+    name, family, adapter_type = "var", "next-scale", VarAdapter
+    builder = staticmethod(build_models)
 
 
-class RasterFamily(ModelFamily):
+class RasterFamily(BuiltinFamily):
     """LlamaGen's c2i GPT (its key names) with a one-scale tokenizer."""
 
-    name = "raster-gpt"
-    family = "next-token"
-
-    def __init__(self, options: Any = None) -> None:
-        self.options = options
-
-    def build(self, settings):
-        return build_raster_models(settings)
-
-    def adapter(self, model, tokenizer) -> RasterAdapter:
-        return RasterAdapter(model, tokenizer)
+    name, family, adapter_type = "raster-gpt", "next-token", RasterAdapter
+    builder = staticmethod(build_raster_models)
 
 
 @hookimpl

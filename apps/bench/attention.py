@@ -81,17 +81,6 @@ class BenchAttentionConfig:
         return out
 
 
-def parse_int_list(text: str) -> tuple[int, ...]:
-    """``"16,32"`` -> ``(16, 32)``; anything but comma-separated positive integers raises ``ValueError``."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 @dataclass
 class Contender:
     """A backend to time: its name, the instance (None when unavailable) and why it is unavailable."""
