@@ -72,24 +72,21 @@ class ComponentRecord:
 class TrajectoryRecord(ComponentRecord):
     """A conditioning trajectory (``full``, ``markov``, ``raster``); factory returns a ``Trajectory``."""
 
-    kind: ClassVar[str] = "trajectory"
-    hook: ClassVar[str] = "mvar_engine_trajectories"
+    kind, hook = "trajectory", "mvar_engine_trajectories"
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionPatternRecord(ComponentRecord):
     """An attention pattern (``dense``, ``neighborhood``); factory returns an ``AttentionPattern``."""
 
-    kind: ClassVar[str] = "attention"
-    hook: ClassVar[str] = "mvar_engine_attention_patterns"
+    kind, hook = "attention", "mvar_engine_attention_patterns"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CachePolicyRecord(ComponentRecord):
     """A KV-cache policy (``none``, ``full``, ``window``, ...); factory returns a ``CachePolicy``."""
 
-    kind: ClassVar[str] = "cache"
-    hook: ClassVar[str] = "mvar_engine_cache_policies"
+    kind, hook = "cache", "mvar_engine_cache_policies"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,8 +96,7 @@ class AttentionBackendRecord(ComponentRecord):
     ``priority``: higher is preferred by ``--backend auto`` among backends that support a pattern.
     """
 
-    kind: ClassVar[str] = "backend"
-    hook: ClassVar[str] = "mvar_engine_attention_backends"
+    kind, hook = "backend", "mvar_engine_attention_backends"
 
     priority: int = 0
 
@@ -110,8 +106,7 @@ class ModelAdapterRecord(ComponentRecord):
     """A model family (``var``, ``raster-gpt``, ...); factory returns a ``ModelFamily`` that builds
     the models and their engine adapter. ``family``: the trajectory family it serves."""
 
-    kind: ClassVar[str] = "model"
-    hook: ClassVar[str] = "mvar_engine_model_adapters"
+    kind, hook = "model", "mvar_engine_model_adapters"
 
     family: str = "next-scale"
 
