@@ -1,10 +1,14 @@
-"""An mvar-engine plugin with two components, written only against mvar-engine's public API.
+"""An mvar-engine plugin with four components, written only against mvar-engine's public API.
 
 - ``sink-scales`` (cache policy): keep the keys/values of the first ``sink`` scales for the whole
   generation plus those of the last ``recent`` scales -- StreamingLLM's "attention sinks" idea at
   scale granularity.
 - ``axial`` (attention pattern): from scale ``apply_from`` on, a query sees only the keys in the
   same row or the same column as its corresponding position on each visible scale (criss-cross).
+- ``first-row`` (raster cache policy, on the public ``BudgetedCache`` base): within ``budget``
+  tokens, keep the class prefix, the first image row and the most recent tokens.
+- ``causal-local`` (raster attention pattern): each image token sees the class prefix and the
+  earlier image tokens of the ``kernel_size`` x ``kernel_size`` window centred on it.
 
 mvar-engine finds this module through the entry point in ``pyproject.toml``::
 
@@ -22,7 +26,8 @@ import functools
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mvar_engine import AttentionPatternRecord, CachePolicyRecord, hookimpl
+from mvar_engine import (AttentionPatternRecord, BudgetedCache, BudgetOptions, CachePolicyRecord, Causal,
+                         visible_positions, hookimpl)
 from mvar_engine.core.attention import AttentionPattern, Dense, Masked
 from mvar_engine.core.cache import CachePolicy
 from mvar_engine.core.layout import SequenceLayout, merge_spans, spans_to_positions
@@ -149,6 +154,69 @@ class AxialPattern(AttentionPattern):
         return Dense() if bool(allowed.all()) else Masked(allowed, "axial")
 
 
+# ------------------------------------------------------------------------------------ first-row
+
+
+class FirstRowCache(BudgetedCache):
+    """Raster decoding within ``budget`` tokens a layer: the class prefix and the first image row
+    are never evicted (a global context, like attention sinks), the rest is the most recent tokens.
+    The base class does the storage (``BoundedKV``), the eviction points and the budget check; a
+    policy only says which slots survive (``select``) and which one a new token overwrites
+    (``victim``). Every head keeps the same positions, so any raster pattern may run over it."""
+
+    name = "first-row"
+    families = ("next-token",)  # one image row only means something in raster order
+
+    def begin(self, *, layout, **kwargs):
+        self.row = layout.grids[-1][1]  # the image grid's width
+        super().begin(layout=layout, **kwargs)
+
+    def select(self, layer, store, retain):
+        return self.window_index(store, retain, protected=self.prefix + self.row)
+
+    def victim(self, layer, store, position):
+        return self.oldest_slot(layer, protected=self.prefix + self.row)
+
+
+# ---------------------------------------------------------------------------------- causal-local
+
+
+class CausalLocalOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernel_size: int = Field(3, ge=1, description="window side k: a token sees earlier tokens within k // 2 rows and "
+                                                  "columns of itself")
+
+
+class CausalLocalPattern(AttentionPattern):
+    """A causal ``k x k`` neighbourhood on the raster image grid: the image token at ``(r, c)``
+    sees the class prefix and the earlier image tokens ``(r', c')`` with ``|r - r'| <= k // 2`` and
+    ``|c - c'| <= k // 2``; prefix queries see the prefix causally. ``Causal`` when that is every
+    earlier key, ``Dense`` when it is every key, else ``Masked(..., "causal-local")``."""
+
+    name = "causal-local"
+    families = ("next-token",)
+
+    def __init__(self, options: CausalLocalOptions | None = None) -> None:
+        self.options = options or CausalLocalOptions()
+
+    @functools.lru_cache(maxsize=256)
+    def spec(self, layout, queries, keys, visible):
+        allowed = visible_positions(layout, queries, keys, visible)  # raster: keys at or before the query
+        coords, half = layout.coords(), self.options.kernel_size // 2
+        q = coords.take(spans_to_positions(queries))
+        k = coords.take(spans_to_positions(keys))
+        image = (q.scale > 0)[:, None] & (k.scale > 0)[None, :]  # scale 0 is the class prefix
+        near = ((q.row[:, None] - k.row[None, :]).abs() <= half) & ((q.col[:, None] - k.col[None, :]).abs() <= half)
+        allowed = allowed & (~image | near)
+        q_len, k_len = allowed.shape
+        if len(queries) == 1 and keys[-1][1] == queries[0][1] and keys[-1][0] <= queries[0][0]:
+            causal = Causal().mask(q_len, k_len, allowed.device)
+            if bool(allowed.all()) if causal is None else torch.equal(causal, allowed):
+                return Causal()
+        return Dense() if bool(allowed.all()) else Masked(allowed, "causal-local")
+
+
 # ------------------------------------------------------------------------------------ the hooks
 
 
@@ -157,6 +225,8 @@ def mvar_engine_cache_policies():
     return [
         CachePolicyRecord(name="sink-scales", factory=SinkScalesCache, options=SinkScalesOptions,
                           description="keep the first `sink` and the last `recent` scales (attention sinks per scale)"),
+        CachePolicyRecord(name="first-row", factory=FirstRowCache, options=BudgetOptions,
+                          description="raster: the class prefix, the first image row and the most recent tokens"),
     ]
 
 
@@ -165,4 +235,6 @@ def mvar_engine_attention_patterns():
     return [
         AttentionPatternRecord(name="axial", factory=AxialPattern, options=AxialOptions,
                                description="same row or column of the corresponding position on each visible scale"),
+        AttentionPatternRecord(name="causal-local", factory=CausalLocalPattern, options=CausalLocalOptions,
+                               description="raster: the class prefix and the earlier tokens of a k x k window"),
     ]
