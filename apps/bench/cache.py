@@ -332,7 +332,7 @@ def measure(config: BenchCacheConfig, run: PolicyRun, bench: BenchModel, compone
     """Time ``--repeats`` generations of one row after ``--warmup``; its cache bytes and peak memory."""
 
     engine = make_engine(bench, components, config, device)
-    engine.cache = make_cache(run, head_map)  # fails here, before any timing, on bad options
+    cache = [make_cache(run, head_map)]  # fails here, before any timing, on bad options
     probe = MemoryProbe(device)
     sync = synchronizer(device)
     gc.collect()
@@ -342,16 +342,16 @@ def measure(config: BenchCacheConfig, run: PolicyRun, bench: BenchModel, compone
     held = {"kv": 0, "bookkeeping": 0}
 
     def poll(_step: int) -> None:
-        kv, bookkeeping = cache_bytes(engine.cache)
+        kv, bookkeeping = cache_bytes(cache[0])
         held["kv"], held["bookkeeping"] = max(held["kv"], kv), max(held["bookkeeping"], bookkeeping)
 
     def generate() -> float:
-        engine.cache = make_cache(run, head_map)  # a fresh policy: the previous call's buffers are freed first
+        cache[0] = make_cache(run, head_map)  # a fresh policy: the previous call's buffers are freed first
         gc.collect()
         generator = torch.Generator(device=device).manual_seed(config.seed)
         sync()
         start = time.perf_counter()
-        engine.generate(labels, cfg=config.cfg, top_k=config.top_k, top_p=config.top_p, generator=generator,
+        engine.generate(labels, cache[0], cfg=config.cfg, top_k=config.top_k, top_p=config.top_p, generator=generator,
                         progress=poll)
         sync()
         return time.perf_counter() - start
@@ -359,7 +359,7 @@ def measure(config: BenchCacheConfig, run: PolicyRun, bench: BenchModel, compone
     warm = [generate() for _ in range(config.warmup)]
     times = [generate() for _ in range(config.repeats)]
     peak = probe.peak()
-    engine.cache = components.cache
+    cache[0] = None
     median_s = statistics.median(times)
     tokens = engine.num_tokens
     return {
