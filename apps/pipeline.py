@@ -245,10 +245,11 @@ class Pipeline:
         components = resolve_components(config, registry)
         device = resolve_device(config.device)
         model, tokenizer = components.model.build(config)
-        return cls(config, model.to(device).eval(), tokenizer.to(device).eval(), components, device)
+        tokenizer = None if tokenizer is None else tokenizer.to(device).eval()
+        return cls(config, model.to(device).eval(), tokenizer, components, device)
 
     def default_labels(self) -> list[int]:
-        return list(range(min(self.model.num_classes, 10)))
+        return list(range(min(self.adapter.num_classes, 10)))
 
     def generate(self, labels: Sequence[int] | None = None, samples_per_label: int | None = None,
                  cache: CachePolicy | None = None) -> GenerationResult:
@@ -256,9 +257,9 @@ class Pipeline:
         cfg = self.config
         cache = cache or self.components.cache
         labels = list(labels if labels is not None else (cfg.labels if cfg.labels is not None else self.default_labels()))
-        bad = [label for label in labels if not 0 <= label < self.model.num_classes]
+        bad = [label for label in labels if not 0 <= label < self.adapter.num_classes]
         if bad:
-            raise UsageError(f"--labels {bad}: this model has classes 0..{self.model.num_classes - 1}")
+            raise UsageError(f"--labels {bad}: this model has classes 0..{self.adapter.num_classes - 1}")
         per = samples_per_label or cfg.samples_per_label
         all_labels = torch.tensor([label for label in labels for _ in range(per)], dtype=torch.long)
         generator = torch.Generator(device=self.device).manual_seed(cfg.sampling.seed)

@@ -40,8 +40,10 @@ class NoCache(CachePolicy):
         return 0
 
 
-class _LayerStore:
-    """One layer's preallocated keys/values and the scale segments they hold, oldest first."""
+class SegmentStore:
+    """One layer's preallocated keys and values ``[B, H, capacity, D]`` holding whole steps
+    ("segments", oldest first, in position order): the storage of caches that keep or evict
+    next-scale steps (``window --cache-scales``, the example plugin's ``sink-scales``)."""
 
     def __init__(self, batch, heads, capacity, head_dim, device, dtype):
         self.k = torch.empty(batch, heads, capacity, head_dim, device=device, dtype=dtype)
@@ -51,6 +53,7 @@ class _LayerStore:
         self.filled = 0
 
     def append(self, k, v, spans):
+        """Store a step's keys/values at ``spans``; returns (every kept key, value, their spans)."""
         n = k.shape[2]
         if self.filled + n > self.k.shape[2]:
             raise RuntimeError(f"cache overflow: {self.filled} + {n} > capacity {self.k.shape[2]}")
@@ -61,19 +64,28 @@ class _LayerStore:
         self.merged = merge_spans((*self.merged, *spans))  # O(kept spans), not O(segments): raster appends 1 token a step
         return self.k[:, :, :self.filled], self.v[:, :, :self.filled], self.merged
 
-    def keep_last(self, count: int) -> None:
-        if len(self.segments) <= count:
+    def keep_segments(self, first: int, last: int) -> None:
+        """Keep the oldest ``first`` and the newest ``last`` segments; the newest move down over the
+        dropped ones (positions stay in order)."""
+        count = len(self.segments)
+        if count <= first + last:
             return
-        drop = sum(n for _, n in self.segments[:-count]) if count else self.filled
-        kept = self.filled - drop
-        if kept:
-            self.k[:, :, :kept] = self.k[:, :, drop:self.filled].clone()
-            self.v[:, :, :kept] = self.v[:, :, drop:self.filled].clone()
-        self.segments = self.segments[-count:] if count else []
+        head = sum(n for _, n in self.segments[:first])
+        drop = sum(n for _, n in self.segments[first:count - last])
+        tail = self.filled - head - drop
+        if tail:  # the source and target ranges may overlap: copy through a temporary
+            self.k[:, :, head:head + tail] = self.k[:, :, head + drop:self.filled].clone()
+            self.v[:, :, head:head + tail] = self.v[:, :, head + drop:self.filled].clone()
+        self.segments = self.segments[:first] + self.segments[count - last:]
         self.merged = merge_spans(s for sp, _ in self.segments for s in sp)
-        self.filled = kept
+        self.filled = head + tail
+
+    def keep_last(self, count: int) -> None:
+        """Keep the newest ``count`` segments."""
+        self.keep_segments(0, count)
 
     def nbytes(self) -> int:
+        """Bytes reserved for keys and values (the whole capacity)."""
         return self.k.numel() * self.k.element_size() * 2
 
 
@@ -96,7 +108,7 @@ class WindowCache(CachePolicy):
     def __init__(self, options: WindowOptions | None = None) -> None:
         self.options = options or WindowOptions()
         self.keep = self.options.scales
-        self.layers: list[_LayerStore] = []
+        self.layers: list[SegmentStore] = []
 
     def capacity(self, layout: SequenceLayout) -> int:
         sizes = [sc.numel for sc in layout.scales]
@@ -107,7 +119,7 @@ class WindowCache(CachePolicy):
 
     def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
         cap = self.capacity(layout)
-        self.layers = [_LayerStore(batch, num_heads, cap, head_dim, device, dtype) for _ in range(num_layers)]
+        self.layers = [SegmentStore(batch, num_heads, cap, head_dim, device, dtype) for _ in range(num_layers)]
 
     def update(self, layer, k, v, spans):
         return self.layers[layer].append(k, v, spans)

@@ -26,7 +26,7 @@ import functools
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mvar_engine import (AttentionPatternRecord, BudgetedCache, BudgetOptions, CachePolicyRecord, Causal,
+from mvar_engine import (AttentionPatternRecord, BudgetedCache, BudgetOptions, CachePolicyRecord, Causal, SegmentStore,
                          visible_positions, hookimpl)
 from mvar_engine.core.attention import AttentionPattern, Dense, Masked
 from mvar_engine.core.cache import CachePolicy
@@ -48,29 +48,20 @@ def kept_scales(step: int, sink: int, recent: int) -> list[int]:
     return [j for j in range(step) if j < sink or j >= step - recent]
 
 
-class _LayerStore:
-    """One layer's preallocated keys/values ``[B, H, capacity, D]`` and the scales they hold."""
-
-    def __init__(self, batch, heads, capacity, head_dim, device, dtype):
-        self.k = torch.empty(batch, heads, capacity, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty_like(self.k)
-        self.segments: list[tuple[tuple[tuple[int, int], ...], int]] = []  # (spans, tokens), one per scale
-        self.filled = 0
-
-
 class SinkScalesCache(CachePolicy):
     """Keeps scales ``0 .. sink-1`` and the last ``recent`` scales; one step stores one scale.
 
-    The buffer holds, in position order: the sink scales (never moved), the recent scales, then the
-    scale being generated. Evicting (``end_step``) drops the scales between the sinks and the
-    recent ones by moving the recent ones down; the buffer is sized for the largest step.
+    Storage is the public :class:`mvar_engine.SegmentStore` (one per layer, a segment per step): in
+    position order the sink scales (never moved), the recent scales, then the scale being generated.
+    Evicting (``end_step``) drops the scales between the sinks and the recent ones; the buffer is
+    sized for the largest step.
     """
 
     name = "sink-scales"
 
     def __init__(self, options: SinkScalesOptions | None = None) -> None:
         self.options = options or SinkScalesOptions()
-        self.layers: list[_LayerStore] = []
+        self.layers: list[SegmentStore] = []
 
     def capacity(self, layout: SequenceLayout) -> int:
         """Tokens of the largest step: its kept scales plus the scale being generated."""
@@ -80,39 +71,17 @@ class SinkScalesCache(CachePolicy):
 
     def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
         capacity = self.capacity(layout)
-        self.layers = [_LayerStore(batch, num_heads, capacity, head_dim, device, dtype) for _ in range(num_layers)]
+        self.layers = [SegmentStore(batch, num_heads, capacity, head_dim, device, dtype) for _ in range(num_layers)]
 
     def update(self, layer, k, v, spans):
-        store = self.layers[layer]
-        n = k.shape[2]
-        if store.filled + n > store.k.shape[2]:
-            raise RuntimeError(f"sink-scales cache overflow: {store.filled} + {n} > capacity {store.k.shape[2]}")
-        store.k[:, :, store.filled:store.filled + n].copy_(k)
-        store.v[:, :, store.filled:store.filled + n].copy_(v)
-        store.filled += n
-        store.segments.append((spans, n))
-        kept_spans = merge_spans(span for segment, _ in store.segments for span in segment)
-        return store.k[:, :, :store.filled], store.v[:, :, :store.filled], kept_spans
+        return self.layers[layer].append(k, v, spans)
 
     def end_step(self):
-        sink, recent = self.options.sink, self.options.recent
         for store in self.layers:
-            count = len(store.segments)
-            if count <= sink + recent:
-                continue  # nothing between the sinks and the recent scales yet
-            head = sum(n for _, n in store.segments[:sink])           # sink tokens stay where they are
-            drop = sum(n for _, n in store.segments[sink:count - recent])
-            tail = store.filled - head - drop                          # the recent scales' tokens
-            # the source and target ranges may overlap: copy through a temporary
-            store.k[:, :, head:head + tail] = store.k[:, :, head + drop:store.filled].clone()
-            store.v[:, :, head:head + tail] = store.v[:, :, head + drop:store.filled].clone()
-            store.segments = store.segments[:sink] + store.segments[count - recent:]
-            store.filled = head + tail
+            store.keep_segments(self.options.sink, self.options.recent)
 
     def nbytes(self) -> int:
-        # reserved buffers count in full (the CachePolicy contract)
-        return sum(store.k.numel() * store.k.element_size() + store.v.numel() * store.v.element_size()
-                   for store in self.layers)
+        return sum(store.nbytes() for store in self.layers)  # reserved buffers count in full
 
 
 # ---------------------------------------------------------------------------------------- axial
