@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mvar_engine import (AttentionBackend, AttentionPattern, AttentionSpec, BlockCausal, BlockDiagonal, CachePolicy,
@@ -81,9 +81,11 @@ MakeCache = Callable[[int | None, int, int], CachePolicy]
 counts of the model it will serve let a cache such as ``ssd`` build its head map."""
 
 
-def _settings(max_examples: int):
+def _settings(max_examples: int, shrink: bool = True):
+    """Fixed-seed settings; ``shrink=False`` reports the first failing case as found (faster)."""
+    phases = tuple(Phase) if shrink else (Phase.explicit, Phase.reuse, Phase.generate)
     return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None, print_blob=False,
-                    suppress_health_check=list(HealthCheck))
+                    suppress_health_check=list(HealthCheck), phases=phases)
 
 
 def _name(component: object) -> str:
@@ -252,7 +254,7 @@ class _Recorder:
 
 
 def check_cache_policy(make_cache: MakeCache, *, families: str | Sequence[str] | None = None, bounded: bool = True,
-                       max_examples: int = 10) -> None:
+                       max_examples: int = 10, shrink: bool = True) -> None:
     """Check a cache policy's contract; raise :class:`AssertionError` on the first violation.
 
     ``make_cache(budget, num_layers, num_heads)`` builds a fresh cache that stores at most
@@ -278,12 +280,12 @@ def check_cache_policy(make_cache: MakeCache, *, families: str | Sequence[str] |
     wanted = declared if families is None else ((families,) if isinstance(families, str) else tuple(families))
     for family in wanted:
         _check(family in declared, f"cache '{_name(make_cache(None, 2, 2))}' does not declare family {family!r}")
-        _check_covering(make_cache, family, max_examples)
-        _check_bounded(make_cache, family, bounded, max_examples)
+        _check_covering(make_cache, family, max_examples, shrink)
+        _check_bounded(make_cache, family, bounded, max_examples, shrink)
 
 
-def _check_covering(make_cache: MakeCache, family: str, max_examples: int) -> None:
-    @_settings(max_examples)
+def _check_covering(make_cache: MakeCache, family: str, max_examples: int, shrink: bool) -> None:
+    @_settings(max_examples, shrink)
     @given(data=st.data())
     def covering(data):
         case = _Case(family, data)
@@ -304,8 +306,8 @@ def _check_covering(make_cache: MakeCache, family: str, max_examples: int) -> No
     covering()
 
 
-def _check_bounded(make_cache: MakeCache, family: str, bounded: bool, max_examples: int) -> None:
-    @_settings(max_examples)
+def _check_bounded(make_cache: MakeCache, family: str, bounded: bool, max_examples: int, shrink: bool) -> None:
+    @_settings(max_examples, shrink)
     @given(data=st.data())
     def bounds(data):
         case = _Case(family, data)
@@ -413,7 +415,7 @@ def _check_pattern_case(pattern: AttentionPattern, layout, queries, keys, visibl
 
 
 def check_attention_pattern(pattern: AttentionPattern, *, families: str | Sequence[str] | None = None,
-                            max_examples: int = 60) -> None:
+                            max_examples: int = 60, shrink: bool = True) -> None:
     """Check an attention pattern's contract; raise :class:`AssertionError` on the first violation.
 
     ``families``: those to run (default: every family the pattern declares). Over hypothesis-drawn
@@ -439,7 +441,7 @@ def check_attention_pattern(pattern: AttentionPattern, *, families: str | Sequen
         for mode in modes:
             cases = _raster_cases(mode) if family == "next-token" else _next_scale_cases(mode)
 
-            @_settings(max(1, max_examples // len(modes)))
+            @_settings(max(1, max_examples // len(modes)), shrink)
             @given(case=cases)
             def run(case):
                 _check_pattern_case(pattern, *case)
@@ -494,7 +496,8 @@ def attention_specs(draw, kinds: Iterable[str] | None = None, max_len: int = 40,
 
 def check_attention_backend(backend: AttentionBackend, *, device: str | torch.device = "cpu",
                             dtypes: Sequence[torch.dtype] = (torch.float32,), head_dims: Sequence[int] = (8, 16, 32),
-                            kinds: Iterable[str] | None = None, max_examples: int = 40) -> BackendReport:
+                            kinds: Iterable[str] | None = None, max_examples: int = 40, shrink: bool = True
+                            ) -> BackendReport:
     """Check an attention backend's contract; raise :class:`AssertionError` on the first violation.
 
     Over hypothesis-drawn specs of every kind (``kinds``; default: those the backend declares, all
@@ -549,7 +552,7 @@ def check_attention_backend(backend: AttentionBackend, *, device: str | torch.de
         report.compared[spec.kind] = report.compared.get(spec.kind, 0) + 1
 
     for kind in kinds:  # every kind gets its share of the examples
-        @_settings(max(1, max_examples // len(kinds)))
+        @_settings(max(1, max_examples // len(kinds)), shrink)
         @given(case=attention_specs((kind,)), batch=st.integers(1, 2), heads=st.integers(1, 3),
                head_dim=st.sampled_from(list(head_dims)), dtype=st.sampled_from(list(dtypes)), seed=st.integers(0, 1000))
         def run(case, batch, heads, head_dim, dtype, seed):

@@ -90,7 +90,7 @@ def test_builtin_backend_conforms(name):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_flex_conforms_eagerly():
     """One small flex check: eager flex (compiling costs ~20 s on a CPU; test_flex.py covers it)."""
-    report = check_attention_backend(FlexBackend(FlexOptions(compile=False)), max_examples=14)
+    report = check_attention_backend(FlexBackend(FlexOptions(compile=False)), max_examples=7)
     assert report.compared and report.refused.get("neighborhood2d") is None
 
 
@@ -126,12 +126,12 @@ class DropsTheClassToken(TokenWindowCache):
 def test_kit_catches_a_cache_that_drops_a_kept_token():
     with pytest.raises(AssertionError, match="covering budget"):
         check_cache_policy(lambda b, layers, heads: DropsTheClassToken(BudgetOptions(budget=budget(b))),
-                           families="next-token", max_examples=5)
+                           families="next-token", max_examples=5, shrink=False)
 
 
 def test_kit_catches_a_cache_that_exceeds_its_budget():
     with pytest.raises(AssertionError, match="budget of"):
-        check_cache_policy(lambda b, layers, heads: FullCache(), families="next-token", max_examples=5)
+        check_cache_policy(lambda b, layers, heads: FullCache(), families="next-token", max_examples=5, shrink=False)
 
 
 class ClaimsAFamily(FullCache):
@@ -141,14 +141,14 @@ class ClaimsAFamily(FullCache):
 
 def test_kit_catches_inconsistent_traits():
     with pytest.raises(AssertionError, match="families"):
-        check_cache_policy(lambda b, layers, heads: ClaimsAFamily(), bounded=False, max_examples=2)
+        check_cache_policy(lambda b, layers, heads: ClaimsAFamily(), bounded=False, max_examples=2, shrink=False)
 
     class NotABool(FullCache):
         name = "not-a-bool"
         headwise = "yes"
 
     with pytest.raises(AssertionError, match="headwise"):
-        check_cache_policy(lambda b, layers, heads: NotABool(), bounded=False, max_examples=2)
+        check_cache_policy(lambda b, layers, heads: NotABool(), bounded=False, max_examples=2, shrink=False)
 
 
 class LeaksTheFuture(CausalPattern):
@@ -177,12 +177,12 @@ class HidesTheQuery(CausalPattern):
 
 def test_kit_catches_a_pattern_that_leaks_a_future_key():
     with pytest.raises(AssertionError, match="which the trajectory hides"):
-        check_attention_pattern(LeaksTheFuture())
+        check_attention_pattern(LeaksTheFuture(), shrink=False)
 
 
 def test_kit_catches_a_pattern_whose_query_sees_nothing():
     with pytest.raises(AssertionError, match="sees no key"):
-        check_attention_pattern(HidesTheQuery())
+        check_attention_pattern(HidesTheQuery(), shrink=False)
 
 
 class IgnoresTheMask(SdpaBackend):
@@ -203,12 +203,12 @@ class CrashesOnMasks(SdpaBackend):
 
 def test_kit_catches_a_backend_with_a_wrong_output():
     with pytest.raises(AssertionError, match="differs from the float64 reference"):
-        check_attention_backend(IgnoresTheMask())
+        check_attention_backend(IgnoresTheMask(), shrink=False)
 
 
 def test_kit_catches_a_backend_that_crashes_on_a_spec_it_accepts():
     with pytest.raises(AssertionError, match="attend raised RuntimeError"):
-        check_attention_backend(CrashesOnMasks(), kinds=("masked",), max_examples=3)
+        check_attention_backend(CrashesOnMasks(), kinds=("masked",), max_examples=3, shrink=False)
 
 
 # ------------------------------------------------------------------------------------ acceptance
