@@ -13,7 +13,7 @@ budgeted-cache base in ``mvar_engine.plugins.budget_cache``; those paths keep wo
 - Backends: ``AttentionBackend``, ``BackendCapabilities``.
 - Caches: ``CachePolicy`` (``observe`` and the traits ``families``, ``headwise``,
   ``stores_history``, ``track_scores``), ``BudgetedCache`` with ``BudgetOptions`` and
-  ``budget_tokens``, the bounded token store ``BoundedKV``, the per-step store ``SegmentStore``,
+  ``budget_tokens``, the bounded token store ``BoundedKV``, the per-step store ``SegmentStore`` and its cache base ``SegmentCache``,
   ``attention_probabilities``.
 - Token layout: ``SequenceLayout``, ``Spans``, ``merge_spans``, ``spans_length``,
   ``spans_to_positions``.
@@ -45,7 +45,7 @@ from .core.records import (AttentionBackendRecord, AttentionPatternRecord, Avail
 from .core.registry import get_registry
 from .core.trajectory import Step, Trajectory, Visibility
 from .plugins.budget_cache import BudgetedCache, BudgetOptions, attention_probabilities, budget_tokens
-from .plugins.caches import SegmentStore
+from .plugins.caches import SegmentCache, SegmentStore
 
 __all__ = [
     "__version__", "hookimpl", "get_registry",
@@ -55,7 +55,7 @@ __all__ = [
     "AttentionPattern", "AttentionSpec", "Dense", "Causal", "SlidingWindow1D", "BlockCausal", "BlockDiagonal",
     "Neighborhood2D", "Masked", "visible_positions",
     "AttentionBackend", "BackendCapabilities",
-    "CachePolicy", "BudgetedCache", "BudgetOptions", "budget_tokens", "BoundedKV", "SegmentStore",
+    "CachePolicy", "BudgetedCache", "BudgetOptions", "budget_tokens", "BoundedKV", "SegmentCache", "SegmentStore",
     "attention_probabilities",
     "SequenceLayout", "Spans", "merge_spans", "spans_length", "spans_to_positions",
     "ModelAdapter", "ModelFamily", "GenerationState", "Engine",

@@ -78,6 +78,10 @@ class SequenceLayout:
     def length(self) -> int:
         return self.scales[-1].end
 
+    def resolve_scale(self, index: int) -> int:
+        """A scale index that may count from the end (``-2``: the second to last), clamped at 0."""
+        return max(0, self.num_scales + index) if index < 0 else index
+
     def spans_of(self, scale_indices: Sequence[int]) -> Spans:
         """Spans covering the given scales (merged where adjacent)."""
         return merge_spans(self.scales[i].span for i in sorted(scale_indices))

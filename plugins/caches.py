@@ -98,7 +98,28 @@ class WindowOptions(BaseModel):
                                  "(needed under raster)")
 
 
-class WindowCache(CachePolicy):
+class SegmentCache(CachePolicy):
+    """Base of caches that keep or evict whole steps: one :class:`SegmentStore` a layer, sized by
+    :meth:`capacity`; subclasses evict in ``end_step``."""
+
+    layers: list[SegmentStore]
+
+    def capacity(self, layout: SequenceLayout) -> int:
+        """Tokens the largest step needs: what it keeps plus the step being computed."""
+        return layout.length
+
+    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
+        cap = self.capacity(layout)
+        self.layers = [SegmentStore(batch, num_heads, cap, head_dim, device, dtype) for _ in range(num_layers)]
+
+    def update(self, layer, k, v, spans):
+        return self.layers[layer].append(k, v, spans)
+
+    def nbytes(self) -> int:
+        return sum(store.nbytes() for store in self.layers)
+
+
+class WindowCache(SegmentCache):
     """Keep the keys/values of the last ``scales`` steps (exact under ``markov`` with
     ``order <= scales + 1``; an approximation under ``full``)."""
 
@@ -117,20 +138,10 @@ class WindowCache(CachePolicy):
         n = self.keep + 1  # kept scales plus the step being computed
         return max(sum(sizes[max(0, i - n + 1):i + 1]) for i in range(len(sizes)))
 
-    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
-        cap = self.capacity(layout)
-        self.layers = [SegmentStore(batch, num_heads, cap, head_dim, device, dtype) for _ in range(num_layers)]
-
-    def update(self, layer, k, v, spans):
-        return self.layers[layer].append(k, v, spans)
-
     def end_step(self):
         if self.keep is not None:
             for store in self.layers:
                 store.keep_last(self.keep)
-
-    def nbytes(self) -> int:
-        return sum(store.nbytes() for store in self.layers)
 
     def cached_tokens(self) -> int:
         return self.layers[0].filled if self.layers else 0

@@ -118,8 +118,7 @@ class NeighborhoodPattern(AttentionPattern):
         self.options = options or NeighborhoodOptions()
 
     def first_scale(self, layout: SequenceLayout) -> int:
-        start = self.options.apply_from
-        return max(0, layout.num_scales + start) if start < 0 else start
+        return layout.resolve_scale(self.options.apply_from)
 
     @functools.lru_cache(maxsize=256)
     def spec(self, layout, queries, keys, visible):

@@ -26,10 +26,9 @@ import functools
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mvar_engine import (AttentionPatternRecord, BudgetedCache, BudgetOptions, CachePolicyRecord, Causal, SegmentStore,
-                         visible_positions, hookimpl)
+from mvar_engine import (AttentionPatternRecord, BudgetOptions, BudgetedCache, CachePolicyRecord, Causal, SegmentCache,
+                         SegmentStore, hookimpl, visible_positions)
 from mvar_engine.core.attention import AttentionPattern, Dense, Masked
-from mvar_engine.core.cache import CachePolicy
 from mvar_engine.core.layout import SequenceLayout, merge_spans, spans_to_positions
 
 # ---------------------------------------------------------------------------------- sink-scales
@@ -48,10 +47,11 @@ def kept_scales(step: int, sink: int, recent: int) -> list[int]:
     return [j for j in range(step) if j < sink or j >= step - recent]
 
 
-class SinkScalesCache(CachePolicy):
+class SinkScalesCache(SegmentCache):
     """Keeps scales ``0 .. sink-1`` and the last ``recent`` scales; one step stores one scale.
 
-    Storage is the public :class:`mvar_engine.SegmentStore` (one per layer, a segment per step): in
+    On the public :class:`mvar_engine.SegmentCache` base (a :class:`mvar_engine.SegmentStore` per layer, a
+    segment per step): in
     position order the sink scales (never moved), the recent scales, then the scale being generated.
     Evicting (``end_step``) drops the scales between the sinks and the recent ones; the buffer is
     sized for the largest step.
@@ -69,19 +69,9 @@ class SinkScalesCache(CachePolicy):
         sink, recent = self.options.sink, self.options.recent
         return max(sum(sizes[j] for j in kept_scales(i, sink, recent)) + sizes[i] for i in range(len(sizes)))
 
-    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
-        capacity = self.capacity(layout)
-        self.layers = [SegmentStore(batch, num_heads, capacity, head_dim, device, dtype) for _ in range(num_layers)]
-
-    def update(self, layer, k, v, spans):
-        return self.layers[layer].append(k, v, spans)
-
     def end_step(self):
         for store in self.layers:
             store.keep_segments(self.options.sink, self.options.recent)
-
-    def nbytes(self) -> int:
-        return sum(store.nbytes() for store in self.layers)  # reserved buffers count in full
 
 
 # ---------------------------------------------------------------------------------------- axial
@@ -105,8 +95,7 @@ class AxialPattern(AttentionPattern):
         self.options = options or AxialOptions()
 
     def first_scale(self, layout: SequenceLayout) -> int:
-        start = self.options.apply_from
-        return max(0, layout.num_scales + start) if start < 0 else start
+        return layout.resolve_scale(self.options.apply_from)
 
     @functools.lru_cache(maxsize=256)  # spec() is pure and its arguments are hashable
     def spec(self, layout, queries, keys, visible):
