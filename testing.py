@@ -98,13 +98,11 @@ def _check(condition: bool, message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ tiny models
-def tiny_raster_model(grid: tuple[int, int] = (3, 3), cls_token_num: int = 1, seed: int = 0, *, heads: int = 2,
-                      depth: int = 2) -> RasterGPT:
-    """A random tiny raster GPT (``RasterGPTConfig.tiny``) whose attention really matters (larger
-    q/k weights than the 0.02 init), in eval mode."""
+def tiny_raster_model(grid: tuple[int, int] = (3, 3), cls_token_num: int = 1, seed: int = 0, **overrides) -> RasterGPT:
+    """A random tiny raster GPT (``RasterGPTConfig.tiny(**overrides)``) whose attention really
+    matters (larger q/k weights than the 0.02 init), in eval mode."""
     torch.manual_seed(seed)
-    model = RasterGPT(RasterGPTConfig.tiny(grid=tuple(grid), cls_token_num=cls_token_num, heads=heads,
-                                           width=16 * heads, depth=depth))
+    model = RasterGPT(RasterGPTConfig.tiny(grid=tuple(grid), cls_token_num=cls_token_num, **overrides))
     with torch.no_grad():
         for block in model.layers:
             block.attention.wqkv.weight.normal_(0, 0.4)
@@ -144,7 +142,7 @@ class _Case:
         if family == "next-token":
             grid = (draw(st.integers(1, 3), label="height"), draw(st.integers(1, 4), label="width"))
             prefix = draw(st.sampled_from([1, 2]), label="cls_token_num")
-            model = tiny_raster_model(grid, prefix, self.seed, heads=heads)
+            model = tiny_raster_model(grid, prefix, self.seed, heads=heads, width=16 * heads)
             self.engine = RasterEngine(model, None, RasterTrajectory(), FullCache(), selector_for("sdpa"),
                                        pattern=CausalPattern())
             self.layers, self.heads, self.head_dim = len(model.layers), heads, model.config.head_dim

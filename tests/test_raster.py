@@ -21,20 +21,7 @@ from mvar_engine.core.trajectory import Visibility
 from mvar_engine.plugins.patterns import CausalPattern, DensePattern
 from mvar_engine.plugins.caches import FullCache, NoCache, WindowCache
 from mvar_engine.plugins.raster import RasterTrajectory
-
-
-def tiny_model(grid=(3, 3), cls_token_num=1, seed=0, **overrides) -> RasterGPT:
-    """A random tiny GPT whose attention really matters (larger q/k weights than the 0.02 init)."""
-    torch.manual_seed(seed)
-    model = RasterGPT(RasterGPTConfig.tiny(grid=tuple(grid), cls_token_num=cls_token_num, **overrides))
-    with torch.no_grad():
-        for block in model.layers:
-            block.attention.wqkv.weight.normal_(0, 0.4)
-            block.attention.wo.weight.normal_(0, 0.3)
-        model.tok_embeddings.weight.normal_(0, 1.0)
-        model.cls_embedding.embedding_table.weight.normal_(0, 1.0)
-        model.output.weight.normal_(0, 0.3)
-    return model.eval()
+from mvar_engine.testing import tiny_raster_model as tiny_model
 
 
 def engine(model, cache="full", backend="sdpa", tokenizer=None) -> RasterEngine:
