@@ -5,7 +5,8 @@ and one-line architecture errors."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
@@ -14,6 +15,55 @@ from torch import nn
 from ...core.errors import UsageError
 from . import distributed as D
 from .batches import ShardedBatches
+
+
+@dataclass
+class DataSettings:
+    """The training images every trainer reads (``--data``, ``--split``, ``--max-images``)."""
+
+    data: str = "digits"
+    split: Literal["train", "all"] = "train"
+    max_images: int | None = None
+
+
+@dataclass
+class LoopSettings:
+    """The step loop, optimiser and run directory every trainer shares (the transformers' defaults;
+    a trainer redeclares the fields whose defaults differ)."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 2.0
+    seed: int = 0
+    output: str = "runs/var"
+    save_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TransformerSettings(DataSettings, LoopSettings):
+    """What the VAR/MVAR and raster trainers share beside the loop: the frozen tokenizer, the
+    trajectory and backend, the transformer's size, class dropout and a warm start."""
+
+    tokenizer: str = "runs/tokenizer/tokenizer.safetensors"
+    tokenizer_patch_nums: tuple[int, ...] | None = None
+    resolution: int | None = None
+    trajectory: str = "markov"
+    backend: str = "sdpa"
+    depth: int = 4
+    embed_dim: int = 128
+    num_heads: int = 4
+    class_dropout: float = 0.1
+    init_from: str | None = None
+
 
 
 def check_loop_settings(s: Any) -> None:

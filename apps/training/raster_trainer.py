@@ -43,7 +43,8 @@ from . import distributed as D
 from .batches import ShardedBatches, load_images
 from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, read_weights_metadata,
                             restore_training_state, save_training_checkpoint, state_sha256)
-from .common import architecture_error, check_loop_settings, drop_classes, training_record, wrap_ddp
+from .common import (TransformerSettings, architecture_error, check_loop_settings, drop_classes, training_record,
+                     wrap_ddp)
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer, clip_gradients
@@ -57,40 +58,18 @@ DERIVED_RASTER_BUFFERS = ("freqs_cis",)
 
 
 @dataclass
-class RasterTrainSettings:
+class RasterTrainSettings(TransformerSettings):
     """Everything ``train --trajectory raster`` takes (the CLI flags, one to one)."""
 
     tokenizer: str = "runs/tokenizer-raster/tokenizer.safetensors"
-    tokenizer_patch_nums: tuple[int, ...] | None = None
-    data: str = "digits"
-    split: Literal["train", "all"] = "train"
-    max_images: int | None = None
-    resolution: int | None = None
     trajectory: str = "raster"
-    backend: str = "sdpa"
-    depth: int = 4
-    embed_dim: int = 128
-    num_heads: int = 4
     cls_token_num: int = 1
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float = 1.0
-    class_dropout: float = 0.1
-    init_from: str | None = None
-    seed: int = 0
     output: str = "runs/raster"
     save_every: int = 250
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    progress: bool = True
 
 
 # -- model -----------------------------------------------------------------------------------------

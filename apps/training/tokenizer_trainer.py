@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from ..data import ImageSet
 from ...core.errors import UsageError
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig, phi_index
+from ..data import ImageSet
 from . import distributed as D
 from .batches import ShardedBatches, load_images, step_generator
 from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, restore_training_state,
                             save_training_checkpoint, state_sha256)
+from .common import DataSettings, LoopSettings
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer, clip_gradients
 from .rundir import METRICS_NAME, check_run_dir, fresh_start, settings_dict, write_settings
@@ -43,12 +44,9 @@ KIND = "tokenizer"
 
 
 @dataclass
-class TokenizerTrainSettings:
+class TokenizerTrainSettings(DataSettings, LoopSettings):
     """Everything ``train-tokenizer`` takes (the CLI flags, one to one)."""
 
-    data: str = "digits"
-    split: Literal["train", "all"] = "train"
-    max_images: int | None = None
     resolution: int = 32
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     vocab_size: int = 512
@@ -61,24 +59,14 @@ class TokenizerTrainSettings:
     quant_resi: float = 0.5
     share_quant_resi: int = 4
     codebook_init: Literal["data", "normal"] = "data"
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    grad_clip: float = 1.0
     l1_weight: float = 1.0
     mse_weight: float = 0.0
     vq_weight: float = 1.0
-    seed: int = 0
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
     output: str = "runs/tokenizer"
-    save_every: int = 200
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    progress: bool = True
 
 
 def check_schedule(patch_nums: tuple[int, ...], ch_mult: tuple[int, ...], resolution: int) -> int:

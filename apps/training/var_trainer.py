@@ -39,7 +39,8 @@ from . import distributed as D
 from .batches import ShardedBatches, load_images
 from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, restore_training_state,
                             save_training_checkpoint, state_sha256)
-from .common import architecture_error, check_loop_settings, drop_classes, training_record, wrap_ddp
+from .common import (TransformerSettings, architecture_error, check_loop_settings, drop_classes, training_record,
+                     wrap_ddp)
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize  # noqa: F401 (also imported from here)
 from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
                               scales_isolated)
@@ -52,45 +53,17 @@ KIND = "var"
 
 
 @dataclass
-class VarTrainSettings:
+class VarTrainSettings(TransformerSettings):
     """Everything ``train`` takes (the CLI flags, one to one). ``trajectory_options`` and
     ``attention_options`` hold the components' own options (``--attention-kernel-size 5``)."""
 
-    tokenizer: str = "runs/tokenizer/tokenizer.safetensors"
-    tokenizer_patch_nums: tuple[int, ...] | None = None
-    data: str = "digits"
-    split: Literal["train", "all"] = "train"
-    max_images: int | None = None
-    resolution: int | None = None
-    trajectory: str = "markov"
     trajectory_options: dict[str, Any] = field(default_factory=dict)
     attention: str | None = None
     attention_options: dict[str, Any] = field(default_factory=dict)
-    backend: str = "sdpa"
     strategy: Literal["sequence", "parallel"] = "sequence"
     ratio: str | None = None
     parallel_split: int | None = None
-    depth: int = 4
-    embed_dim: int = 128
-    num_heads: int = 4
     mlp_ratio: float = 4.0
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    grad_clip: float = 2.0
-    class_dropout: float = 0.1
-    init_from: str | None = None
-    seed: int = 0
-    output: str = "runs/var"
-    save_every: int = 200
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    progress: bool = True
 
 
 # -- model -----------------------------------------------------------------------------------------
