@@ -23,8 +23,8 @@ Python API::
 """
 
 from .checkpointing import read_weights_metadata
-from .tokenizer_trainer import TokenizerTrainSettings, TrainSummary, train_tokenizer
 from .raster_trainer import RasterTrainSettings, train_raster
+from .tokenizer_trainer import TokenizerTrainSettings, TrainSummary, train_tokenizer
 from .var_trainer import VarTrainSettings, train_var
 
 __all__ = ["RasterTrainSettings", "TokenizerTrainSettings", "TrainSummary", "VarTrainSettings", "read_weights_metadata",

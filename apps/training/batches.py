@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import ImageSet, load_dataset
 from ...core.errors import UsageError
+from ..data import ImageSet, load_dataset
 
 
 def stream_seed(*parts: int) -> int:

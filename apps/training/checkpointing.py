@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...models.checkpoint import METADATA_KEY, atomic_write, read_weights_metadata, save_state_dict
 from ...core.errors import CheckpointError
+from ...models.checkpoint import METADATA_KEY, atomic_write, read_weights_metadata, save_state_dict
 from . import distributed as D
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -16,9 +16,9 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from ..cli_helpers import PROG, Parser
 from ...core.errors import UsageError
 from ...core.registry import get_registry
+from ..cli_helpers import PROG, Parser
 from . import distributed as D
 from .loop import TrainingInterrupted
 from .raster_trainer import RasterTrainSettings, train_raster

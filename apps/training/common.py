@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 from ...core.errors import UsageError
 from . import distributed as D
 from .batches import ShardedBatches
+from .checkpointing import load_training_checkpoint, restore_training_state
+from .rundir import fresh_start
 
 
 @dataclass
@@ -114,3 +117,20 @@ def training_record(s: Any, *, step: int, metrics: dict[str, Any], seconds: floa
             "seed": s.seed, "world_size": world_size, "seconds": round(seconds, 2),
             "final_loss": numbers.get("loss"), "final": numbers,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def start_or_resume(run: Path, settings: LoopSettings, *, kind: str, architecture: dict[str, Any], model: nn.Module,
+                    optimizer, scheduler, metrics_log, info: D.DistInfo, weights_name: str
+                    ) -> tuple[int, float, dict[str, Any], dict[str, Any]]:
+    """``--resume``: restore model, optimiser and schedule from the run's checkpoint and cut the
+    metrics log after its step; else clear the run for a fresh start (main process). Returns
+    ``(first step, elapsed seconds, previous metrics, the checkpoint's extra record)``."""
+    if settings.resume:
+        ckpt = load_training_checkpoint(run, kind=kind, architecture=architecture)
+        start = restore_training_state(ckpt, model, optimizer, scheduler)
+        metrics_log.truncate_after(start)
+        extra = ckpt["extra"]
+        return start, float(extra.get("elapsed", 0.0)), dict(extra.get("metrics", {})), extra
+    if info.is_main:
+        fresh_start(run, weights_name)
+    return 0, 0.0, {}, {}

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ...core.errors import UsageError
-from ..cli_helpers import TORCHRUN_VARS, under_torchrun
+from ..cli_helpers import under_torchrun
 from ..pipeline import resolve_device as resolve_run_device
 
 

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 from pydantic import ValidationError
 
-from ...models.checkpoint import load_into, read_state_dict
 from ...core.errors import CheckpointError, UsageError
+from ...models.checkpoint import load_into, read_state_dict
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ..pipeline import infer_tokenizer_config
 from .checkpointing import file_sha256, read_weights_metadata

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +41,14 @@ from ..config import EngineConfig
 from ..pipeline import resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
-from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, read_weights_metadata,
-                            restore_training_state, save_training_checkpoint, state_sha256)
-from .common import (TransformerSettings, architecture_error, check_loop_settings, drop_classes, training_record,
-                     wrap_ddp)
+from .checkpointing import (checkpoint_path, export_weights, read_weights_metadata, save_training_checkpoint,
+                            state_sha256)
+from .common import (TransformerSettings, architecture_error, check_loop_settings, drop_classes, start_or_resume,
+                     training_record, wrap_ddp)
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer, clip_gradients
-from .rundir import METRICS_NAME, check_run_dir, fresh_start, settings_dict, write_settings
+from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
 
 WEIGHTS_NAME = "model.safetensors"
 KIND = "raster"
@@ -178,15 +178,9 @@ def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, 
     schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
     optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
     metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
-    start, elapsed, previous = 0, 0.0, {}
-    if s.resume:
-        ckpt = load_training_checkpoint(run, kind=KIND, architecture=architecture)
-        start = restore_training_state(ckpt, model, optimizer, scheduler)
-        elapsed = float(ckpt["extra"].get("elapsed", 0.0))
-        previous = dict(ckpt["extra"].get("metrics", {}))
-        metrics_log.truncate_after(start)
-    elif info.is_main:
-        fresh_start(run, WEIGHTS_NAME)
+    start, elapsed, previous, _ = start_or_resume(run, s, kind=KIND, architecture=architecture, model=model,
+                                                  optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log,
+                                                  info=info, weights_name=WEIGHTS_NAME)
     settings = settings_dict(s)
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)

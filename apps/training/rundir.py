@@ -7,8 +7,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from ...models.checkpoint import atomic_write
 from ...core.errors import UsageError
+from ...models.checkpoint import atomic_write
 from .checkpointing import CHECKPOINT_NAME, checkpoint_path
 
 CONFIG_NAME = "config.json"

@@ -32,12 +32,11 @@ from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig, phi_index
 from ..data import ImageSet
 from . import distributed as D
 from .batches import ShardedBatches, load_images, step_generator
-from .checkpointing import (checkpoint_path, export_weights, load_training_checkpoint, restore_training_state,
-                            save_training_checkpoint, state_sha256)
-from .common import DataSettings, LoopSettings
+from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
+from .common import DataSettings, LoopSettings, start_or_resume
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer, clip_gradients
-from .rundir import METRICS_NAME, check_run_dir, fresh_start, settings_dict, write_settings
+from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
 
 WEIGHTS_NAME = "tokenizer.safetensors"
 KIND = "tokenizer"
@@ -197,16 +196,11 @@ def _train(s: TokenizerTrainSettings, config: TokenizerConfig, run: Path, info: 
     optimizer, scheduler = build_optimizer(tokenizer, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95),
                                            schedule=schedule)
     metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
-    start, elapsed, previous = 0, 0.0, {}
+    start, elapsed, previous, extra = start_or_resume(run, s, kind=KIND, architecture=architecture, model=tokenizer,
+                                                      optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log,
+                                                      info=info, weights_name=WEIGHTS_NAME)
     if s.resume:
-        ckpt = load_training_checkpoint(run, kind=KIND, architecture=architecture)
-        start = restore_training_state(ckpt, tokenizer, optimizer, scheduler)
-        tokenizer.quantize.record_hit = int(ckpt["extra"].get("record_hit", 0))
-        elapsed = float(ckpt["extra"].get("elapsed", 0.0))
-        previous = dict(ckpt["extra"].get("metrics", {}))
-        metrics_log.truncate_after(start)
-    elif info.is_main:
-        fresh_start(run, WEIGHTS_NAME)
+        tokenizer.quantize.record_hit = int(extra.get("record_hit", 0))
     settings = settings_dict(s)
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
