@@ -24,9 +24,9 @@ from typing import Any, Callable, Sequence
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
 from ..core.records import KIND_LABELS, RECORD_TYPES
 from ..core.registry import Registry, failing_component, get_registry
-from .cli_helpers import PROG, Commands, Parser, under_torchrun
+from .cli_helpers import PROG, Commands, Parser, check_output_path, under_torchrun
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
-from .pipeline import Pipeline
+from .pipeline import Pipeline, resolve_autocast, resolve_device
 
 
 def _component_flag(kind: str, field: str) -> str:
@@ -176,8 +176,27 @@ def parse_generate_args(argv: Sequence[str], registry: Registry | None = None) -
     return config.model_copy(update=updates)
 
 
+def check_generate_inputs(config: EngineConfig) -> None:
+    """Everything about a generation run that can be checked before a model is built: the device
+    and autocast dtype, and every output path (nothing is created here). One-line ``UsageError``s."""
+    device = resolve_device(config.device)
+    resolve_autocast(config.dtype, device)
+    out = config.output
+    grid = check_output_path("--output", out.output, (".png",))
+    if out.per_image:
+        folder = grid.with_suffix("")
+        if str(grid) == os.devnull or (folder.exists() and not folder.is_dir()):
+            raise UsageError(f"--per-image writes its PNGs into {folder}, which is not a directory "
+                             f"(choose another --output)")
+    if out.save_tokens is not None:
+        tokens = check_output_path("--save-tokens", out.save_tokens, (".pt", ".safetensors"))
+        if str(grid) != os.devnull and tokens.absolute() == grid.absolute():
+            raise UsageError(f"--save-tokens {tokens}: the same path as --output (give another file)")
+
+
 def cmd_generate(argv: Sequence[str]) -> int:
     config = parse_generate_args(argv)
+    check_generate_inputs(config)
     start = time.perf_counter()
     pipe = Pipeline.from_config(config)
     result = pipe.generate()

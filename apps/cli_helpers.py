@@ -117,3 +117,48 @@ class Commands:
     def names(self) -> list[str]:
         """Every top-level name and group, in registration order."""
         return [*self.top, *(g for g in self.groups if g not in self.top)]
+
+
+def check_output_path(flag: str, path: str | os.PathLike | None, suffixes: Sequence[str] = ()) -> "Path":
+    """A path the command will write, checked before any work: not empty, not a directory, the
+    suffix one of ``suffixes`` (when given), and its nearest existing ancestor a writable directory
+    (nothing is created here). Returns the path; a problem raises a one-line ``UsageError`` naming
+    ``flag``. ``os.devnull`` is accepted (the output is discarded)."""
+    from pathlib import Path
+
+    text = "" if path is None else os.fspath(path)
+    want = " or ".join(suffixes)
+    example = f"out{suffixes[0]}" if suffixes else "out.bin"
+    if not text.strip():
+        raise UsageError(f"{flag} '': the path is empty (give a file path such as {example})")
+    if text == os.devnull:
+        return Path(text)
+    target = Path(text)
+    if target.is_dir():
+        raise UsageError(f"{flag} {text}: is a directory (give a file path such as {target / example})")
+    if target.exists() and not target.is_file():
+        raise UsageError(f"{flag} {text}: exists and is not a regular file (give a file path such as {example})")
+    if suffixes and target.suffix.lower() not in [s.lower() for s in suffixes]:
+        raise UsageError(f"{flag} {text}: the file name must end in {want} (change the suffix: {target.with_suffix(suffixes[0]).name})")
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {text}: {ancestor} is a file, not a directory (choose another location)")
+    if not (os.access(ancestor, os.W_OK | os.X_OK) and _can_create_in(ancestor)):
+        raise UsageError(f"{flag} {text}: cannot write under {ancestor} (not writable; choose another location)")
+    return target
+
+
+def _can_create_in(folder) -> bool:
+    """Whether a file can be created in ``folder`` (root passes ``os.access`` on read-only file
+    systems such as /proc, so a probe file is created and removed at once)."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".mvar-engine-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True

@@ -3,14 +3,16 @@ as a plugin registers its own (the ``builtin-commands`` entry point)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..core.errors import UsageError
 from ..core.hookspecs import hookimpl
 from ..models.checkpoint import convert_weights
 from . import cli
-from .cli_helpers import PROG, Commands, Parser, lazy_command
+from .cli_helpers import PROG, Commands, Parser, check_output_path, lazy_command
 
 BENCH = "mvar_engine.apps.bench"
 
@@ -25,6 +27,15 @@ def cmd_export_weights(argv: Sequence[str]) -> int:
     p.add_argument("--dtype", choices=list(dtypes), default="float16", help="default float16")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    source = Path(args.source)
+    if not args.source.strip():
+        raise UsageError("export-weights SOURCE '': the path is empty (give a weights file)")
+    if not source.is_file():
+        what = "is a directory" if source.is_dir() else "does not exist"
+        raise UsageError(f"export-weights SOURCE {args.source}: {what} (give a weights file: .safetensors, .pth, .pt)")
+    target = check_output_path("export-weights TARGET", args.target, (".safetensors",))
+    if target.exists() and target.resolve() == source.resolve():
+        raise UsageError(f"export-weights TARGET {args.target}: the same file as SOURCE (give another target path)")
     path = convert_weights(args.source, args.target, dtypes[args.dtype])
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {args.dtype})")
     return 0

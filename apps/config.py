@@ -8,11 +8,13 @@ apply to that component (a flag that picks another name drops the file's options
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ..core.errors import ConfigError
 from ..core.registry import format_validation_error
@@ -55,15 +57,80 @@ class ComponentChoice(BaseModel):
         return choice if choice is not None and "name" in choice else value
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds ``torch.Generator.manual_seed`` accepts."""
+
+INT64_MAX = 2**63 - 1
+"""The largest count torch takes (larger ones overflow in C++)."""
+
+
+def _finite_number(value: Any, flag: str, allowed: str) -> Any:
+    """``value`` unless it is (or spells) inf or nan: then a one-line error naming ``flag``."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        return value  # pydantic reports the non-number
+    if number is not None and not math.isfinite(number):
+        raise PydanticCustomError("finite_number", f"{flag} takes {allowed}")
+    return value
+
+
+def _not_empty_path(value: Any, flag: str) -> Any:
+    """``value`` unless it is an empty (or blank) path, which ``Path`` would turn into ``.``."""
+    if isinstance(value, str) and not value.strip():
+        raise PydanticCustomError("empty_path", f"{flag} is empty: give a path")
+    return value
+
+
+def split_int_list(value: Any, flag: str, *, minimum: int | None = None) -> Any:
+    """``"1, 2,3"`` -> ``[1, 2, 3]``; empty lists, holes (``1,,2``) and (with ``minimum``) smaller
+    values are one-line errors naming ``flag``."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if not value.strip():
+            raise PydanticCustomError("empty_list", f"{flag} is empty: give at least one comma-separated integer")
+        if any(not p for p in parts):
+            raise PydanticCustomError("list_hole", f"{flag} has an empty entry between commas (e.g. 1,2,3)")
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise PydanticCustomError("list_int", f"{flag} takes comma-separated integers") from None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise PydanticCustomError("empty_list", f"{flag}: give at least one integer (got an empty list)")
+        small = [v for v in value if isinstance(v, int) and not isinstance(v, bool) and minimum is not None and v < minimum]
+        if small:
+            raise PydanticCustomError("list_min", f"{flag} entries {small} are out of range: every entry must be >= {minimum}")
+    return value
+
+
 class SamplingConfig(BaseModel):
     """VAR's sampling: CFG ramp, top-k, top-p; ``top_k = 1`` is greedy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cfg: float = Field(1.5, ge=0, description="classifier-free guidance strength (VAR ramps it linearly over scales)")
-    top_k: int = Field(900, ge=0, description="keep the k most likely tokens (0: off; 1: greedy)")
+    top_k: int = Field(900, ge=0, le=INT64_MAX, description="keep the k most likely tokens (0: off; 1: greedy)")
     top_p: float = Field(0.96, ge=0, le=1, description="nucleus mass kept (0 or 1: off)")
-    seed: int = Field(0, description="seed of the torch.Generator (same seed, same images)")
+    seed: int = Field(0, ge=SEED_MIN, le=SEED_MAX, description="seed of the torch.Generator (same seed, same images)")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, value: Any) -> Any:
+        try:
+            number = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+        except ValueError:
+            return value  # pydantic reports the non-integer
+        if number is not None and not SEED_MIN <= number <= SEED_MAX:
+            raise PydanticCustomError("seed_range", f"--seed takes an integer from -2**63 to 2**64 - 1 "
+                                                    f"(what torch.Generator accepts)")
+        return value
+
+    @field_validator("cfg", "top_p", mode="before")
+    @classmethod
+    def _finite(cls, value: Any, info) -> Any:
+        return _finite_number(value, f"--{info.field_name.replace('_', '-')}",
+                              "a finite number >= 0" if info.field_name == "cfg" else "a finite number in [0, 1]")
 
 
 class ModelConfig(BaseModel):
@@ -74,20 +141,23 @@ class ModelConfig(BaseModel):
 
     var_checkpoint: Path | None = None
     vae_checkpoint: Path | None = None
-    depth: int | None = Field(None, ge=1, description="transformer depth (inferred from a checkpoint when omitted)")
+    depth: int | None = Field(None, ge=1, le=INT64_MAX, description="transformer depth (inferred from a checkpoint when omitted)")
     patch_nums: tuple[int, ...] | None = Field(None, description="scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16")
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=INT64_MAX)
     random_weights: bool = False
     strict: bool = True
     adapter: str | None = Field(None, description="model family (see 'mvar-engine plugins --kind model'); default: "
                                                  "the first installed one that serves the trajectory's family")
 
+    @field_validator("var_checkpoint", "vae_checkpoint", mode="before")
+    @classmethod
+    def _no_empty_checkpoint(cls, value: Any, info) -> Any:
+        return _not_empty_path(value, f"--{info.field_name.replace('_', '-')}")
+
     @field_validator("patch_nums", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(int(p) for p in value.replace(" ", "").split(",") if p)
-        return value
+        return split_int_list(value, "--patch-nums", minimum=1)
 
 
 class OutputConfig(BaseModel):
@@ -96,6 +166,11 @@ class OutputConfig(BaseModel):
     output: Path = Field(Path("outputs/samples.png"), description="PNG grid written here (one row per label)")
     per_image: bool = Field(False, description="also write one PNG per image next to the grid")
     save_tokens: Path | None = Field(None, description="write the per-scale token indices here (.pt or .safetensors)")
+
+    @field_validator("output", "save_tokens", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: Any, info) -> Any:
+        return _not_empty_path(value, f"--{info.field_name.replace('_', '-')}")
 
 
 class EngineConfig(BaseModel):
@@ -111,8 +186,8 @@ class EngineConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="autocast dtype (CUDA only for 16-bit)")
     labels: list[int] | None = Field(None, description="class labels, one grid row each (default: up to 10 classes)")
-    samples_per_label: int = Field(8, ge=1)
-    batch_size: int = Field(16, ge=1, description="images per forward pass")
+    samples_per_label: int = Field(8, ge=1, le=INT64_MAX)
+    batch_size: int = Field(16, ge=1, le=INT64_MAX, description="images per forward pass")
     progress: bool = True
     sampling: SamplingConfig = SamplingConfig()
     model: ModelConfig = ModelConfig()
@@ -121,9 +196,7 @@ class EngineConfig(BaseModel):
     @field_validator("labels", mode="before")
     @classmethod
     def _split_labels(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [int(p) for p in value.replace(" ", "").split(",") if p]
-        return value
+        return None if value is None else split_int_list(value, "--labels", minimum=0)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

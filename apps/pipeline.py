@@ -12,6 +12,7 @@ Python API::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -95,12 +96,38 @@ def _default_choice(name: str) -> ComponentChoice:
     return ComponentChoice(name=name)
 
 
+def available_devices() -> list[str]:
+    """The ``--device`` values this machine can run: auto, cpu, cuda and cuda:N per GPU, mps."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+    """``--device`` -> a torch device; a device this machine lacks (or a name torch does not know)
+    is a one-line ``UsageError`` listing the available ones."""
+    text = str(name).strip().lower()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    have = available_devices()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: not a device name (available here: {', '.join(have)})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
+        raise UsageError(f"--device {name}: no CUDA device is available (available here: {', '.join(have)}; "
+                         f"use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(available here: {', '.join(have)})")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UsageError(f"--device {name}: use --device cpu (available here: {', '.join(have)})")
+    if device.type not in ("cpu", "cuda") and device.type not in have:
+        raise UsageError(f"--device {name}: unavailable on this machine (available here: {', '.join(have)})")
     return device
 
 
@@ -284,7 +311,8 @@ class Pipeline:
         """Write the grid (one row per label), optional per-image PNGs and tokens; returns the paths."""
         out_cfg = self.config.output
         grid_path = Path(output or out_cfg.output)
-        written = [save_grid(result.images, result.rows, grid_path)]
+        # --output /dev/null discards the grid (never replace the device file)
+        written = [grid_path if str(grid_path) == os.devnull else save_grid(result.images, result.rows, grid_path)]
         if out_cfg.per_image:
             written += save_images(result.images, result.labels, grid_path.with_suffix(""))
         if out_cfg.save_tokens:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import math
 import os
 import re
 import types
@@ -146,6 +147,23 @@ class RegisteredComponent:
         }
 
 
+def _check_numbers(kind: str, name: str, options: BaseModel) -> None:
+    """Refuse, for every component (plugins too), option numbers torch cannot take: inf/nan floats
+    and integers beyond int64 (they overflow in C++ far from the flag that set them)."""
+    problems = []
+    for field in type(options).model_fields:
+        value = getattr(options, field, None)
+        flag = f"--{kind}-{field.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{KIND_LABELS[kind]} '{name}' option {field}: Input should be a finite number "
+                            f"(got {value!r}) (flag {flag})")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            problems.append(f"{KIND_LABELS[kind]} '{name}' option {field}: Input should be an integer of at most "
+                            f"63 bits (got {value!r}) (flag {flag})")
+    if problems:
+        raise ConfigError(problems)
+
+
 def format_validation_error(error: ValidationError, prefix: str = "", allowed: Iterable[str] = ()) -> list[str]:
     """One line per problem: ``field: message (got value)``; ``allowed`` lists valid field names."""
     lines = []
@@ -229,10 +247,17 @@ class Registry:
         if isinstance(options, model):
             return options
         try:
-            return model.model_validate(dict(options or {}))
+            validated = model.model_validate(dict(options or {}))
         except ValidationError as error:
             prefix = f"{KIND_LABELS[kind]} '{entry.name}' option "
-            raise ConfigError(format_validation_error(error, prefix, model.model_fields)) from None
+            lines = format_validation_error(error, prefix, model.model_fields)
+            for i, problem in enumerate(error.errors()):  # name the command-line flag of each known option
+                field = str(problem["loc"][0]) if problem["loc"] else ""
+                if field in model.model_fields and i < len(lines):
+                    lines[i] += f" (flag --{kind}-{field.replace('_', '-')})"
+            raise ConfigError(lines) from None
+        _check_numbers(kind, entry.name, validated)
+        return validated
 
     def create(self, kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> Any:
         """Build the component with validated options (the record's factory gets the options model)."""

@@ -69,7 +69,7 @@ def slot_order_spans(positions: list[int]) -> Spans:
 
 
 class BudgetOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     budget: float = Field(0.2, gt=0, description="tokens a layer stores: a fraction of the sequence (<= 1) or a "
                                                  "count (> 1); the class prefix counts against it")

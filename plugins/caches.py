@@ -90,7 +90,7 @@ class SegmentStore:
 
 
 class WindowOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     scales: int = Field(1, ge=1, description="number of most recent scales kept for the next step (step mode)")
     budget: float | None = Field(None, gt=0, description="token mode: tokens stored per layer, a fraction of the "

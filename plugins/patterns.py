@@ -99,7 +99,7 @@ def _ends_with(keys: Spans, q_span: tuple[int, int]) -> bool:
 
 
 class NeighborhoodOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kernel_size: int = Field(7, ge=1, description="window side k (MVAR: 7)")
     dilation: int = Field(1, ge=1, description="window dilation")

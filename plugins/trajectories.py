@@ -25,7 +25,7 @@ class FullTrajectory(Trajectory):
 
 
 class MarkovOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     order: int = Field(1, ge=1, description="scales a scale's queries see, itself included "
                        "(1 = MVAR: own block only; the previous scale enters through the input)")
