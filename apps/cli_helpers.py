@@ -8,7 +8,10 @@ import argparse
 import importlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
+
+from pydantic import ValidationError
 
 from ..core.errors import ConfigError, UsageError
 
@@ -83,6 +86,14 @@ def one_line(error: BaseException, *, with_type: bool = False, limit: int | None
     return text or type(error).__name__
 
 
+def architecture_error(error: ValidationError, flags: str) -> UsageError:
+    """A model config's first validation problem as a one-line usage error pointing at ``flags``."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return UsageError(f"model architecture: {where + ': ' if where else ''}{message} (check {flags})")
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -119,13 +130,11 @@ class Commands:
         return [*self.top, *(g for g in self.groups if g not in self.top)]
 
 
-def check_output_path(flag: str, path: str | os.PathLike | None, suffixes: Sequence[str] = ()) -> "Path":
+def check_output_path(flag: str, path: str | os.PathLike | None, suffixes: Sequence[str] = ()) -> Path:
     """A path the command will write, checked before any work: not empty, not a directory, the
     suffix one of ``suffixes`` (when given), and its nearest existing ancestor a writable directory
     (nothing is created here). Returns the path; a problem raises a one-line ``UsageError`` naming
     ``flag``. ``os.devnull`` is accepted (the output is discarded)."""
-    from pathlib import Path
-
     text = "" if path is None else os.fspath(path)
     want = " or ".join(suffixes)
     example = f"out{suffixes[0]}" if suffixes else "out.bin"

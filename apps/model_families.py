@@ -6,25 +6,30 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
-from ..core.adapter import ModelAdapter, ModelFamily
+from ..core.adapter import ModelAdapter, ModelFacts, ModelFamily
 from ..core.hookspecs import hookimpl
 from ..core.records import ModelAdapterRecord
 from ..models.raster_adapter import RasterAdapter
 from ..models.var_adapter import VarAdapter
-from .pipeline import build_models, build_raster_models
+from .model_loading import ModelPlan, build_raster_plan, build_var_plan, plan_raster_models, plan_var_models
 
 
 class BuiltinFamily(ModelFamily):
-    """A built-in family: ``builder(settings) -> (model, tokenizer)`` and its ``adapter_type``."""
+    """A built-in family: ``planner(settings) -> ModelPlan`` (every check, nothing built),
+    ``builder(plan) -> (model, tokenizer)`` and its ``adapter_type``."""
 
-    builder: ClassVar[Callable[[Any], tuple[Any, Any]]]
+    planner: ClassVar[Callable[[Any], ModelPlan]]
+    builder: ClassVar[Callable[[ModelPlan], tuple[Any, Any]]]
     adapter_type: ClassVar[type[ModelAdapter]]
 
     def __init__(self, options: Any = None) -> None:
         self.options = options
 
     def build(self, settings):
-        return type(self).builder(settings)
+        return type(self).builder(type(self).planner(settings))
+
+    def inspect(self, settings) -> ModelFacts:
+        return type(self).planner(settings).facts()
 
     def adapter(self, model, tokenizer) -> ModelAdapter:
         return self.adapter_type(model, tokenizer)
@@ -34,14 +39,14 @@ class VarFamily(BuiltinFamily):
     """VAR/MVAR transformers with their multi-scale tokenizer (VAR's and MVAR's released files, ours)."""
 
     name, family, adapter_type = "var", "next-scale", VarAdapter
-    builder = staticmethod(build_models)
+    planner, builder = staticmethod(plan_var_models), staticmethod(build_var_plan)
 
 
 class RasterFamily(BuiltinFamily):
     """LlamaGen's c2i GPT (its key names) with a one-scale tokenizer."""
 
     name, family, adapter_type = "raster-gpt", "next-token", RasterAdapter
-    builder = staticmethod(build_raster_models)
+    planner, builder = staticmethod(plan_raster_models), staticmethod(build_raster_plan)
 
 
 @hookimpl

@@ -15,28 +15,31 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..core.adapter import ModelFamily
+from ..core.adapter import ModelFacts, ModelFamily
 from ..core.backend_selection import BackendSelector, selector_for
 from ..core.cache import CachePolicy
 from ..core.compatibility import check_compatible
 from ..core.engine import Engine
-from ..core.errors import CheckpointError, IncompatibleComponentsError, UsageError
+from ..core.errors import IncompatibleComponentsError, UsageError
+from ..core.files import atomic_write
 from ..core.registry import Registry, get_registry
-from ..models.checkpoint import atomic_write, load_into, read_state_dict, save_state_dict
-from ..models.default_models import available_defaults, default_checkpoints, weights_metadata
-from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
-from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
-from ..models.var import VAR, VARConfig, infer_var_config
+from ..models.checkpoint import save_state_dict
+from ..models.default_models import default_checkpoints, weights_metadata
 from .cli_helpers import PROG
 from .config import ComponentChoice, EngineConfig
 from .images import save_grid, save_images
+from .model_loading import (build_models, build_raster_models, infer_tokenizer_config, load_raster, load_tokenizer,
+                            load_var, save_var)
 
-DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
+__all__ = ["Components", "GenerationResult", "Pipeline", "available_devices", "build_models", "build_raster_models",
+           "check_model_facts", "choose_model", "infer_tokenizer_config", "load_raster", "load_tokenizer", "load_var",
+           "recommended_choices", "resolve_autocast", "resolve_components", "resolve_device", "save_tokens",
+           "save_var", "with_weights"]
 
 
 @dataclass
@@ -139,6 +142,23 @@ def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def check_model_facts(config: EngineConfig, components: Components) -> ModelFacts | None:
+    """Check the run against what its model family tells before building (``ModelFamily.inspect``):
+    the labels against the classes, the attention pattern and the cache against the layout, layer
+    and head counts (and a head map against the weights). One-line ``UsageError``s; returns the
+    facts (None when the family tells nothing: the engine checks at ``generate``)."""
+    facts = components.model.inspect(config)
+    if facts is None:
+        return None
+    bad = [label for label in (config.labels or []) if not 0 <= label < facts.num_classes]
+    if bad:
+        raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{facts.num_classes - 1}")
+    components.pattern.check_layout(facts.layout)
+    components.cache.check_layout(facts.layout, num_layers=facts.num_layers, num_heads=facts.num_heads,
+                                  weights_id=facts.weights_id)
+    return facts
+
+
 # -- models ----------------------------------------------------------------------------------------
 def recommended_choices(config: EngineConfig, metadata: dict[str, Any] | None) -> EngineConfig:
     """``config`` with the attention pattern's options taken from the weights' metadata when the run
@@ -174,74 +194,6 @@ def with_weights(config: EngineConfig) -> EngineConfig:
     return config
 
 
-def _architecture(path, config_type):
-    """The config of ``config_type`` stored in a weights file's metadata, or None."""
-    meta = weights_metadata(path)
-    arch = (meta or {}).get("architecture")
-    if not arch:
-        return None
-    try:
-        return config_type(**arch)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its metadata's architecture is invalid ({' '.join(str(error).split())[:200]})") from None
-
-
-def load_var(path: Path, *, depth: int | None = None, patch_nums=None, num_classes: int | None = None,
-             strict: bool = True) -> VAR:
-    """A VAR from any supported checkpoint layout; the architecture comes from the file's metadata
-    when it has some (our exports), else it is read off the tensor shapes."""
-    _check_kind(path, "var", "next-scale trajectories (full, markov) run VAR/MVAR weights; run raster GPT weights "
-                             "with --trajectory raster")
-    state = read_state_dict(path)
-    try:
-        config = _architecture(path, VARConfig) or infer_var_config(state, depth=depth, patch_nums=patch_nums,
-                                                                     num_classes=num_classes)
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
-    model = VAR(config)
-    load_into(model, state, source=str(path), strict=strict, derived=DERIVED_VAR_BUFFERS)
-    return model
-
-
-def infer_tokenizer_config(state: dict[str, torch.Tensor], patch_nums) -> TokenizerConfig:
-    """Tokenizer architecture read off its state dict (channels, ch_mult, blocks, vocabulary, phis)."""
-    try:
-        vocab, z = state["quantize.embedding.weight"].shape
-        ch = state["encoder.conv_in.weight"].shape[0]
-    except KeyError as error:
-        raise KeyError(f"not a multi-scale VQVAE state dict: missing {error.args[0]}") from None
-    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
-    ch_mult = []
-    for level in range(levels):
-        ch_mult.append(state[f"encoder.down.{level}.block.0.conv1.weight"].shape[0] // ch)
-    blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
-    phis = {int(k.split(".")[3]) for k in state if k.startswith("quantize.quant_resi.qresi_ls.")}
-    share = len(phis) if phis else 4
-    using_sa = any(k.startswith("encoder.down.") and ".attn." in k for k in state)
-    using_mid_sa = any(k.startswith("encoder.mid.attn_1.") for k in state)
-    return TokenizerConfig(vocab_size=int(vocab), z_channels=int(z), ch=int(ch), ch_mult=tuple(ch_mult),
-                           num_res_blocks=blocks, share_quant_resi=share, patch_nums=tuple(patch_nums),
-                           using_sa=using_sa, using_mid_sa=using_mid_sa)
-
-
-def load_tokenizer(path: Path, patch_nums, strict: bool = True) -> MultiScaleVQVAE:
-    state = read_state_dict(path)
-    try:
-        stored = _architecture(path, TokenizerConfig)
-        config = (stored.model_copy(update={"patch_nums": tuple(patch_nums)}) if stored is not None
-                  else infer_tokenizer_config(state, patch_nums))
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
-    model = MultiScaleVQVAE(config)
-    load_into(model, state, source=str(path), strict=strict, derived=("quantize.ema_vocab_hit_SV",))
-    return model
-
-
-def save_var(model: VAR, path: str | Path) -> Path:
-    """Flat state dict (the released layout, mask buffers included) as .pth or .safetensors."""
-    return save_state_dict(model.state_dict(), path)
-
-
 @dataclass
 class GenerationResult:
     """``images: [N, 3, H, W]`` in [0, 1]; ``labels: [N]``; ``tokens[s]: LongTensor[N, l_s]``."""
@@ -257,7 +209,7 @@ class GenerationResult:
 class Pipeline:
     """A ready-to-run engine plus the run settings of an :class:`EngineConfig`."""
 
-    def __init__(self, config: EngineConfig, model: VAR, tokenizer: MultiScaleVQVAE, components: Components,
+    def __init__(self, config: EngineConfig, model: Any, tokenizer: Any, components: Components,
                  device: torch.device) -> None:
         self.config, self.model, self.tokenizer, self.components, self.device = config, model, tokenizer, components, device
         autocast = resolve_autocast(config.dtype, device)
@@ -268,9 +220,11 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: EngineConfig, registry: Registry | None = None) -> "Pipeline":
+        """Resolve, check (everything :func:`check_model_facts` can tell before a build), build."""
         config = with_weights(config)
         components = resolve_components(config, registry)
         device = resolve_device(config.device)
+        check_model_facts(config, components)
         model, tokenizer = components.model.build(config)
         tokenizer = None if tokenizer is None else tokenizer.to(device).eval()
         return cls(config, model.to(device).eval(), tokenizer, components, device)
@@ -286,7 +240,7 @@ class Pipeline:
         labels = list(labels if labels is not None else (cfg.labels if cfg.labels is not None else self.default_labels()))
         bad = [label for label in labels if not 0 <= label < self.adapter.num_classes]
         if bad:
-            raise UsageError(f"--labels {bad}: this model has classes 0..{self.adapter.num_classes - 1}")
+            raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{self.adapter.num_classes - 1}")
         per = samples_per_label or cfg.samples_per_label
         all_labels = torch.tensor([label for label in labels for _ in range(per)], dtype=torch.long)
         generator = torch.Generator(device=self.device).manual_seed(cfg.sampling.seed)
@@ -320,7 +274,7 @@ class Pipeline:
         return written
 
 
-def save_tokens(result: GenerationResult, model: VAR, path: str | Path) -> Path:
+def save_tokens(result: GenerationResult, model: Any, path: str | Path) -> Path:
     """Per-scale token indices: ``tokens.{s}: LongTensor[N, h_s * w_s]``, ``labels: [N]``, ``grids: [S, 2]``."""
     state = {f"tokens.{s}": t for s, t in enumerate(result.tokens)}
     state["labels"] = result.labels
@@ -331,123 +285,3 @@ def save_tokens(result: GenerationResult, model: VAR, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-DERIVED_RASTER_BUFFERS = ("freqs_cis",)
-"""Raster GPT buffers recomputed from the config, never read (LlamaGen's checkpoints lack them too)."""
-
-
-def _check_kind(path, expected: str, use: str) -> dict | None:
-    """The weights' metadata, after checking that it (when present) says ``kind == expected``; else a
-    one-line error naming what the file holds and ``use`` (how to run it)."""
-    meta = weights_metadata(path)
-    kind = (meta or {}).get("kind")
-    if kind is not None and kind != expected:
-        family = (meta or {}).get("family") or {"var": "next-scale", "raster": "next-token"}.get(kind)
-        raise CheckpointError(f"{path} holds {kind} weights{f' ({family})' if family else ''}, not {expected} "
-                              f"weights; {use}")
-    return meta
-
-
-def _raster_side(grid) -> object:
-    """A one-scale schedule entry: the side of a square grid, else ``(h, w)``."""
-    h, w = grid
-    return h if h == w else (h, w)
-
-
-def load_raster(path: Path, *, grid: tuple[int, int] | None = None, depth: int | None = None,
-                num_classes: int | None = None, strict: bool = True) -> "RasterGPT":
-    """A raster GPT from our ``model.safetensors`` (architecture from its metadata) or a LlamaGen c2i
-    state dict (flat, or nested under ``model`` / ``module`` / ``state_dict`` as LlamaGen's released
-    and training checkpoints are; architecture read off the shapes, ``grid`` required since the file
-    does not hold it). Strict loading reports every missing, unexpected and mis-shaped key on one line."""
-
-    meta = _check_kind(path, "raster", "--trajectory raster runs raster GPT weights (mvar-engine train --trajectory "
-                                       "raster, or LlamaGen's c2i GPT checkpoints); run next-scale weights with "
-                                       "--trajectory full or markov")
-    state = read_state_dict(path)
-    config = _architecture(path, RasterGPTConfig) if meta else None
-    if config is not None:
-        if grid is not None and tuple(grid) != tuple(config.grid):
-            raise UsageError(f"--patch-nums {grid[0] if grid[0] == grid[1] else grid}: {path} was trained on a "
-                             f"{config.grid[0]}x{config.grid[1]} token grid (drop --patch-nums)")
-    else:
-        try:
-            infer_raster_config(state, depth=depth, num_classes=num_classes)  # is it a LlamaGen c2i state dict?
-            if grid is None:
-                raise UsageError(f"{path} does not record its token grid: give it with --patch-nums SIDE (LlamaGen: "
-                                 f"16 at 256px, 24 at 384px)")
-            config = infer_raster_config(state, grid=tuple(grid), depth=depth, num_classes=num_classes)
-        except (KeyError, ValueError) as error:
-            raise CheckpointError(f"{path}: {error.args[0] if error.args else error}") from None
-    model = RasterGPT(config)
-    load_into(model, state, source=str(path), strict=strict, derived=DERIVED_RASTER_BUFFERS)
-    return model
-
-
-def build_raster_models(config: EngineConfig):
-    """A raster GPT and its one-scale tokenizer: from ``--var-checkpoint`` (raster weights, see
-    :func:`load_raster`) and ``--vae-checkpoint`` (a tokenizer, run with the one-scale schedule of
-    the GPT's token grid); or, with ``--random-weights``, LlamaGen-B's size (12 layers, width 768)
-    at ``--patch-nums`` (one side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth,
-    with a tokenizer of LlamaGen VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes).
-    The shipped default raster weights come in through :func:`with_weights`."""
-
-    m = config.model
-    if m.patch_nums and len(m.patch_nums) != 1:
-        raise UsageError(f"--patch-nums for a raster model is one grid side (e.g. 24), got {len(m.patch_nums)} scales")
-    side = m.patch_nums[0] if m.patch_nums else None
-    grid = None if side is None else ((side, side) if isinstance(side, int) else tuple(side))
-    if m.var_checkpoint or m.vae_checkpoint:
-        if not (m.var_checkpoint and m.vae_checkpoint):
-            raise UsageError("give both --var-checkpoint (the raster GPT) and --vae-checkpoint (its tokenizer)")
-        tok_meta = _check_kind(m.vae_checkpoint, "tokenizer", "--vae-checkpoint takes the tokenizer's weights")
-        if grid is None and tok_meta and tok_meta.get("patch_nums") and not weights_metadata(m.var_checkpoint):
-            last = tok_meta["patch_nums"][-1]  # a LlamaGen file does not say its grid; our tokenizer's metadata does
-            grid = (last, last) if isinstance(last, int) else tuple(last)
-        model = load_raster(m.var_checkpoint, grid=grid, depth=m.depth, num_classes=m.num_classes, strict=m.strict)
-        tokenizer = load_tokenizer(m.vae_checkpoint, (_raster_side(model.config.grid),), strict=m.strict)
-        if tokenizer.vocab_size != model.vocab_size:
-            raise CheckpointError(f"tokenizer {m.vae_checkpoint} has {tokenizer.vocab_size} codes but the raster GPT "
-                                  f"{m.var_checkpoint} predicts {model.vocab_size} (give the tokenizer it was trained on)")
-        return model, tokenizer
-    if not m.random_weights:
-        have = ", ".join(available_defaults()) or "none in this installation"
-        raise UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); pass "
-                         f"--var-checkpoint and --vae-checkpoint, or --random-weights to time a random raster model")
-    grid = grid or (24, 24)
-    torch.manual_seed(config.sampling.seed)
-    tokenizer = MultiScaleVQVAE(llamagen_vq16_sized(grid))
-    overrides = {"grid": grid, "vocab_size": tokenizer.vocab_size, "num_classes": m.num_classes or 1000}
-    if m.depth:
-        overrides["depth"] = m.depth
-    return RasterGPT(RasterGPTConfig.llamagen_b(**overrides)), tokenizer
-
-
-def build_models(config: EngineConfig, family: str = "next-scale") -> tuple[VAR, MultiScaleVQVAE]:
-    """The VAR and tokenizer a config asks for: checkpoints, random weights, or the embedded default
-    (``family="next-token"``: a raster GPT, see :func:`build_raster_models`)."""
-    if family == "next-token":
-        return build_raster_models(config)
-    m = config.model
-    if m.var_checkpoint or m.vae_checkpoint:
-        if not (m.var_checkpoint and m.vae_checkpoint):
-            raise UsageError("give both --var-checkpoint and --vae-checkpoint (the transformer and its tokenizer)")
-        model = load_var(m.var_checkpoint, depth=m.depth, patch_nums=m.patch_nums, num_classes=m.num_classes, strict=m.strict)
-        tokenizer = load_tokenizer(m.vae_checkpoint, model.config.patch_nums, strict=m.strict)
-        _check_pair(model, tokenizer)
-        return model, tokenizer
-    if m.random_weights:
-        torch.manual_seed(config.sampling.seed)
-        patch_nums = m.patch_nums or VARConfig.model_fields["patch_nums"].default
-        var_config = VARConfig(depth=m.depth or 16, num_classes=m.num_classes or 1000, patch_nums=patch_nums)
-        tokenizer = MultiScaleVQVAE(TokenizerConfig(patch_nums=tuple(patch_nums)))
-        return VAR(var_config), tokenizer
-    have = ", ".join(available_defaults()) or "none in this installation"
-    raise UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); pass "
-                     f"--var-checkpoint and --vae-checkpoint, or --random-weights (with --depth) to time a random model")
-
-
-def _check_pair(model: VAR, tokenizer: MultiScaleVQVAE) -> None:
-    tcfg = tokenizer.config
-    if tcfg.vocab_size != model.vocab_size or tcfg.z_channels != model.z_channels:
-        raise CheckpointError(f"tokenizer (vocabulary {tcfg.vocab_size}, Cvae {tcfg.z_channels}) does not fit the "
-                              f"transformer (vocabulary {model.vocab_size}, Cvae {model.z_channels})")

@@ -15,6 +15,7 @@ sampled tokens ``LongTensor[B, l]``; ``attend(layer, q, k, v, scale)`` takes and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -35,6 +36,22 @@ class GenerationState:
         self.batch, self.rows = batch, rows
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model family can tell about the model a run's settings name without building it (read
+    off file headers and metadata): the sequence ``layout``, ``num_layers``, ``num_heads``,
+    ``num_classes``, ``weights_id``. The CLI checks labels, the pattern and the cache against them before any
+    weights are read, so a mistake costs seconds, not a generation."""
+
+    layout: SequenceLayout
+    num_layers: int
+    num_heads: int
+    num_classes: int
+    weights_id: str | None = None
+    """A fingerprint of the weights (None: random or unknown); head maps record the one they were
+    profiled on."""
+
+
 class ModelFamily(ABC):
     """A model family as a registered component (the ``mvar_engine_model_adapters`` hook): it builds
     the models a run's settings ask for (checkpoints, random weights or shipped defaults) and wraps
@@ -51,6 +68,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def adapter(self, model: Any, tokenizer: Any) -> "ModelAdapter":
         """The engine's adapter over a built ``(model, tokenizer)``."""
+
+    def inspect(self, settings: Any) -> ModelFacts | None:
+        """The :class:`ModelFacts` of the model ``build(settings)`` would return, without building it
+        or reading its weights; bad settings raise the one-line ``UsageError`` that ``build`` would.
+        Default: None (nothing is known before ``build``; the engine checks at ``generate``)."""
+        return None
 
 
 class ModelAdapter(ABC):

@@ -352,6 +352,11 @@ class AttentionPattern(ABC):
     families: ClassVar[tuple[str, ...]] = ("next-scale",)
     sees_every_visible_key: ClassVar[bool] = False
 
+    def check_layout(self, layout: SequenceLayout) -> None:
+        """Raise a one-line ``UsageError`` when the options do not fit ``layout`` (a window wider than
+        the maps it applies to, a scale index outside the schedule). The CLI calls it before any
+        model is built, the engine before each generation. Default: nothing to check."""
+
     @abstractmethod
     def spec(self, layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn) -> AttentionSpec:
         """The spec for queries at positions ``queries`` over keys at positions ``keys``.

@@ -52,6 +52,13 @@ class CachePolicy(ABC):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> tuple[torch.Tensor, torch.Tensor, Spans]:
         """Store the step's new keys/values; return (keys, values, their spans) visible to the step."""
 
+    def check_layout(self, layout: SequenceLayout, *, num_layers: int, num_heads: int,
+                     weights_id: str | None = None) -> None:
+        """Raise a one-line ``UsageError`` when the options cannot serve a model of ``num_layers`` x
+        ``num_heads`` generating ``layout`` (a budget below what is always kept, a head map of
+        another model: ``weights_id`` fingerprints the weights when known). The CLI calls it before any model is built, the engine before each
+        generation. Default: nothing to check."""
+
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> None:
         """Called right after ``update`` with the step's queries ``q: [B, H, Lq, D]``, the keys
         ``k: [B, H, Lk, D]`` that ``update`` returned and the spec the backend computes; scoring

@@ -128,8 +128,11 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------------------
     def check(self, cache: CachePolicy, names: dict[str, str] | None = None) -> None:
-        """Refuse (one line) a cache, pattern or model that does not serve this trajectory."""
+        """Refuse (one line) a cache, pattern or model that does not serve this trajectory, and a
+        pattern or cache whose options do not fit this model's layout."""
         check_compatible(self.trajectory, self.pattern, cache, model_family=self.model.family, names=names)
+        self.pattern.check_layout(self.layout)
+        cache.check_layout(self.layout, num_layers=self.model.num_layers, num_heads=self.model.num_heads)
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, cache: CachePolicy, *, cfg: float, top_k: int, top_p: float,

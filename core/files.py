@@ -25,3 +25,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def not_a_file_reason(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file (``"is a directory"``, ``"does not exist"``, ``"is not
+    a regular file"``), or None when it can."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a directory, not a file"
+    if path.exists():
+        return "is not a regular file"
+    return "does not exist"

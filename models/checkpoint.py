@@ -9,6 +9,7 @@ files use ``model``, its DeepSpeed checkpoints ``module``); ``module.`` and ``_o
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, not_a_file_reason
 
 NESTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("trainer", "var_wo_ddp"),
@@ -33,26 +34,53 @@ NESTED_KEYS: tuple[tuple[str, ...], ...] = (
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 
 
+def check_file(path: str | os.PathLike) -> None:
+    """A one-line ``CheckpointError`` unless ``path`` is a readable file (a directory, a missing
+    path and a device are each named as such)."""
+    reason = not_a_file_reason(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} {reason} (give the weights file's path)")
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def read_state_dict(path: str | os.PathLike, nested: Iterable[tuple[str, ...]] = NESTED_KEYS) -> dict[str, torch.Tensor]:
-    """The model state dict stored in ``path`` (on CPU); unreadable files raise a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+"""Classes ``weights_only`` loading may rebuild: training checkpoints (LlamaGen's, VAR's) carry their
+``argparse.Namespace`` of arguments beside the weights."""
 
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+
+def _load(path: Path, device: str) -> Any:
+    """The object stored in ``path``: a safetensors file's tensors, or a ``weights_only`` unpickling
+    (``device="meta"``: shapes only, nothing read into memory)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if device == "meta":
+                return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        return torch.load(path, map_location=device, weights_only=True, mmap=device == "meta")
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]
+
+
+def read_state_dict(path: str | os.PathLike, nested: Iterable[tuple[str, ...]] = NESTED_KEYS, *,
+                    device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The model state dict stored in ``path`` (on ``device``; ``"meta"`` reads the shapes only);
+    unreadable files and files without a state dict raise a one-line error."""
+    path = Path(path)
+    check_file(path)
+    try:
+        obj = _load(path, device)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}); "
-                              f"expected a .pth state dict or a .safetensors file") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {_first_line(error)}); "
+                              f"expected a .pth/.pt state dict or a .safetensors file") from None
     state = obj
     if not _is_state_dict(state):
         for keys in nested:
@@ -64,8 +92,8 @@ def read_state_dict(path: str | os.PathLike, nested: Iterable[tuple[str, ...]] =
                 break
         else:
             found = ", ".join(sorted(map(str, obj))[:8]) if isinstance(obj, dict) else type(obj).__name__
-            raise CheckpointError(f"{path} holds no model state dict (top level: {found}); expected a flat state dict, "
-                                  f"['trainer']['var_wo_ddp'] or ['mvar_wo_ddp']")
+            raise CheckpointError(f"{path} holds no model state dict (top level: {found}); expected a flat state dict "
+                                  f"or one under {', '.join(repr('/'.join(k)) for k in nested)}")
     out = {}
     for key, value in state.items():
         for prefix in STRIPPED_PREFIXES:
@@ -73,6 +101,18 @@ def read_state_dict(path: str | os.PathLike, nested: Iterable[tuple[str, ...]] =
                 key = key[len(prefix):]
         out[key] = value
     return out
+
+
+def read_state_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """:func:`read_state_dict` as ``meta`` tensors: every key and shape, no weights read (checks
+    that run before a model is built)."""
+    return read_state_dict(path, device="meta")
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors holding NaN or inf."""
+    return [key for key, value in state.items()
+            if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all())]
 
 
 @dataclass
@@ -126,9 +166,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, 
     report = compare_keys(model_state, file_state)
     if strict and not report.ok:
         raise CheckpointError(f"{source} does not match {type(model).__name__}: {report.describe()} "
-                              f"(check --depth / the architecture flags, or load with strict=False)")
+                              f"(check --depth / the architecture flags, or load what matches with --no-strict)")
     mismatched = {k for k, _, _ in report.mismatched}
     loadable = {k: v for k, v in file_state.items() if k in model_state and k not in mismatched}
+    broken = non_finite_tensors(loadable)
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or inf values (first: {broken[0]}); the "
+                              f"file is corrupt or from a diverged run (use an earlier checkpoint)")
     model.load_state_dict(loadable, strict=False)
     return report
 
@@ -173,8 +217,7 @@ def read_weights_metadata(path: str | Path) -> dict[str, Any] | None:
     """The ``mvar_engine`` metadata dict of a ``.safetensors`` file; None when the file has none or
     is not a safetensors file. A missing file is a one-line ``CheckpointError``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist (check the path)")
+    check_file(path)
     if path.suffix != ".safetensors":
         return None
     try:
@@ -192,3 +235,24 @@ def read_weights_metadata(path: str | Path) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: the '{METADATA_KEY}' metadata is not valid JSON (re-export the weights)") from None
     return value if isinstance(value, dict) else None
+
+
+FINGERPRINT_BYTES = 1 << 20
+"""Bytes read from each end of a weights file for :func:`weights_fingerprint`."""
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a weights file: sha256 over its size and its first and last
+    :data:`FINGERPRINT_BYTES` (the header and key table, and weight bytes), so a map profiled on one
+    file is not silently used with another of the same shape (seconds for any size)."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            handle.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(handle.read())
+    return digest.hexdigest()

@@ -92,11 +92,9 @@ class BudgetedCache(CachePolicy):
     # -- life cycle -------------------------------------------------------------------------------
     def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,
               device: torch.device, dtype: torch.dtype, guided: bool = False) -> None:
+        self.check_layout(layout, num_layers=num_layers, num_heads=num_heads)
         self.prefix = layout.scales[0].numel
         self.budget = budget_tokens(self.options.budget, layout.length)
-        if self.budget < self.prefix + 1:
-            raise UsageError(f"--cache-budget {self.options.budget:g} gives {self.budget} token(s), not more than the "
-                             f"{self.prefix} class token(s) that are always kept (raise --cache-budget)")
         self.rows, self.heads = batch, num_heads
         self.guided = guided and batch % 2 == 0
         capacity = min(layout.length, self.budget)
@@ -104,6 +102,14 @@ class BudgetedCache(CachePolicy):
                        for _ in range(num_layers)]
         self._positions = [[] for _ in range(num_layers)]
         self.prepare(num_layers=num_layers, num_heads=num_heads)
+
+    def check_layout(self, layout: SequenceLayout, *, num_layers: int, num_heads: int,
+                     weights_id: str | None = None) -> None:
+        """The budget keeps more than the class prefix (and, in subclasses, what they always keep)."""
+        prefix, budget = layout.scales[0].numel, budget_tokens(self.options.budget, layout.length)
+        if budget < prefix + 1:
+            raise UsageError(f"--cache-budget {self.options.budget:g} gives {budget} token(s), not more than the "
+                             f"{prefix} class token(s) that are always kept (raise --cache-budget)")
 
     def prepare(self, *, num_layers: int, num_heads: int) -> None:
         """Hook after ``begin`` sized the storage (``ssd`` checks its head map here)."""

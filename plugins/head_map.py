@@ -11,13 +11,14 @@ neighbourhood, averaged over calibration queries), the ``threshold`` and the res
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..core.errors import UsageError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, not_a_file_reason
 
 FORMAT = "mvar-engine/head-map/v1"
 HeadKind = Literal["local", "sink"]
@@ -34,6 +35,8 @@ class HeadMap(BaseModel):
     scores: list[list[float]]
     classification: list[list[HeadKind]]
     calibration: dict[str, Any] = Field(default_factory=dict)
+    weights_id: str | None = Field(None, description="fingerprint of the weights profiled (models.checkpoint."
+                                                     "weights_fingerprint); None: unknown (random weights, old maps)")
 
     @model_validator(mode="after")
     def _shapes(self) -> "HeadMap":
@@ -41,6 +44,14 @@ class HeadMap(BaseModel):
             table = getattr(self, name)
             if len(table) != self.layers or any(len(row) != self.heads for row in table):
                 raise ValueError(f"'{name}' must be {self.layers} layers x {self.heads} heads")
+        bad = [(layer, head, score) for layer, row in enumerate(self.scores) for head, score in enumerate(row)
+               if not (math.isfinite(score) and 0.0 <= score <= 1.0)]
+        if bad:
+            layer, head, score = bad[0]
+            raise ValueError(f"{len(bad)} score(s) outside [0, 1] (layer {layer} head {head}: {score}); a score is a "
+                             f"share of attention mass (profile again with `mvar-engine profile-heads`)")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold {self.threshold} is not a finite number")
         return self
 
     def sink_mask(self) -> list[list[bool]]:
@@ -52,6 +63,13 @@ class HeadMap(BaseModel):
         if (self.layers, self.heads) != (num_layers, num_heads):
             raise UsageError(f"head map has {self.layers} layers x {self.heads} heads but the model has {num_layers} "
                              f"layers x {num_heads} heads (profile this model with `mvar-engine profile-heads`)")
+
+    def check_weights(self, weights_id: str | None, source: str = "this run's weights") -> None:
+        """One-line :class:`UsageError` when both this map and the run know their weights'
+        fingerprint and the two differ (a map profiled on another model of the same shape)."""
+        if self.weights_id and weights_id and self.weights_id != weights_id:
+            raise UsageError(f"head map was profiled on other weights (fingerprint {self.weights_id[:12]}) than "
+                             f"{source} ({weights_id[:12]}); profile this model with `mvar-engine profile-heads`")
 
     def counts(self) -> dict[str, int]:
         flat = [kind for row in self.classification for kind in row]
@@ -80,20 +98,21 @@ def auto_threshold(scores: list[list[float]]) -> float:
 
 
 def classify(scores: list[list[float]], threshold: float | None = None, *, neighborhood: int = 3,
-             calibration: dict[str, Any] | None = None) -> HeadMap:
+             calibration: dict[str, Any] | None = None, weights_id: str | None = None) -> HeadMap:
     """A head map from ``scores [layers][heads]``: sink when score > ``threshold`` (None: :func:`auto_threshold`)."""
     tau = auto_threshold(scores) if threshold is None else float(threshold)
     return HeadMap(layers=len(scores), heads=len(scores[0]) if scores else 0, neighborhood=neighborhood,
                    threshold=tau, scores=[[float(s) for s in row] for row in scores],
                    classification=[["sink" if s > tau else "local" for s in row] for row in scores],
-                   calibration=calibration or {})
+                   calibration=calibration or {}, weights_id=weights_id)
 
 
 def load_head_map(path: str | Path) -> HeadMap:
     """Read a head map; a missing, unreadable or malformed file is a one-line :class:`UsageError`."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"head map {path} does not exist (write one with `mvar-engine profile-heads`)")
+    reason = not_a_file_reason(path)
+    if reason is not None:
+        raise UsageError(f"head map {path} {reason} (write one with `mvar-engine profile-heads`)")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.attention import (AttentionPattern, AttentionSpec, BlockCausal, BlockDiagonal, Causal, Dense, Masked,
                               Neighborhood2D, VisibilityFn, visible_positions)
+from ..core.errors import UsageError
 from ..core.layout import SequenceLayout, Spans, spans_length, spans_to_positions
 from ..core.neighborhood import axis_allowed
 from ..core.records import NoOptions
@@ -119,6 +120,24 @@ class NeighborhoodPattern(AttentionPattern):
 
     def first_scale(self, layout: SequenceLayout) -> int:
         return layout.resolve_scale(self.options.apply_from)
+
+    def check_layout(self, layout: SequenceLayout) -> None:
+        """``apply_from`` names a scale of the schedule (``-S .. S-1``), and with a dilation the
+        window fits every map it applies to (``kernel_size * dilation <= side``, NATTEN's rule; an
+        undilated window larger than a map covers the whole map)."""
+        count, first = layout.num_scales, self.options.apply_from
+        if not -count <= first < count:
+            raise UsageError(f"--attention-apply-from {first}: the schedule has {count} scales, so give -{count} .. "
+                             f"{count - 1} (negative counts from the end)")
+        k, d = self.options.kernel_size, self.options.dilation
+        if d == 1:
+            return
+        for index in range(layout.resolve_scale(first), count):
+            h, w = layout.grids[index]
+            if k * d > min(h, w):
+                raise UsageError(f"--attention-dilation {d} with --attention-kernel-size {k} spans {k * d} tokens but "
+                                 f"scale {index} is {h}x{w} (lower the dilation or kernel, or raise "
+                                 f"--attention-apply-from)")
 
     @functools.lru_cache(maxsize=256)
     def spec(self, layout, queries, keys, visible):

@@ -39,8 +39,14 @@ class SSDCache(BudgetedCache):
         self._sink_heads: list[torch.Tensor] = []
         self._any_sink: list[bool] = []
 
-    def prepare(self, *, num_layers, num_heads):
+    def check_layout(self, layout, *, num_layers, num_heads, weights_id=None):
+        """Beside the budget: the head map was made for this many layers and heads (and, when both
+        know it, for these weights)."""
+        super().check_layout(layout, num_layers=num_layers, num_heads=num_heads)
         self.head_map.check_model(num_layers, num_heads)
+        self.head_map.check_weights(weights_id)
+
+    def prepare(self, *, num_layers, num_heads):
         device = self.layers[0].k.device if self.layers else torch.device("cpu")
         rows = self.head_map.sink_mask()
         self._sink_heads = [torch.tensor(row, device=device)[None, :, None] for row in rows]

@@ -39,10 +39,10 @@ def test_every_policy_runs_and_full_is_the_baseline(report):
     full = rows[("full", None)]
     assert full["kv_ratio"] == 1 and full["speedup"] == 1 and full["bookkeeping_bytes"] == 0
     assert full["top1_agreement"] == 1.0 and full["kl"] == 0 and full["sampled_agreement"] == 1.0
-    assert full["rows"] == 4 and full["tokens_per_image"] == 25 and full["budget_tokens"] == 26
+    assert full["rows"] == 4 and full["tokens_per_image"] == 36 and full["budget_tokens"] == 37
     assert full["kv_bytes"] > 0 and full["tokens_per_s"] > 0 and full["s_per_image"] > 0
     assert payload["head_map"]["calibrated"] and payload["head_map"]["sink_heads"] + payload["head_map"]["local_heads"] == 4
-    assert payload["model"]["random_weights"] and payload["model"]["sequence_length"] == 26
+    assert payload["model"]["random_weights"] and payload["model"]["sequence_length"] == 37
 
 
 @pytest.mark.parametrize("policy", POLICIES[1:])
@@ -56,10 +56,10 @@ def test_a_covering_budget_equals_full(report, policy):
 def test_a_20_percent_budget_stores_at_most_a_fifth(report, policy):
     rows = _rows(report[1])
     row, full = rows[(policy, 0.2)], rows[("full", None)]
-    assert row["budget_tokens"] == 5  # round(0.2 * 26), class token included
+    assert row["budget_tokens"] == 7  # round(0.2 * 37), class token included
     assert row["kv_bytes"] <= 0.2 * full["kv_bytes"] + 64
     assert row["bookkeeping_bytes"] > 0 and row["cache_bytes"] == row["kv_bytes"] + row["bookkeeping_bytes"]
-    assert 0 <= row["top1_agreement"] <= 1 and row["kl"] >= 0 and row["quality_tokens"] == 3 * 25
+    assert 0 <= row["top1_agreement"] <= 1 and row["kl"] >= 0 and row["quality_tokens"] == 3 * 36
 
 
 def test_reports_are_written(report):
@@ -93,9 +93,9 @@ def test_max_tokens_truncates_generation_not_storage(tmp_cwd):
     payload = bc.run_bench_cache(config, out=open("/dev/null", "w"), log=open("/dev/null", "w"))
     full, sink = payload["results"]
     assert full["tokens_per_image"] == 7 and not payload["full_length"]
-    assert full["kv_bytes"] == 2 * 2 * 2 * 2 * 26 * 16 * 4  # layers x (k, v) x rows x heads x positions x head_dim x fp32
-    assert sink["budget_tokens"] == 13 and sink["quality_tokens"] == 2 * 7
-    assert sink["top1_agreement"] == 1.0  # 7 tokens + the class token fit in 13: nothing evicted yet
+    assert full["kv_bytes"] == 2 * 2 * 2 * 2 * 37 * 16 * 4  # layers x (k, v) x rows x heads x positions x head_dim x fp32
+    assert sink["budget_tokens"] == 18 and sink["quality_tokens"] == 2 * 7
+    assert sink["top1_agreement"] == 1.0  # 7 tokens + the class token fit in 18: nothing evicted yet
 
 
 def test_logit_agreement():
@@ -129,7 +129,7 @@ def test_markdown_table_escapes_pipes():
     (["--budgets", "-0.5"], "--budgets: every budget must be > 0"),
     (["--budgets", "0.01"], "not more than the 1 class token"),
     (["--batch", "0"], "--batch must be at least 1"),
-    (["--max-tokens", "99"], "--max-tokens 99: the model generates 25 tokens"),
+    (["--max-tokens", "99"], "--max-tokens 99: the model generates 36 tokens"),
     (["--head-map", "missing.json"], "head map missing.json does not exist"),
     (["--output", "x.txt"], "give a .json path"),
 ])

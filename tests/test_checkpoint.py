@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import read_keys_tsv, shared_reference, small_models
 from mvar_engine.models.checkpoint import read_state_dict, save_state_dict
-from mvar_engine.core.errors import CheckpointError
+from mvar_engine.core.errors import CheckpointError, UsageError
 from mvar_engine.models.var import VAR, VARConfig, infer_var_config
 from mvar_engine.apps.pipeline import load_tokenizer, load_var
 
@@ -92,8 +92,10 @@ def test_depth_flag_that_disagrees_with_the_file_is_reported(tmp_path):
     model, _ = small_models((1, 2, 3), depth=2)
     path = tmp_path / "var.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"missing \(blocks\.2\."):
+    with pytest.raises(UsageError, match=r"--depth 3: .*var.pth holds --depth 2 \(drop --depth, or add --no-strict"):
         load_var(path, depth=3, patch_nums=(1, 2, 3))
+    grown = load_var(path, depth=3, patch_nums=(1, 2, 3), strict=False)  # --no-strict: what matches, loaded
+    assert len(grown.blocks) == 3 and torch.equal(grown.blocks[0].attn.mat_qkv.weight, model.blocks[0].attn.mat_qkv.weight)
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint at all", b"\x80\x04K\x01."])

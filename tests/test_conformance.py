@@ -42,7 +42,7 @@ def mixed_head_map(layers: int, heads: int):
 CACHES = {
     "full": (lambda b, layers, heads: FullCache(), False),
     "window-tokens": (lambda b, layers, heads: make_window(WindowOptions(budget=budget(b))), True),
-    "sink": (lambda b, layers, heads: SinkCache(SinkOptions(budget=budget(b), sink=2)), True),
+    "sink": (lambda b, layers, heads: SinkCache(SinkOptions(budget=budget(b))), True),
     "h2o": (lambda b, layers, heads: H2OCache(H2OOptions(budget=budget(b))), True),
     "ssd": (lambda b, layers, heads: SSDCache(SSDOptions(budget=budget(b)), head_map=mixed_head_map(layers, heads)),
             True),

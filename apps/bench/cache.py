@@ -91,7 +91,7 @@ MODELS = ("llamagen-b", "default", "tiny")
 BASELINE = "full"
 DEFAULT_POLICIES = ("full", "window", "sink", "h2o", "ssd")
 LLAMAGEN_GRID = (24, 24)
-TINY_GRID = (5, 5)
+TINY_GRID = (6, 6)
 QUALITY_IMAGES = {"llamagen-b": 4, "default": 200, "tiny": 4}
 """``--quality-images`` when not given, per model."""
 QUALITY_LOGIT_BYTES = 1 << 30

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from ...core.errors import UsageError
@@ -76,14 +75,6 @@ def check_loop_settings(s: Any) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if not 0.0 <= s.class_dropout < 1.0:
         raise UsageError(f"--class-dropout must lie in [0, 1), got {s.class_dropout}")
-
-
-def architecture_error(error: ValidationError, flags: str) -> UsageError:
-    """A model config's first validation problem as a one-line usage error pointing at ``flags``."""
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    return UsageError(f"model architecture: {where + ': ' if where else ''}{message} (check {flags})")
 
 
 def drop_classes(labels: torch.Tensor, batches: ShardedBatches, step: int, probability: float,

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from ...core.errors import CheckpointError, UsageError
 from ...models.checkpoint import load_into, read_state_dict
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from ..pipeline import infer_tokenizer_config
+from ..model_loading import infer_tokenizer_config
 from .checkpointing import file_sha256, read_weights_metadata
 
 

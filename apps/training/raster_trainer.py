@@ -37,14 +37,14 @@ from ...core.registry import get_registry
 from ...models.checkpoint import load_into, read_state_dict
 from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
+from ..cli_helpers import architecture_error
 from ..config import EngineConfig
 from ..pipeline import resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
 from .checkpointing import (checkpoint_path, export_weights, read_weights_metadata, save_training_checkpoint,
                             state_sha256)
-from .common import (TransformerSettings, architecture_error, check_loop_settings, drop_classes, start_or_resume,
-                     training_record, wrap_ddp)
+from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer, clip_gradients

@@ -33,13 +33,14 @@ from ...core.layout import SequenceLayout
 from ...core.registry import get_registry
 from ...models.checkpoint import load_into, read_state_dict
 from ...models.var import VAR, VARConfig
+from ..cli_helpers import architecture_error
 from ..config import EngineConfig
-from ..pipeline import DERIVED_VAR_BUFFERS, resolve_components
+from ..model_loading import DERIVED_VAR_BUFFERS
+from ..pipeline import resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
-from .common import (TransformerSettings, architecture_error, check_loop_settings, drop_classes, start_or_resume,
-                     training_record, wrap_ddp)
+from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize  # noqa: F401 (also imported from here)
 from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
                               scales_isolated)

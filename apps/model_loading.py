@@ -1,0 +1,358 @@
+"""From a run's model settings to models, in two stages: a :class:`ModelPlan` (architectures and
+files, read off metadata and tensor shapes, every check done: nothing is built and no weight is
+read), then the models it describes (random initialisation or the checkpoints loaded).
+
+The CLI plans first (``ModelFamily.inspect``), so a bad setting costs a second, not a model load;
+``build_models`` and ``build_raster_models`` plan and build. Checkpoints in any supported layout
+(:mod:`mvar_engine.models.checkpoint`); our own exports carry their architecture in metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from ..core.adapter import ModelFacts
+from ..core.errors import CheckpointError, UsageError
+from ..models.checkpoint import load_into, read_state_dict, read_state_shapes, save_state_dict, weights_fingerprint
+from ..models.default_models import available_defaults, weights_metadata
+from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
+from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
+from ..models.var import VAR, VARConfig, infer_var_config
+from .cli_helpers import architecture_error
+from .config import EngineConfig
+
+DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
+"""VAR buffers recomputed from the config, never read."""
+
+DERIVED_RASTER_BUFFERS = ("freqs_cis",)
+"""Raster GPT buffers recomputed from the config, never read (LlamaGen's checkpoints lack them too)."""
+
+DERIVED_TOKENIZER_BUFFERS = ("quantize.ema_vocab_hit_SV",)
+
+VAR_USE = "next-scale trajectories (full, markov) run VAR/MVAR weights; run raster GPT weights with --trajectory raster"
+RASTER_USE = ("--trajectory raster runs raster GPT weights (mvar-engine train --trajectory raster, or LlamaGen's c2i "
+              "GPT checkpoints); run next-scale weights with --trajectory full or markov")
+TOKENIZER_USE = ("--vae-checkpoint takes the tokenizer's weights (mvar-engine train-tokenizer, or VAR's "
+                 "vae_ch160v4096z32.pth)")
+
+
+# -- reading architectures -------------------------------------------------------------------------
+def stored_architecture(path, config_type: type[BaseModel], meta: dict | None = None):
+    """The config of ``config_type`` stored in a weights file's metadata, or None."""
+    meta = weights_metadata(path) if meta is None else meta
+    arch = (meta or {}).get("architecture")
+    if not arch:
+        return None
+    try:
+        return config_type(**arch)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "architecture"
+        raise CheckpointError(f"{path}: its metadata's architecture is not a {config_type.__name__} ({where}: "
+                              f"{first.get('msg', 'invalid')}); give the file this flag expects") from None
+
+
+def check_weights_kind(path, expected: str, use: str) -> dict | None:
+    """The weights' metadata, after checking that it (when present) says ``kind == expected``; else a
+    one-line error naming what the file holds and ``use`` (how to run it)."""
+    meta = weights_metadata(path)
+    kind = (meta or {}).get("kind")
+    if kind is not None and kind != expected:
+        family = (meta or {}).get("family") or {"var": "next-scale", "raster": "next-token"}.get(kind)
+        raise CheckpointError(f"{path} holds {kind} weights{f' ({family})' if family else ''}, not {expected} "
+                              f"weights; {use}")
+    return meta
+
+
+def refuse_overrides(path, held: dict[str, Any], given: dict[str, Any], strict: bool) -> None:
+    """Under strict loading a size flag (``given``: flag -> value or None) that contradicts what the
+    checkpoint holds (``held``: flag -> value) is an error: it would be ignored or fail to load."""
+    if not strict:
+        return
+    for flag, value in given.items():
+        if value is not None and held.get(flag) is not None and _same(value) != _same(held[flag]):
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            have = ",".join(map(str, held[flag])) if isinstance(held[flag], (list, tuple)) else held[flag]
+            raise UsageError(f"{flag} {shown}: {path} holds {flag} {have} (drop {flag}, or add --no-strict to load "
+                             f"what matches into the other size)")
+
+
+def _same(value: Any) -> Any:
+    """Schedules compare as tuples of ``(h, w)``; scalars as they are."""
+    if isinstance(value, (list, tuple)):
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else (v, v) for v in value)
+    return value
+
+
+def _shape_error(path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: {error.args[0] if error.args else error}")
+
+
+def var_architecture(path, *, depth: int | None = None, patch_nums=None, num_classes: int | None = None,
+                     strict: bool = True) -> VARConfig:
+    """A VAR checkpoint's architecture: from its metadata (our exports) or its tensor shapes."""
+    meta = check_weights_kind(path, "var", VAR_USE)
+    given = {"--depth": depth, "--patch-nums": patch_nums, "--num-classes": num_classes}
+    stored = stored_architecture(path, VARConfig, meta)
+    if stored is not None:
+        refuse_overrides(path, {"--depth": stored.depth, "--patch-nums": stored.patch_nums,
+                                "--num-classes": stored.num_classes}, given, strict)
+        updates = {k: v for k, v in (("depth", depth), ("patch_nums", patch_nums), ("num_classes", num_classes)) if v}
+        return VARConfig(**{**stored.model_dump(), **updates}) if updates else stored
+    shapes = read_state_shapes(path)
+    try:
+        found = infer_var_config(shapes, **({"patch_nums": tuple(patch_nums)} if patch_nums else {}))
+    except (KeyError, ValueError) as error:
+        raise _shape_error(path, error) from None
+    refuse_overrides(path, {"--depth": found.depth, "--num-classes": found.num_classes}, given, strict)
+    if strict and patch_nums and found.layout.length != shapes["pos_1LC"].shape[1]:
+        raise UsageError(f"--patch-nums {','.join(map(str, patch_nums))}: {found.layout.length} tokens, but {path} "
+                         f"has positions for {shapes['pos_1LC'].shape[1]} (give its schedule, or drop --patch-nums)")
+    try:
+        return VARConfig(**{**found.model_dump(), **{k: v for k, v in (("depth", depth), ("num_classes", num_classes)) if v}})
+    except ValidationError as error:
+        raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
+
+
+def infer_tokenizer_config(state: dict[str, torch.Tensor], patch_nums) -> TokenizerConfig:
+    """Tokenizer architecture read off its state dict's shapes (channels, ch_mult, blocks, vocabulary, phis)."""
+    try:
+        vocab, z = state["quantize.embedding.weight"].shape
+        ch = state["encoder.conv_in.weight"].shape[0]
+    except KeyError as error:
+        raise KeyError(f"not a multi-scale VQVAE state dict: missing {error.args[0]}") from None
+    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
+    ch_mult = []
+    for level in range(levels):
+        ch_mult.append(state[f"encoder.down.{level}.block.0.conv1.weight"].shape[0] // ch)
+    blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
+    phis = {int(k.split(".")[3]) for k in state if k.startswith("quantize.quant_resi.qresi_ls.")}
+    share = len(phis) if phis else 4
+    using_sa = any(k.startswith("encoder.down.") and ".attn." in k for k in state)
+    using_mid_sa = any(k.startswith("encoder.mid.attn_1.") for k in state)
+    return TokenizerConfig(vocab_size=int(vocab), z_channels=int(z), ch=int(ch), ch_mult=tuple(ch_mult),
+                           num_res_blocks=blocks, share_quant_resi=share, patch_nums=tuple(patch_nums),
+                           using_sa=using_sa, using_mid_sa=using_mid_sa)
+
+
+def tokenizer_architecture(path, patch_nums, *, strict: bool = True, model_path=None,
+                           final_only: bool = False) -> TokenizerConfig:
+    """A tokenizer checkpoint's architecture, run with ``patch_nums`` (the transformer's schedule).
+    Under strict loading a tokenizer whose metadata records another training schedule is refused
+    (``model_path`` names the transformer in the message); ``final_only`` (raster models, which use
+    one scale) compares only the last scale of the schedules."""
+    meta = check_weights_kind(path, "tokenizer", TOKENIZER_USE)
+    stored = stored_architecture(path, TokenizerConfig, meta)
+    if stored is not None:
+        trained = (meta or {}).get("patch_nums") or stored.patch_nums
+        compared = (lambda nums: _same(nums)[-1:]) if final_only else _same
+        if strict and compared(trained) != compared(patch_nums):
+            raise UsageError(f"tokenizer {path} was trained on the schedule {','.join(map(str, trained))} but "
+                             f"{model_path or 'the transformer'} runs {','.join(map(str, patch_nums))} (give the "
+                             f"tokenizer the transformer was trained with, or add --no-strict to run it anyway)")
+        try:
+            return TokenizerConfig(**{**stored.model_dump(), "patch_nums": tuple(patch_nums)})
+        except ValidationError as error:
+            raise architecture_error(error, "--patch-nums") from None
+    try:
+        return infer_tokenizer_config(read_state_shapes(path), patch_nums)
+    except (KeyError, ValueError) as error:
+        raise _shape_error(path, error) from None
+
+
+def raster_architecture(path, *, grid: tuple[int, int] | None, depth: int | None = None,
+                        num_classes: int | None = None, strict: bool = True) -> RasterGPTConfig:
+    """A raster GPT checkpoint's architecture: from its metadata (our exports) or, for LlamaGen's
+    c2i files (flat or nested under ``model`` / ``module`` / ``state_dict``), its tensor shapes
+    (``grid`` required: the files do not hold it)."""
+    meta = check_weights_kind(path, "raster", RASTER_USE)
+    stored = stored_architecture(path, RasterGPTConfig, meta) if meta else None
+    if stored is not None:
+        if grid is not None and tuple(grid) != tuple(stored.grid):
+            raise UsageError(f"--patch-nums {grid[0] if grid[0] == grid[1] else grid}: {path} was trained on a "
+                             f"{stored.grid[0]}x{stored.grid[1]} token grid (drop --patch-nums)")
+        refuse_overrides(path, {"--depth": stored.depth, "--num-classes": stored.num_classes},
+                         {"--depth": depth, "--num-classes": num_classes}, strict)
+        return stored
+    shapes = read_state_shapes(path)
+    try:
+        found = infer_raster_config(shapes)  # is it a LlamaGen c2i state dict?
+        refuse_overrides(path, {"--depth": found.depth, "--num-classes": found.num_classes},
+                         {"--depth": depth, "--num-classes": num_classes}, strict)
+        if grid is None:
+            raise UsageError(f"{path} does not record its token grid: give it with --patch-nums SIDE (LlamaGen: "
+                             f"16 at 256px, 24 at 384px)")
+        return infer_raster_config(shapes, grid=tuple(grid), depth=depth, num_classes=num_classes)
+    except (KeyError, ValueError) as error:
+        raise _shape_error(path, error) from None
+
+
+# -- plans -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a build will make: the transformer's and the tokenizer's architecture, the files to load
+    them from (None: random initialisation seeded with ``seed``), strictness."""
+
+    model: VARConfig | RasterGPTConfig
+    tokenizer: TokenizerConfig
+    model_path: Path | None = None
+    tokenizer_path: Path | None = None
+    strict: bool = True
+    seed: int = 0
+
+    def facts(self) -> ModelFacts:
+        config = self.model
+        heads = config.heads
+        return ModelFacts(layout=config.layout, num_layers=config.depth, num_heads=heads,
+                          num_classes=config.num_classes,
+                          weights_id=weights_fingerprint(self.model_path) if self.model_path else None)
+
+
+def _no_defaults(config: EngineConfig, random_hint: str) -> UsageError:
+    have = ", ".join(available_defaults()) or "none in this installation"
+    return UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); pass "
+                      f"--var-checkpoint and --vae-checkpoint, or --random-weights {random_hint}")
+
+
+def _check_vocab(tokenizer: TokenizerConfig, vocab_size: int, z_channels: int | None, paths) -> None:
+    if tokenizer.vocab_size != vocab_size or (z_channels is not None and tokenizer.z_channels != z_channels):
+        tok, model = paths
+        raise CheckpointError(f"tokenizer {tok} (vocabulary {tokenizer.vocab_size}, Cvae {tokenizer.z_channels}) does "
+                              f"not fit the transformer {model} (vocabulary {vocab_size}"
+                              f"{f', Cvae {z_channels}' if z_channels is not None else ''}; give the tokenizer it was "
+                              f"trained on)")
+
+
+def plan_var_models(config: EngineConfig) -> ModelPlan:
+    """The VAR/MVAR transformer and multi-scale tokenizer ``config`` asks for: checkpoints or random
+    weights of ``--depth`` at ``--patch-nums`` (the embedded defaults come in through
+    ``with_weights``)."""
+    m = config.model
+    if m.var_checkpoint or m.vae_checkpoint:
+        if not (m.var_checkpoint and m.vae_checkpoint):
+            raise UsageError("give both --var-checkpoint and --vae-checkpoint (the transformer and its tokenizer)")
+        var = var_architecture(m.var_checkpoint, depth=m.depth, patch_nums=m.patch_nums, num_classes=m.num_classes,
+                               strict=m.strict)
+        tok = tokenizer_architecture(m.vae_checkpoint, var.patch_nums, strict=m.strict, model_path=m.var_checkpoint)
+        _check_vocab(tok, var.vocab_size, var.z_channels, (m.vae_checkpoint, m.var_checkpoint))
+        return ModelPlan(var, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed)
+    if not m.random_weights:
+        raise _no_defaults(config, "(with --depth) to time a random model")
+    patch_nums = m.patch_nums or VARConfig.model_fields["patch_nums"].default
+    try:
+        var = VARConfig(depth=m.depth or 16, num_classes=m.num_classes or 1000, patch_nums=patch_nums)
+        tok = TokenizerConfig(patch_nums=tuple(patch_nums))
+    except ValidationError as error:
+        raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
+    return ModelPlan(var, tok, seed=config.sampling.seed)
+
+
+def _raster_side(grid) -> object:
+    """A one-scale schedule entry: the side of a square grid, else ``(h, w)``."""
+    h, w = grid
+    return h if h == w else (h, w)
+
+
+def plan_raster_models(config: EngineConfig) -> ModelPlan:
+    """A raster GPT and its one-scale tokenizer: from ``--var-checkpoint`` (raster weights) and
+    ``--vae-checkpoint`` (a tokenizer, run with the one-scale schedule of the GPT's token grid); or,
+    with ``--random-weights``, LlamaGen-B's size (12 layers, width 768) at ``--patch-nums`` (one
+    side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth, with a tokenizer of
+    LlamaGen VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes)."""
+    m = config.model
+    if m.patch_nums and len(m.patch_nums) != 1:
+        raise UsageError(f"--patch-nums for a raster model is one grid side (e.g. 24), got {len(m.patch_nums)} scales")
+    side = m.patch_nums[0] if m.patch_nums else None
+    grid = None if side is None else ((side, side) if isinstance(side, int) else tuple(side))
+    if m.var_checkpoint or m.vae_checkpoint:
+        if not (m.var_checkpoint and m.vae_checkpoint):
+            raise UsageError("give both --var-checkpoint (the raster GPT) and --vae-checkpoint (its tokenizer)")
+        tok_meta = check_weights_kind(m.vae_checkpoint, "tokenizer", TOKENIZER_USE)
+        if grid is None and tok_meta and tok_meta.get("patch_nums") and not weights_metadata(m.var_checkpoint):
+            last = tok_meta["patch_nums"][-1]  # a LlamaGen file does not say its grid; our tokenizer's metadata does
+            grid = (last, last) if isinstance(last, int) else tuple(last)
+        gpt = raster_architecture(m.var_checkpoint, grid=grid, depth=m.depth, num_classes=m.num_classes, strict=m.strict)
+        tok = tokenizer_architecture(m.vae_checkpoint, (_raster_side(gpt.grid),), strict=m.strict, final_only=True,
+                                     model_path=m.var_checkpoint)
+        _check_vocab(tok, gpt.vocab_size, None, (m.vae_checkpoint, m.var_checkpoint))
+        return ModelPlan(gpt, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed)
+    if not m.random_weights:
+        raise _no_defaults(config, "to time a random raster model")
+    grid = grid or (24, 24)
+    try:
+        tok = llamagen_vq16_sized(grid)
+        overrides = {"grid": grid, "vocab_size": tok.vocab_size, "num_classes": m.num_classes or 1000}
+        if m.depth:
+            overrides["depth"] = m.depth
+        gpt = RasterGPTConfig.llamagen_b(**overrides)
+    except ValidationError as error:
+        raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
+    return ModelPlan(gpt, tok, seed=config.sampling.seed)
+
+
+# -- building --------------------------------------------------------------------------------------
+def _load(model: torch.nn.Module, path: Path, strict: bool, derived) -> torch.nn.Module:
+    load_into(model, read_state_dict(path), source=str(path), strict=strict, derived=derived)
+    return model
+
+
+def build_var_plan(plan: ModelPlan) -> tuple[VAR, MultiScaleVQVAE]:
+    """The models of a :func:`plan_var_models` plan."""
+    if plan.model_path is None:
+        torch.manual_seed(plan.seed)
+        return VAR(plan.model), MultiScaleVQVAE(plan.tokenizer)
+    return (_load(VAR(plan.model), plan.model_path, plan.strict, DERIVED_VAR_BUFFERS),
+            _load(MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
+
+
+def build_raster_plan(plan: ModelPlan) -> tuple[RasterGPT, MultiScaleVQVAE]:
+    """The models of a :func:`plan_raster_models` plan (random: the tokenizer is drawn first)."""
+    if plan.model_path is None:
+        torch.manual_seed(plan.seed)
+        tokenizer = MultiScaleVQVAE(plan.tokenizer)
+        return RasterGPT(plan.model), tokenizer
+    return (_load(RasterGPT(plan.model), plan.model_path, plan.strict, DERIVED_RASTER_BUFFERS),
+            _load(MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
+
+
+def build_models(config: EngineConfig, family: str = "next-scale") -> tuple[Any, MultiScaleVQVAE]:
+    """The VAR and tokenizer a config asks for (``family="next-token"``: a raster GPT and its tokenizer)."""
+    if family == "next-token":
+        return build_raster_models(config)
+    return build_var_plan(plan_var_models(config))
+
+
+def build_raster_models(config: EngineConfig) -> tuple[RasterGPT, MultiScaleVQVAE]:
+    """The raster GPT and tokenizer a config asks for (see :func:`plan_raster_models`)."""
+    return build_raster_plan(plan_raster_models(config))
+
+
+def load_var(path: Path, *, depth: int | None = None, patch_nums=None, num_classes: int | None = None,
+             strict: bool = True) -> VAR:
+    """A VAR from any supported checkpoint layout (architecture from metadata or shapes)."""
+    config = var_architecture(path, depth=depth, patch_nums=patch_nums, num_classes=num_classes, strict=strict)
+    return _load(VAR(config), Path(path), strict, DERIVED_VAR_BUFFERS)
+
+
+def load_tokenizer(path: Path, patch_nums, strict: bool = True) -> MultiScaleVQVAE:
+    """A multi-scale tokenizer run with ``patch_nums``."""
+    config = tokenizer_architecture(path, patch_nums, strict=strict)
+    return _load(MultiScaleVQVAE(config), Path(path), strict, DERIVED_TOKENIZER_BUFFERS)
+
+
+def load_raster(path: Path, *, grid: tuple[int, int] | None = None, depth: int | None = None,
+                num_classes: int | None = None, strict: bool = True) -> RasterGPT:
+    """A raster GPT from our export or a LlamaGen c2i file (see :func:`raster_architecture`)."""
+    config = raster_architecture(path, grid=grid, depth=depth, num_classes=num_classes, strict=strict)
+    return _load(RasterGPT(config), Path(path), strict, DERIVED_RASTER_BUFFERS)
+
+
+def save_var(model: VAR, path: str | Path) -> Path:
+    """Flat state dict (the released layout, mask buffers included) as .pth or .safetensors."""
+    return save_state_dict(model.state_dict(), path)
+
