@@ -18,8 +18,7 @@ import os
 import sys
 import textwrap
 import time
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
 from ..core.records import KIND_LABELS, RECORD_TYPES

@@ -48,13 +48,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_int_list(text: str) -> tuple[int, ...]:
-    """``"16,32"`` -> ``(16, 32)``; anything but comma-separated positive integers raises ``ValueError``."""
+    """``"16,32"`` -> ``(16, 32)``; anything but comma-separated positive integers (an empty entry
+    as in ``1,,2`` too) raises ``ValueError``."""
+    parts = [part.strip() for part in text.split(",")]
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in parts)
     except ValueError:
-        raise ValueError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"expected comma-separated positive integers, got {text!r}")
+        raise ValueError(f"expected comma-separated positive integers like 1,2,3, got {text!r}") from None
+    if min(values) < 1:
+        raise ValueError(f"expected comma-separated positive integers like 1,2,3, got {text!r}")
     return values
 
 

@@ -122,8 +122,8 @@ class SamplingConfig(BaseModel):
         except ValueError:
             return value  # pydantic reports the non-integer
         if number is not None and not SEED_MIN <= number <= SEED_MAX:
-            raise PydanticCustomError("seed_range", f"--seed takes an integer from -2**63 to 2**64 - 1 "
-                                                    f"(what torch.Generator accepts)")
+            raise PydanticCustomError("seed_range", "--seed takes an integer from -2**63 to 2**64 - 1 "
+                                                    "(what torch.Generator accepts)")
         return value
 
     @field_validator("cfg", "top_p", mode="before")
@@ -203,9 +203,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A config file as a dict: ``.toml`` or ``.json``; errors are one line naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ConfigError([f"config file {path}: is a directory (give a .toml or .json file)"]) from None
     except OSError as error:
         raise ConfigError([f"config file {path}: {error.strerror or error}"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"config file {path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as "
+                           f"UTF-8 .toml or .json"]) from None
     try:
         data = tomllib.loads(text) if path.suffix != ".json" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:

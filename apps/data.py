@@ -14,6 +14,7 @@ Splits are deterministic and stratified: ``heldout`` takes ``heldout_fraction`` 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -92,40 +93,56 @@ def load_digits_set(resolution: int = 32, split: Split = "train", *, heldout_fra
     return ImageSet(images.contiguous(), torch.from_numpy(labels[index]), tuple(str(d) for d in range(10)), "digits")
 
 
+def read_square_image(file: Path, resolution: int) -> torch.Tensor:
+    """``file`` centre-cropped to a square and resized: ``[3, R, R]`` float32 in [-1, 1]. An unreadable
+    file or one beyond pillow's decompression-bomb limit is a one-line :class:`DataError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as im:
+                im = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"--data: image {file} is too large to decode safely ({exc.__class__.__name__}: more than "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels); shrink it or remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"--data: cannot read image {file}: {exc.__class__.__name__} (remove or fix the file)") from None
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+
+
 def load_image_folder(path: str | Path, resolution: int, split: Split = "all", *, heldout_fraction: float = 0.2,
                       seed: int = 0) -> ImageSet:
     """A folder with one subfolder of images per class (class names = subfolder names, sorted)."""
-    from PIL import Image, UnidentifiedImageError
-
     _check_resolution(resolution)
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"--data {path}: not a folder (give a folder with one subfolder of images per class, or 'digits')")
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [(c, f) for c, folder in enumerate(classes) for f in sorted(folder.iterdir())
-             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
+    members = {folder: [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+               for folder in classes}
+    if not any(members.values()):
         raise DataError(f"--data {path}: no images found (expected {path}/<class>/<image>{IMAGE_SUFFIXES[0]}, "
                         f"suffixes {', '.join(IMAGE_SUFFIXES)})")
+    empty = [folder.name for folder in classes if not members[folder]]
+    if empty:
+        raise DataError(f"--data {path}: class folder {empty[0]!r} holds no images (every subfolder is a class; "
+                        f"add images to it or remove it)")
+    files = [(c, f) for c, folder in enumerate(classes) for f in members[folder]]
     labels = np.array([c for c, _ in files], dtype=np.int64)
-    images = []
-    for _, file in (files[i] for i in split_indices(labels, split, heldout_fraction, seed)):
-        try:
-            with Image.open(file) as im:
-                im = im.convert("RGB")
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-                images.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"--data: cannot read image {file}: {exc.__class__.__name__} (remove or fix the file)") from exc
     index = split_indices(labels, split, heldout_fraction, seed)
+    images = [read_square_image(files[i][1], resolution) for i in index]
     return ImageSet(torch.stack(images), torch.from_numpy(labels[index]), tuple(c.name for c in classes), str(root))
 
 
 def load_dataset(data: str | None, resolution: int, split: Split = "train", *, heldout_fraction: float = 0.2,
                  seed: int = 0) -> ImageSet:
     """``data`` None or ``"digits"``: the digits; anything else: a class-per-subfolder image folder."""
-    if data in (None, "", "digits"):
+    if data is not None and not str(data).strip():
+        raise DataError("--data is empty: give 'digits' or a folder with one subfolder of images per class")
+    if data in (None, "digits"):
         return load_digits_set(resolution, split, heldout_fraction=heldout_fraction, seed=seed)
     return load_image_folder(data, resolution, split, heldout_fraction=heldout_fraction, seed=seed)

@@ -210,8 +210,9 @@ class Pipeline:
     """A ready-to-run engine plus the run settings of an :class:`EngineConfig`."""
 
     def __init__(self, config: EngineConfig, model: Any, tokenizer: Any, components: Components,
-                 device: torch.device) -> None:
+                 device: torch.device, facts: ModelFacts | None = None) -> None:
         self.config, self.model, self.tokenizer, self.components, self.device = config, model, tokenizer, components, device
+        self.facts = facts  # what the family told before the build (weights_id: the weights' fingerprint)
         autocast = resolve_autocast(config.dtype, device)
         self.adapter = components.model.adapter(model, tokenizer)
         self.engine = Engine(self.adapter, components.trajectory, components.pattern, components.backends,
@@ -224,10 +225,10 @@ class Pipeline:
         config = with_weights(config)
         components = resolve_components(config, registry)
         device = resolve_device(config.device)
-        check_model_facts(config, components)
+        facts = check_model_facts(config, components)
         model, tokenizer = components.model.build(config)
         tokenizer = None if tokenizer is None else tokenizer.to(device).eval()
-        return cls(config, model.to(device).eval(), tokenizer, components, device)
+        return cls(config, model.to(device).eval(), tokenizer, components, device, facts)
 
     def default_labels(self) -> list[int]:
         return list(range(min(self.adapter.num_classes, 10)))

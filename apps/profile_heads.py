@@ -12,7 +12,6 @@ there). Heads scoring above the threshold are semantic-sink heads, the rest spat
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -24,8 +23,8 @@ from ..plugins.budget_cache import attention_probabilities
 from ..plugins.caches import FullCache
 from ..plugins.head_map import HeadMap, classify, write_head_map, write_heatmap
 from .cli import parse_generate_args
-from .cli_helpers import PROG, Parser
-from .pipeline import Pipeline
+from .cli_helpers import PROG, Parser, check_output_path
+from .pipeline import Pipeline, check_model_facts, resolve_components, with_weights
 
 
 class ProfilingCache(FullCache):
@@ -77,8 +76,11 @@ class ProfilingCache(FullCache):
             raise RuntimeError("no calibration generation has run")
         return (self.share_sum / self.queries.clamp(min=1)).tolist()
 
-    def head_map(self, threshold: float | None = None, calibration: dict | None = None) -> HeadMap:
-        return classify(self.scores(), threshold, neighborhood=self.neighborhood, calibration=calibration)
+    def head_map(self, threshold: float | None = None, calibration: dict | None = None,
+                 weights_id: str | None = None) -> HeadMap:
+        """The classified map; ``weights_id`` records the weights profiled (checked when ``ssd`` loads it)."""
+        return classify(self.scores(), threshold, neighborhood=self.neighborhood, calibration=calibration,
+                        weights_id=weights_id)
 
 
 __all__ = ["ProfilingCache"]
@@ -103,6 +105,10 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
         threshold = None if args.threshold == "auto" else float(args.threshold)
     except ValueError:
         raise UsageError(f"--threshold must be a number or 'auto', got {args.threshold!r}") from None
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be 'auto' or a share in [0, 1] (scores are attention shares), "
+                         f"got {args.threshold}")
+    json_target = check_output_path("--head-map", args.head_map, (".json",))
     if any(a == "--cache" or a.startswith("--cache=") for a in rest):
         raise UsageError("profile-heads calibrates with the full cache: drop --cache")
     if not any(a == "--trajectory" or a.startswith("--trajectory=") for a in rest):
@@ -112,6 +118,11 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
     if trajectory.family != "next-token":
         raise UsageError(f"profile-heads classifies the heads of raster (next-token) models, not trajectory "
                          f"'{config.trajectory.name}': use --trajectory raster")
+    facts = check_model_facts(with_weights(config), resolve_components(config))
+    grid = facts.layout.grids[-1] if facts else None
+    if grid and max(grid) > 1 and args.neighborhood // 2 >= max(grid) - 1:
+        raise UsageError(f"--neighborhood {args.neighborhood} covers the whole {grid[0]}x{grid[1]} token grid from "
+                         f"every query (every head would score 0); use at most {2 * max(grid) - 3}")
     pipe = Pipeline.from_config(config)
     start = time.perf_counter()
     profiler = ProfilingCache(pipe.adapter.grid, pipe.adapter.prefix, args.neighborhood)
@@ -119,9 +130,10 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
     calibration = {"images": len(result.labels), "labels": sorted(set(int(x) for x in result.labels)),
                    "cfg": config.sampling.cfg, "seed": config.sampling.seed, "grid": list(pipe.adapter.grid),
                    "model": str(config.model.var_checkpoint or "default weights")}
-    head_map = profiler.head_map(threshold, calibration)
-    json_path = write_head_map(head_map, args.head_map)
-    png_path = write_heatmap(head_map, Path(args.head_map).with_suffix(".png"))
+    weights_id = pipe.facts.weights_id if pipe.facts else None
+    head_map = profiler.head_map(threshold, calibration, weights_id)
+    json_path = write_head_map(head_map, json_target)
+    png_path = write_heatmap(head_map, json_target.with_suffix(".png"))
     counts = head_map.counts()
     print(f"wrote {json_path} and {png_path}: {head_map.layers} layers x {head_map.heads} heads, {counts['sink']} sink / "
           f"{counts['local']} local at threshold {head_map.threshold:.3f} ({len(result.labels)} calibration images, "

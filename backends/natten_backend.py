@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 
-from ..core.attention import AttentionBackend, BackendCapabilities, Neighborhood2D, scores_bytes
+from ..core.attention import AttentionBackend, BackendCapabilities, scores_bytes
 from ..core.records import Availability, NoOptions
 
 

@@ -34,9 +34,8 @@ from typing import Any, Iterable
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from . import hookspecs
+from . import __version__, hookspecs
 from .errors import ComponentFailedError, ConfigError, DuplicateComponentError, MvarEngineError, UnknownComponentError
-from . import __version__
 from .records import KIND_LABELS, RECORD_TYPES, Availability, ComponentRecord
 
 ENTRY_POINT_GROUP = "mvar_engine"
@@ -151,14 +150,14 @@ def _check_numbers(kind: str, name: str, options: BaseModel) -> None:
     """Refuse, for every component (plugins too), option numbers torch cannot take: inf/nan floats
     and integers beyond int64 (they overflow in C++ far from the flag that set them)."""
     problems = []
-    for field in type(options).model_fields:
-        value = getattr(options, field, None)
-        flag = f"--{kind}-{field.replace('_', '-')}"
+    for option_name in type(options).model_fields:
+        value = getattr(options, option_name, None)
+        flag = f"--{kind}-{option_name.replace('_', '-')}"
         if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"{KIND_LABELS[kind]} '{name}' option {field}: Input should be a finite number "
+            problems.append(f"{KIND_LABELS[kind]} '{name}' option {option_name}: Input should be a finite number "
                             f"(got {value!r}) (flag {flag})")
         elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
-            problems.append(f"{KIND_LABELS[kind]} '{name}' option {field}: Input should be an integer of at most "
+            problems.append(f"{KIND_LABELS[kind]} '{name}' option {option_name}: Input should be an integer of at most "
                             f"63 bits (got {value!r}) (flag {flag})")
     if problems:
         raise ConfigError(problems)

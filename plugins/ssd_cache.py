@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from ..core.errors import UsageError
-from .head_map import HeadMap, load_head_map
 from .budget_cache import BudgetedCache, BudgetOptions
+from .head_map import HeadMap, load_head_map
 
 
 class SSDOptions(BudgetOptions):

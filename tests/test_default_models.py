@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from PIL import Image
-
 from mvar_engine.apps.config import ComponentChoice, EngineConfig
-from mvar_engine.models.default_models import (DEFAULT_TRANSFORMERS, WEIGHTS_DIR, default_checkpoints,
-                                             tokenizer_file, weights_metadata)
-from mvar_engine.apps.pipeline import recommended_choices
-from mvar_engine.apps.pipeline import Pipeline, with_weights
+from mvar_engine.apps.pipeline import Pipeline, recommended_choices, with_weights
+from mvar_engine.models.default_models import (DEFAULT_TRANSFORMERS, WEIGHTS_DIR, default_checkpoints, tokenizer_file,
+                                               weights_metadata)
+from PIL import Image
 
 SHIPPED = pytest.mark.skipif(default_checkpoints("markov") is None, reason="the default weights are not installed")
 

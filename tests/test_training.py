@@ -21,6 +21,7 @@ from conftest import make_engine, small_models
 from mvar_engine.apps.cli import main
 from mvar_engine.core.errors import CheckpointError, UsageError
 from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from mvar_engine.models.checkpoint import read_weights_metadata
 from mvar_engine.apps.training import checkpointing
 from mvar_engine.apps.training.batches import ShardedBatches
 from mvar_engine.apps.training.grouped_forward import (grouped_logits, parallel_groups, parse_ratio, scales_isolated,
@@ -72,7 +73,7 @@ def test_tokenizer_training_reduces_loss_and_exports_metadata(tokenizer_run):
     assert [r["step"] for r in records] == list(range(5, 41, 5))
     assert records[-1]["loss"] < 0.75 * records[0]["loss"]
     assert records[-1]["psnr"] > records[0]["psnr"]
-    meta = checkpointing.read_weights_metadata(run / "tokenizer.safetensors")
+    meta = read_weights_metadata(run / "tokenizer.safetensors")
     assert meta["kind"] == "tokenizer" and meta["resolution"] == 16 and meta["patch_nums"] == [1, 2, 4]
     assert meta["class_names"] == [str(d) for d in range(10)] and meta["training"]["steps"] == 40
     model = MultiScaleVQVAE(TokenizerConfig(**meta["architecture"]))
@@ -105,7 +106,7 @@ def test_var_training_reduces_loss(tokenizer_run, tmp_path, strategy):
         if group != "0":  # scale 0 is one token per image: its CE falls too, but noisily
             head, tail = sum(ces[:3]) / 3, sum(ces[-3:]) / 3
             assert tail < head - 0.2, (group, ces)
-    meta = checkpointing.read_weights_metadata(tmp_path / strategy / "model.safetensors")
+    meta = read_weights_metadata(tmp_path / strategy / "model.safetensors")
     assert meta["training"]["strategy"] == strategy and meta["trajectory"]["name"] == "markov"
     assert meta["attention"]["name"] == "neighborhood" and meta["attention"]["options"]["kernel_size"] == 3
     assert meta["architecture"]["patch_nums"] == [1, 2, 4] and meta["num_classes"] == 10

@@ -38,33 +38,27 @@ configuration of each family is that family's baseline. ``MODEL_FAMILIES`` maps 
 
 from __future__ import annotations
 
-import gc
 import json
-import os
-import re
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import torch
 
-from ...core.errors import ConfigError, MvarEngineError, UsageError
+from ...core.errors import UsageError
 from ...core.layout import spans_length
-from ...core.registry import get_registry
 from ...models.checkpoint import atomic_write
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512, VAR, VARConfig
+from ...models.var import VAR, VARConfig
 from ..cli_helpers import PROG, Parser, int_list, name_list
 from ..config import EngineConfig
-from ..pipeline import Pipeline, build_models, resolve_components, resolve_device
-from .cells import (KNOWN_MODELS, SSD_STAND_IN, CellRun, Combo, MemoryProbe, ModelSpec, check_combo, combo_family,
-                    model_spec, needs_calibration, parse_cell, parse_combo)
+from ..pipeline import build_models
+from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
+                    parse_cell, parse_combo)
 from .matrix_raster import calibrate_for_matrix, run_raster_cell
-from .report import (format_value, machine_info, peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes,
-                     run_json_worker, synchronizer, worker_env, write_json)
+from .report import format_value, machine_info, run_json_worker, worker_env, write_json
 
 # -- models ------------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from ...plugins.budget_cache import budget_tokens
 from ..config import EngineConfig
 from ..pipeline import build_raster_models, resolve_components, resolve_device
 from .cache import cache_bytes, calibrate_head_map
-from .cells import RASTER_GRIDS, SSD_STAND_IN, CellRun, model_spec, needs_calibration, parse_combo
+from .cells import RASTER_GRIDS, CellRun, model_spec, needs_calibration, parse_combo
 
 
 def _build(spec, cell: dict[str, Any]):

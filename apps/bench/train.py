@@ -14,7 +14,6 @@ the model was built, the median step time per group, and the cycle-weighted mean
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

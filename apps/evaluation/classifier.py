@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.errors import UsageError
 from ...models.checkpoint import save_state_dict
 from ..data import ImageSet
-from ...core.errors import UsageError
 
 ARCH_VERSION = "digit-cnn-v1"
 """Changes whenever the architecture or the training recipe changes (invalidates cached weights)."""

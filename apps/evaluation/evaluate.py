@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, TextIO
 
 import torch
 
-from ...core.errors import ConfigError, UsageError
+from ...core.errors import UsageError
 from ..bench.report import format_table, machine_info, write_json
 from ..cli_helpers import one_line
 from ..config import EngineConfig

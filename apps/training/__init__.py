@@ -22,7 +22,7 @@ Python API::
     train_var(VarTrainSettings(tokenizer="runs/tokenizer/tokenizer.safetensors", strategy="parallel"))
 """
 
-from .checkpointing import read_weights_metadata
+from ...models.checkpoint import read_weights_metadata
 from .raster_trainer import RasterTrainSettings, train_raster
 from .tokenizer_trainer import TokenizerTrainSettings, TrainSummary, train_tokenizer
 from .var_trainer import VarTrainSettings, train_var

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ...core.errors import CheckpointError
-from ...models.checkpoint import METADATA_KEY, atomic_write, read_weights_metadata, save_state_dict
+from ...models.checkpoint import METADATA_KEY, atomic_write, save_state_dict
 from . import distributed as D
 
 CHECKPOINT_NAME = "checkpoint.pt"

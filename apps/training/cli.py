@@ -18,23 +18,12 @@ from typing import Any, Sequence
 
 from ...core.errors import UsageError
 from ...core.registry import get_registry
-from ..cli_helpers import PROG, Parser
+from ..cli_helpers import PROG, Parser, int_list
 from . import distributed as D
 from .loop import TrainingInterrupted
 from .raster_trainer import RasterTrainSettings, train_raster
 from .tokenizer_trainer import TokenizerTrainSettings, train_tokenizer
 from .var_trainer import VarTrainSettings, train_var
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """``"1,2,3"`` -> ``(1, 2, 3)`` (argparse type; errors become one-line usage errors)."""
-    try:
-        values = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}")
-    return values
 
 
 def _common_run_flags(p: argparse.ArgumentParser, d: Any, default_output: str) -> None:

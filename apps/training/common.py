@@ -4,8 +4,9 @@ and one-line architecture errors."""
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,13 +69,44 @@ class TransformerSettings(DataSettings, LoopSettings):
 
 
 
+NUMBER_RULES: dict[str, tuple[float, bool, float | None]] = {
+    # field: (lower bound, lower bound allowed, upper bound exclusive or None)
+    "steps": (1, True, None), "batch_size": (1, True, None), "save_every": (1, True, None),
+    "log_every": (1, True, None), "max_images": (1, True, None),
+    "lr": (0.0, False, None), "weight_decay": (0.0, True, None), "warmup_steps": (0, True, None),
+    "grad_clip": (0.0, True, None), "class_dropout": (0.0, True, 1.0), "mlp_ratio": (0.0, False, None),
+    "ffn_dim_multiplier": (0.0, False, None), "beta": (0.0, True, None), "l1_weight": (0.0, True, None),
+    "mse_weight": (0.0, True, None), "vq_weight": (0.0, True, None), "share_quant_resi": (0, True, None),
+    "seed": (-(2**63), True, 2**64),
+}
+"""The range of each numeric training setting (``--grad-clip 0`` is off, ``--warmup-steps 0`` none)."""
+
+
+def _range_text(low: float, inclusive: bool, high: float | None) -> str:
+    if high is not None:
+        return f"lie in [{low:g}, {high:g})" if high != 2**64 else "be an integer from -2**63 to 2**64 - 1"
+    return f"be at least {low:g}" if inclusive else f"be greater than {low:g}"
+
+
 def check_loop_settings(s: Any) -> None:
-    """``steps``, ``save_every``, ``log_every`` at least 1 and ``class_dropout`` in [0, 1) (one-line errors)."""
-    for name in ("steps", "save_every", "log_every"):
-        if getattr(s, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    if not 0.0 <= s.class_dropout < 1.0:
-        raise UsageError(f"--class-dropout must lie in [0, 1), got {s.class_dropout}")
+    """Every numeric field of the settings dataclass ``s``: finite, in its :data:`NUMBER_RULES` range,
+    and at least one loss weight on; the first problem is a one-line :class:`UsageError` naming the flag."""
+    for item in fields(s):
+        value = getattr(s, item.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = f"--{item.name.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if item.name not in NUMBER_RULES:
+            continue
+        low, inclusive, high = NUMBER_RULES[item.name]
+        if value < low or (value == low and not inclusive) or (high is not None and value >= high):
+            raise UsageError(f"{flag} must {_range_text(low, inclusive, high)}, got {value:g}")
+    weights = [getattr(s, name) for name in ("l1_weight", "mse_weight", "vq_weight") if hasattr(s, name)]
+    if weights and not any(weights):
+        raise UsageError("--l1-weight, --mse-weight and --vq-weight are all 0: nothing would be trained "
+                         "(give one a positive weight)")
 
 
 def drop_classes(labels: torch.Tensor, batches: ShardedBatches, step: int, probability: float,

@@ -15,10 +15,10 @@ import torch
 from pydantic import ValidationError
 
 from ...core.errors import CheckpointError, UsageError
-from ...models.checkpoint import load_into, read_state_dict
+from ...models.checkpoint import load_into, read_state_dict, read_weights_metadata
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ..model_loading import infer_tokenizer_config
-from .checkpointing import file_sha256, read_weights_metadata
+from .checkpointing import file_sha256
 
 
 @dataclass

@@ -34,7 +34,7 @@ from torch import nn
 
 from ...core.errors import ConfigError, UsageError
 from ...core.registry import get_registry
-from ...models.checkpoint import load_into, read_state_dict
+from ...models.checkpoint import load_into, read_state_dict, read_weights_metadata
 from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ..cli_helpers import architecture_error
@@ -42,8 +42,7 @@ from ..config import EngineConfig
 from ..pipeline import resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
-from .checkpointing import (checkpoint_path, export_weights, read_weights_metadata, save_training_checkpoint,
-                            state_sha256)
+from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
 from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop

@@ -33,7 +33,7 @@ from ..data import ImageSet
 from . import distributed as D
 from .batches import ShardedBatches, load_images, step_generator
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
-from .common import DataSettings, LoopSettings, start_or_resume
+from .common import DataSettings, LoopSettings, check_loop_settings, start_or_resume
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer, clip_gradients
 from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
@@ -160,9 +160,7 @@ def train_tokenizer(s: TokenizerTrainSettings, callbacks: tuple[Callback, ...] =
     """Train (or resume) a tokenizer per ``s``; see the module docstring. Under torchrun every
     rank calls this; files are written by rank 0."""
     config = tokenizer_config(s)
-    for name in ("steps", "save_every", "log_every"):
-        if getattr(s, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    check_loop_settings(s)
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
     info = D.setup(s.device)
     try:

@@ -24,12 +24,11 @@ from __future__ import annotations
 import functools
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
-from mvar_engine import (AttentionPatternRecord, BudgetOptions, BudgetedCache, CachePolicyRecord, Causal, SegmentCache,
+from mvar_engine import (AttentionPatternRecord, BudgetedCache, BudgetOptions, CachePolicyRecord, Causal, SegmentCache,
                          SegmentStore, hookimpl, visible_positions)
 from mvar_engine.core.attention import AttentionPattern, Dense, Masked
-from mvar_engine.core.layout import SequenceLayout, merge_spans, spans_to_positions
+from mvar_engine.core.layout import SequenceLayout, spans_to_positions
+from pydantic import BaseModel, ConfigDict, Field
 
 # ---------------------------------------------------------------------------------- sink-scales
 
