@@ -18,11 +18,12 @@ import os
 import sys
 import textwrap
 import time
+import warnings
 from typing import Any, Sequence
 
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
 from ..core.records import KIND_LABELS, RECORD_TYPES
-from ..core.registry import Registry, failing_component, get_registry
+from ..core.registry import Registry, failing_component, get_registry, normalize_name
 from .cli_helpers import PROG, Commands, Parser, check_output_path, under_torchrun
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
 from .pipeline import Pipeline, resolve_autocast, resolve_device
@@ -72,8 +73,9 @@ def _base_generate_parser(add_help: bool = True) -> Parser:
     s.add_argument("--samples-per-label", type=int, metavar="N", help="images per label (grid columns; default 8)")
     s.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default 16)")
     s.add_argument("--cfg", type=float, help="classifier-free guidance (default 1.5; 0 disables)")
-    s.add_argument("--top-k", type=int, help="top-k (default 900; 1 = greedy)")
-    s.add_argument("--top-p", type=float, help="top-p (default 0.96)")
+    s.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 900; 1 = greedy, 0 = off)")
+    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens holding this share of "
+                   "the probability mass (default 0.96; 0 or 1 = off)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     o = p.add_argument_group("output and run")
     o.add_argument("--output", metavar="PATH", help="PNG grid path (default outputs/samples.png)")
@@ -93,8 +95,13 @@ def _chosen_names(known: argparse.Namespace, file_data: dict[str, Any], registry
         flag = getattr(known, kind, None)
         entry = file_data.get(kind)
         from_file = entry if isinstance(entry, str) else (entry or {}).get("name") if isinstance(entry, dict) else None
-        if flag or from_file:
-            names[kind] = flag or from_file
+        given, where = (flag, f"--{kind}") if flag is not None else (from_file, f"the config file's {kind}")
+        if given is None:
+            continue
+        if not isinstance(given, str) or not given.strip():
+            raise UsageError(f"{where} is empty: give a {kind} name (`{PROG} plugins` lists them)")
+        names[kind] = "auto" if kind == "backend" and normalize_name(given) == "auto" else \
+            registry.get(kind, given).record.name  # the registered spelling: FULL -> full
     names.setdefault("trajectory", "markov")
     names.setdefault("backend", "auto")
     trajectory_cls = registry.get("trajectory", names["trajectory"]).record.factory
@@ -266,8 +273,22 @@ DEBUG_HINT = "(rerun with --debug for the traceback)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status. Python warnings raised while it runs (torch's among
+    them) are held back and shown after it, unless it ends in a usage error (exit 2): the error's
+    one line is then all there is (``--debug`` shows everything as it happens)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:
+        return _dispatch(argv, debug)
+    with warnings.catch_warnings(record=True) as held:
+        code = _dispatch(argv, debug)
+    if code != 2:
+        for item in held:
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+    return code
+
+
+def _dispatch(argv: list[str], debug: bool) -> int:
     try:
         commands = load_commands() if argv and not argv[0].startswith("-") else None
         if commands is not None and argv[0] in commands.top:

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -247,4 +247,27 @@ def build_config(file_data: dict[str, Any] | None = None, overrides: dict[str, A
     try:
         return EngineConfig.model_validate(data)
     except ValidationError as error:
+        unknown = [".".join(map(str, p["loc"])) for p in error.errors() if p["type"] == "extra_forbidden"]
+        if unknown:  # name the settings that do exist where the unknown key sits
+            where = unknown[0].split(".")
+            valid = ", ".join(settings_at(where[:-1])) or "none"
+            raise ConfigError([f"unknown setting {unknown[0]!r} (valid {'.'.join(where[:-1]) or 'top-level'} "
+                               f"settings: {valid})"]) from None
         raise ConfigError(format_validation_error(error)) from None
+
+
+def settings_at(path: Sequence[str]) -> list[str]:
+    """The setting names of the config table at ``path`` (``[]``: the top level, ``["model"]``: the
+    model table; a component table holds ``name`` and ``options``)."""
+    model: Any = EngineConfig
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in (getattr(annotation, "__args__", None) or (annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel, ValidationError
 
 from ..core.adapter import ModelFacts
 from ..core.errors import CheckpointError, UsageError
-from ..models.checkpoint import load_into, read_state_dict, read_state_shapes, save_state_dict, weights_fingerprint
+from ..models.checkpoint import check_finite, load_into, read_state_dict, read_state_shapes, save_state_dict, weights_fingerprint
 from ..models.default_models import available_defaults, weights_metadata
 from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
 from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
@@ -296,8 +296,12 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
 
 
 # -- building --------------------------------------------------------------------------------------
-def _load(model: torch.nn.Module, path: Path, strict: bool, derived) -> torch.nn.Module:
-    load_into(model, read_state_dict(path), source=str(path), strict=strict, derived=derived)
+def _load(make_model: Callable[[], torch.nn.Module], path: Path, strict: bool, derived) -> torch.nn.Module:
+    """``make_model()`` with the weights of ``path``, read and checked (NaN, inf) before the model is made."""
+    state = read_state_dict(path)
+    check_finite({key: value for key, value in state.items() if key not in set(derived)}, str(path))
+    model = make_model()
+    load_into(model, state, source=str(path), strict=strict, derived=derived)
     return model
 
 
@@ -306,8 +310,8 @@ def build_var_plan(plan: ModelPlan) -> tuple[VAR, MultiScaleVQVAE]:
     if plan.model_path is None:
         torch.manual_seed(plan.seed)
         return VAR(plan.model), MultiScaleVQVAE(plan.tokenizer)
-    return (_load(VAR(plan.model), plan.model_path, plan.strict, DERIVED_VAR_BUFFERS),
-            _load(MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
+    return (_load(lambda: VAR(plan.model), plan.model_path, plan.strict, DERIVED_VAR_BUFFERS),
+            _load(lambda: MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
 
 
 def build_raster_plan(plan: ModelPlan) -> tuple[RasterGPT, MultiScaleVQVAE]:
@@ -316,8 +320,8 @@ def build_raster_plan(plan: ModelPlan) -> tuple[RasterGPT, MultiScaleVQVAE]:
         torch.manual_seed(plan.seed)
         tokenizer = MultiScaleVQVAE(plan.tokenizer)
         return RasterGPT(plan.model), tokenizer
-    return (_load(RasterGPT(plan.model), plan.model_path, plan.strict, DERIVED_RASTER_BUFFERS),
-            _load(MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
+    return (_load(lambda: RasterGPT(plan.model), plan.model_path, plan.strict, DERIVED_RASTER_BUFFERS),
+            _load(lambda: MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
 
 
 def build_models(config: EngineConfig, family: str = "next-scale") -> tuple[Any, MultiScaleVQVAE]:
@@ -336,20 +340,20 @@ def load_var(path: Path, *, depth: int | None = None, patch_nums=None, num_class
              strict: bool = True) -> VAR:
     """A VAR from any supported checkpoint layout (architecture from metadata or shapes)."""
     config = var_architecture(path, depth=depth, patch_nums=patch_nums, num_classes=num_classes, strict=strict)
-    return _load(VAR(config), Path(path), strict, DERIVED_VAR_BUFFERS)
+    return _load(lambda: VAR(config), Path(path), strict, DERIVED_VAR_BUFFERS)
 
 
 def load_tokenizer(path: Path, patch_nums, strict: bool = True) -> MultiScaleVQVAE:
     """A multi-scale tokenizer run with ``patch_nums``."""
     config = tokenizer_architecture(path, patch_nums, strict=strict)
-    return _load(MultiScaleVQVAE(config), Path(path), strict, DERIVED_TOKENIZER_BUFFERS)
+    return _load(lambda: MultiScaleVQVAE(config), Path(path), strict, DERIVED_TOKENIZER_BUFFERS)
 
 
 def load_raster(path: Path, *, grid: tuple[int, int] | None = None, depth: int | None = None,
                 num_classes: int | None = None, strict: bool = True) -> RasterGPT:
     """A raster GPT from our export or a LlamaGen c2i file (see :func:`raster_architecture`)."""
     config = raster_architecture(path, grid=grid, depth=depth, num_classes=num_classes, strict=strict)
-    return _load(RasterGPT(config), Path(path), strict, DERIVED_RASTER_BUFFERS)
+    return _load(lambda: RasterGPT(config), Path(path), strict, DERIVED_RASTER_BUFFERS)
 
 
 def save_var(model: VAR, path: str | Path) -> Path:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -25,6 +26,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
+"""The name ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")`` gives (8 random characters)."""
+
+
+def temp_name_of(path: Path) -> str | None:
+    """The file an :func:`atomic_write` temp file ``.NAME.XXXXXXXX.tmp`` was for (``NAME``), or None."""
+    match = TEMP_NAME.fullmatch(path.name)
+    return match.group(1) if match else None
+
+
+def remove_orphan_temps(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temp files that interrupted :func:`atomic_write` calls (SIGKILL, power loss) left in
+    ``folder`` for the files ``names``; only call it while no other process writes those files.
+    Returns the paths removed."""
+    folder, owned = Path(folder), set(names)
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if temp_name_of(path) in owned and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def not_a_file_reason(path: str | os.PathLike) -> str | None:

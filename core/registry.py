@@ -175,7 +175,8 @@ def format_validation_error(error: ValidationError, prefix: str = "", allowed: I
             continue
         got = problem.get("input")
         shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
-        lines.append(f"{prefix}{where}: {problem['msg']}{shown}")
+        message = problem["msg"]
+        lines.append(f"{prefix}{message}{shown}" if message.startswith("--") else f"{prefix}{where}: {message}{shown}")
     return lines
 
 

@@ -109,6 +109,14 @@ def read_state_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_state_dict(path, device="meta")
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """A one-line ``CheckpointError`` naming ``source`` if a floating-point tensor holds NaN or inf."""
+    broken = non_finite_tensors(state)
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or inf values (first: {broken[0]}); the "
+                              f"file is corrupt or from a diverged run (use an earlier checkpoint)")
+
+
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Keys of the floating-point tensors holding NaN or inf."""
     return [key for key, value in state.items()
@@ -169,10 +177,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, 
                               f"(check --depth / the architecture flags, or load what matches with --no-strict)")
     mismatched = {k for k, _, _ in report.mismatched}
     loadable = {k: v for k, v in file_state.items() if k in model_state and k not in mismatched}
-    broken = non_finite_tensors(loadable)
-    if broken:
-        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or inf values (first: {broken[0]}); the "
-                              f"file is corrupt or from a diverged run (use an earlier checkpoint)")
+    check_finite(loadable, source)
     model.load_state_dict(loadable, strict=False)
     return report
 

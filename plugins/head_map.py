@@ -121,8 +121,9 @@ def load_head_map(path: str | Path) -> HeadMap:
         return HeadMap.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise UsageError(f"head map {path}: {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in first["loc"])
+        raise UsageError(f"head map {path}: {where + ': ' if where else ''}{message}") from None
 
 
 def write_head_map(head_map: HeadMap, path: str | Path) -> Path:

@@ -72,3 +72,52 @@ def make_engine(model, tokenizer, trajectory="full", attention="dense", cache="f
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+class ModelWouldBeBuilt(BaseException):
+    """Raised where a model would be built or a training run would start: a bad input that gets
+    here was checked too late (a BaseException, so the CLI's error handling cannot swallow it)."""
+
+
+def _tree(root: Path) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Every model constructor the CLI reaches (the built-in families' builders, the trainers' models)
+    raises :class:`ModelWouldBeBuilt`."""
+    from mvar_engine.apps import model_families
+    from mvar_engine.apps.training import raster_trainer, tokenizer_trainer, var_trainer
+
+    def reached(*args, **kwargs):
+        raise ModelWouldBeBuilt("a model would be built")
+
+    for family in (model_families.VarFamily, model_families.RasterFamily):
+        monkeypatch.setattr(family, "builder", staticmethod(reached))
+    monkeypatch.setattr(var_trainer, "VAR", reached)
+    monkeypatch.setattr(raster_trainer, "RasterGPT", reached)
+    monkeypatch.setattr(tokenizer_trainer, "MultiScaleVQVAE", reached)
+    return ModelWouldBeBuilt
+
+
+@pytest.fixture
+def refused(capsys, tmp_cwd, no_model_built):
+    """``refused(argv, needle)``: ``mvar-engine argv`` (run in ``tmp_cwd``) exits 2 with exactly one
+    stderr line, ``mvar-engine: error: ...`` containing ``needle``, no traceback, no warning, no file
+    created under ``tmp_cwd`` and no model built. Returns the line."""
+    from mvar_engine.apps.cli import main
+
+    def check(argv, needle: str = "") -> str:
+        capsys.readouterr()
+        before = _tree(tmp_cwd)
+        status = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert status == 2, (status, err)
+        assert len(err) == 1 and err[0].startswith("mvar-engine: error: ") and needle in err[0], err
+        assert "Traceback" not in captured.err + captured.out
+        assert _tree(tmp_cwd) == before, f"a bad input created files: {_tree(tmp_cwd) - before}"
+        return err[0]
+
+    return check

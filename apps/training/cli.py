@@ -7,7 +7,7 @@ LlamaGen-style GPT (:mod:`.raster_trainer`), each with its own flags.
 Both run as one process or under torchrun (``python -m torch.distributed.run --nproc_per_node N
 -m mvar_engine.apps.cli train ...``; ``--batch-size`` is the global batch, split over the ranks).
 Bad input raises a one-line :class:`UsageError` (the top-level CLI prints it and exits 2); a
-graceful interruption (Ctrl-C, SIGTERM) saves a checkpoint and exits 130.
+graceful interruption (Ctrl-C, SIGTERM) saves a checkpoint and exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def _run(train, keys: tuple[str, ...]) -> int:
     except TrainingInterrupted as stop:
         if D.launch_rank() == 0:
             print(f"{PROG}: {stop}", file=sys.stderr)
-        return 130
+        return stop.exit_status
     if D.launch_rank() == 0:
         numbers = ", ".join(f"{k} {summary.metrics[k]:.4g}" for k in keys if isinstance(summary.metrics.get(k), float))
         print(f"wrote {summary.weights} (step {summary.step}{', ' + numbers if numbers else ''}, "

@@ -17,7 +17,7 @@ from ...core.errors import UsageError
 from . import distributed as D
 from .batches import ShardedBatches
 from .checkpointing import load_training_checkpoint, restore_training_state
-from .rundir import fresh_start
+from .rundir import fresh_start, remove_run_temps
 
 
 @dataclass
@@ -148,6 +148,8 @@ def start_or_resume(run: Path, settings: LoopSettings, *, kind: str, architectur
     """``--resume``: restore model, optimiser and schedule from the run's checkpoint and cut the
     metrics log after its step; else clear the run for a fresh start (main process). Returns
     ``(first step, elapsed seconds, previous metrics, the checkpoint's extra record)``."""
+    if info.is_main:
+        remove_run_temps(run, weights_name)
     if settings.resume:
         ckpt = load_training_checkpoint(run, kind=kind, architecture=architecture)
         start = restore_training_state(ckpt, model, optimizer, scheduler)

@@ -39,9 +39,17 @@ Callback = Callable[[int, dict[str, Any]], None]
 class TrainingInterrupted(KeyboardInterrupt):
     """Raised after a graceful stop: the checkpoint at ``step`` has been written."""
 
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted after step {step}; checkpoint saved to {checkpoint} (continue with --resume)")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint: Path, signal_name: str = "") -> None:
+        by = f" by {signal_name}" if signal_name else ""
+        super().__init__(f"interrupted{by} after step {step}; checkpoint saved to {checkpoint} (continue with --resume)")
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+
+    @property
+    def exit_status(self) -> int:
+        """The shell convention 128 + the signal's number: 143 after SIGTERM, 130 after SIGINT (and
+        on a rank that stopped because another rank was signalled)."""
+        number = getattr(signal, self.signal_name, None) if self.signal_name.startswith("SIG") else None
+        return 128 + int(number if number is not None else signal.SIGINT)
 
 
 class StopFlag:
@@ -164,7 +172,7 @@ def run_loop(*, start_step: int, total_steps: int, step_fn: StepFn, save_fn: Sav
                     if not saved:
                         save_fn(step, last if logged else global_metrics(metrics, device),
                                 elapsed_before + time.perf_counter() - started)
-                    raise TrainingInterrupted(step, checkpoint)
+                    raise TrainingInterrupted(step, checkpoint, stop.signal_name)
     finally:
         bar.close()
     if step == start_step and start_step >= total_steps:

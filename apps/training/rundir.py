@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.errors import UsageError
+from ...core.files import remove_orphan_temps
 from ...models.checkpoint import atomic_write
 from .checkpointing import CHECKPOINT_NAME, checkpoint_path
 
@@ -44,3 +45,9 @@ def fresh_start(run: Path, weights_name: str) -> None:
     for the new run's output."""
     for name in (CHECKPOINT_NAME, weights_name, METRICS_NAME):
         (run / name).unlink(missing_ok=True)
+
+
+def remove_run_temps(run: Path, weights_name: str) -> list[Path]:
+    """Delete the temp files interrupted saves (SIGKILL) left for this run's own files (checkpoint,
+    weights, metrics, settings); the main process calls it before the run writes anything."""
+    return remove_orphan_temps(run, (CHECKPOINT_NAME, weights_name, METRICS_NAME, CONFIG_NAME))
