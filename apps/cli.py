@@ -59,11 +59,20 @@ def _base_generate_parser(add_help: bool = True) -> Parser:
     g.add_argument("--cache", metavar="NAME", help="KV-cache policy (default: the trajectory's: markov -> none, full -> full)")
     g.add_argument("--backend", metavar="NAME", help="attention backend, or auto (default: auto)")
     m = p.add_argument_group("model")
-    m.add_argument("--var-checkpoint", metavar="PATH", help="VAR/MVAR transformer weights (.pth or .safetensors)")
-    m.add_argument("--vae-checkpoint", metavar="PATH", help="multi-scale VQVAE tokenizer weights")
+    m.add_argument("--var-checkpoint", metavar="PATH", help="transformer weights (.pth, .pt or .safetensors): VAR/MVAR, "
+                   "or a raster GPT (LlamaGen's c2i_*.pt) under --trajectory raster")
+    m.add_argument("--vae-checkpoint", metavar="PATH", help="tokenizer weights: VAR's multi-scale VQVAE, ours, or "
+                   "LlamaGen's VQ-16 (vq_ds16_c2i.pt) for a raster GPT")
+    m.add_argument("--model-dir", metavar="DIR", help="a local Hugging Face model directory (config.json, "
+                   "*.safetensors, tokenizer files): Janus-Pro under --trajectory raster (never the network)")
+    m.add_argument("--prompt", metavar="TEXT", help="what a text-to-image model (Janus-Pro) draws")
+    m.add_argument("--no-chat-format", dest="chat_format", action="store_false",
+                   help="feed --prompt as written instead of in the model's chat format")
     m.add_argument("--depth", type=int, help="transformer depth (read off the checkpoint when omitted)")
     m.add_argument("--patch-nums", metavar="N,N,...", help="scale schedule (default: VAR's 256px 1,2,3,4,5,6,8,10,13,16)")
     m.add_argument("--num-classes", type=int, help="number of classes (random weights)")
+    m.add_argument("--num-heads", type=int, help="attention heads of a raster GPT file (LlamaGen's files do not store "
+                   "it: read off the table of released sizes when omitted)")
     m.add_argument("--random-weights", action="store_true", help="randomly initialised model (time and memory only)")
     m.add_argument("--model-adapter", dest="adapter", metavar="NAME",
                    help="model family (default: the trajectory family's built-in: var, raster-gpt)")
@@ -72,7 +81,8 @@ def _base_generate_parser(add_help: bool = True) -> Parser:
     s.add_argument("--labels", metavar="L,L,...", help="class labels, one grid row each")
     s.add_argument("--samples-per-label", type=int, metavar="N", help="images per label (grid columns; default 8)")
     s.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default 16)")
-    s.add_argument("--cfg", type=float, help="classifier-free guidance (default 1.5; 0 disables)")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1.5). 0: none, the conditional "
+                   "rows alone (no unconditional rows run); raster models guide, as LlamaGen, only above 1")
     s.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 900; 1 = greedy, 0 = off)")
     s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens holding this share of "
                    "the probability mass (default 0.96; 0 or 1 = off)")
@@ -141,7 +151,8 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
     for kind in COMPONENT_KINDS:
         if kind in given or kind in options:
             out[kind] = {"name": names[kind], "options": options.get(kind, {})}
-    model_keys = {"var_checkpoint", "vae_checkpoint", "depth", "patch_nums", "num_classes", "random_weights", "adapter"}
+    model_keys = {"var_checkpoint", "vae_checkpoint", "depth", "patch_nums", "num_classes", "num_heads", "random_weights",
+                  "adapter", "model_dir", "prompt", "chat_format"}
     sampling_keys = {"cfg", "top_k", "top_p", "seed"}
     output_keys = {"output", "per_image", "save_tokens"}
     for key, value in given.items():

@@ -144,12 +144,19 @@ class ModelConfig(BaseModel):
     depth: int | None = Field(None, ge=1, le=INT64_MAX, description="transformer depth (inferred from a checkpoint when omitted)")
     patch_nums: tuple[int, ...] | None = Field(None, description="scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16")
     num_classes: int | None = Field(None, ge=1, le=INT64_MAX)
+    num_heads: int | None = Field(None, ge=1, le=INT64_MAX, description="attention heads of a raster GPT (LlamaGen's "
+                                  "files do not store it; default: the released size's count)")
     random_weights: bool = False
+    model_dir: Path | None = Field(None, description="a local Hugging Face model directory (config.json, *.safetensors, "
+                                   "tokenizer files): Janus-Pro")
+    prompt: str | None = Field(None, description="the text prompt of a text-to-image model (Janus-Pro)")
+    chat_format: bool | None = Field(None, description="put --prompt into the model's chat format (Janus: default "
+                                     "true; false feeds it as written)")
     strict: bool = True
     adapter: str | None = Field(None, description="model family (see 'mvar-engine plugins --kind model'); default: "
                                                  "the first installed one that serves the trajectory's family")
 
-    @field_validator("var_checkpoint", "vae_checkpoint", mode="before")
+    @field_validator("var_checkpoint", "vae_checkpoint", "model_dir", mode="before")
     @classmethod
     def _no_empty_checkpoint(cls, value: Any, info) -> Any:
         return _not_empty_path(value, f"--{info.field_name.replace('_', '-')}")

@@ -20,6 +20,7 @@ from ..core.adapter import ModelFacts
 from ..core.errors import CheckpointError, UsageError
 from ..models.checkpoint import check_finite, load_into, read_state_dict, read_state_shapes, save_state_dict, weights_fingerprint
 from ..models.default_models import available_defaults, weights_metadata
+from ..models.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig, infer_llamagen_vq_config, is_llamagen_vq_state
 from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
 from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
 from ..models.var import VAR, VARConfig, infer_var_config
@@ -159,35 +160,52 @@ def tokenizer_architecture(path, patch_nums, *, strict: bool = True, model_path=
             return TokenizerConfig(**{**stored.model_dump(), "patch_nums": tuple(patch_nums)})
         except ValidationError as error:
             raise architecture_error(error, "--patch-nums") from None
+    shapes = read_state_shapes(path)
+    if "tok_embeddings.weight" in shapes:
+        raise CheckpointError(f"{path} holds a raster GPT (LlamaGen c2i keys), not a tokenizer: give it as "
+                              f"--var-checkpoint and the tokenizer (e.g. LlamaGen's vq_ds16_c2i.pt) as --vae-checkpoint")
     try:
-        return infer_tokenizer_config(read_state_shapes(path), patch_nums)
+        return infer_tokenizer_config(shapes, patch_nums)
+    except (KeyError, ValueError) as error:
+        raise _shape_error(path, error) from None
+
+
+def llamagen_vq_architecture(path, shapes: dict[str, torch.Tensor]) -> LlamaGenVQConfig:
+    """The architecture of a LlamaGen VQ file (``vq_ds16_c2i.pt``: keys under ``model``) from its shapes."""
+    try:
+        return infer_llamagen_vq_config(shapes)
     except (KeyError, ValueError) as error:
         raise _shape_error(path, error) from None
 
 
 def raster_architecture(path, *, grid: tuple[int, int] | None, depth: int | None = None,
-                        num_classes: int | None = None, strict: bool = True) -> RasterGPTConfig:
+                        num_classes: int | None = None, num_heads: int | None = None,
+                        strict: bool = True) -> RasterGPTConfig:
     """A raster GPT checkpoint's architecture: from its metadata (our exports) or, for LlamaGen's
     c2i files (flat or nested under ``model`` / ``module`` / ``state_dict``), its tensor shapes
-    (``grid`` required: the files do not hold it)."""
+    (``grid`` required: the files do not hold it; the head count from LlamaGen's table of released
+    sizes unless ``num_heads`` gives it)."""
     meta = check_weights_kind(path, "raster", RASTER_USE)
     stored = stored_architecture(path, RasterGPTConfig, meta) if meta else None
+    given = {"--depth": depth, "--num-classes": num_classes, "--num-heads": num_heads}
     if stored is not None:
         if grid is not None and tuple(grid) != tuple(stored.grid):
             raise UsageError(f"--patch-nums {grid[0] if grid[0] == grid[1] else grid}: {path} was trained on a "
                              f"{stored.grid[0]}x{stored.grid[1]} token grid (drop --patch-nums)")
-        refuse_overrides(path, {"--depth": stored.depth, "--num-classes": stored.num_classes},
-                         {"--depth": depth, "--num-classes": num_classes}, strict)
+        refuse_overrides(path, {"--depth": stored.depth, "--num-classes": stored.num_classes,
+                                "--num-heads": stored.heads}, given, strict)
         return stored
     shapes = read_state_shapes(path)
+    if is_llamagen_vq_state(shapes):
+        raise CheckpointError(f"{path} holds LlamaGen VQ tokenizer weights, not a raster GPT: give it as "
+                              f"--vae-checkpoint and the GPT (e.g. c2i_B_384.pt) as --var-checkpoint")
     try:
-        found = infer_raster_config(shapes)  # is it a LlamaGen c2i state dict?
-        refuse_overrides(path, {"--depth": found.depth, "--num-classes": found.num_classes},
-                         {"--depth": depth, "--num-classes": num_classes}, strict)
+        found = infer_raster_config(shapes, heads=num_heads)  # is it a LlamaGen c2i state dict?
+        refuse_overrides(path, {"--depth": found.depth, "--num-classes": found.num_classes}, given, strict)
         if grid is None:
             raise UsageError(f"{path} does not record its token grid: give it with --patch-nums SIDE (LlamaGen: "
                              f"16 at 256px, 24 at 384px)")
-        return infer_raster_config(shapes, grid=tuple(grid), depth=depth, num_classes=num_classes)
+        return infer_raster_config(shapes, grid=tuple(grid), depth=depth, num_classes=num_classes, heads=num_heads)
     except (KeyError, ValueError) as error:
         raise _shape_error(path, error) from None
 
@@ -199,7 +217,7 @@ class ModelPlan:
     them from (None: random initialisation seeded with ``seed``), strictness."""
 
     model: VARConfig | RasterGPTConfig
-    tokenizer: TokenizerConfig
+    tokenizer: TokenizerConfig | LlamaGenVQConfig
     model_path: Path | None = None
     tokenizer_path: Path | None = None
     strict: bool = True
@@ -219,7 +237,7 @@ def _no_defaults(config: EngineConfig, random_hint: str) -> UsageError:
                       f"--var-checkpoint and --vae-checkpoint, or --random-weights {random_hint}")
 
 
-def _check_vocab(tokenizer: TokenizerConfig, vocab_size: int, z_channels: int | None, paths) -> None:
+def _check_vocab(tokenizer: TokenizerConfig | LlamaGenVQConfig, vocab_size: int, z_channels: int | None, paths) -> None:
     if tokenizer.vocab_size != vocab_size or (z_channels is not None and tokenizer.z_channels != z_channels):
         tok, model = paths
         raise CheckpointError(f"tokenizer {tok} (vocabulary {tokenizer.vocab_size}, Cvae {tokenizer.z_channels}) does "
@@ -233,6 +251,9 @@ def plan_var_models(config: EngineConfig) -> ModelPlan:
     weights of ``--depth`` at ``--patch-nums`` (the embedded defaults come in through
     ``with_weights``)."""
     m = config.model
+    if m.num_heads is not None:
+        raise UsageError("--num-heads is for raster GPT files (--trajectory raster); a VAR/MVAR transformer has as many "
+                         "heads as its depth (drop --num-heads)")
     if m.var_checkpoint or m.vae_checkpoint:
         if not (m.var_checkpoint and m.vae_checkpoint):
             raise UsageError("give both --var-checkpoint and --vae-checkpoint (the transformer and its tokenizer)")
@@ -276,9 +297,14 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
         if grid is None and tok_meta and tok_meta.get("patch_nums") and not weights_metadata(m.var_checkpoint):
             last = tok_meta["patch_nums"][-1]  # a LlamaGen file does not say its grid; our tokenizer's metadata does
             grid = (last, last) if isinstance(last, int) else tuple(last)
-        gpt = raster_architecture(m.var_checkpoint, grid=grid, depth=m.depth, num_classes=m.num_classes, strict=m.strict)
-        tok = tokenizer_architecture(m.vae_checkpoint, (_raster_side(gpt.grid),), strict=m.strict, final_only=True,
-                                     model_path=m.var_checkpoint)
+        gpt = raster_architecture(m.var_checkpoint, grid=grid, depth=m.depth, num_classes=m.num_classes,
+                                  num_heads=m.num_heads, strict=m.strict)
+        vq_shapes = None if tok_meta else read_state_shapes(m.vae_checkpoint)
+        if vq_shapes is not None and is_llamagen_vq_state(vq_shapes):
+            tok = llamagen_vq_architecture(m.vae_checkpoint, vq_shapes)
+        else:
+            tok = tokenizer_architecture(m.vae_checkpoint, (_raster_side(gpt.grid),), strict=m.strict,
+                                         final_only=True, model_path=m.var_checkpoint)
         _check_vocab(tok, gpt.vocab_size, None, (m.vae_checkpoint, m.var_checkpoint))
         return ModelPlan(gpt, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed)
     if not m.random_weights:
@@ -289,6 +315,8 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
         overrides = {"grid": grid, "vocab_size": tok.vocab_size, "num_classes": m.num_classes or 1000}
         if m.depth:
             overrides["depth"] = m.depth
+        if m.num_heads:
+            overrides["heads"] = m.num_heads
         gpt = RasterGPTConfig.llamagen_b(**overrides)
     except ValidationError as error:
         raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
@@ -314,14 +342,20 @@ def build_var_plan(plan: ModelPlan) -> tuple[VAR, MultiScaleVQVAE]:
             _load(lambda: MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
 
 
-def build_raster_plan(plan: ModelPlan) -> tuple[RasterGPT, MultiScaleVQVAE]:
+def make_tokenizer(config: TokenizerConfig | LlamaGenVQConfig) -> MultiScaleVQVAE | LlamaGenVQ:
+    """The (untrained) tokenizer module of ``config``: LlamaGen's VQ or a multi-scale VQ-VAE."""
+    return LlamaGenVQ(config) if isinstance(config, LlamaGenVQConfig) else MultiScaleVQVAE(config)
+
+
+def build_raster_plan(plan: ModelPlan) -> tuple[RasterGPT, MultiScaleVQVAE | LlamaGenVQ]:
     """The models of a :func:`plan_raster_models` plan (random: the tokenizer is drawn first)."""
     if plan.model_path is None:
         torch.manual_seed(plan.seed)
         tokenizer = MultiScaleVQVAE(plan.tokenizer)
         return RasterGPT(plan.model), tokenizer
+    derived = () if isinstance(plan.tokenizer, LlamaGenVQConfig) else DERIVED_TOKENIZER_BUFFERS
     return (_load(lambda: RasterGPT(plan.model), plan.model_path, plan.strict, DERIVED_RASTER_BUFFERS),
-            _load(lambda: MultiScaleVQVAE(plan.tokenizer), plan.tokenizer_path, plan.strict, DERIVED_TOKENIZER_BUFFERS))
+            _load(lambda: make_tokenizer(plan.tokenizer), plan.tokenizer_path, plan.strict, derived))
 
 
 def build_models(config: EngineConfig, family: str = "next-scale") -> tuple[Any, MultiScaleVQVAE]:

@@ -80,15 +80,19 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
 
 
 def choose_model(config: EngineConfig, family: str, registry: Registry) -> str:
-    """The model family a run uses: ``--model-adapter NAME``, else the first registered (built-ins
-    register first) that serves the trajectory's ``family``."""
+    """The model family a run uses: ``--model-adapter NAME``; else, of the families serving the
+    trajectory's ``family`` (by name), the first that claims a model setting the run sets
+    (``--model-dir``: Janus), else the first that claims none."""
     if config.model.adapter:
         return registry.get("model", config.model.adapter).name
-    serving = [entry.name for entry in registry.components("model") if getattr(entry.record, "family", None) == family]
+    serving = [entry for entry in registry.components("model") if getattr(entry.record, "family", None) == family]
     if not serving:
         raise IncompatibleComponentsError(f"no installed model adapter generates {family} sequences "
                                           f"(see '{PROG} plugins --kind model')")
-    return serving[0]
+    given = {name for name in type(config.model).model_fields if getattr(config.model, name, None) is not None}
+    claiming = [entry for entry in serving if given & set(getattr(entry.record, "claims", ()))]
+    plain = [entry for entry in serving if not getattr(entry.record, "claims", ())]
+    return (claiming or plain or serving)[0].name
 
 
 def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
@@ -178,11 +182,23 @@ def recommended_choices(config: EngineConfig, metadata: dict[str, Any] | None) -
     return config.model_copy(update={"attention": ComponentChoice(name=chosen.name, options=dict(trained["options"]))})
 
 
+def with_sampling_defaults(config: EngineConfig, defaults: dict[str, Any]) -> EngineConfig:
+    """``config`` with the model family's sampling defaults (Janus: cfg 5, the full softmax) for the
+    settings the run did not set (flags and config files always win)."""
+    unset = {key: value for key, value in defaults.items() if key not in config.sampling.model_fields_set}
+    if not unset:
+        return config
+    sampling = config.sampling.model_copy(update=unset)
+    return config.model_copy(update={"sampling": sampling})
+
+
 def with_weights(config: EngineConfig) -> EngineConfig:
     """``config`` with the shipped default checkpoints of its trajectory filled in when it names none
     (and asks for no random weights), and the pattern options the weights were trained with (from
     their metadata) where the run sets none."""
     m = config.model
+    if m.model_dir is not None:
+        return config  # a model directory (Janus): the shipped weights are not for it
     if not (m.var_checkpoint or m.vae_checkpoint or m.random_weights):
         found = default_checkpoints(config.trajectory.name)
         if found is None:
@@ -224,6 +240,7 @@ class Pipeline:
         """Resolve, check (everything :func:`check_model_facts` can tell before a build), build."""
         config = with_weights(config)
         components = resolve_components(config, registry)
+        config = with_sampling_defaults(config, components.model.sampling_defaults)
         device = resolve_device(config.device)
         facts = check_model_facts(config, components)
         model, tokenizer = components.model.build(config)

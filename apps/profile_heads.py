@@ -129,7 +129,7 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
     result = pipe.generate(cache=profiler)
     calibration = {"images": len(result.labels), "labels": sorted(set(int(x) for x in result.labels)),
                    "cfg": config.sampling.cfg, "seed": config.sampling.seed, "grid": list(pipe.adapter.grid),
-                   "model": str(config.model.var_checkpoint or "default weights")}
+                   "model": str(config.model.var_checkpoint or config.model.model_dir or "default weights")}
     weights_id = pipe.facts.weights_id if pipe.facts else None
     head_map = profiler.head_map(threshold, calibration, weights_id)
     json_path = write_head_map(head_map, json_target)

@@ -59,6 +59,9 @@ class ModelFamily(ABC):
 
     name: ClassVar[str] = "model"
     family: ClassVar[str] = "next-scale"
+    sampling_defaults: ClassVar[dict[str, Any]] = {}
+    """Sampling settings (``cfg``, ``top_k``, ``top_p``) this family's models are run with when the
+    run sets none (Janus-Pro: cfg 5, top-k 0, top-p 1); the CLI's defaults otherwise."""
 
     @abstractmethod
     def build(self, settings: Any) -> tuple[Any, Any]:

@@ -109,6 +109,9 @@ class ModelAdapterRecord(ComponentRecord):
     kind, hook = "model", "mvar_engine_model_adapters"
 
     family: str = "next-scale"
+    claims: tuple[str, ...] = ()
+    """Model settings only this family reads (``("model_dir",)`` for Janus): a run that sets one of
+    them picks this family; a run that sets none picks a family that claims nothing."""
 
 
 RECORD_TYPES: dict[str, type[ComponentRecord]] = {

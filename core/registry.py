@@ -43,7 +43,7 @@ DISTRIBUTION = "mvar-engine"
 ENV_DISABLE_AUTOLOAD = "MVAR_ENGINE_DISABLE_PLUGIN_AUTOLOAD"
 ENV_ALLOW = "MVAR_ENGINE_PLUGINS"
 BUILTIN_MODULES = ("mvar_engine.plugins.builtin", "mvar_engine.backends.builtin", "mvar_engine.apps.model_families",
-                   "mvar_engine.apps.commands")
+                   "mvar_engine.apps.janus_family", "mvar_engine.apps.commands")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 

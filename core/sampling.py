@@ -60,6 +60,12 @@ def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
     return out.view(logits.shape[:-1])
 
 
+def raster_guided(cfg: float) -> bool:
+    """LlamaGen's rule for raster models: classifier-free guidance runs only when ``cfg > 1``; at
+    ``cfg <= 1`` the conditional rows run alone (no unconditional rows)."""
+    return cfg > 1.0
+
+
 def guided_logits_raster(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
     """LlamaGen's CFG: rows ``[cond; uncond]`` -> ``uncond + cfg * (cond - uncond)`` (``[B, ..., V]``)."""
     cond, uncond = logits[:batch], logits[batch:]

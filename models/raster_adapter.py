@@ -2,7 +2,7 @@
 
 Steps (the ``raster`` trajectory): the class prefix (positions ``0 .. P-1``) gives image token 0;
 step ``t`` feeds token ``t - 1`` at position ``P + t - 1`` and gives token ``t``. CFG as LlamaGen:
-rows ``[cond; uncond]`` (uncond = the null class) whenever ``cfg != 1``, the sampled token is fed to
+rows ``[cond; uncond]`` (uncond = the null class) only when ``cfg > 1`` (else the conditional rows alone), the sampled token is fed to
 both rows, ``logits = uncond + cfg * (cond - uncond)``. Decoding runs the tokenizer as one scale of
 the token grid.
 """
@@ -20,7 +20,7 @@ from ..core.backend_selection import BackendSelector
 from ..core.cache import CachePolicy
 from ..core.engine import Engine
 from ..core.layout import Spans, spans_to_positions
-from ..core.sampling import guided_logits_raster
+from ..core.sampling import guided_logits_raster, raster_guided
 from ..core.trajectory import Step, Trajectory
 from .raster_gpt import RasterGPT
 
@@ -70,7 +70,8 @@ class RasterAdapter(ModelAdapter):
         return self.net.tok_embeddings.weight.dtype
 
     def guided(self, cfg: float) -> bool:
-        return cfg != 1.0
+        """LlamaGen's rule (:func:`raster_guided`): guidance only when ``cfg > 1``."""
+        return raster_guided(cfg)
 
     def start(self, labels: torch.Tensor, guided: bool) -> RasterState:
         rows = torch.cat([labels, torch.full_like(labels, self.net.null_class)]) if guided else labels
@@ -114,6 +115,8 @@ class RasterAdapter(ModelAdapter):
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer: decode the tokens elsewhere")
         tokens = output.tokens if isinstance(output, RasterGenerationOutput) else output
+        if hasattr(self.tokenizer, "decode_tokens"):  # a raster tokenizer (LlamaGen's VQ): tokens -> images
+            return self.tokenizer.decode_tokens(tokens, self.grid).clamp(-1, 1)
         codes = self.tokenizer.embed(tokens, self.grid).float()
         f_hat, _ = self.tokenizer.next_input(0, torch.zeros_like(codes), codes, patch_nums=(tuple(self.grid),))
         return self.tokenizer.fhat_to_img(f_hat)

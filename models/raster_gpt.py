@@ -58,6 +58,8 @@ class RasterGPTConfig(BaseModel):
     class_dropout_prob: float = Field(0.1, ge=0, le=1, description="> 0: the embedding table has a null-class row")
     ffn_dim_multiplier: float | None = None
     multiple_of: int = Field(256, ge=1)
+    ffn_hidden_dim: int | None = Field(None, ge=1, description="SwiGLU hidden width as a file holds it (None: "
+                                       "LlamaGen's rule from width, ffn_dim_multiplier and multiple_of)")
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
 
@@ -77,6 +79,8 @@ class RasterGPTConfig(BaseModel):
 
     @property
     def ffn_hidden(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
         hidden = int(2 * (4 * self.width) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -238,21 +242,42 @@ class RasterGPT(nn.Module):
         return self.output(self.norm(hidden)).float()
 
 
+LLAMAGEN_GPT_HEADS: dict[tuple[int, int], tuple[str, int]] = {
+    (12, 768): ("GPT-B", 12), (24, 1024): ("GPT-L", 16), (36, 1280): ("GPT-XL", 20), (48, 1536): ("GPT-XXL", 24),
+    (48, 2560): ("GPT-XXXL", 40), (24, 3200): ("GPT-3B", 32), (22, 2048): ("GPT-1B", 32), (32, 4096): ("GPT-7B", 32),
+}
+"""LlamaGen's released GPT sizes, ``(n_layer, dim) -> (name, n_head)``: the files do not store the
+head count (GPT-3B's head_dim is 100, not 64)."""
+
+
+def llamagen_heads(depth: int, width: int) -> int | None:
+    """The head count of LlamaGen's released GPT of ``depth`` layers and ``width``, or None."""
+    found = LLAMAGEN_GPT_HEADS.get((depth, width))
+    return found[1] if found else None
+
+
 def infer_raster_config(state_dict: dict[str, torch.Tensor], **overrides) -> RasterGPTConfig:
-    """Architecture read off a LlamaGen c2i state dict (heads default to ``width // 64``; give
-    ``grid`` for the resolution: it is not in the checkpoint)."""
+    """Architecture read off a LlamaGen c2i state dict (give ``grid`` for the resolution: it is not
+    in the checkpoint). The head count is ``overrides["heads"]``, else :data:`LLAMAGEN_GPT_HEADS`'s
+    entry for (depth, width); a size outside the table without ``heads`` is a ``ValueError``."""
     required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight")
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise KeyError(f"not a LlamaGen c2i state dict: missing {', '.join(missing)}")
     depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("layers.")), default=-1)
-    vocab, width = state_dict["tok_embeddings.weight"].shape
-    values: dict = dict(depth=depth, width=int(width), heads=max(1, int(width) // 64), vocab_size=int(vocab),
+    vocab, width = (int(n) for n in state_dict["tok_embeddings.weight"].shape)
+    heads = overrides.pop("heads", None) or llamagen_heads(overrides.get("depth") or depth, width)
+    if heads is None:
+        raise ValueError(f"{depth} layers of width {width} is none of LlamaGen's released GPT sizes "
+                         f"({', '.join(name for name, _ in LLAMAGEN_GPT_HEADS.values())}), and the file does not "
+                         f"store its head count: give it with --num-heads")
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by {heads} heads: give a --num-heads that divides it")
+    values: dict = dict(depth=depth, width=width, heads=heads, vocab_size=vocab,
                         num_classes=int(state_dict["cls_embedding.embedding_table.weight"].shape[0]) - 1)
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = RasterGPTConfig(**values)
     w1 = state_dict.get("layers.0.feed_forward.w1.weight")
-    if w1 is not None and w1.shape[0] != config.ffn_hidden:
-        raise KeyError(f"feed-forward width {w1.shape[0]} does not match {config.ffn_hidden}: "
-                       f"give ffn_dim_multiplier / multiple_of")
+    if w1 is not None and w1.shape[0] != config.ffn_hidden:  # another multiple_of / ffn_dim_multiplier
+        config = config.model_copy(update={"ffn_hidden_dim": int(w1.shape[0])})
     return config

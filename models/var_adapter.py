@@ -62,6 +62,8 @@ class VarAdapter(ModelAdapter):
         return self.net.word_embed.weight.dtype
 
     def guided(self, cfg: float) -> bool:
+        """VAR's rule: ``(1 + t) cond - t uncond`` with ``t`` ramping to ``cfg``, so ``cfg == 0`` is the
+        conditional rows alone (no unconditional rows run)."""
         return cfg > 0
 
     def start(self, labels: torch.Tensor, guided: bool) -> NextScaleState:

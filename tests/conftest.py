@@ -27,13 +27,16 @@ def shared_reference(name: str) -> Path | None:
     return None
 
 
-def read_keys_tsv(path: Path) -> list[tuple[str, list[int]]]:
+def read_keys_tsv(path: Path, *, dtypes: bool = False) -> list[tuple]:
+    """``(key, shape)`` per entry of a reference key list (``key<TAB>[shape]<TAB>dtype``), in order;
+    ``dtypes``: ``(key, shape, dtype)``."""
     rows = []
     for line in path.read_text().splitlines():
         if not line or line.startswith("#"):
             continue
-        key, shape, _dtype = line.split("\t")
-        rows.append((key, [int(x) for x in shape.strip("[]").split(",") if x.strip()]))
+        key, shape, dtype = line.split("\t")
+        dims = [int(x) for x in shape.strip("[]").split(",") if x.strip()]
+        rows.append((key, dims, dtype.strip()) if dtypes else (key, dims))
     return rows
 
 

@@ -69,7 +69,7 @@ import torch
 
 from ...core.errors import MvarEngineError, UsageError
 from ...core.registry import get_registry
-from ...core.sampling import guided_logits_raster
+from ...core.sampling import guided_logits_raster, raster_guided
 from ...models.checkpoint import atomic_write
 from ...models.default_models import available_defaults
 from ...models.raster_adapter import RasterEngine
@@ -179,7 +179,7 @@ class BenchCacheConfig:
 
     @property
     def guided(self) -> bool:
-        return self.cfg != 1.0
+        return raster_guided(self.cfg)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "BenchCacheConfig":

@@ -88,7 +88,7 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
     model, engine = run.model, run.engine
     counter = FlopCounter(run.components.backends)
     cfg = raster_cfg(cell["cfg"])
-    rows = cell["batch"] * (2 if cfg != 1.0 else 1)
+    rows = cell["batch"] * (2 if engine.model.guided(cfg) else 1)
     labels = (torch.arange(cell["batch"]) % model.num_classes).to(run.device)
     generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
     held = {"kv": 0, "bookkeeping": 0}
