@@ -49,8 +49,8 @@ def _settings(settings: Any) -> tuple[str, str, bool, torch.dtype]:
     return str(model_dir), str(prompt), chat_format, dtype
 
 
-def _prompt_ids(model_dir: str, prompt: str, chat_format: bool) -> torch.Tensor:
-    tokenizer = load_tokenizer(model_dir)
+def _prompt_ids(model_dir: str, tokenizer, prompt: str, chat_format: bool) -> torch.Tensor:
+    """``prompt`` encoded by the directory's tokenizer (None: a one-line error naming the files)."""
     if tokenizer is None:
         raise UsageError(f"Janus model directory {model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) "
                          f"to encode --prompt")
@@ -71,10 +71,7 @@ class JanusFamily(ModelFamily):
         the VQ decoder lives inside the model, so there is no separate tokenizer."""
         model_dir, prompt, chat_format, dtype = _settings(settings)
         hf_model, tokenizer = load_janus(model_dir, dtype=dtype, device="cpu")
-        if tokenizer is None:
-            raise UsageError(f"Janus model directory {model_dir}: no tokenizer files (tokenizer.json / "
-                             f"tokenizer_config.json) to encode --prompt")
-        return JanusPromptedModel(hf_model, encode_prompt(tokenizer, prompt, chat_format=chat_format)), None
+        return JanusPromptedModel(hf_model, _prompt_ids(model_dir, tokenizer, prompt, chat_format)), None
 
     def inspect(self, settings) -> ModelFacts:
         """From config.json and the tokenizer only (no weights read)."""
@@ -85,7 +82,12 @@ class JanusFamily(ModelFamily):
         if int(vision.num_image_tokens) != side * side:
             raise UsageError(f"{model_dir}/config.json: vision_config.num_image_tokens {vision.num_image_tokens} is not "
                              f"the VQ grid {side} x {side}")
-        prefix = int(_prompt_ids(model_dir, prompt, chat_format).numel())
+        prefix = int(_prompt_ids(model_dir, load_tokenizer(model_dir), prompt, chat_format).numel())
+        context = getattr(text, "max_position_embeddings", None)
+        if context is not None and prefix + side * side > int(context):
+            raise UsageError(f"--prompt is {prefix} tokens: with the {side * side} image tokens that is more than the "
+                             f"{context} positions of {model_dir}'s language model (shorten the prompt to at most "
+                             f"{int(context) - side * side} tokens)")
         return ModelFacts(layout=SequenceLayout(((1, prefix), (side, side))), num_layers=int(text.num_hidden_layers),
                           num_heads=int(text.num_attention_heads), num_classes=1,
                           weights_id=janus_weights_id(model_dir))

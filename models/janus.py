@@ -375,6 +375,30 @@ def _rotary_function(lm):
     return rotate
 
 
+JANUS_PRO_1B_TEXT = dict(vocab_size=102400, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=16384,
+                         rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001, pad_token_id=100002)
+"""The language model of Janus-Pro-1B (``deepseek-community/Janus-Pro-1B``'s config.json)."""
+
+JANUS_PRO_BOI = 100016
+"""Janus-Pro's begin-of-image token id."""
+
+
+def janus_pro_1b(*, understanding_layers: int | None = None, seed: int = 0):
+    """A ``JanusForConditionalGeneration`` of Janus-Pro-1B's architecture with random weights (timing
+    and memory: the 24-layer LLaMA of width 2048 and 16 heads, the generation head, embedding and
+    aligner, and the 384px VQ of 16384 codes on a 24 x 24 grid). ``understanding_layers`` shrinks the
+    SigLIP understanding tower, which image generation never runs (its weights are memory only)."""
+    transformers = import_transformers()
+    vision = transformers.JanusVisionConfig() if understanding_layers is None else \
+        transformers.JanusVisionConfig(num_hidden_layers=understanding_layers)
+    config = transformers.JanusConfig(text_config=transformers.LlamaConfig(**JANUS_PRO_1B_TEXT), vision_config=vision)
+    torch.manual_seed(seed)
+    model = transformers.JanusForConditionalGeneration(config).eval()
+    model.generation_config.generation_kwargs = {"boi_token_id": JANUS_PRO_BOI}
+    return model
+
+
 class JanusPromptedModel(nn.Module):
     """A Janus model with the prompt it generates for, as one module (what the ``janus`` model family
     builds: ``.to(device)`` moves both). ``hf``: the ``JanusForConditionalGeneration``;
@@ -391,6 +415,6 @@ class JanusPromptedModel(nn.Module):
         return JanusAdapter(self.hf, self.prompt_ids, **self.special_ids)
 
 
-__all__ = ["BOI_TOKEN", "JanusAdapter", "JanusPromptedModel", "JanusState", "MissingDependencyError",
+__all__ = ["BOI_TOKEN", "JANUS_PRO_1B_TEXT", "JANUS_PRO_BOI", "JanusAdapter", "JanusPromptedModel", "JanusState", "MissingDependencyError",
            "TRANSFORMERS_MISSING", "encode_prompt", "image_prompt_text", "import_transformers", "janus_weights_id",
-           "load_janus", "load_janus_config", "load_tokenizer"]
+           "janus_pro_1b", "load_janus", "load_janus_config", "load_tokenizer"]

@@ -124,3 +124,25 @@ def refused(capsys, tmp_cwd, no_model_built):
         return err[0]
 
     return check
+
+
+def number_meaning(text: str, *, integer: bool = False):
+    """The number a CLI flag reads from ``text``: an int, else (unless ``integer``) a finite float;
+    None when the flag must refuse it (not a number of that type, inf, nan)."""
+    import math
+
+    try:
+        return int(text)
+    except ValueError:
+        if integer:
+            return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def cli_text(value) -> str:
+    """A drawn number (or string) as it is typed on a command line."""
+    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)

@@ -1,10 +1,17 @@
 """Issue 14: every bad input is one line on stderr and exit 2, checked before any model is built,
-with nothing written. Each case must fail in well under a second (a case that reaches generation
-means its check came too late)."""
+with nothing written (the ``refused`` fixture of conftest.py: the model builders are stubbed, so a
+check that comes too late fails the test). Names and numbers are drawn by hypothesis."""
 
 from __future__ import annotations
 
+import string
+from pathlib import Path
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import cli_text, number_meaning
 
 RANDOM = ["--random-weights", "--depth", "1", "--patch-nums", "1,2", "--labels", "0", "--samples-per-label", "1",
           "--no-progress"]
@@ -136,11 +143,6 @@ def test_16_bit_autocast_on_cpu_fails_before_the_model(refused, tmp_cwd):
 
 
 # ---------------------------------------------------------------------- names (property-based)
-import string  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 BLANK = st.text(alphabet=" \t", max_size=3)
 NAME_KINDS = ("trajectory", "attention", "cache", "backend")
@@ -192,25 +194,6 @@ GENERATE_RULES = {  # flag: is the value valid?  (an independent statement of th
 }
 
 
-def _as_number(text: str):
-    """What the text means: an int, a finite float, or None (inf/nan/not a number)."""
-    import math
-
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _cli_text(value) -> str:
-    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-
-
 @pytest.mark.parametrize("flag", sorted(GENERATE_RULES))
 @given(value=NUMBERS)
 def test_every_generate_number_is_checked_before_the_model(flag, value, refused, no_model_built):
@@ -218,8 +201,8 @@ def test_every_generate_number_is_checked_before_the_model(flag, value, refused,
     model build; inf and nan never get there."""
     from mvar_engine.apps.cli import main
 
-    text = _cli_text(value)
-    number = _as_number(text)
+    text = cli_text(value)
+    number = number_meaning(text)
     if isinstance(number, int) and flag in ("--cfg", "--top-p"):
         number = float(number)
     if number is not None and GENERATE_RULES[flag](number):

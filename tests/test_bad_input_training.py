@@ -4,13 +4,14 @@ resumed run removes the temp files an interrupted save left."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from conftest import cli_text, number_meaning
 
 NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70),
                     st.sampled_from(["inf", "-inf", "nan", "1e999", "-0", "0", "1", "0.5", "2.5"]))
@@ -37,33 +38,14 @@ TOKENIZER_RULES = {
 }
 
 
-def _meaning(text: str, integer: bool):
-    """The number a flag of that type reads from ``text``, or None when argparse or the range check
-    must refuse it (not a number of that type, inf, nan)."""
-    try:
-        return int(text)
-    except ValueError:
-        if integer:
-            return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-
-
 @pytest.mark.parametrize("flag", sorted(TRAIN_RULES))
 @given(value=NUMBERS)
 def test_every_train_number_is_checked_first(flag, value, refused):
     """Invalid: refused naming the flag. Valid: the run goes on to its next check (the missing
     tokenizer), so the range check let it through."""
     integer, valid = TRAIN_RULES[flag]
-    text = _text(value)
-    number = _meaning(text, integer)
+    text = cli_text(value)
+    number = number_meaning(text, integer=integer)
     line = refused(["train", f"{flag}={text}"])
     if number is not None and valid(number):
         assert "--tokenizer" in line and "does not exist" in line, line
@@ -75,7 +57,7 @@ def test_every_train_number_is_checked_first(flag, value, refused):
 @given(value=st.sampled_from(["inf", "-inf", "nan", "-1", "-0.5", "1e999"]))
 def test_tokenizer_training_numbers(flag, value, refused):
     integer, valid = TOKENIZER_RULES[flag]
-    number = _meaning(value, integer)
+    number = number_meaning(value, integer=integer)
     assert number is None or not valid(number)
     refused(["train-tokenizer", f"{flag}={value}"], flag)
 

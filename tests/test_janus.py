@@ -424,3 +424,22 @@ def test_a_janus_directory_without_a_tokenizer(janus_cli_dir, refused, tmp_cwd):
 
 def test_a_janus_budget_below_the_prompt(janus_cli_dir, refused):
     refused(_janus_argv(janus_cli_dir, "--cache", "sink", "--cache-budget", "4"), "budget")
+
+
+def test_a_prompt_longer_than_the_context(janus_cli_dir, refused):
+    """128 positions: 64 image tokens leave room for 64 prompt tokens; 90 words do not fit."""
+    argv = _janus_argv(janus_cli_dir)
+    argv[argv.index("--prompt") + 1] = " ".join(["a red cat"] * 30)
+    refused(argv, "more than the 128 positions")
+
+
+def test_an_image_token_count_that_is_not_the_vq_grid(janus_cli_dir, refused, tmp_cwd):
+    import json
+    import shutil
+
+    odd = tmp_cwd / "odd"
+    shutil.copytree(janus_cli_dir, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["vision_config"]["num_image_tokens"] = CLI_GRID * CLI_GRID + 1
+    (odd / "config.json").write_text(json.dumps(config))
+    refused(_janus_argv(odd), f"is not the VQ grid {CLI_GRID} x {CLI_GRID}")

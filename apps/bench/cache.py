@@ -409,26 +409,28 @@ def _error_row(run: PolicyRun, reason: str) -> dict[str, Any]:
 
 # -- SSD calibration --------------------------------------------------------------------------------------
 def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: int, cfg: float, top_k: int,
-                       top_p: float, seed: int, model: str, source: str) -> dict[str, Any]:
-    """Profile a :class:`RasterEngine`'s heads over ``images`` generations (``batch`` at a time, the
-    full cache, sampled from ``seed``); write the head map (and its heat map) to ``path``; returns what
-    a report records. The engine's cache is left unset (None)."""
+                       top_p: float, seed: int, model: str, source: str, device: torch.device) -> dict[str, Any]:
+    """Profile a raster engine's heads (an :class:`~mvar_engine.core.engine.Engine` over a next-token
+    adapter with ``grid``, ``prefix`` and ``num_tokens``: the raster GPT's, Janus') over ``images``
+    generations (``batch`` at a time, the full cache, sampled from ``seed``); write the head map (and
+    its heat map) to ``path``; returns what a report records."""
 
     start = time.perf_counter()
     neighborhood = 3
-    profiler = ProfilingCache(engine.grid, engine.prefix, neighborhood)
-    labels = class_labels(images, engine.model.num_classes, engine.model.net.output.weight.device)
+    adapter = engine.model
+    profiler = ProfilingCache(adapter.grid, adapter.prefix, neighborhood)
+    labels = class_labels(images, adapter.num_classes, device)
     generator = torch.Generator(device=labels.device).manual_seed(seed)
     print(f"calibrating SSD heads: {len(labels)} generations with the full cache ...", file=log, flush=True)
     for chunk in torch.split(labels, batch):
         engine.generate(chunk, profiler, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
-    calibration = {"images": len(labels), "cfg": cfg, "seed": seed, "tokens_per_image": engine.num_tokens,
+    calibration = {"images": len(labels), "cfg": cfg, "seed": seed, "tokens_per_image": adapter.num_tokens,
                    "model": model, "source": source}
     head_map = profiler.head_map(None, calibration)
     write_head_map(head_map, path)
     write_heatmap(head_map, path.with_suffix(".png"))
     counts = head_map.counts()
-    return {"path": str(path), "calibrated": True, "images": len(labels), "tokens_per_image": engine.num_tokens,
+    return {"path": str(path), "calibrated": True, "images": len(labels), "tokens_per_image": adapter.num_tokens,
             "neighborhood": neighborhood, "threshold": head_map.threshold, "sink_heads": counts["sink"],
             "local_heads": counts["local"], "seconds": time.perf_counter() - start}
 
@@ -749,7 +751,7 @@ def run_bench_cache(config: BenchCacheConfig, out: TextIO | None = None, log: Te
             payload["head_map"] = calibrate_head_map(
                 engine, path, log, images=config.calibration_images, batch=config.batch, cfg=config.cfg,
                 top_k=config.top_k, top_p=config.top_p, seed=config.seed + 1, model=config.model,
-                source="mvar-engine bench cache")
+                source="mvar-engine bench cache", device=device)
         head_map_path = str(Path(payload["head_map"]["path"]).resolve())  # workers may run elsewhere
     tokens = engine.num_tokens
     payload.update({

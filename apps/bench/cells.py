@@ -20,7 +20,7 @@ from ..config import EngineConfig
 from ..pipeline import Pipeline, resolve_components, resolve_device
 from .report import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes, synchronizer
 
-RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3)}
+RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3), "janus-pro-1b": (24, 24)}
 """Raster model ids -> their token grid."""
 
 
@@ -52,7 +52,7 @@ class ModelSpec:
         return sum(p * p for p in self.patch_nums)
 
 
-KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny")
+KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny", "janus-pro-1b")
 """Model ids listed in messages; any ``dN-256`` or ``dN-512`` is accepted."""
 
 
@@ -63,7 +63,7 @@ def model_spec(model_id: str) -> ModelSpec:
     key = model_id.strip().lower()
     if key in RASTER_GRIDS:
         grid = RASTER_GRIDS[key]
-        depth = 12 if key == "llamagen-b" else 2
+        depth = {"llamagen-b": 12, "janus-pro-1b": 24}.get(key, 2)
         return ModelSpec(key, "next-token", depth, (grid[0],), grid[0] * 16)
     if key == "tiny":
         return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2)
@@ -212,7 +212,8 @@ class CellRun:
         self.config = make_config(self.device)
         self.components = resolve_components(self.config)
         model, tokenizer = build()
-        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+        self.tokenizer = None if tokenizer is None else tokenizer.to(self.device).eval()
         self.engine = Pipeline(self.config, self.model, self.tokenizer, self.components, self.device).engine
         self.sync()
         self.load_s = time.perf_counter() - start

@@ -26,12 +26,11 @@ from typing import Any, TextIO
 
 import torch
 
-from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ...plugins.budget_cache import budget_tokens
 from ..config import EngineConfig
-from ..pipeline import build_raster_models, resolve_components, resolve_device
+from ..pipeline import Pipeline, build_raster_models, resolve_components, resolve_device
 from .cache import cache_bytes, calibrate_head_map
 from .cells import RASTER_GRIDS, CellRun, model_spec, needs_calibration, parse_combo
 
@@ -40,6 +39,8 @@ def _build(spec, cell: dict[str, Any]):
     """(RasterGPT, tokenizer) with random weights from ``cell["seed"]`` (every process builds the same)."""
 
     grid = RASTER_GRIDS[spec.id]
+    if spec.id == JANUS_MODEL:
+        return janus_bench_model(cell["seed"]), None
     if spec.id == "raster-tiny":
         torch.manual_seed(cell["seed"])
         tokenizer = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
@@ -49,6 +50,21 @@ def _build(spec, cell: dict[str, Any]):
     return build_raster_models(EngineConfig(trajectory="raster", model={"random_weights": True,
                                                                         "patch_nums": (grid[0],)},
                                             sampling={"seed": cell["seed"]}))
+
+
+JANUS_MODEL = "janus-pro-1b"
+JANUS_PROMPT_TOKENS = 16
+"""The bench's Janus prompt: BOS, 14 text tokens, begin-of-image (a short prompt, as in GenEval)."""
+
+
+def janus_bench_model(seed: int):
+    """Janus-Pro-1B's architecture with random weights (the understanding tower cut to one layer: image
+    generation never runs it) and a fixed prompt of :data:`JANUS_PROMPT_TOKENS` ids."""
+    from ...models.janus import JANUS_PRO_1B_TEXT, JANUS_PRO_BOI, JanusPromptedModel, janus_pro_1b
+
+    text = torch.arange(JANUS_PROMPT_TOKENS - 2) + 1000
+    prompt = torch.cat([torch.tensor([JANUS_PRO_1B_TEXT["bos_token_id"]]), text, torch.tensor([JANUS_PRO_BOI])])
+    return JanusPromptedModel(janus_pro_1b(understanding_layers=1, seed=seed), prompt)
 
 
 def raster_cfg(cfg: float) -> float:
@@ -61,8 +77,9 @@ def engine_config(combo, cell: dict[str, Any]):
     components = combo.engine_components()
     if cell.get("head_map") and needs_calibration(combo):
         components["cache"]["options"] = {**components["cache"]["options"], "head_map": cell["head_map"]}
+    model = {"adapter": "janus"} if cell.get("model") == JANUS_MODEL else {}
     return EngineConfig(**components, backend=cell["backend"], device=cell["device"], dtype=cell["dtype"],
-                        sampling={"cfg": raster_cfg(cell["cfg"]), "seed": cell["seed"]})
+                        sampling={"cfg": raster_cfg(cell["cfg"]), "seed": cell["seed"]}, model=model)
 
 
 class FlopCounter:
@@ -89,7 +106,7 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
     counter = FlopCounter(run.components.backends)
     cfg = raster_cfg(cell["cfg"])
     rows = cell["batch"] * (2 if engine.model.guided(cfg) else 1)
-    labels = (torch.arange(cell["batch"]) % model.num_classes).to(run.device)
+    labels = (torch.arange(cell["batch"]) % engine.model.num_classes).to(run.device)
     generator = torch.Generator(device=run.device).manual_seed(cell["seed"])
     held = {"kv": 0, "bookkeeping": 0}
     last: list[Any] = [None]
@@ -111,7 +128,7 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
     tokens, cache_peak = last[0].tokens, last[0].cache_peak_bytes
     prepare(-1)
     run.decoding(engine.model.decode, tokens)
-    length = model.layout.length
+    length = engine.model.layout.length
     options = run.config.cache.options
     budget = options.get("budget")
     return run.row(
@@ -129,14 +146,14 @@ def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images
 
     spec = model_spec(model_id)
     device = resolve_device(cell["device"])
-    config = engine_config(_full_combo(), {**cell, "device": str(device)})
+    config = engine_config(_full_combo(), {**cell, "model": model_id, "device": str(device)})
     model, tokenizer = _build(spec, cell)
     components = resolve_components(config)
-    engine = RasterEngine(model.to(device).eval(), tokenizer.to(device).eval(), components.trajectory, components.cache,
-                          components.backends, pattern=components.pattern)
+    engine = Pipeline(config, model.to(device).eval(), None if tokenizer is None else tokenizer.to(device).eval(),
+                      components, device).engine
     record = calibrate_head_map(engine, path, log, images=images, batch=min(images, cell["batch"]),
                                 cfg=raster_cfg(cell["cfg"]), top_k=2000, top_p=1.0, seed=cell["seed"] + 1,
-                                model=model_id, source="mvar-engine bench matrix (random weights)")
+                                model=model_id, source="mvar-engine bench matrix (random weights)", device=device)
     return {**record, "path": str(path.resolve()), "model": model_id}
 
 
