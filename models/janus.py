@@ -399,6 +399,25 @@ def janus_pro_1b(*, understanding_layers: int | None = None, seed: int = 0):
     return model
 
 
+def janus_tiny(*, seed: int = 0):
+    """A tiny random ``JanusForConditionalGeneration`` (2 layers of width 64, 4 heads, a 4 x 4 VQ grid of
+    32 codes; BOS 1, pad 0, begin-of-image 5): the benchmark's and the tests' plumbing model."""
+    transformers = import_transformers()
+    text = transformers.LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                    bos_token_id=1, pad_token_id=0, eos_token_id=2)
+    vision = transformers.JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                            patch_size=8, projection_dim=64, num_image_tokens=16, depth=2)
+    vq = transformers.JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32,
+                                       channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=64,
+                                       image_token_embed_dim=64, num_hidden_layers=2)
+    torch.manual_seed(seed)
+    model = transformers.JanusForConditionalGeneration(
+        transformers.JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=3)).eval()
+    model.generation_config.generation_kwargs = {"boi_token_id": 5}
+    return model
+
+
 class JanusPromptedModel(nn.Module):
     """A Janus model with the prompt it generates for, as one module (what the ``janus`` model family
     builds: ``.to(device)`` moves both). ``hf``: the ``JanusForConditionalGeneration``;
@@ -417,4 +436,4 @@ class JanusPromptedModel(nn.Module):
 
 __all__ = ["BOI_TOKEN", "JANUS_PRO_1B_TEXT", "JANUS_PRO_BOI", "JanusAdapter", "JanusPromptedModel", "JanusState", "MissingDependencyError",
            "TRANSFORMERS_MISSING", "encode_prompt", "image_prompt_text", "import_transformers", "janus_weights_id",
-           "janus_pro_1b", "load_janus", "load_janus_config", "load_tokenizer"]
+           "janus_pro_1b", "janus_tiny", "load_janus", "load_janus_config", "load_tokenizer"]

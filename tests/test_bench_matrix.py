@@ -291,3 +291,21 @@ def test_matrix_mixes_families_and_calibrates_ssd(tmp_cwd, capsys):
     assert "| raster-tiny | 2 | raster/dense/ssd:budget=0.2 |" in (tmp_cwd / "mix.md").read_text()
     with Image.open(tmp_cwd / "mix.png") as chart:
         assert chart.format == "PNG"
+
+
+def test_matrix_runs_janus_cells_and_calibrates_their_heads(tmp_cwd, capsys):
+    """The janus family in the matrix (janus-tiny: the plumbing janus-pro-1b uses): full vs ssd with a
+    calibrated head map; the ssd cell holds its budget's share of the key/value bytes."""
+    pytest.importorskip("transformers")
+    argv = ["bench", "matrix", "--cells", "janus-tiny:1", "--configs", "raster/dense/full,raster/dense/ssd:budget=0.8",
+            "--cfg", "5", "--repeats", "1", "--warmup", "0", "--backend", "sdpa", "--threads", "1", "--output", "j.json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((tmp_cwd / "j.json").read_text())
+    full, ssd = data["results"]
+    assert full["status"] == ssd["status"] == "ok", (full["reason"], ssd["reason"])
+    assert full["sequence_length"] == 16 + 16 and full["rows"] == 2
+    from mvar_engine.plugins.budget_cache import budget_tokens
+
+    kept = budget_tokens(0.8, 32)
+    assert ssd["budget_tokens"] == kept and ssd["kv_bytes"] == pytest.approx(full["kv_bytes"] * kept / 32)
+    assert data["head_maps"]["janus-tiny"]["calibrated"]

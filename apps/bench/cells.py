@@ -20,7 +20,7 @@ from ..config import EngineConfig
 from ..pipeline import Pipeline, resolve_components, resolve_device
 from .report import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes, synchronizer
 
-RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3), "janus-pro-1b": (24, 24)}
+RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3), "janus-pro-1b": (24, 24), "janus-tiny": (4, 4)}
 """Raster model ids -> their token grid."""
 
 
@@ -52,7 +52,8 @@ class ModelSpec:
         return sum(p * p for p in self.patch_nums)
 
 
-KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny", "janus-pro-1b")
+KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny", "janus-pro-1b",
+                "janus-tiny")
 """Model ids listed in messages; any ``dN-256`` or ``dN-512`` is accepted."""
 
 
@@ -270,8 +271,9 @@ class CellRun:
             "options": combo.options, "backend": cell["backend"], "backends_used": dict(self.components.backends.used),
             "device": str(self.device), "dtype": cell["dtype"], "torch_threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in self.model.parameters()),
-            "tokenizer_params": sum(p.numel() for p in self.tokenizer.parameters()),
-            "weights_bytes": _module_bytes(self.model) + _module_bytes(self.tokenizer),
+            "tokenizer_params": sum(p.numel() for p in self.tokenizer.parameters()) if self.tokenizer is not None else 0,
+            "weights_bytes": _module_bytes(self.model) + (_module_bytes(self.tokenizer) if self.tokenizer is not None
+                                                          else 0),
             "memory_source": "cuda max_memory_allocated" if self.probe.cuda else "process peak RSS (VmHWM)",
             "peak_resets": self.probe.resets, "heap_trimmed": self.probe.trimmed,
             "load_s": self.load_s, "peak_load": self.peak_load, "baseline_rss": self.baseline,

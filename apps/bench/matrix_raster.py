@@ -39,8 +39,8 @@ def _build(spec, cell: dict[str, Any]):
     """(RasterGPT, tokenizer) with random weights from ``cell["seed"]`` (every process builds the same)."""
 
     grid = RASTER_GRIDS[spec.id]
-    if spec.id == JANUS_MODEL:
-        return janus_bench_model(cell["seed"]), None
+    if spec.id in JANUS_MODELS:
+        return janus_bench_model(spec.id, cell["seed"]), None
     if spec.id == "raster-tiny":
         torch.manual_seed(cell["seed"])
         tokenizer = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
@@ -52,19 +52,24 @@ def _build(spec, cell: dict[str, Any]):
                                             sampling={"seed": cell["seed"]}))
 
 
-JANUS_MODEL = "janus-pro-1b"
+JANUS_MODELS = ("janus-pro-1b", "janus-tiny")
 JANUS_PROMPT_TOKENS = 16
 """The bench's Janus prompt: BOS, 14 text tokens, begin-of-image (a short prompt, as in GenEval)."""
 
 
-def janus_bench_model(seed: int):
-    """Janus-Pro-1B's architecture with random weights (the understanding tower cut to one layer: image
-    generation never runs it) and a fixed prompt of :data:`JANUS_PROMPT_TOKENS` ids."""
-    from ...models.janus import JANUS_PRO_1B_TEXT, JANUS_PRO_BOI, JanusPromptedModel, janus_pro_1b
+def janus_bench_model(model_id: str, seed: int):
+    """``janus-pro-1b``: Janus-Pro-1B's architecture with random weights (the understanding tower cut to
+    one layer: image generation never runs it); ``janus-tiny``: a 2-layer model of width 64 on a 4 x 4
+    grid (tests). Both with a fixed prompt of :data:`JANUS_PROMPT_TOKENS` ids."""
+    from ...models.janus import JANUS_PRO_1B_TEXT, JANUS_PRO_BOI, JanusPromptedModel, janus_pro_1b, janus_tiny
 
-    text = torch.arange(JANUS_PROMPT_TOKENS - 2) + 1000
-    prompt = torch.cat([torch.tensor([JANUS_PRO_1B_TEXT["bos_token_id"]]), text, torch.tensor([JANUS_PRO_BOI])])
-    return JanusPromptedModel(janus_pro_1b(understanding_layers=1, seed=seed), prompt)
+    if model_id == "janus-tiny":
+        model, bos, boi, first = janus_tiny(seed=seed), 1, 5, 10
+    else:
+        model, bos, boi, first = janus_pro_1b(understanding_layers=1, seed=seed), JANUS_PRO_1B_TEXT["bos_token_id"], \
+            JANUS_PRO_BOI, 1000
+    text = torch.arange(JANUS_PROMPT_TOKENS - 2) % 30 + first
+    return JanusPromptedModel(model, torch.cat([torch.tensor([bos]), text, torch.tensor([boi])]))
 
 
 def raster_cfg(cfg: float) -> float:
@@ -77,7 +82,7 @@ def engine_config(combo, cell: dict[str, Any]):
     components = combo.engine_components()
     if cell.get("head_map") and needs_calibration(combo):
         components["cache"]["options"] = {**components["cache"]["options"], "head_map": cell["head_map"]}
-    model = {"adapter": "janus"} if cell.get("model") == JANUS_MODEL else {}
+    model = {"adapter": "janus"} if cell.get("model") in JANUS_MODELS else {}
     return EngineConfig(**components, backend=cell["backend"], device=cell["device"], dtype=cell["dtype"],
                         sampling={"cfg": raster_cfg(cell["cfg"]), "seed": cell["seed"]}, model=model)
 
