@@ -107,7 +107,7 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
     combo = parse_combo(cell["config"])
     run = CellRun(cell, lambda device: engine_config(combo, {**cell, "device": str(device)}),
                   lambda: _build(model_spec(cell["model"]), cell))
-    model, engine = run.model, run.engine
+    engine = run.engine
     counter = FlopCounter(run.components.backends)
     cfg = raster_cfg(cell["cfg"])
     rows = cell["batch"] * (2 if engine.model.guided(cfg) else 1)
