@@ -384,9 +384,10 @@ def load_tokenizer(path: Path, patch_nums, strict: bool = True) -> MultiScaleVQV
 
 
 def load_raster(path: Path, *, grid: tuple[int, int] | None = None, depth: int | None = None,
-                num_classes: int | None = None, strict: bool = True) -> RasterGPT:
+                num_classes: int | None = None, num_heads: int | None = None, strict: bool = True) -> RasterGPT:
     """A raster GPT from our export or a LlamaGen c2i file (see :func:`raster_architecture`)."""
-    config = raster_architecture(path, grid=grid, depth=depth, num_classes=num_classes, strict=strict)
+    config = raster_architecture(path, grid=grid, depth=depth, num_classes=num_classes, num_heads=num_heads,
+                                 strict=strict)
     return _load(lambda: RasterGPT(config), Path(path), strict, DERIVED_RASTER_BUFFERS)
 
 

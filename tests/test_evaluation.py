@@ -296,7 +296,7 @@ def raster_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("raster")
     torch.save({"model": model.state_dict()}, folder / "c2i.pt")
     save_state_dict(tokenizer.state_dict(), folder / "vq.safetensors")
-    return f"--var-checkpoint {folder / 'c2i.pt'} --vae-checkpoint {folder / 'vq.safetensors'} --patch-nums 4"
+    return f"--var-checkpoint {folder / 'c2i.pt'} --vae-checkpoint {folder / 'vq.safetensors'} --patch-nums 4 --num-heads 1"
 
 
 def test_evaluate_compares_raster_cache_policies(tmp_path, raster_checkpoints, trained, capsys):

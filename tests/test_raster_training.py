@@ -196,11 +196,11 @@ def _llamagen_files(tmp_path: Path, tokenizer_file: Path) -> tuple[RasterGPT, Pa
 
 def test_llamagen_state_dict_loads_and_generates(tokenizer_file, tmp_path):
     model, path = _llamagen_files(tmp_path, tokenizer_file)
-    loaded = load_raster(path, grid=(4, 4))
+    loaded = load_raster(path, grid=(4, 4), num_heads=1)  # not a released size: the head count is given
     labels, tokens = torch.tensor([2, 5]), torch.randint(32, (2, 16), generator=torch.Generator().manual_seed(2))
     assert torch.equal(teacher_forced(loaded, labels, tokens), teacher_forced(model, labels, tokens))
     config = EngineConfig(trajectory="raster", samples_per_label=1, progress=False,
-                          model={"var_checkpoint": str(path), "vae_checkpoint": str(tokenizer_file)})
+                          model={"var_checkpoint": str(path), "vae_checkpoint": str(tokenizer_file), "num_heads": 1})
     result = Pipeline.from_config(config).generate(labels=[0, 9])  # the grid comes from the tokenizer's metadata
     assert result.images.shape == (2, 3, 16, 16)
 
@@ -211,7 +211,8 @@ def test_llamagen_state_dict_with_a_wrong_key_is_one_line(tokenizer_file, tmp_pa
     state["layers.1.attention.wout.weight"] = state.pop("layers.1.attention.wo.weight")
     torch.save({"model": state}, tmp_path / "bad.pt")
     argv = ["--trajectory", "raster", "--var-checkpoint", str(tmp_path / "bad.pt"), "--vae-checkpoint",
-            str(tokenizer_file), "--patch-nums", "4", "--output", str(tmp_path / "x.png"), "--no-progress"]
+            str(tokenizer_file), "--patch-nums", "4", "--num-heads", "1", "--output", str(tmp_path / "x.png"),
+            "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "1 missing (layers.1.attention.wo.weight)" in err, err

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ...models.janus import JANUS_PRO_1B_TEXT, JANUS_PRO_BOI, JanusPromptedModel, janus_pro_1b, janus_tiny
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ...plugins.budget_cache import budget_tokens
@@ -61,8 +62,6 @@ def janus_bench_model(model_id: str, seed: int):
     """``janus-pro-1b``: Janus-Pro-1B's architecture with random weights (the understanding tower cut to
     one layer: image generation never runs it); ``janus-tiny``: a 2-layer model of width 64 on a 4 x 4
     grid (tests). Both with a fixed prompt of :data:`JANUS_PROMPT_TOKENS` ids."""
-    from ...models.janus import JANUS_PRO_1B_TEXT, JANUS_PRO_BOI, JanusPromptedModel, janus_pro_1b, janus_tiny
-
     if model_id == "janus-tiny":
         model, bos, boi, first = janus_tiny(seed=seed), 1, 5, 10
     else:
