@@ -175,6 +175,8 @@ def _full_parser(argv: Sequence[str], registry: Registry):
     """Phase 1 reads the component names (flags and config file); phase 2's parser adds their option
     flags. Returns (parser, file data, chosen names, option dests)."""
     known, _ = _base_generate_parser(add_help=False).parse_known_args(argv)
+    if hasattr(known, "config") and not str(known.config).strip():
+        raise UsageError("--config is empty: give a .toml or .json file")
     file_data = read_config_file(known.config) if getattr(known, "config", None) else {}
     names = _chosen_names(known, file_data, registry)
     parser = _base_generate_parser()

@@ -161,6 +161,14 @@ class ModelConfig(BaseModel):
     def _no_empty_checkpoint(cls, value: Any, info) -> Any:
         return _not_empty_path(value, f"--{info.field_name.replace('_', '-')}")
 
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _no_empty_adapter(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise PydanticCustomError("empty_name", "--model-adapter is empty: give a model family name "
+                                                    "(`mvar-engine plugins --kind model` lists them)")
+        return value
+
     @field_validator("patch_nums", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:

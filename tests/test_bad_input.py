@@ -235,3 +235,10 @@ def test_component_options_refuse_inf_nan_and_overflow(prefix, flag, integer, va
                 main(prefix + [f"{flag}={value}"])
         return
     refused(prefix + [f"{flag}={value}"], flag)
+
+
+@pytest.mark.parametrize("argv, needle", [(["--config", ""], "--config is empty"),
+                                          (["--config", "  "], "--config is empty"),
+                                          (["--model-adapter", ""], "--model-adapter is empty")])
+def test_empty_config_and_model_family(argv, needle, refused):
+    refused(RANDOM + argv, needle)

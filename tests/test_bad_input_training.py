@@ -160,3 +160,10 @@ def test_resume_removes_the_temp_files_of_interrupted_saves(tmp_cwd, capsys):
         path.write_bytes(b"partial")
     assert main(argv[:2] + ["2"] + argv[3:] + ["--resume"]) == 0
     assert not any(path.exists() for path in orphans) and unrelated.exists()
+
+
+@pytest.mark.parametrize("output, needle", [("", "--output is empty"), ("somefile/run", "somefile is a file"),
+                                            ("/proc/run", "cannot write under /proc")])
+def test_bad_run_directories(output, needle, refused, tmp_cwd):
+    (tmp_cwd / "somefile").write_text("x")
+    refused(["train-tokenizer", "--output", output], needle)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ...core.errors import UsageError
 from ...core.files import remove_orphan_temps
+from ..cli_helpers import check_output_path
 from ...models.checkpoint import atomic_write
 from .checkpointing import CHECKPOINT_NAME, checkpoint_path
 
@@ -19,7 +20,11 @@ METRICS_NAME = "metrics.jsonl"
 def check_run_dir(output: str | Path, *, resume: bool, overwrite: bool) -> Path:
     """The run directory; a fresh run refuses to replace an existing run's checkpoint unless
     ``overwrite`` (one-line :class:`UsageError` naming both ways out). Creates nothing."""
+    if not str(output).strip():
+        raise UsageError("--output is empty: give the run directory (e.g. runs/mine)")
     run = Path(output)
+    if not run.exists():  # where it will be made: no file on the way, somewhere writable
+        check_output_path("--output", run / CHECKPOINT_NAME)
     if run.exists() and not run.is_dir():
         raise UsageError(f"--output {run} is a file, not a run directory (choose another --output)")
     if not resume and checkpoint_path(run).is_file() and not overwrite:
