@@ -242,3 +242,11 @@ def test_component_options_refuse_inf_nan_and_overflow(prefix, flag, integer, va
                                           (["--model-adapter", ""], "--model-adapter is empty")])
 def test_empty_config_and_model_family(argv, needle, refused):
     refused(RANDOM + argv, needle)
+
+
+@pytest.mark.parametrize("command", [["bench", "attention"], ["bench", "train"], ["evaluate"]])
+@pytest.mark.parametrize("output, needle", [("odir", "--output odir: is a directory"),
+                                            ("/proc/e.json", "cannot write under /proc"), ("", "the path is empty")])
+def test_report_outputs_are_checked_first(command, output, needle, refused, tmp_cwd):
+    (tmp_cwd / "odir").mkdir()
+    refused(command + ["--output", output], needle)

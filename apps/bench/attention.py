@@ -24,7 +24,7 @@ from ...backends.sdpa import SdpaBackend
 from ...core.attention import AttentionBackend, AttentionSpec, Dense, Neighborhood2D
 from ...core.errors import UsageError
 from ...core.registry import get_registry
-from ..cli_helpers import PROG, Parser, int_list, name_list, one_line
+from ..cli_helpers import PROG, Parser, check_output_path, int_list, name_list, one_line
 from ..pipeline import resolve_device
 from .report import format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
 
@@ -402,6 +402,7 @@ def cmd_bench_attention(argv: Sequence[str]) -> int:
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    check_output_path("--output", args.output)  # before any work: not a directory, somewhere writable
     config = BenchAttentionConfig(sides=args.sides, kernel_size=args.kernel_size, heads=args.heads,
                                   head_dim=args.head_dim, batches=args.batches, backends=args.backends,
                                   repeats=args.repeats, budget_s=args.budget_s, device=args.device, dtype=args.dtype,

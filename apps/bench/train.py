@@ -24,7 +24,7 @@ import torch
 
 from ...core.errors import UsageError
 from ...models.var import VAR, VARConfig
-from ..cli_helpers import PROG, Parser, int_list, name_list
+from ..cli_helpers import PROG, Parser, check_output_path, int_list, name_list
 from ..config import EngineConfig
 from ..pipeline import resolve_components
 from ..training.grouped_forward import grouped_logits, parallel_groups
@@ -202,6 +202,7 @@ def cmd_bench_train(argv: Sequence[str]) -> int:
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    check_output_path("--output", args.output)  # before any work: not a directory, somewhere writable
     run_bench_train(BenchTrainConfig(depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size,
                                      steps=args.steps, ratio=args.ratio, kernel_size=args.kernel_size,
                                      strategies=args.strategies, device=args.device, seed=args.seed,

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from ...core.errors import UsageError
 from ..cli import parse_generate_args
-from ..cli_helpers import Parser, one_line
+from ..cli_helpers import Parser, check_output_path, one_line
 from ..config import EngineConfig
 from .evaluate import DEFAULT_K, REAL_ROW, evaluate, print_report
 
@@ -118,6 +118,7 @@ def build_parser():
 def cmd_evaluate(argv: Sequence[str]) -> int:
     """Run ``mvar-engine evaluate`` (see the module docstring); returns the exit status (0)."""
     args = build_parser().parse_args(list(argv))
+    check_output_path("--output", args.output)  # before any work: not a directory, somewhere writable
     for flag, value, least in (("--samples-per-class", args.samples_per_class, 1), ("--batch-size", args.batch_size, 1),
                                ("--resolution", args.resolution, 8)):
         if value is not None and value < least:
