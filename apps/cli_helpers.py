@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Callable, Sequence
 from pydantic import ValidationError
 
 from ..core.errors import ConfigError, UsageError
+from .config import SEED_MAX, SEED_MIN
 
 PROG = "mvar-engine"
 
@@ -66,6 +68,40 @@ def int_list(text: str) -> tuple[int, ...]:
         return parse_int_list(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``inf`` and ``nan`` are one-line usage errors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """argparse type: ``"0.2, 0.5"`` -> ``(0.2, 0.5)``; every entry a finite number, no empty entry
+    (``0.2,,0.5``)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.5, got {text!r}")
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry between commas (e.g. 0.2,0.5)")
+    return tuple(finite_float(part) for part in parts)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: an integer ``torch.Generator.manual_seed`` accepts (-2**63 .. 2**64 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text}: a seed is an integer from -2**63 to 2**64 - 1 (what "
+                                         f"torch.Generator accepts)")
+    return value
 
 
 def name_list(text: str) -> tuple[str, ...]:

@@ -174,6 +174,15 @@ class ModelConfig(BaseModel):
     def _split(cls, value: Any) -> Any:
         return split_int_list(value, "--patch-nums", minimum=1)
 
+    @model_validator(mode="after")
+    def _random_or_files(self) -> "ModelConfig":
+        files = [f"--{name.replace('_', '-')}" for name in ("var_checkpoint", "vae_checkpoint", "model_dir")
+                 if getattr(self, name) is not None]
+        if self.random_weights and files:
+            raise PydanticCustomError("random_and_files", f"--random-weights builds a freshly initialised model, so "
+                                      f"{' and '.join(files)} would be ignored (drop one or the other)")
+        return self
+
 
 class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

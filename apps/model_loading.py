@@ -26,6 +26,7 @@ from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_s
 from ..models.var import VAR, VARConfig, infer_var_config
 from .cli_helpers import architecture_error
 from .config import EngineConfig
+from .memory_fit import refuse_unfitting
 
 DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 """VAR buffers recomputed from the config, never read."""
@@ -261,7 +262,8 @@ def plan_var_models(config: EngineConfig) -> ModelPlan:
                                strict=m.strict)
         tok = tokenizer_architecture(m.vae_checkpoint, var.patch_nums, strict=m.strict, model_path=m.var_checkpoint)
         _check_vocab(tok, var.vocab_size, var.z_channels, (m.vae_checkpoint, m.var_checkpoint))
-        return ModelPlan(var, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed)
+        return fitting(ModelPlan(var, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed),
+                       config)
     if not m.random_weights:
         raise _no_defaults(config, "(with --depth) to time a random model")
     patch_nums = m.patch_nums or VARConfig.model_fields["patch_nums"].default
@@ -270,7 +272,20 @@ def plan_var_models(config: EngineConfig) -> ModelPlan:
         tok = TokenizerConfig(patch_nums=tuple(patch_nums))
     except ValidationError as error:
         raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
-    return ModelPlan(var, tok, seed=config.sampling.seed)
+    return fitting(ModelPlan(var, tok, seed=config.sampling.seed), config)
+
+
+def fitting(plan: ModelPlan, config: EngineConfig) -> ModelPlan:
+    """``plan`` after checking that its two modules fit in this machine's free memory (where they are
+    built), before anything is allocated: else a one-line :class:`UsageError` naming the size flags
+    ``config`` sets (or the checkpoint) and the sizes."""
+    m = config.model
+    given = [flag for flag, value in (("--depth", m.depth), ("--patch-nums", m.patch_nums),
+                                      ("--num-classes", m.num_classes), ("--num-heads", m.num_heads)) if value]
+    source = [f"--var-checkpoint {plan.model_path}"] if plan.model_path else []
+    flags = ", ".join(source + given) or "the default size"
+    refuse_unfitting({"transformer": plan.model, "tokenizer": plan.tokenizer}, torch.device("cpu"), flags)
+    return plan
 
 
 def _raster_side(grid) -> object:
@@ -306,7 +321,8 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
             tok = tokenizer_architecture(m.vae_checkpoint, (_raster_side(gpt.grid),), strict=m.strict,
                                          final_only=True, model_path=m.var_checkpoint)
         _check_vocab(tok, gpt.vocab_size, None, (m.vae_checkpoint, m.var_checkpoint))
-        return ModelPlan(gpt, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed)
+        return fitting(ModelPlan(gpt, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed),
+                       config)
     if not m.random_weights:
         raise _no_defaults(config, "to time a random raster model")
     grid = grid or (24, 24)
@@ -320,7 +336,7 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
         gpt = RasterGPTConfig.llamagen_b(**overrides)
     except ValidationError as error:
         raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
-    return ModelPlan(gpt, tok, seed=config.sampling.seed)
+    return fitting(ModelPlan(gpt, tok, seed=config.sampling.seed), config)
 
 
 # -- building --------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from . import banded_decode
-from .vae_blocks import Downsample2x, ResnetBlock, Upsample2x
+from .vae_blocks import Downsample2x, ResnetBlock, Upsample2x, res_tower_elements
 
 __all__ = [
     "LlamaGenVQConfig",
@@ -100,6 +100,12 @@ class LlamaGenVQConfig(BaseModel):
     def downsample(self) -> int:
         """Pixels per token side: ``2 ** (len(ch_mult) - 1)`` (16 for VQ-16)."""
         return 2 ** (len(self.ch_mult) - 1)
+
+    def minimum_elements(self) -> int:
+        """A lower bound on the parameter elements of :class:`LlamaGenVQ` built from this config: the
+        codebook and the encoder's and decoder's resnet convs, counted without building anything."""
+        return (self.codebook_size * self.codebook_dim + res_tower_elements(self.ch, self.ch_mult, self.num_res_blocks)
+                + res_tower_elements(self.ch, self.dec_ch_mult, self.num_res_blocks + 1))
 
     @property
     def vocab_size(self) -> int:

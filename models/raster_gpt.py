@@ -86,6 +86,14 @@ class RasterGPTConfig(BaseModel):
             hidden = int(self.ffn_dim_multiplier * hidden)
         return find_multiple(hidden, self.multiple_of)
 
+    def minimum_elements(self) -> int:
+        """A lower bound on the parameter and buffer elements of :class:`RasterGPT` built from this
+        config: its blocks' matrices, the token embedding, the output head and the RoPE table
+        (``[P + h*w, head_dim // 2, 2]``), counted without building anything."""
+        c, positions = self.width, self.cls_token_num + self.num_image_tokens
+        return (self.depth * (4 * c * c + 3 * c * self.ffn_hidden) + 2 * c * self.vocab_size
+                + positions * (self.head_dim // 2) * 2)
+
     @property
     def num_image_tokens(self) -> int:
         return self.grid[0] * self.grid[1]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from .vae_blocks import Decoder, Encoder
+from .vae_blocks import Decoder, Encoder, res_tower_elements
 
 __all__ = [
     "ScaleSide",
@@ -109,6 +109,12 @@ class TokenizerConfig(BaseModel):
     def downsample(self) -> int:
         """Pixels per latent cell along each side: ``2 ** (len(ch_mult) - 1)``."""
         return 2 ** (len(self.ch_mult) - 1)
+
+    def minimum_elements(self) -> int:
+        """A lower bound on the parameter elements of :class:`MultiScaleVQVAE` built from this config:
+        the codebook and the encoder's and decoder's resnet convs, counted without building anything."""
+        return (self.vocab_size * self.z_channels + res_tower_elements(self.ch, self.ch_mult, self.num_res_blocks)
+                + res_tower_elements(self.ch, self.ch_mult, self.num_res_blocks + 1))
 
     @property
     def num_scales(self) -> int:

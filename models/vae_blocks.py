@@ -265,3 +265,12 @@ class Decoder(nn.Module):
         if lean and banded_decode.worth_banding(h):
             return banded_decode.norm_silu_conv(self.norm_out, self.conv_out, h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def res_tower_elements(ch: int, ch_mult: Sequence[int], blocks_per_level: int) -> int:
+    """A lower bound on the weights of a VQ encoder's or decoder's resnet tower: the 3x3 convs of
+    ``blocks_per_level`` blocks at each width ``w = ch * m`` that map ``w`` to ``w`` (all but the first
+    block's first conv, which may change the width; biases, norms, up/down-sampling and attention
+    left out), counted without building anything."""
+    return sum((2 * blocks_per_level - 1) * 9 * (ch * m) ** 2 for m in ch_mult)
+

@@ -52,6 +52,14 @@ class VARConfig(BaseModel):
     def layout(self) -> SequenceLayout:
         return SequenceLayout(normalize_grids(self.patch_nums))
 
+    def minimum_elements(self) -> int:
+        """A lower bound on the parameter and buffer elements of :class:`VAR` built from this config:
+        its blocks' matrices, the position table, the ``[L, L]`` attention mask and the head, counted
+        without building anything (so an absurd size is refused in microseconds)."""
+        c, length = self.width, sum(h * w for h, w in normalize_grids(self.patch_nums))
+        block = 4 * c * c + 2 * c * round(c * self.mlp_ratio) + 6 * c * c  # attention, FFN, AdaLN
+        return self.depth * block + length * c + length * length + c * self.vocab_size
+
 
 class SelfAttention(nn.Module):
     """VAR's attention projections: ``mat_qkv`` (no bias) plus learned q/v biases and a zero k bias;

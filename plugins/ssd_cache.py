@@ -11,7 +11,8 @@ A *headwise* policy (:mod:`.budget_cache`). The head map comes from ``mvar-engin
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..core.errors import UsageError
 from .budget_cache import BudgetedCache, BudgetOptions
@@ -20,6 +21,14 @@ from .head_map import HeadMap, load_head_map
 
 class SSDOptions(BudgetOptions):
     head_map: str | None = Field(None, description="head map JSON written by `mvar-engine profile-heads` (required)")
+
+    @field_validator("head_map")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise PydanticCustomError("empty_path", "the path is empty: give the head map JSON written by "
+                                                    "`mvar-engine profile-heads`")
+        return value
 
 
 class SSDCache(BudgetedCache):

@@ -36,7 +36,11 @@ def test_cli_runs_both_strategies_and_writes_json(tmp_cwd, capsys):
     (["--strategies", "sequence,bogus"], "unknown strategy 'bogus'"),
     (["--patch-nums", "1,2"], "at least 3 scales"),
     (["--depth", "0"], "at least 1"),
-    (["--ratio", "8:1"], "--ratio needs 3 numbers"),
+    (["--ratio", "8:1"], "--ratio 8:1 has 2 entries but the parallel strategy forms 3 groups"),
+    (["--ratio", "0:1:1"], "every count must be a positive integer"),
+    (["--ratio", "8::1"], "colon-separated integers"),
+    (["--kernel-size", "0"], "kernel_size"),
+    (["--depth", "99999999999"], "the model needs at least"),
 ])
 def test_bad_input_is_one_line(tmp_cwd, argv, needle, capsys):
     assert main(["bench", "train"] + argv) == 2

@@ -24,7 +24,8 @@ from ...backends.sdpa import SdpaBackend
 from ...core.attention import AttentionBackend, AttentionSpec, Dense, Neighborhood2D
 from ...core.errors import UsageError
 from ...core.registry import get_registry
-from ..cli_helpers import PROG, Parser, check_output_path, int_list, name_list, one_line
+from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
+from ..memory_fit import available_bytes
 from ..pipeline import resolve_device
 from .report import format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
 
@@ -171,20 +172,6 @@ class Cell:
 
 MEMORY_HEADROOM = 0.7
 """A call is skipped when its estimated workspace exceeds this share of the available memory."""
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory now: CUDA ``mem_get_info``; on Linux ``MemAvailable`` from /proc/meminfo."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def memory_reason(backend: AttentionBackend, spec: AttentionSpec, cell: "Cell", device: torch.device,
@@ -392,12 +379,12 @@ def cmd_bench_attention(argv: Sequence[str]) -> int:
     p.add_argument("--backends", type=name_list, default=None, metavar="NAME,...",
                    help="backends to time (default: every available one except reference)")
     p.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"timed calls per cell (default {d.repeats})")
-    p.add_argument("--budget-s", type=float, default=d.budget_s, metavar="SECONDS",
+    p.add_argument("--budget-s", type=finite_float, default=d.budget_s, metavar="SECONDS",
                    help=f"time budget per cell: fewer repeats when calls are slow, and a cell predicted "
                         f"(from the previous side, as N^2) to need over 4x this is skipped (default {d.budget_s:g})")
     p.add_argument("--device", choices=DEVICES, default=d.device, help="default auto (CUDA when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help=f"input dtype (default {d.dtype})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"input seed (default {d.seed})")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help=f"input seed (default {d.seed})")
     p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -76,7 +76,7 @@ from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...plugins.budget_cache import budget_tokens
 from ...plugins.head_map import load_head_map, write_head_map, write_heatmap
-from ..cli_helpers import PROG, Parser, name_list, one_line
+from ..cli_helpers import PROG, Parser, finite_float, float_list, name_list, one_line, seed_int
 from ..config import EngineConfig
 from ..data import load_dataset
 from ..evaluation.classifier import load_or_train
@@ -135,7 +135,7 @@ class BenchCacheConfig:
             out.append(f"--model {self.model!r}: choose {', '.join(MODELS)}")
         if self.batch < 1:
             out.append(f"--batch must be at least 1, got {self.batch}")
-        if not self.cfg >= 0:
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
             out.append(f"--cfg must be >= 0 (1 disables guidance), got {self.cfg:g}")
         if self.top_k < 0 or not 0 <= self.top_p <= 1:
             out.append("--top-k must be >= 0 (0: no filter) and --top-p within 0..1")
@@ -155,8 +155,8 @@ class BenchCacheConfig:
             out.append(f"--quality-images must be >= 0 (0: no quality measurement), got {self.quality_images}")
         if self.threads is not None and self.threads < 1:
             out.append("--threads must be at least 1")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            out.append("--timeout-s must be positive")
+        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            out.append(f"--timeout-s must be a finite number of seconds > 0, got {self.timeout_s:g}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             out.append(f"--dtype {self.dtype}: choose float32, bfloat16 or float16")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -821,16 +821,6 @@ def run_quality(config: BenchCacheConfig, engine, bench: BenchModel, runs: list[
 
 
 # -- command line -----------------------------------------------------------------------------------------
-def _float_list(text: str) -> tuple[float, ...]:
-    import argparse
-
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    return values
-
-
 def cmd_bench_cache(argv: Sequence[str]) -> int:
     """``mvar-engine bench cache``: parse the flags, run, exit 0 (1 when a row failed)."""
 
@@ -847,12 +837,12 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
                         "the shipped trained raster digits weights (skipped when there are none); tiny: for tests "
                         f"(default {d.model})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"images per generation (default {d.batch})")
-    p.add_argument("--cfg", type=float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg:g}; 1 disables)")
+    p.add_argument("--cfg", type=finite_float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg:g}; 1 disables)")
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k sampling (default {d.top_k}, LlamaGen's)")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p sampling (default {d.top_p:g}: off)")
+    p.add_argument("--top-p", type=finite_float, default=d.top_p, help=f"top-p sampling (default {d.top_p:g}: off)")
     p.add_argument("--policies", type=name_list, default=d.policies, metavar="NAME,...",
                    help=f"cache policies (default {','.join(d.policies)}; full is always measured: it is the baseline)")
-    p.add_argument("--budgets", type=_float_list, default=d.budgets, metavar="B,...",
+    p.add_argument("--budgets", type=float_list, default=d.budgets, metavar="B,...",
                    help="budgets of the budgeted policies: a fraction of the sequence (<= 1) or a token count "
                         f"(default {','.join(f'{b:g}' for b in d.budgets)})")
     p.add_argument("--repeats", type=int, default=d.repeats, help=f"timed generations per row (default {d.repeats})")
@@ -868,7 +858,7 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
     p.add_argument("--quality-images", type=int, default=None, metavar="N",
                    help="images of the quality comparison (default: " + ", ".join(
                        f"{k} {v}" for k, v in QUALITY_IMAGES.items()) + "; 0 skips it)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"weights (random models) and sampling seed (default {d.seed})")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help=f"weights (random models) and sampling seed (default {d.seed})")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
                    help="autocast dtype (16-bit on CUDA only; default float32)")
@@ -876,7 +866,7 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--in-process", action="store_true",
                    help="measure every row in this process (quicker; peak memory not isolated per row)")
-    p.add_argument("--timeout-s", type=float, default=None, metavar="SECONDS", help="limit per row (fresh processes)")
+    p.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help="limit per row (fresh processes)")
     p.add_argument("--output", default=d.output, metavar="PATH", help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

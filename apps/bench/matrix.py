@@ -39,6 +39,7 @@ configuration of each family is that family's baseline. ``MODEL_FAMILIES`` maps 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,7 +53,7 @@ from ...core.layout import spans_length
 from ...models.checkpoint import atomic_write
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ...models.var import VAR, VARConfig
-from ..cli_helpers import PROG, Parser, int_list, name_list
+from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, seed_int
 from ..config import EngineConfig
 from ..pipeline import build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
@@ -179,10 +180,10 @@ class MatrixConfig:
             out.append("--calibration-images must be at least 1")
         if self.threads is not None and self.threads < 1:
             out.append("--threads must be at least 1")
-        if self.cfg < 0:
-            out.append("--cfg must be >= 0 (0 disables guidance)")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            out.append("--timeout-s must be positive")
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            out.append(f"--cfg must be a finite number >= 0 (0 disables guidance), got {self.cfg:g}")
+        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            out.append(f"--timeout-s must be a finite number of seconds > 0, got {self.timeout_s:g}")
         if self.cells_ is not None and not self.cells_:
             out.append("--cells needs at least one MODEL:BATCH")
         if self.configs is not None and not self.configs:
@@ -678,14 +679,14 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
                    help="autocast dtype (16-bit on CUDA only; default float32)")
     p.add_argument("--repeats", type=int, default=None, help="timed generations per cell (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed generations first (default: the preset's)")
-    p.add_argument("--cfg", type=float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg}; 0 disables)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--cfg", type=finite_float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg}; 0 disables)")
+    p.add_argument("--seed", type=seed_int, default=d.seed)
     p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N",
                    help=f"images decoded at a time (default {d.decode_chunk})")
     p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N",
                    help=f"generations that calibrate an ssd head map (default {d.calibration_images})")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per cell (default: torch's)")
-    p.add_argument("--timeout-s", type=float, default=None, metavar="SECONDS", help="limit per cell (default none)")
+    p.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help="limit per cell (default none)")
     p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -13,6 +13,7 @@ the model was built, the median step time per group, and the cycle-weighted mean
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -22,12 +23,14 @@ from typing import Any, Sequence
 
 import torch
 
-from ...core.errors import UsageError
+from ...core.errors import ConfigError, UsageError
+from ...core.layout import SequenceLayout
 from ...models.var import VAR, VARConfig
-from ..cli_helpers import PROG, Parser, check_output_path, int_list, name_list
+from ..cli_helpers import PROG, Parser, check_output_path, int_list, name_list, one_line, seed_int
 from ..config import EngineConfig
+from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
-from ..training.grouped_forward import grouped_logits, parallel_groups
+from ..training.grouped_forward import grouped_logits, parallel_groups, parse_ratio
 from .report import format_table, machine_info, peak_rss_bytes, reset_peak_rss, rss_bytes, worker_env, write_json
 
 STRATEGIES = ("sequence", "parallel")
@@ -56,12 +59,39 @@ class BenchTrainConfig:
             out.append(f"unknown strategy {unknown[0]!r} (choose from {', '.join(STRATEGIES)})")
         if len(self.patch_nums) < 3:
             out.append("--patch-nums needs at least 3 scales (dense scales, then scales trained alone)")
-        elif "parallel" in self.strategies and len(self.ratio) != 3:
-            out.append(f"--ratio needs 3 numbers (the dense scales packed, then the last two scales alone: MVAR's "
-                       f"neighbourhood scales), got {':'.join(map(str, self.ratio))}")
         if self.device == "cuda" and not torch.cuda.is_available():
             out.append("--device cuda: no CUDA device is available (use --device cpu)")
+        if not self.ratio or min(self.ratio) < 1:
+            out.append(f"--ratio {':'.join(map(str, self.ratio))}: every count must be a positive integer (each "
+                       f"group trains), e.g. 8:1:1")
+        if out:
+            return out
+        try:  # everything a worker process would find, found here before any work
+            refuse_unfitting({"transformer": self.model_config()}, torch.device(self.device), "--depth, --patch-nums",
+                             copies=TRAINING_COPIES)
+            if "parallel" in self.strategies:
+                parse_ratio(":".join(map(str, self.ratio)), strategy_groups(self, "parallel")[1])
+            else:
+                strategy_groups(self, "sequence")
+        except (UsageError, ConfigError) as error:
+            out.append(one_line(error))
         return out
+
+    def model_config(self) -> VARConfig:
+        return VARConfig(depth=self.depth, patch_nums=self.patch_nums)
+
+
+def strategy_groups(config: BenchTrainConfig, strategy: str):
+    """MVAR's components (``markov`` + ``neighborhood`` of ``--kernel-size`` + ``sdpa``) and the scale
+    groups ``strategy`` trains: ``(components, [group, ...])``; bad options are one-line errors."""
+    components = resolve_components(EngineConfig(
+        trajectory="markov", attention={"name": "neighborhood", "options": {"kernel_size": config.kernel_size}},
+        cache="none", backend="sdpa"))
+    layout = SequenceLayout.from_patch_nums(config.patch_nums)
+    components.pattern.check_layout(layout)
+    if strategy == "sequence":
+        return components, [tuple(range(layout.num_scales))]
+    return components, parallel_groups(layout.num_scales, components.pattern.first_scale(layout))
 
 
 def run_strategy(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
@@ -69,17 +99,10 @@ def run_strategy(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
 
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    model = VAR(VARConfig(depth=config.depth, patch_nums=config.patch_nums)).to(device).train()
-    components = resolve_components(EngineConfig(
-        trajectory="markov", attention={"name": "neighborhood", "options": {"kernel_size": config.kernel_size}},
-        cache="none", backend="sdpa"))
+    model = VAR(config.model_config()).to(device).train()
+    components, groups = strategy_groups(config, strategy)
     layout = model.layout
-    split = components.pattern.first_scale(layout)
-    groups = [tuple(range(layout.num_scales))] if strategy == "sequence" else parallel_groups(layout.num_scales, split)
     weights = [1] if strategy == "sequence" else list(config.ratio)
-    if len(weights) != len(groups):
-        raise UsageError(f"--ratio needs {len(groups)} numbers for the {len(groups)} parallel groups of this schedule "
-                         f"(scales before {split} packed, then each scale alone), got {len(weights)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -114,6 +137,14 @@ def run_strategy(config: BenchTrainConfig, strategy: str) -> dict[str, Any]:
         _group_name(g): sum(layout.scales[s].numel for s in g) for g in groups},
         "peak_bytes": peak, "baseline_bytes": baseline, "peak_above_model_bytes": peak - baseline,
         "step_ms": step_ms, "mean_step_ms": mean, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _colon_ints(text: str) -> tuple[int, ...]:
+    """argparse type of ``--ratio``: ``"8:1:1"`` -> ``(8, 1, 1)``."""
+    try:
+        return tuple(int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected colon-separated integers like 8:1:1, got {text!r}") from None
 
 
 def _group_name(group: Sequence[int]) -> str:
@@ -191,13 +222,13 @@ def cmd_bench_train(argv: Sequence[str]) -> int:
                    help="scale schedule (default VAR's 256px)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"timed steps per group, after one untimed (default {d.steps})")
-    p.add_argument("--ratio", type=lambda t: tuple(int(x) for x in t.split(":")), default=d.ratio, metavar="A:B:C",
+    p.add_argument("--ratio", type=_colon_ints, default=d.ratio, metavar="A:B:C",
                    help="iterations per parallel group in a cycle, for the mean step time (default 8:1:1)")
     p.add_argument("--kernel-size", type=int, default=d.kernel_size, help=f"neighbourhood kernel (default {d.kernel_size})")
     p.add_argument("--strategies", type=name_list, default=d.strategies, metavar="NAME,...",
                    help=f"default {','.join(STRATEGIES)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed_int, default=d.seed)
     p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

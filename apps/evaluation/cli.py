@@ -22,7 +22,7 @@ from typing import Sequence
 
 from ...core.errors import UsageError
 from ..cli import parse_generate_args
-from ..cli_helpers import Parser, check_output_path, one_line
+from ..cli_helpers import Parser, check_output_path, one_line, seed_int
 from ..config import EngineConfig
 from .evaluate import DEFAULT_K, REAL_ROW, evaluate, print_report
 
@@ -102,8 +102,8 @@ def build_parser():
                    help="real data: digits (default) or a folder with one subfolder of images per class")
     p.add_argument("--resolution", type=int, default=None, metavar="R",
                    help="data resolution (default: the first configuration's image size; all must match)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of every configuration (default 0)")
-    p.add_argument("--classifier-seed", type=int, default=0, metavar="SEED",
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed of every configuration (default 0)")
+    p.add_argument("--classifier-seed", type=seed_int, default=0, metavar="SEED",
                    help="training seed of the evaluation classifier (default 0; part of its cache key)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
     p.add_argument("--output", default="evaluation.json", metavar="PATH", help="JSON report (default evaluation.json)")
@@ -119,6 +119,8 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
     """Run ``mvar-engine evaluate`` (see the module docstring); returns the exit status (0)."""
     args = build_parser().parse_args(list(argv))
     check_output_path("--output", args.output)  # before any work: not a directory, somewhere writable
+    if args.classifier is not None:
+        check_output_path("--classifier", args.classifier)  # read when it exists, else written after training
     for flag, value, least in (("--samples-per-class", args.samples_per_class, 1), ("--batch-size", args.batch_size, 1),
                                ("--resolution", args.resolution, 8)):
         if value is not None and value < least:

@@ -15,6 +15,7 @@ import torch
 from pydantic import ValidationError
 
 from ...core.errors import CheckpointError, UsageError
+from ...core.files import not_a_file_reason
 from ...models.checkpoint import load_into, read_state_dict, read_weights_metadata
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ..model_loading import infer_tokenizer_config
@@ -43,8 +44,11 @@ def load_frozen_tokenizer(path: str | Path, resolution: int | None, patch_nums: 
     resolution from its metadata; ``resolution`` must agree) or any state dict plus
     ``patch_nums`` (architecture inferred; resolution = last scale x downsample)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--tokenizer {path} does not exist (train one with 'mvar-engine train-tokenizer')")
+    reason = not_a_file_reason(path)
+    if reason is not None:
+        hint = (f"give the tokenizer file in it, e.g. {path / 'tokenizer.safetensors'}" if path.is_dir()
+                else "train one with 'mvar-engine train-tokenizer'")
+        raise CheckpointError(f"--tokenizer {path} {reason} ({hint})")
     meta = read_weights_metadata(path) if path.suffix == ".safetensors" else None
     state = read_state_dict(path)
     if meta and meta.get("kind") == "tokenizer":

@@ -39,6 +39,7 @@ from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ..cli_helpers import architecture_error
 from ..config import EngineConfig
+from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
 from . import distributed as D
 from .batches import ShardedBatches, load_images
@@ -145,7 +146,11 @@ def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -
     check_loop_settings(s)
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
+    sized = raster_config(s, tok, num_classes=1)
+    refuse_unfitting({"transformer": sized}, torch.device("cpu"), "--depth, --embed-dim, --num-heads, "
+                     "--ffn-dim-multiplier", copies=TRAINING_COPIES)
     components = build_components(s)
+    components.pattern.check_layout(sized.layout)
     info = D.setup(s.device)
     try:
         summary = _train(s, run, tok, components, info, callbacks)

@@ -30,6 +30,7 @@ from torch import nn
 from ...core.errors import UsageError
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig, phi_index
 from ..data import ImageSet
+from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from . import distributed as D
 from .batches import ShardedBatches, load_images, step_generator
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
@@ -161,6 +162,8 @@ def train_tokenizer(s: TokenizerTrainSettings, callbacks: tuple[Callback, ...] =
     rank calls this; files are written by rank 0."""
     config = tokenizer_config(s)
     check_loop_settings(s)
+    refuse_unfitting({"tokenizer": config}, torch.device("cpu"), "--vocab-size, --z-channels, --ch, --ch-mult",
+                     copies=TRAINING_COPIES)
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
     info = D.setup(s.device)
     try:

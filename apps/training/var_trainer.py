@@ -35,6 +35,7 @@ from ...models.checkpoint import load_into, read_state_dict
 from ...models.var import VAR, VARConfig
 from ..cli_helpers import architecture_error
 from ..config import EngineConfig
+from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..model_loading import DERIVED_VAR_BUFFERS
 from ..pipeline import resolve_components
 from . import distributed as D
@@ -155,8 +156,12 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     check_loop_settings(s)
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
+    refuse_unfitting({"transformer": var_config(s, tok, num_classes=1)}, torch.device("cpu"),
+                     "--depth, --embed-dim, --num-heads, --mlp-ratio", copies=TRAINING_COPIES)
     components = build_components(s)
-    groups, cycle = plan_groups(s, components, SequenceLayout.from_patch_nums(tok.patch_nums))
+    layout = SequenceLayout.from_patch_nums(tok.patch_nums)
+    components.pattern.check_layout(layout)  # e.g. --attention-apply-from names one of the tokenizer's scales
+    groups, cycle = plan_groups(s, components, layout)
     info = D.setup(s.device)
     try:
         summary = _train(s, run, tok, components, groups, cycle, info, callbacks)
