@@ -92,7 +92,8 @@ def _base_generate_parser(add_help: bool = True) -> Parser:
     o.add_argument("--per-image", action="store_true", help="also write one PNG per image")
     o.add_argument("--save-tokens", metavar="PATH", help="write per-scale token indices (.pt or .safetensors)")
     o.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    o.add_argument("--dtype", help="float32 (default), bfloat16 or float16 autocast (CUDA)")
+    o.add_argument("--dtype", help="float32 (default), bfloat16 or float16 autocast (CUDA; bfloat16 also on a CPU with "
+                   "native bf16: avx512_bf16, amx_bf16)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
     return p

@@ -208,7 +208,7 @@ class EngineConfig(BaseModel):
     cache: ComponentChoice | None = None
     backend: ComponentChoice = ComponentChoice(name="auto")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="autocast dtype (CUDA only for 16-bit)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="autocast dtype (16-bit on CUDA; bfloat16 also on a CPU with native bf16)")
     labels: list[int] | None = Field(None, description="class labels, one grid row each (default: up to 10 classes)")
     samples_per_label: int = Field(8, ge=1, le=INT64_MAX)
     batch_size: int = Field(16, ge=1, le=INT64_MAX, description="images per forward pass")

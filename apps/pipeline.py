@@ -32,6 +32,7 @@ from ..models.checkpoint import save_state_dict
 from ..models.default_models import default_checkpoints, weights_metadata
 from .cli_helpers import PROG
 from .config import ComponentChoice, EngineConfig
+from .cpu_features import native_bf16
 from .images import save_grid, save_images
 from .model_loading import (build_models, build_raster_models, infer_tokenizer_config, load_raster, load_tokenizer,
                             load_var, save_var)
@@ -138,12 +139,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
-    if dtype == "float32":
+def autocast_problem(dtype: str, device: torch.device) -> str | None:
+    """Why ``--dtype dtype`` cannot autocast on ``device`` (one line naming the fix), or None: 16-bit
+    runs on CUDA, and bfloat16 also on a CPU with native bf16 (:func:`cpu_features.native_bf16`)."""
+    if dtype == "float32" or device.type == "cuda":
         return None
-    if device.type != "cuda":
-        raise UsageError(f"--dtype {dtype} (autocast) is supported on CUDA only; use --dtype float32 on {device.type}")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device.type == "cpu" and dtype == "bfloat16":
+        supported, why = native_bf16()
+        return None if supported else f"--dtype bfloat16 on the CPU needs native bf16 and {why}; use --dtype float32"
+    if device.type == "cpu":
+        return f"--dtype {dtype} autocast runs on CUDA only (the CPU takes --dtype bfloat16 where it has native bf16)"
+    return f"--dtype {dtype} (autocast) is supported on CUDA and the CPU only; use --dtype float32 on {device.type}"
+
+
+def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
+    """``--dtype`` -> the autocast dtype on ``device`` (None: float32, no autocast); a combination the
+    device cannot run is a one-line :class:`UsageError` (:func:`autocast_problem`). Logits and
+    sampling stay in float32 either way (the engine casts them)."""
+    problem = autocast_problem(dtype, device)
+    if problem is not None:
+        raise UsageError(problem)
+    return None if dtype == "float32" else {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def check_model_facts(config: EngineConfig, components: Components) -> ModelFacts | None:

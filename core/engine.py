@@ -119,6 +119,7 @@ class Engine:
                 rows = torch.cat([rows, rows + batch])
             with self.autocast(hidden.device):
                 logits = self.model.logits(state, hidden[rows], rows)
+            logits = logits.float()  # guidance, filters and the draw in float32 under 16-bit autocast too
             if cfg is not None:
                 logits = self.model.guide(logits, stop - start, cfg, step)
             if temperature != 1.0:
@@ -165,7 +166,7 @@ class Engine:
                     hidden = model.run(state, [self.steps[j] for j in history], spans, self.attend_uncached(spans))
                 hidden = hidden[:, -step.emits:]
                 if return_logits or forced_tokens is not None:
-                    logits = model.logits(state, hidden)
+                    logits = model.logits(state, hidden).float()
             peak = max(peak, cache.nbytes())
             if return_logits:
                 all_logits.append(logits)

@@ -142,6 +142,11 @@ def test_16_bit_autocast_on_cpu_fails_before_the_model(refused, tmp_cwd):
     refused(RANDOM + ["--device", "cpu", "--dtype", "float16"], "CUDA only")
 
 
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_with_the_reason(refused, monkeypatch):
+    monkeypatch.setenv("MVAR_ENGINE_CPU_BF16", "0")
+    refused(RANDOM + ["--device", "cpu", "--dtype", "bfloat16"], "needs native bf16 and MVAR_ENGINE_CPU_BF16=0")
+
+
 # ---------------------------------------------------------------------- names (property-based)
 
 BLANK = st.text(alphabet=" \t", max_size=3)

@@ -92,6 +92,30 @@ def test_parse_combo_options():
     assert combo.options == {"trajectory": {"order": 2}, "attention": {"kernel_size": 5}, "cache": {"scales": 1}}
 
 
+def test_a_configuration_may_name_its_autocast_dtype():
+    combo = bm.parse_combo("full/dense/full@bfloat16")
+    assert (combo.text, combo.cache, combo.dtype) == ("full/dense/full@bfloat16", "full", "bfloat16")
+    assert bm.parse_combo("full/dense/full").dtype is None
+    with pytest.raises(bm.UsageError, match="@bf16 is not an autocast dtype"):
+        bm.parse_combo("full/dense/full@bf16")
+
+
+def test_bf16_rows_run_beside_float32_and_record_their_dtype(tmp_cwd, capsys, monkeypatch):
+    monkeypatch.setenv("MVAR_ENGINE_CPU_BF16", "1")
+    argv = ["bench", "matrix", "--cells", "tiny:1", "--configs", "full/dense/full,full/dense/full@bfloat16",
+            "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu", "--output", "m.json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    f32, bf16 = json.loads((tmp_cwd / "m.json").read_text())["results"]
+    assert (f32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert bf16["config"] == "full/dense/full@bfloat16" and bf16["cache_peak_bytes"] * 2 == f32["cache_peak_bytes"]  # a bf16 cache
+
+
+def test_bf16_rows_are_refused_where_the_cpu_lacks_it(refused, monkeypatch):
+    monkeypatch.setenv("MVAR_ENGINE_CPU_BF16", "0")
+    refused(["bench", "matrix", "--cells", "tiny:1", "--device", "cpu", "--configs",
+             "full/dense/full,full/dense/full@bfloat16"], "configuration full/dense/full@bfloat16: --dtype bfloat16")
+
+
 def test_worker_row_in_process():
     row = bm.run_cell({"model": "tiny", "batch": 2, "config": "full/dense/window", "backend": "sdpa", "device": "cpu",
                        "dtype": "float32", "cfg": 1.5, "seed": 0, "repeats": 2, "warmup": 1, "decode_chunk": 1,

@@ -72,6 +72,17 @@ def package_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def cpu_has_native_bf16() -> bool:
+    """``avx512_bf16``/``amx_bf16`` (x86) or ``bf16`` (Arm) among the CPU flags (docs/cli.md: --dtype)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.split(":")[0].strip().lower() in ("flags", "features")
+             for flag in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 WEIGHTS = package_dir() / "models" / "weights"
 SHIPPED = {
     "mvar": WEIGHTS / "mvar-digits.safetensors",            # MVAR transformer (markov/neighborhood)
@@ -490,8 +501,12 @@ def build_cases() -> list[Case]:
         bad("device-cuda:7", gen("--device", "cuda:7"), why=f"{cuda_count} CUDA device(s)")
     if cuda_count == 0:
         bad("device-cuda", gen("--device", "cuda"), why="no CUDA on this machine")
-        bad("dtype-bfloat16-cpu", gen("--device", "cpu", "--dtype", "bfloat16"), why="16-bit autocast is CUDA only")
-        bad("dtype-float16-cpu", gen("--device", "cpu", "--dtype", "float16"), why="16-bit autocast is CUDA only")
+        if cpu_has_native_bf16():
+            ok("control-dtype-bfloat16-cpu", gen("--device", "cpu", "--dtype", "bfloat16", "--output", "/dev/null"),
+               why="bf16 autocast on a CPU with native bf16")
+        else:
+            bad("dtype-bfloat16-cpu", gen("--device", "cpu", "--dtype", "bfloat16"), why="no native bf16 on this CPU")
+        bad("dtype-float16-cpu", gen("--device", "cpu", "--dtype", "float16"), why="float16 autocast is CUDA only")
 
     # -- generate: config files -------------------------------------------------------------------
     configs = {

@@ -81,7 +81,7 @@ from ..config import EngineConfig
 from ..data import load_dataset
 from ..evaluation.classifier import load_or_train
 from ..evaluation.evaluate import metric_row
-from ..pipeline import Pipeline, resolve_autocast, resolve_components, resolve_device
+from ..pipeline import Pipeline, autocast_problem, resolve_autocast, resolve_components, resolve_device
 from ..profile_heads import ProfilingCache
 from .cells import MemoryProbe
 from .report import (format_markdown_table, format_table, machine_info, run_json_worker, synchronizer, worker_env,
@@ -163,8 +163,8 @@ class BenchCacheConfig:
             out.append(f"--device {self.device}: choose auto, cpu or cuda[:N]")
         elif self.device.startswith("cuda") and not torch.cuda.is_available():
             out.append(f"--device {self.device}: no CUDA device is available (use --device cpu)")
-        elif self.dtype != "float32" and self.device_name() == "cpu":
-            out.append(f"--dtype {self.dtype} (autocast) is supported on CUDA only; use --dtype float32 on the CPU")
+        elif autocast_problem(self.dtype, torch.device(self.device_name())):
+            out.append(autocast_problem(self.dtype, torch.device(self.device_name())))
         if Path(self.output).suffix != ".json":
             out.append(f"--output {self.output}: give a .json path (the .md table goes beside it)")
         return out
@@ -861,7 +861,7 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=seed_int, default=d.seed, help=f"weights (random models) and sampling seed (default {d.seed})")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
-                   help="autocast dtype (16-bit on CUDA only; default float32)")
+                   help="autocast dtype (16-bit on CUDA; bfloat16 also on a CPU with native bf16; default float32)")
     p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--in-process", action="store_true",

@@ -20,6 +20,9 @@ from ..config import EngineConfig
 from ..pipeline import Pipeline, resolve_components, resolve_device
 from .report import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes, synchronizer
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The autocast dtypes a configuration may name (``@bfloat16``)."""
+
 RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3), "janus-pro-1b": (24, 24), "janus-tiny": (4, 4)}
 """Raster model ids -> their token grid."""
 
@@ -80,13 +83,15 @@ def model_spec(model_id: str) -> ModelSpec:
 @dataclass(frozen=True)
 class Combo:
     """One configuration ``trajectory/attention/cache``; a part may carry options as
-    ``name:key=value:key=value`` (``markov/neighborhood:kernel_size=5/none``)."""
+    ``name:key=value:key=value`` (``markov/neighborhood:kernel_size=5/none``), and the whole an
+    autocast dtype as ``@bfloat16`` (``full/dense/full@bfloat16``; default: the run's ``--dtype``)."""
 
     text: str
     trajectory: str
     attention: str
     cache: str
     options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+    dtype: str | None = None
 
     def engine_components(self) -> dict[str, dict[str, Any]]:
         return {kind: {"name": getattr(self, kind), "options": self.options.get(kind, {})}
@@ -106,8 +111,13 @@ def _option_value(text: str) -> Any:
 
 
 def parse_combo(text: str) -> Combo:
-    """``"full/dense/full"`` -> :class:`Combo`; a malformed triple is a one-line UsageError."""
-    parts = [p.strip() for p in text.strip().split("/")]
+    """``"full/dense/full"`` (or ``"full/dense/full@bfloat16"``) -> :class:`Combo`; a malformed triple
+    or an unknown dtype is a one-line UsageError."""
+    triple, at, dtype = text.strip().partition("@")
+    dtype = dtype.strip()
+    if at and dtype not in DTYPE_NAMES:
+        raise UsageError(f"configuration {text!r}: @{dtype} is not an autocast dtype (choose {', '.join(DTYPE_NAMES)})")
+    parts = [p.strip() for p in triple.strip().split("/")]
     if len(parts) != 3 or not all(parts):
         raise UsageError(f"configuration {text!r} is not trajectory/attention/cache (e.g. full/dense/full or "
                          f"markov/neighborhood/none; options as neighborhood:kernel_size=5)")
@@ -120,7 +130,7 @@ def parse_combo(text: str) -> Combo:
             if not sep or not key.strip():
                 raise UsageError(f"configuration {text!r}: option {pair!r} of {kind} '{name}' is not key=value")
             options.setdefault(kind, {})[key.strip().replace("-", "_")] = _option_value(value.strip())
-    return Combo("/".join(parts), *names, options=options)
+    return Combo("/".join(parts) + (f"@{dtype}" if at else ""), *names, options=options, dtype=dtype or None)
 
 
 def parse_cell(text: str) -> tuple[str, int]:

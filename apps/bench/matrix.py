@@ -55,7 +55,7 @@ from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ...models.var import VAR, VARConfig
 from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, seed_int
 from ..config import EngineConfig
-from ..pipeline import build_models
+from ..pipeline import autocast_problem, build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
                     parse_cell, parse_combo)
 from .matrix_raster import calibrate_for_matrix, run_raster_cell
@@ -195,8 +195,8 @@ class MatrixConfig:
             out.append(f"--device {device}: choose auto, cpu or cuda[:N]")
         elif device.startswith("cuda") and not torch.cuda.is_available():
             out.append(f"--device {device}: no CUDA device is available (use --device cpu)")
-        elif self.dtype != "float32" and not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
-            out.append(f"--dtype {self.dtype} (autocast) is supported on CUDA only; use --dtype float32 on the CPU")
+        elif autocast_problem(self.dtype, torch.device(self.device_name())):
+            out.append(autocast_problem(self.dtype, torch.device(self.device_name())))
         if not Path(self.output).suffix == ".json":
             out.append(f"--output {self.output}: give a .json path (the .md table and .png chart go beside it)")
         return out
@@ -429,6 +429,9 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
         raise UsageError("--configs lists a configuration twice")
     for combo in combos:
         check_combo(combo, config.backend)
+        problem = autocast_problem(combo.dtype or config.dtype, torch.device(config.device_name()))
+        if problem is not None:
+            raise UsageError(f"configuration {combo.text}: {problem}")
     by_family = families_of(combos)
     for spec, _ in dict.fromkeys(cells):
         if spec.family not in by_family:
@@ -448,7 +451,7 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
     plan = [(spec, batch, combo) for spec, batch in cells for combo in by_family[spec.family]]
     for index, (spec, batch, combo) in enumerate(plan, 1):
         cell = {"model": spec.id, "batch": batch, "config": combo.text, "backend": config.backend, "device": device,
-                "dtype": config.dtype, "cfg": config.cfg, "seed": config.seed, "repeats": settings["repeats"],
+                "dtype": combo.dtype or config.dtype, "cfg": config.cfg, "seed": config.seed, "repeats": settings["repeats"],
                 "warmup": settings["warmup"], "decode_chunk": config.decode_chunk, "threads": config.threads}
         if needs_calibration(combo):
             if spec.id not in payload["head_maps"]:
@@ -672,11 +675,12 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
                    help="exact (model, batch) cells, e.g. d16-256:8,d16-512:2 (overrides --models, --batches, preset)")
     p.add_argument("--configs", type=name_list, default=None, metavar="T/A/C,...",
                    help="trajectory/attention/cache triples; the first of each family is its baseline (options as "
-                        "neighborhood:kernel_size=5 or ssd:budget=0.2; ssd without head_map=FILE is calibrated)")
+                        "neighborhood:kernel_size=5 or ssd:budget=0.2; ssd without head_map=FILE is calibrated; "
+                        "@bfloat16 after a triple autocasts that configuration: full/dense/full,full/dense/full@bfloat16)")
     p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
-                   help="autocast dtype (16-bit on CUDA only; default float32)")
+                   help="autocast dtype (16-bit on CUDA; bfloat16 also on a CPU with native bf16; default float32)")
     p.add_argument("--repeats", type=int, default=None, help="timed generations per cell (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed generations first (default: the preset's)")
     p.add_argument("--cfg", type=finite_float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg}; 0 disables)")
