@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
 from ..core.records import KIND_LABELS, RECORD_TYPES
 from ..core.registry import Registry, failing_component, get_registry, normalize_name
-from .cli_helpers import PROG, Commands, Parser, check_output_path, under_torchrun
+from .cli_helpers import PROG, Commands, ParsedOnly, Parser, check_output_path, under_torchrun
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
 from .pipeline import Pipeline, resolve_autocast, resolve_device
 
@@ -312,6 +312,9 @@ def _dispatch(argv: list[str], debug: bool) -> int:
         if "-h" in argv or "--help" in argv:
             return _print_help(argv)
         return cmd_generate(argv)
+    except ParsedOnly as parsed:
+        print(json.dumps({"command": parsed.prog, "arguments": parsed.arguments}, default=str))
+        return 0
     except MvarEngineError as error:
         if debug:
             raise

@@ -42,11 +42,32 @@ def lazy_command(module: str, function: str) -> RunFn:
     return run
 
 
+PARSE_ONLY_ENV = "MVAR_ENGINE_PARSE_ONLY"
+"""``MVAR_ENGINE_PARSE_ONLY=1``: every command parses its command line, prints the parsed
+arguments as JSON and exits 0 without running (flag errors still exit 2): how scripted suites
+such as ``benchmarks/gpu-suite.sh --dry-run`` check their steps on a machine that cannot run them."""
+
+
+class ParsedOnly(Exception):
+    """Raised by :meth:`Parser.parse_args` under :data:`PARSE_ONLY_ENV`: ``prog`` and its ``arguments``."""
+
+    def __init__(self, prog: str, arguments: dict) -> None:
+        super().__init__(prog)
+        self.prog, self.arguments = prog, arguments
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that raises a one-line ``UsageError`` instead of printing usage and exiting."""
+    """argparse that raises a one-line ``UsageError`` instead of printing usage and exiting (and
+    stops after parsing under :data:`PARSE_ONLY_ENV`)."""
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        if os.environ.get(PARSE_ONLY_ENV) == "1":
+            raise ParsedOnly(self.prog, vars(parsed))
+        return parsed
 
 
 def parse_int_list(text: str) -> tuple[int, ...]:

@@ -58,6 +58,8 @@ def mvar_engine_register_commands(commands: Commands) -> None:
         "inference matrix: memory, time and FLOPs per model, batch and configuration", group="bench")
     add("cache", lazy_command(f"{BENCH}.cache", "cmd_bench_cache"),
         "raster KV-cache policies: cache bytes, throughput and quality against the full cache", group="bench")
+    add("capacity", lazy_command(f"{BENCH}.capacity", "cmd_bench_capacity"),
+        "throughput at a memory budget: each configuration's largest batch that fits, and its images/s", group="bench")
     add("train-tokenizer", lazy_command(TRAINING, "cmd_train_tokenizer"), "train the multi-scale VQ-VAE tokenizer")
     add("train", lazy_command(TRAINING, "cmd_train"), "train a VAR/MVAR transformer or a raster GPT")
     add("evaluate", lazy_command(EVALUATION, "cmd_evaluate"), "sample quality of generation configurations")

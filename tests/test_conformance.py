@@ -101,6 +101,7 @@ def test_natten_conforms():
     assert all(kind == "neighborhood2d" for kind in report.refused)  # e.g. a kernel larger than the map
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is available here")
 @pytest.mark.parametrize("name", ["sdpa", "flex"])
 def test_backend_conforms_on_cuda(name):

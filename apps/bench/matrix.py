@@ -320,7 +320,15 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the parent: one process per cell --------------------------------------------------------------------
-def _in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+def cell_for(spec: ModelSpec, batch: int, combo: Combo, *, backend: str, device: str, dtype: str, cfg: float, seed: int,
+             repeats: int, warmup: int, decode_chunk: int, threads: int | None) -> dict[str, Any]:
+    """The worker's input for one (model, batch, configuration): a JSON-able dict (see :func:`run_cell`)."""
+    return {"model": spec.id, "batch": batch, "config": combo.text, "backend": backend, "device": device,
+            "dtype": dtype, "cfg": cfg, "seed": seed, "repeats": repeats, "warmup": warmup,
+            "decode_chunk": decode_chunk, "threads": threads}
+
+
+def run_cell_in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
     """Run one cell in a fresh interpreter; a failure becomes a row with status ``error``."""
     row = run_json_worker("mvar_engine.apps.bench.matrix", json.dumps(cell), env=worker_env(), timeout_s=timeout_s)
     if row.get("status") == "error" and str(row.get("reason", "")).startswith("timed out"):
@@ -450,9 +458,9 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
     write_json(config.output, payload)
     plan = [(spec, batch, combo) for spec, batch in cells for combo in by_family[spec.family]]
     for index, (spec, batch, combo) in enumerate(plan, 1):
-        cell = {"model": spec.id, "batch": batch, "config": combo.text, "backend": config.backend, "device": device,
-                "dtype": combo.dtype or config.dtype, "cfg": config.cfg, "seed": config.seed, "repeats": settings["repeats"],
-                "warmup": settings["warmup"], "decode_chunk": config.decode_chunk, "threads": config.threads}
+        cell = cell_for(spec, batch, combo, backend=config.backend, device=device, dtype=combo.dtype or config.dtype,
+                        cfg=config.cfg, seed=config.seed, repeats=settings["repeats"], warmup=settings["warmup"],
+                        decode_chunk=config.decode_chunk, threads=config.threads)
         if needs_calibration(combo):
             if spec.id not in payload["head_maps"]:
                 path = Path(config.output).with_suffix(f".{spec.id}.head_map.json")
@@ -461,7 +469,7 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
             cell["head_map"] = payload["head_maps"][spec.id]["path"]
         print(f"[{index}/{len(plan)}] {spec.id} batch {batch} {combo.text}: fresh process ...", file=log, flush=True)
         t0 = time.perf_counter()
-        row = _in_subprocess(cell, config.timeout_s)
+        row = run_cell_in_subprocess(cell, config.timeout_s)
         if row["status"] != "ok":
             row = {**{k: cell[k] for k in ("model", "batch", "config", "backend", "cfg")}, "family": spec.family, **row}
         row["wall_s"] = time.perf_counter() - t0

@@ -1,0 +1,441 @@
+"""``mvar-engine bench capacity``: throughput at a memory budget, the way compressed caches and MVAR pay off.
+
+A smaller KV cache (or none, MVAR) barely changes the speed of one fixed batch (at most
+``(W + KV) / (W + 0.2 KV)``, ../shared/DESIGN.md "Why compressed caches speed up"); it admits a
+larger batch in the same memory, and that is where SSD's 6.6x at batch 128 comes from. For each
+configuration this finds the largest batch whose peak memory fits ``--memory-budget`` and measures
+its throughput there:
+
+1. two probe batches (``--probes``, default 1 and 3) give the memory per batch row and the fixed part;
+2. the predicted largest batch ``b1 + (budget - peak(b1)) / per_row`` is run, then its neighbour
+   (``+1`` when it fits, else downwards), widening and bisecting until a batch that fits sits next
+   to one that does not: the prediction is never trusted alone;
+3. images/s and tokens/s at that batch (median of ``--repeats``), and the ratio to the baseline
+   (the first configuration) at *its* largest batch.
+
+Every measurement is a fresh process (the matrix worker, :mod:`.matrix`): peak memory is the
+process's peak resident set including the weights and the load (CPU), or ``max_memory_allocated``
+(CUDA); a process that dies (out of memory) counts as not fitting. Random weights (cost does not
+depend on the weights). Output: ``--output`` JSON (rewritten after every measurement), a markdown
+table (``.md``) and a chart of throughput against batch with each configuration's largest batch
+marked (``.png``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+import torch
+
+from ...core.errors import UsageError
+from ...core.files import atomic_write
+from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
+from ..memory_fit import FLOAT32_BYTES, format_bytes
+from ..pipeline import autocast_problem
+from .cells import Combo, check_combo, combo_family, model_spec, needs_calibration, parse_combo
+from .matrix import cell_for, run_cell_in_subprocess
+from .matrix_raster import calibrate_for_matrix
+from .report import format_table, format_value, machine_info, write_json
+
+RASTER_CONFIGS = ("raster/dense/full", "raster/dense/sink:budget=0.2", "raster/dense/ssd:budget=0.2")
+NEXT_SCALE_CONFIGS = ("full/dense/full", "markov/neighborhood/none")
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+              "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"6GiB"`` / ``"1.5 GB"`` / ``"800MiB"`` / ``"123456"`` -> bytes; else ``ValueError``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as 6GiB, 1.5GB or 800MiB")
+    value = float(match.group(1)) * SIZE_UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    memory_budget: str = "2GiB"
+    model: str = "llamagen-b"
+    configs: tuple[str, ...] | None = None  # None: the model family's defaults; the first is the baseline
+    probes: tuple[int, ...] = (1, 3)
+    max_batch: int = 1024
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "float32"
+    cfg: float = 1.5
+    seed: int = 0
+    repeats: int = 1
+    warmup: int = 0
+    decode_chunk: int = 2
+    calibration_images: int = 1
+    threads: int | None = None
+    timeout_s: float | None = None
+    output: str = "bench-capacity.json"
+    table: bool = True
+
+    def budget_bytes(self) -> int:
+        return parse_size(self.memory_budget)
+
+    def device_name(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def combos(self) -> list[Combo]:
+        if self.configs is not None:
+            return [parse_combo(text) for text in self.configs]
+        family = model_spec(self.model).family
+        return [parse_combo(text) for text in (RASTER_CONFIGS if family == "next-token" else NEXT_SCALE_CONFIGS)]
+
+    def problems(self) -> list[str]:
+        """One line per invalid option (empty when valid); sizes, names and devices, before any process."""
+        out = []
+        try:
+            budget = self.budget_bytes()
+        except ValueError as error:
+            out.append(f"--memory-budget {error}")
+            budget = None
+        if len(self.probes) != 2 or self.probes[0] >= self.probes[1] or self.probes[0] < 1:
+            out.append(f"--probes takes two increasing batch sizes >= 1 (e.g. 1,3), got {','.join(map(str, self.probes))}")
+        for flag, value, least in (("--max-batch", self.max_batch, 2), ("--repeats", self.repeats, 1),
+                                   ("--warmup", self.warmup, 0), ("--decode-chunk", self.decode_chunk, 1),
+                                   ("--calibration-images", self.calibration_images, 1)):
+            if value < least:
+                out.append(f"{flag} must be at least {least}, got {value}")
+        if self.threads is not None and self.threads < 1:
+            out.append("--threads must be at least 1")
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            out.append(f"--cfg must be a finite number >= 0, got {self.cfg:g}")
+        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            out.append(f"--timeout-s must be a finite number of seconds > 0, got {self.timeout_s:g}")
+        device = self.device_name()
+        if device not in ("cpu",) and not device.startswith("cuda"):
+            out.append(f"--device {device}: choose auto, cpu or cuda[:N]")
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            out.append(f"--device {device}: no CUDA device is available (use --device cpu)")
+        elif autocast_problem(self.dtype, torch.device(device)):
+            out.append(autocast_problem(self.dtype, torch.device(device)))
+        if Path(self.output).suffix != ".json":
+            out.append(f"--output {self.output}: give a .json path (the .md table and .png chart go beside it)")
+        if out:
+            return out
+        try:
+            spec = model_spec(self.model)
+            combos = self.combos()
+            if not combos:
+                return ["--configs needs at least one configuration"]
+            for combo in combos:
+                check_combo(combo, self.backend)
+                if combo_family(combo) != spec.family:
+                    out.append(f"configuration {combo.text} is {combo_family(combo)}, but model {spec.id} is "
+                               f"{spec.family} (give configurations of its family)")
+            weights = weights_lower_bound(spec.id)
+            if budget is not None and weights is not None and weights >= budget:
+                out.append(f"--memory-budget {self.memory_budget}: {format_bytes(budget)} cannot hold {spec.id}'s "
+                           f"float32 weights (at least {format_bytes(weights)}) plus one batch row (raise the budget)")
+        except Exception as error:  # one line per problem, whatever layer found it
+            if not isinstance(error, (UsageError, ValueError)) and not hasattr(error, "problems"):
+                raise
+            out.append(one_line(error))
+        return out
+
+
+def weights_lower_bound(model_id: str) -> int | None:
+    """A lower bound on a benchmark model's weight bytes (float32), from its architecture alone."""
+    from ...models.raster_gpt import RasterGPTConfig
+    from ...models.tokenizer import TokenizerConfig, llamagen_vq16_sized
+    from ...models.var import VARConfig
+
+    spec = model_spec(model_id)
+    if spec.id == "llamagen-b":
+        grid = (spec.patch_nums[0], spec.patch_nums[0])
+        parts = [RasterGPTConfig.llamagen_b(grid=grid), llamagen_vq16_sized(grid)]
+    elif spec.family == "next-scale" and spec.id != "tiny":
+        parts = [VARConfig(depth=spec.depth, patch_nums=spec.patch_nums), TokenizerConfig(patch_nums=spec.patch_nums)]
+    else:
+        return None
+    return sum(part.minimum_elements() for part in parts) * FLOAT32_BYTES
+
+
+# -- the search ------------------------------------------------------------------------------------
+Measure = Callable[[int], "dict[str, Any]"]
+
+
+def peak_of(row: dict[str, Any]) -> int | None:
+    """A measurement's peak bytes (the load's too: a process must also survive it); None: it failed."""
+    if row.get("status") != "ok":
+        return None
+    return max(row["peak_rss_total"], row.get("peak_load") or 0)
+
+
+def fits(row: dict[str, Any], budget: int) -> bool:
+    peak = peak_of(row)
+    return peak is not None and peak <= budget
+
+
+def largest_batch(measure: Measure, budget: int, probes: Sequence[int], max_batch: int) -> dict[str, Any]:
+    """Search the largest batch whose measured peak fits ``budget`` (see the module docstring).
+    ``measure(batch)`` runs one fresh process and returns its row (memoised here). Returns the
+    per-row and fixed memory from the probes, the prediction, the largest batch (0: none fits) and
+    every measurement in the order taken."""
+    rows: dict[int, dict[str, Any]] = {}
+
+    def run(batch: int) -> bool:
+        if batch not in rows:
+            rows[batch] = measure(batch)
+        return fits(rows[batch], budget)
+
+    b1, b2 = probes
+    run(b1)
+    run(b2)
+    p1, p2 = peak_of(rows[b1]), peak_of(rows[b2])
+    result: dict[str, Any] = {"probes": [b1, b2], "per_row_bytes": None, "fixed_bytes": None, "predicted_batch": None}
+    if p1 is None or p1 > budget:
+        return {**result, "largest_batch": 0, "measurements": [rows[b] for b in rows]}
+    if p2 is not None:
+        per_row = max((p2 - p1) / (b2 - b1), 1.0)
+        predicted = int(min(max_batch, max(1, math.floor(b1 + (budget - p1) / per_row))))
+        result.update(per_row_bytes=per_row, fixed_bytes=p1 - per_row * b1, predicted_batch=predicted)
+    else:
+        predicted = b1
+        result["predicted_batch"] = predicted
+    lo, hi = (b1, None)  # lo fits; hi (when known) does not
+    for batch in sorted(rows):
+        if fits(rows[batch], budget):
+            lo = max(lo, batch)
+        elif hi is None or batch < hi:
+            hi = batch
+    if predicted > lo and (hi is None or predicted < hi):
+        if run(predicted):
+            lo = predicted
+        else:
+            hi = predicted
+    step = 1
+    while hi is None:  # widen upwards from lo until a batch does not fit (or max_batch)
+        candidate = min(max_batch, lo + step)
+        if candidate == lo:
+            break
+        if run(candidate):
+            lo = candidate
+            step *= 2
+        else:
+            hi = candidate
+    while hi is not None and hi - lo > 1:  # bisect: every batch between fits or not
+        middle = (lo + hi) // 2
+        if run(middle):
+            lo = middle
+        else:
+            hi = middle
+    return {**result, "largest_batch": lo, "capped": lo == max_batch and hi is None,
+            "measurements": [rows[b] for b in rows]}
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run_capacity(config: CapacityConfig, out: TextIO | None = None, log: TextIO | None = None) -> dict[str, Any]:
+    """Validate, calibrate an ssd head map where needed, search every configuration's largest batch
+    (JSON rewritten after every measurement), then write the table and the chart; returns the payload."""
+    out, log = out or sys.stdout, log or sys.stderr
+    problems = config.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    budget, spec, combos = config.budget_bytes(), model_spec(config.model), config.combos()
+    device = config.device_name()
+    payload: dict[str, Any] = {
+        "benchmark": "capacity", "machine": machine_info(device), "config": asdict(config), "budget_bytes": budget,
+        "model": spec.id, "baseline": combos[0].text, "random_weights": True,
+        "memory_source": "cuda max_memory_allocated" if device.startswith("cuda") else
+                         "peak resident set of a fresh process, including the weights and the load",
+        "note": "throughput at each configuration's largest batch that fits the budget; ratios against the baseline "
+                "(the first configuration) at its own largest batch", "head_maps": {}, "results": []}
+    write_json(config.output, payload)
+    for combo in combos:
+        cell = cell_for(spec, 1, combo, backend=config.backend, device=device, dtype=combo.dtype or config.dtype,
+                        cfg=config.cfg, seed=config.seed, repeats=config.repeats, warmup=config.warmup,
+                        decode_chunk=config.decode_chunk, threads=config.threads)
+        if needs_calibration(combo):
+            if spec.id not in payload["head_maps"]:
+                path = Path(config.output).with_suffix(f".{spec.id}.head_map.json")
+                payload["head_maps"][spec.id] = calibrate_for_matrix(spec.id, cell, path, config.calibration_images, log)
+                write_json(config.output, payload)
+            cell["head_map"] = payload["head_maps"][spec.id]["path"]
+        entry: dict[str, Any] = {"config": combo.text, "status": "running", "measurements": []}
+        payload["results"].append(entry)
+
+        def measure(batch: int, cell=cell, entry=entry, combo=combo) -> dict[str, Any]:
+            print(f"{combo.text} batch {batch}: fresh process ...", file=log, flush=True)
+            t0 = time.perf_counter()
+            row = run_cell_in_subprocess({**cell, "batch": batch}, config.timeout_s)
+            row.setdefault("batch", batch)
+            row["wall_s"] = time.perf_counter() - t0
+            row["fits"] = fits(row, budget)
+            entry["measurements"].append(row)
+            write_json(config.output, payload)
+            peak = peak_of(row)
+            shown = "failed: " + str(row.get("reason")) if peak is None else f"peak {format_bytes(peak)}"
+            print(f"{combo.text} batch {batch}: {shown} ({'fits' if row['fits'] else 'over'} "
+                  f"{format_bytes(budget)}), {row['wall_s']:.0f} s", file=log, flush=True)
+            return row
+
+        found = largest_batch(measure, budget, config.probes, config.max_batch)
+        entry.update({k: v for k, v in found.items() if k != "measurements"}, status="ok")
+        best = next((r for r in entry["measurements"] if r.get("batch") == found["largest_batch"] and r["fits"]), None)
+        if best is not None:
+            entry.update(peak_bytes=peak_of(best), images_per_s=best["batch"] / best["transformer_s"],
+                         tokens_per_s=best["tokens_per_s"], kv_bytes=best.get("cache_peak_bytes"))
+        else:
+            entry.update(status="none fits", images_per_s=None, tokens_per_s=None)
+        add_capacity_ratios(payload["results"])
+        write_json(config.output, payload)
+    md = write_markdown(Path(config.output).with_suffix(".md"), payload)
+    png = draw_chart(Path(config.output).with_suffix(".png"), payload)
+    if config.table:
+        print(table_text(payload), file=out)
+    print(f"wrote {config.output}, {md}, {png}", file=out)
+    return payload
+
+
+def add_capacity_ratios(results: list[dict[str, Any]]) -> None:
+    """Each configuration's largest batch and throughput over the baseline's (the first entry)."""
+    base = results[0] if results else None
+    for entry in results:
+        ok = base is not None and base.get("images_per_s") and entry.get("images_per_s")
+        entry["batch_ratio"] = entry["largest_batch"] / base["largest_batch"] if ok and base["largest_batch"] else None
+        entry["throughput_ratio"] = entry["images_per_s"] / base["images_per_s"] if ok else None
+
+
+# -- presentation ----------------------------------------------------------------------------------
+TABLE_COLUMNS = (("config", "configuration"), ("largest_batch", "largest batch"), ("batch_ratio", "vs base"),
+                 ("predicted_batch", "predicted"), ("peak", "peak at largest"), ("per_row", "per row"),
+                 ("images_per_s", "images/s"), ("tokens_per_s", "tokens/s"), ("throughput_ratio", "vs base"),
+                 ("runs", "runs"))
+
+
+def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for entry in payload["results"]:
+        rows.append({**entry, "peak": format_bytes(entry["peak_bytes"]) if entry.get("peak_bytes") else None,
+                     "per_row": format_bytes(entry["per_row_bytes"]) if entry.get("per_row_bytes") else None,
+                     "batch_ratio": f"{entry['batch_ratio']:.2f}x" if entry.get("batch_ratio") else None,
+                     "throughput_ratio": f"{entry['throughput_ratio']:.2f}x" if entry.get("throughput_ratio") else None,
+                     "largest_batch": f">= {entry['largest_batch']} (--max-batch)" if entry.get("capped")
+                     else entry["largest_batch"], "runs": len(entry["measurements"])})
+    return rows
+
+
+def table_text(payload: dict[str, Any]) -> str:
+    return (f"bench capacity: {payload['model']} within {format_bytes(payload['budget_bytes'])} "
+            f"({payload['memory_source']})\n" + format_table(table_rows(payload), TABLE_COLUMNS))
+
+
+def table_markdown(payload: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    for row in table_rows(payload):
+        lines.append("| " + " | ".join(format_value(row.get(k)) for k, _ in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
+    machine, config = payload["machine"], payload["config"]
+    text = (f"# mvar-engine bench capacity\n\n{machine['device_name']} ({machine['device']}, {machine['cpu_count']} CPUs, "
+            f"{machine['torch_threads']} torch threads), torch {machine['torch']}. Model `{payload['model']}` (random "
+            f"weights), cfg {config['cfg']:g}, {config['dtype']}; budget {format_bytes(payload['budget_bytes'])} of "
+            f"{payload['memory_source']}. Largest batch found by measurement (probes at batches "
+            f"{', '.join(map(str, config['probes']))}, then the prediction and its neighbours, each in a fresh "
+            f"process); throughput: median of {config['repeats']} generations at that batch; ratios against "
+            f"`{payload['baseline']}` at its own largest batch.\n\n" + table_markdown(payload) + "\n")
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
+    """Images/s against batch for every measurement that fits, one line per configuration, its
+    largest batch ringed."""
+    from PIL import Image, ImageDraw
+
+    from .matrix import PALETTE
+
+    width, height, margin = 760, 420, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    series = []
+    for entry in payload["results"]:
+        points = sorted((r["batch"], r["batch"] / r["transformer_s"]) for r in entry["measurements"]
+                        if r.get("fits") and r.get("transformer_s"))
+        series.append((entry, points))
+    xs = [b for _, pts in series for b, _ in pts] or [1]
+    ys = [v for _, pts in series for _, v in pts] or [1.0]
+    x_max, y_max = max(xs) * 1.05, max(ys) * 1.15
+
+    def at(batch: float, rate: float) -> tuple[float, float]:
+        return (margin + (width - 2 * margin) * batch / x_max, height - margin - (height - 2 * margin) * rate / y_max)
+
+    draw.line([at(0, 0), at(x_max, 0)], fill="black")
+    draw.line([at(0, 0), at(0, y_max)], fill="black")
+    draw.text((margin, 12), f"{payload['model']}: images/s against batch within {format_bytes(payload['budget_bytes'])} "
+                            f"(ringed: largest batch that fits)", fill="black")
+    draw.text((width // 2 - 20, height - margin + 18), "batch", fill="black")
+    draw.text((6, margin - 20), f"images/s (max {max(ys):.3g})", fill="black")
+    for index, (entry, points) in enumerate(series):
+        colour = PALETTE[index % len(PALETTE)]
+        coords = [at(b, v) for b, v in points]
+        if len(coords) > 1:
+            draw.line(coords, fill=colour, width=2)
+        for (b, v), (x, y) in zip(points, coords):
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            if b == entry.get("largest_batch"):
+                draw.ellipse([x - 8, y - 8, x + 8, y + 8], outline=colour, width=2)
+        draw.text((width - margin - 250, margin + 16 * index), f"{entry['config']} (largest {entry['largest_batch']})",
+                  fill=colour)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# -- command line ----------------------------------------------------------------------------------
+def cmd_bench_capacity(argv: Sequence[str]) -> int:
+    """``mvar-engine bench capacity``: parse, run, exit 0."""
+    d = CapacityConfig()
+    p = Parser(prog=f"{PROG} bench capacity", allow_abbrev=False,
+               description="Throughput at a memory budget: per configuration the largest batch whose peak memory "
+                           "(a fresh process, weights included) fits --memory-budget, found by measurement, and the "
+                           "images/s there, against the baseline (the first configuration) at its own largest batch. "
+                           "Writes JSON, a markdown table (.md) and a chart (.png).")
+    p.add_argument("--memory-budget", default=d.memory_budget, metavar="SIZE",
+                   help=f"e.g. 6GiB, 1.5GB, 800MiB (default {d.memory_budget})")
+    p.add_argument("--model", default=d.model, help=f"benchmark model id (default {d.model}; d16-256 for VAR vs MVAR)")
+    p.add_argument("--configs", type=name_list, default=None, metavar="T/A/C,...",
+                   help="configurations, the first the baseline (default: raster full, sink@0.2, ssd@0.2; or "
+                        "next-scale full/dense/full, markov/neighborhood/none)")
+    p.add_argument("--probes", type=int_list, default=d.probes, metavar="B1,B2",
+                   help="the two batches that estimate memory per row (default 1,3)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"search ceiling (default {d.max_batch})")
+    p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
+                   help="autocast dtype (default float32)")
+    p.add_argument("--cfg", type=finite_float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg:g})")
+    p.add_argument("--seed", type=seed_int, default=d.seed)
+    p.add_argument("--repeats", type=int, default=d.repeats, help=f"timed generations per run (default {d.repeats})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed generations first (default {d.warmup})")
+    p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N")
+    p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per run")
+    p.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help="limit per run")
+    p.add_argument("--output", default=d.output, metavar="PATH", help=f"JSON report (default {d.output})")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    check_output_path("--output", args.output, (".json",))
+    run_capacity(CapacityConfig(memory_budget=args.memory_budget, model=args.model, configs=args.configs,
+                                probes=args.probes, max_batch=args.max_batch, backend=args.backend, device=args.device,
+                                dtype=args.dtype, cfg=args.cfg, seed=args.seed, repeats=args.repeats,
+                                warmup=args.warmup, decode_chunk=args.decode_chunk,
+                                calibration_images=args.calibration_images, threads=args.threads,
+                                timeout_s=args.timeout_s, output=args.output, table=not args.no_table))
+    return 0

@@ -1,0 +1,107 @@
+"""``mvar-engine bench capacity``: the largest-batch search (against simulated memory), sizes, bad
+input, and one end-to-end run in fresh processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mvar_engine.apps.bench.capacity import CapacityConfig, largest_batch, parse_size
+
+
+def simulated(fixed: int, per_row: int, wobble: int = 0, dies_above: int | None = None):
+    """``measure(batch)``: a peak of ``fixed + per_row * batch`` (+ a wobble that grows with the
+    batch, as allocators do); a process above ``dies_above`` is killed. Records the batches run."""
+    runs = []
+
+    def measure(batch: int):
+        runs.append(batch)
+        if dies_above is not None and batch > dies_above:
+            return {"status": "error", "reason": "killed by signal 9 (out of memory?)", "batch": batch}
+        return {"status": "ok", "batch": batch, "peak_rss_total": fixed + per_row * batch + wobble * batch * batch,
+                "peak_load": fixed // 2}
+
+    return measure, runs
+
+
+@settings(max_examples=60, deadline=None)
+@given(fixed=st.integers(100, 10_000), per_row=st.integers(1, 500), wobble=st.integers(0, 20),
+       budget=st.integers(100, 200_000), max_batch=st.integers(4, 400))
+def test_the_search_finds_the_true_largest_batch(fixed, per_row, wobble, budget, max_batch):
+    measure, runs = simulated(fixed, per_row, wobble)
+    found = largest_batch(measure, budget, (1, 3), max_batch)
+    peak = lambda b: fixed + per_row * b + wobble * b * b  # noqa: E731
+    truth = max([b for b in range(1, max_batch + 1) if peak(b) <= budget], default=0)
+    assert found["largest_batch"] == truth
+    if 0 < truth < max_batch:
+        assert truth in runs and truth + 1 in runs  # confirmed on both sides, never the prediction alone
+    assert len(runs) == len(set(runs))  # no batch measured twice
+
+
+def test_a_linear_peak_is_found_in_four_runs():
+    measure, runs = simulated(fixed=1000, per_row=100)
+    found = largest_batch(measure, 2550, (1, 3), 1024)
+    assert found["largest_batch"] == 15 and found["predicted_batch"] == 15 and runs == [1, 3, 15, 16]
+    assert found["per_row_bytes"] == 100 and found["fixed_bytes"] == 1000
+
+
+def test_a_process_killed_for_memory_does_not_fit():
+    measure, runs = simulated(fixed=1000, per_row=100, dies_above=9)
+    assert largest_batch(measure, 2550, (1, 3), 1024)["largest_batch"] == 9
+
+
+def test_nothing_fits_below_the_first_probe():
+    measure, runs = simulated(fixed=5000, per_row=100)
+    found = largest_batch(measure, 1000, (1, 3), 1024)
+    assert found["largest_batch"] == 0 and runs == [1, 3]
+
+
+@pytest.mark.parametrize("text, value", [("6GiB", 6 * 2**30), ("1.5 GB", 1_500_000_000), ("800MiB", 800 * 2**20),
+                                         ("4096", 4096), ("2g", 2 * 2**30)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "six", "6 GiBs", "-1GiB", "0", "nan", "1e999GiB"])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--memory-budget", "lots"], "is not a size"),
+    (["--memory-budget", "200MiB"], "200 MiB cannot hold llamagen-b's float32 weights (at least 538 MiB) plus one batch row"),
+    (["--model", "d16-256", "--memory-budget", "1GiB"], "cannot hold d16-256's float32 weights (at least"),
+    (["--probes", "3,1"], "--probes takes two increasing batch sizes"),
+    (["--model", "d16-256", "--configs", "raster/dense/full"], "is next-token, but model d16-256 is next-scale"),
+    (["--configs", "raster/dense/nonsense"], "nonsense"),
+    (["--output", "c.txt"], "--output c.txt: the file name must end in .json"),
+    (["--cfg", "nan"], "expected a finite number"),
+])
+def test_bad_input_is_one_line_before_any_process(argv, needle, refused):
+    refused(["bench", "capacity"] + argv, needle)
+
+
+def test_programmatic_config_problems():
+    assert any("--max-batch" in p for p in CapacityConfig(max_batch=1).problems())
+
+
+def test_end_to_end_in_fresh_processes(tmp_cwd, capsys):
+    from mvar_engine.apps.cli import main
+
+    argv = ["bench", "capacity", "--model", "raster-tiny", "--memory-budget", "4GiB", "--max-batch", "4",
+            "--configs", "raster/dense/full,raster/dense/sink:budget=0.5", "--threads", "1", "--device", "cpu",
+            "--output", "c.json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((tmp_cwd / "c.json").read_text())
+    full, sink = data["results"]
+    assert data["benchmark"] == "capacity" and data["baseline"] == "raster/dense/full"
+    assert full["largest_batch"] == sink["largest_batch"] == 4 and full["capped"]  # tiny rows: the ceiling binds
+    assert [m["batch"] for m in full["measurements"]][:2] == [1, 3]
+    assert all(m["fits"] and m["status"] == "ok" for m in full["measurements"])
+    assert sink["throughput_ratio"] > 0 and full["throughput_ratio"] == 1.0
+    assert (tmp_cwd / "c.md").read_text().count("| raster/dense/") == 2 and (tmp_cwd / "c.png").stat().st_size > 0
+    assert ">= 4 (--max-batch)" in capsys.readouterr().out
