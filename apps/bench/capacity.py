@@ -35,11 +35,14 @@ import torch
 
 from ...core.errors import UsageError
 from ...core.files import atomic_write
+from ...models.raster_gpt import RasterGPTConfig
+from ...models.tokenizer import TokenizerConfig, llamagen_vq16_sized
+from ...models.var import VARConfig
 from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
 from ..memory_fit import FLOAT32_BYTES, format_bytes
 from ..pipeline import autocast_problem
 from .cells import Combo, check_combo, combo_family, model_spec, needs_calibration, parse_combo
-from .matrix import cell_for, run_cell_in_subprocess
+from .matrix import PALETTE, cell_for, run_cell_in_subprocess
 from .matrix_raster import calibrate_for_matrix
 from .report import format_table, format_value, machine_info, write_json
 
@@ -151,10 +154,6 @@ class CapacityConfig:
 
 def weights_lower_bound(model_id: str) -> int | None:
     """A lower bound on a benchmark model's weight bytes (float32), from its architecture alone."""
-    from ...models.raster_gpt import RasterGPTConfig
-    from ...models.tokenizer import TokenizerConfig, llamagen_vq16_sized
-    from ...models.var import VARConfig
-
     spec = model_spec(model_id)
     if spec.id == "llamagen-b":
         grid = (spec.patch_nums[0], spec.patch_nums[0])
@@ -359,8 +358,6 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
     """Images/s against batch for every measurement that fits, one line per configuration, its
     largest batch ringed."""
     from PIL import Image, ImageDraw
-
-    from .matrix import PALETTE
 
     width, height, margin = 760, 420, 60
     image = Image.new("RGB", (width, height), "white")
