@@ -31,10 +31,11 @@ queries (at most ``SCORE_CHUNK_BYTES`` of probabilities at a time), so any backe
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..core.attention import AttentionSpec
 from ..core.cache import CachePolicy
@@ -49,6 +50,11 @@ SCORE_CHUNK_BYTES = 64 * 2**20
 def budget_tokens(budget: float, length: int) -> int:
     """``budget`` as a token count for a sequence of ``length`` (fractions round to the nearest token)."""
     return int(round(budget * length)) if budget <= 1 else int(budget)
+
+
+def buffer_slots(buffer: int | str, layout: SequenceLayout) -> int:
+    """The ``buffer`` option as a slot count: ``"row"`` is the width of the layout's last (image) grid."""
+    return layout.grids[-1][1] if buffer == "row" else int(buffer)
 
 
 def positions_to_spans(positions: list[int]) -> Spans:
@@ -73,6 +79,17 @@ class BudgetOptions(BaseModel):
 
     budget: float = Field(0.2, gt=0, description="tokens a layer stores: a fraction of the sequence (<= 1) or a "
                                                  "count (> 1); the class prefix counts against it")
+    buffer: int | Literal["row"] = Field(0, description="SSD's buffer variant: new tokens gather in a buffer of this "
+                                         "many slots beside the kept set and are merged into it (one eviction "
+                                         "pass) once it is full, instead of one eviction per token; 'row': one row "
+                                         "of the image's token grid; 0: off")
+
+    @field_validator("buffer")
+    @classmethod
+    def _buffer_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise PydanticCustomError("buffer", "give a slot count >= 0 (0: off) or 'row'")
+        return value
 
 
 class BudgetedCache(CachePolicy):
@@ -85,7 +102,7 @@ class BudgetedCache(CachePolicy):
     def __init__(self, options: BudgetOptions | None = None) -> None:
         self.options = options or BudgetOptions()
         self.layers: list[BoundedKV] = []
-        self.budget = self.prefix = self.rows = self.heads = 0
+        self.budget = self.prefix = self.rows = self.heads = self.buffer = 0
         self.guided = False
         self._positions: list[list[int]] = []  # shared policies: kept positions per layer (host side)
 
@@ -95,9 +112,10 @@ class BudgetedCache(CachePolicy):
         self.check_layout(layout, num_layers=num_layers, num_heads=num_heads)
         self.prefix = layout.scales[0].numel
         self.budget = budget_tokens(self.options.budget, layout.length)
+        self.buffer = buffer_slots(self.options.buffer, layout)
         self.rows, self.heads = batch, num_heads
         self.guided = guided and batch % 2 == 0
-        capacity = min(layout.length, self.budget)
+        capacity = min(layout.length, self.budget - 1 + max(1, self.buffer))
         self.layers = [BoundedKV(batch, num_heads, capacity, head_dim, device, dtype, track_scores=self.track_scores)
                        for _ in range(num_layers)]
         self._positions = [[] for _ in range(num_layers)]
@@ -120,11 +138,19 @@ class BudgetedCache(CachePolicy):
         A one-token step into a full layer writes the token over the policy's victim (O(1) per
         row and head; its query sees every kept key, so slot order does not matter). A larger step
         (a prefill, a next-scale scale) first compacts the layer to ``budget - 1`` kept tokens in
-        position order, then appends (growing the buffers once if the step needs it)."""
+        position order, then appends (growing the buffers once if the step needs it). With a
+        ``buffer`` of ``W`` slots a one-token step only appends while the layer holds fewer than
+        ``budget - 1 + W`` tokens; the step that finds it full compacts the kept set and the
+        buffer together to ``budget - 1`` (one selection every ``W`` tokens), then appends."""
         store = self.layers[layer]
         count = k.shape[2]
         kept = self._positions[layer]
-        if count == 1 and store.filled == self.budget:
+        buffered = self.buffer > 0 and count == 1
+        if buffered and store.filled < self.budget - 1 + self.buffer:
+            k_all, v_all = store.append(k, v, spans)  # the buffer has room: no eviction this step
+            if not self.headwise:
+                kept.extend(p for b, e in spans for p in range(b, e))
+        elif count == 1 and store.filled == self.budget and not buffered:
             position = spans[0][0]
             victim = self.victim(layer, store, position)
             k_all, v_all = store.replace(victim, k, v, position)

@@ -35,14 +35,15 @@ def head_map_for(model_layers: int, heads: int, kinds: str | list[list[str]] = "
     return classify(scores, 0.5)
 
 
-def make_policy(name: str, budget: float, layers: int, heads: int, seed: int = 0, **options):
+def make_policy(name: str, budget: float, layers: int, heads: int, seed: int = 0, buffer: int | str = 0, **options):
     if name == "window":
-        return TokenWindowCache(BudgetOptions(budget=budget))
+        return TokenWindowCache(BudgetOptions(budget=budget, buffer=buffer))
     if name == "sink":
-        return SinkCache(SinkOptions(budget=budget, **options))
+        return SinkCache(SinkOptions(budget=budget, buffer=buffer, **options))
     if name == "h2o":
-        return H2OCache(H2OOptions(budget=budget, **options))
-    return SSDCache(SSDOptions(budget=budget), head_map=head_map_for(layers, heads, options.get("kinds", "mixed"), seed))
+        return H2OCache(H2OOptions(budget=budget, buffer=buffer, **options))
+    return SSDCache(SSDOptions(budget=budget, buffer=buffer),
+                    head_map=head_map_for(layers, heads, options.get("kinds", "mixed"), seed))
 
 
 class Recording:
@@ -322,3 +323,71 @@ def test_in_place_replacement_equals_compaction(name, budget, cfg, batch, seed):
     for la, lb in zip(rec_fast.steps, rec_slow.steps):
         for (ka, _, _), (kb, _, _) in zip(la, lb):
             assert torch.equal(ka, kb.expand_as(ka))
+
+
+# ---------------------------------------------------------------------------------------- the buffer variant
+BUFFERS = st.sampled_from([1, 2, 3, "row"])
+
+
+@settings(max_examples=25)
+@given(name=st.sampled_from(POLICIES), buffer=BUFFERS, h=st.integers(1, 3), w=st.integers(2, 4),
+       batch=st.integers(1, 2), cfg=st.sampled_from([1.0, 4.0]), seed=st.integers(0, 5))
+def test_buffered_policies_with_a_covering_budget_equal_full(name, buffer, h, w, batch, cfg, seed):
+    model = tiny_model((h, w), 1, seed)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(seed))
+    full = raster_run(model, "full", labels, cfg, seed=seed)
+    cache = make_policy(name, 1.0, model.config.depth, model.config.heads, seed, buffer=buffer)
+    out = raster_run(model, cache, labels, cfg, tokens=full.tokens)
+    torch.testing.assert_close(out.logits, full.logits, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20)
+@given(name=st.sampled_from(POLICIES), budget=st.integers(3, 8), cfg=st.sampled_from([1.0, 4.0]), seed=st.integers(0, 9))
+def test_a_one_slot_buffer_is_the_per_token_policy(name, budget, cfg, seed):
+    """W = 1: merging every token is exactly the per-token eviction."""
+    model = tiny_model((3, 4), 1, seed)
+    labels = torch.tensor([1, 2])
+    full = raster_run(model, "full", labels, cfg, seed=seed)
+    plain = raster_run(model, make_policy(name, budget, model.config.depth, model.config.heads, seed), labels, cfg,
+                       tokens=full.tokens)
+    one = raster_run(model, make_policy(name, budget, model.config.depth, model.config.heads, seed, buffer=1), labels,
+                     cfg, tokens=full.tokens)
+    torch.testing.assert_close(one.logits, plain.logits, atol=1e-5, rtol=1e-5)  # slot order differs: sums reorder
+
+
+@settings(max_examples=25)
+@given(name=st.sampled_from(POLICIES), buffer=st.integers(2, 5), budget=st.integers(3, 8), seed=st.integers(0, 5))
+def test_the_buffer_merges_once_per_fill_and_stays_bounded(name, buffer, budget, seed):
+    """Storage holds at most ``budget - 1 + W`` tokens; the kept count climbs by one per token and
+    drops back to ``budget`` exactly when the buffer was full (one selection per ``W`` tokens)."""
+    model = tiny_model((4, 4), 1, seed)
+    length = 1 + 16
+    cache = make_policy(name, budget, model.config.depth, model.config.heads, seed, buffer=buffer)
+    rec = Recording(cache)
+    raster_run(model, cache, torch.tensor([1]), 1.0, seed=seed)
+    limit = budget - 1 + buffer
+    expected, filled = [], 0
+    for step in range(len(rec.steps)):
+        new = 1 if step else 1  # the class-token prefill (1 token) then one token per step
+        filled = budget - 1 + new if filled + new > limit else filled + new
+        expected.append(min(filled, length))
+    for layers, want in zip(rec.steps, expected):
+        for kept, capacity, got in layers:
+            assert capacity <= min(length, limit) and got == want
+            assert bool((kept[..., :1] == 0).all()) and bool((kept[..., 1:] > kept[..., :-1]).all())
+
+
+def test_the_buffer_changes_what_is_kept():
+    """Not vacuous: with W = 4 the kept set differs from the per-token policy's at a small budget."""
+    model = tiny_model((3, 3), 1, 0)
+    full = raster_run(model, "full", torch.tensor([1]), 4.0)
+    plain = raster_run(model, make_policy("sink", 4, model.config.depth, model.config.heads), torch.tensor([1]), 4.0,
+                       tokens=full.tokens)
+    buffered = raster_run(model, make_policy("sink", 4, model.config.depth, model.config.heads, buffer=4),
+                          torch.tensor([1]), 4.0, tokens=full.tokens)
+    assert not torch.allclose(plain.logits, buffered.logits, atol=1e-4)
+
+
+def test_a_negative_buffer_is_refused():
+    with pytest.raises(ValueError, match="slot count >= 0"):
+        BudgetOptions(buffer=-1)
