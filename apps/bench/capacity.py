@@ -14,7 +14,7 @@ its throughput there:
    (the first configuration) at *its* largest batch.
 
 Every measurement is a fresh process (the matrix worker, :mod:`.matrix`): peak memory is the
-process's peak resident set including the weights and the load (CPU), or ``max_memory_allocated``
+process's peak resident set while generating and decoding, the weights included (CPU), or ``max_memory_allocated``
 (CUDA); a process that dies (out of memory) counts as not fitting. Random weights (cost does not
 depend on the weights). Output: ``--output`` JSON (rewritten after every measurement), a markdown
 table (``.md``) and a chart of throughput against batch with each configuration's largest batch
@@ -170,10 +170,12 @@ Measure = Callable[[int], "dict[str, Any]"]
 
 
 def peak_of(row: dict[str, Any]) -> int | None:
-    """A measurement's peak bytes (the load's too: a process must also survive it); None: it failed."""
+    """A measurement's peak bytes while generating and decoding, the resident weights included (the
+    load's own transient, ``peak_load``, depends on how random weights are made, not on the batch,
+    and stays in the row); None: the process failed."""
     if row.get("status") != "ok":
         return None
-    return max(row["peak_rss_total"], row.get("peak_load") or 0)
+    return row["peak_rss_total"]
 
 
 def fits(row: dict[str, Any], budget: int) -> bool:
@@ -252,7 +254,7 @@ def run_capacity(config: CapacityConfig, out: TextIO | None = None, log: TextIO 
         "benchmark": "capacity", "machine": machine_info(device), "config": asdict(config), "budget_bytes": budget,
         "model": spec.id, "baseline": combos[0].text, "random_weights": True,
         "memory_source": "cuda max_memory_allocated" if device.startswith("cuda") else
-                         "peak resident set of a fresh process, including the weights and the load",
+                         "peak resident set of a fresh process while generating and decoding, weights included",
         "note": "throughput at each configuration's largest batch that fits the budget; ratios against the baseline "
                 "(the first configuration) at its own largest batch", "head_maps": {}, "results": []}
     write_json(config.output, payload)
