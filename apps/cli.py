@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
 from ..core.records import KIND_LABELS, RECORD_TYPES
 from ..core.registry import Registry, failing_component, get_registry, normalize_name
+from .allocator import fix_mmap_threshold
 from .cli_helpers import PROG, Commands, ParsedOnly, Parser, check_output_path, under_torchrun
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
 from .pipeline import Pipeline, resolve_autocast, resolve_device
@@ -380,6 +381,7 @@ def entry() -> None:
     abort in the C++ teardown of the process group's threads ("terminate called without an active
     exception", seen on 1 CI run in about 10 although each rank had passed a final barrier and
     destroyed its group)."""
+    fix_mmap_threshold()  # freed transients leave the resident set (apps/allocator.py)
     code = main()
     if under_torchrun():
         sys.stdout.flush()

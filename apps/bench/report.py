@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from ...models.checkpoint import atomic_write
+from ..allocator import with_mmap_threshold
 
 
 class Timing(NamedTuple):
@@ -160,9 +161,10 @@ def rss_bytes() -> int:
 
 
 def worker_env() -> dict[str, str]:
-    """The environment of a benchmark worker process: this one's, with the directory holding the
-    ``mvar_engine`` package on ``PYTHONPATH`` when it runs from a source tree named so."""
-    env = dict(os.environ)
+    """The environment of a benchmark worker process: this one's, with glibc's mmap threshold fixed
+    (:mod:`..allocator`) and the directory holding the ``mvar_engine`` package on ``PYTHONPATH`` when
+    it runs from a source tree named so."""
+    env = with_mmap_threshold(dict(os.environ))  # freed transients leave the resident set (apps/allocator.py)
     package_dir = Path(__file__).resolve().parents[2]
     if package_dir.name == "mvar_engine":
         env["PYTHONPATH"] = str(package_dir.parent) + os.pathsep + env.get("PYTHONPATH", "")
