@@ -53,6 +53,27 @@ def test_a_process_killed_for_memory_does_not_fit():
     assert largest_batch(measure, 2550, (1, 3), 1024)["largest_batch"] == 9
 
 
+def test_a_fixed_decoding_peak_does_not_hide_the_slope():
+    """The probes' whole peaks are a batch-independent decode (1500); the generation's grows by 100
+    a row: the prediction follows the generation."""
+    runs = []
+
+    def measure(batch):
+        runs.append(batch)
+        generation = 1000 + 100 * batch
+        return {"status": "ok", "batch": batch, "peak_rss_transformer": generation,
+                "peak_rss_total": max(generation, 1500)}
+
+    found = largest_batch(measure, 2550, (1, 3), 1024)
+    assert found["largest_batch"] == 15 and found["predicted_batch"] == 15 and runs == [1, 3, 15, 16]
+
+
+def test_the_prediction_never_jumps_more_than_64x_the_probe():
+    measure, runs = simulated(fixed=1000, per_row=0)  # no measurable growth
+    found = largest_batch(measure, 10**9, (1, 3), 10**6)
+    assert found["predicted_batch"] == 192 and runs[:3] == [1, 3, 192]
+
+
 def test_nothing_fits_below_the_first_probe():
     measure, runs = simulated(fixed=5000, per_row=100)
     found = largest_batch(measure, 1000, (1, 3), 1024)

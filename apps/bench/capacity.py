@@ -178,6 +178,12 @@ def peak_of(row: dict[str, Any]) -> int | None:
     return row["peak_rss_total"]
 
 
+def growing_peak(row: dict[str, Any]) -> int:
+    """The peak of the phase that grows with the batch: the generation's (``peak_rss_transformer``)
+    where the row has it, else its whole peak."""
+    return row.get("peak_rss_transformer") or row["peak_rss_total"]
+
+
 def fits(row: dict[str, Any], budget: int) -> bool:
     peak = peak_of(row)
     return peak is not None and peak <= budget
@@ -203,9 +209,13 @@ def largest_batch(measure: Measure, budget: int, probes: Sequence[int], max_batc
     if p1 is None or p1 > budget:
         return {**result, "largest_batch": 0, "measurements": [rows[b] for b in rows]}
     if p2 is not None:
-        per_row = max((p2 - p1) / (b2 - b1), 1.0)
-        predicted = int(min(max_batch, max(1, math.floor(b1 + (budget - p1) / per_row))))
-        result.update(per_row_bytes=per_row, fixed_bytes=p1 - per_row * b1, predicted_batch=predicted)
+        # the slope of the phase that grows with the batch (generation): a batch-independent phase
+        # (decoding a fixed chunk of images) may set the probes' peaks but not the slope
+        g1, g2 = growing_peak(rows[b1]), growing_peak(rows[b2])
+        per_row = max((g2 - g1) / (b2 - b1), 1.0)
+        predicted = int(min(max_batch, max(1, math.floor(b1 + (budget - g1) / per_row))))
+        predicted = min(predicted, max(b2, 1) * 64)  # never jump blind: at most 64x the probe
+        result.update(per_row_bytes=per_row, fixed_bytes=g1 - per_row * b1, predicted_batch=predicted)
     else:
         predicted = b1
         result["predicted_batch"] = predicted
