@@ -7,9 +7,11 @@ configuration this finds the largest batch whose peak memory fits ``--memory-bud
 its throughput there:
 
 1. two probe batches (``--probes``, default 1 and 3) give the memory per batch row and the fixed part;
-2. the predicted largest batch ``b1 + (budget - peak(b1)) / per_row`` is run, then its neighbour
-   (``+1`` when it fits, else downwards), widening and bisecting until a batch that fits sits next
-   to one that does not: the prediction is never trusted alone;
+2. the batch the generation's peak predicts (extrapolated from the two largest batches that fit,
+   at most 4x the larger: fixed transients can hide the slope at small probes), re-measured on the
+   way up, then interpolated or bisected until a batch that fits sits next to one that does not:
+   the prediction is never trusted alone. On the CPU a run whose resident set passes the budget is
+   stopped at once (it cannot fit);
 3. images/s and tokens/s at that batch (median of ``--repeats``), and the ratio to the baseline
    (the first configuration) at *its* largest batch.
 
@@ -41,10 +43,9 @@ from ...models.var import VARConfig
 from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
 from ..memory_fit import FLOAT32_BYTES, format_bytes
 from ..pipeline import autocast_problem
-from .cells import Combo, check_combo, combo_family, model_spec, needs_calibration, parse_combo
-from .matrix import PALETTE, cell_for, run_cell_in_subprocess
-from .matrix_raster import calibrate_for_matrix
-from .report import format_table, format_value, machine_info, write_json
+from .cells import Combo, check_combo, combo_family, model_spec, parse_combo
+from .matrix import PALETTE, attach_head_map, cell_for, run_cell_in_subprocess
+from .report import format_table, format_value, machine_info, resident_bytes, write_json
 
 RASTER_CONFIGS = ("raster/dense/full", "raster/dense/sink:budget=0.2", "raster/dense/ssd:budget=0.2")
 NEXT_SCALE_CONFIGS = ("full/dense/full", "markov/neighborhood/none")
@@ -189,65 +190,55 @@ def fits(row: dict[str, Any], budget: int) -> bool:
     return peak is not None and peak <= budget
 
 
+MAX_JUMP = 4
+"""An extrapolated batch is at most this many times the largest batch measured to fit: small probes'
+peaks can be set by fixed transients, so the slope is re-measured on the way up."""
+
+
 def largest_batch(measure: Measure, budget: int, probes: Sequence[int], max_batch: int) -> dict[str, Any]:
     """Search the largest batch whose measured peak fits ``budget`` (see the module docstring).
-    ``measure(batch)`` runs one fresh process and returns its row (memoised here). Returns the
-    per-row and fixed memory from the probes, the prediction, the largest batch (0: none fits) and
-    every measurement in the order taken."""
+    ``measure(batch)`` runs one fresh process and returns its row (memoised here). Upwards it
+    extrapolates the generation's peak from the two largest batches that fit (at most
+    :data:`MAX_JUMP` times the larger); once a batch does not fit it interpolates (or bisects)
+    between the two until they are neighbours. Returns the per-row and fixed memory of the probes,
+    the first prediction, the largest batch (0: none fits) and every measurement in order taken."""
     rows: dict[int, dict[str, Any]] = {}
 
-    def run(batch: int) -> bool:
+    def run(batch: int) -> None:
         if batch not in rows:
             rows[batch] = measure(batch)
-        return fits(rows[batch], budget)
 
     b1, b2 = probes
     run(b1)
     run(b2)
-    p1, p2 = peak_of(rows[b1]), peak_of(rows[b2])
     result: dict[str, Any] = {"probes": [b1, b2], "per_row_bytes": None, "fixed_bytes": None, "predicted_batch": None}
-    if p1 is None or p1 > budget:
-        return {**result, "largest_batch": 0, "measurements": [rows[b] for b in rows]}
-    if p2 is not None:
-        # the slope of the phase that grows with the batch (generation): a batch-independent phase
-        # (decoding a fixed chunk of images) may set the probes' peaks but not the slope
-        g1, g2 = growing_peak(rows[b1]), growing_peak(rows[b2])
-        per_row = max((g2 - g1) / (b2 - b1), 1.0)
-        predicted = int(min(max_batch, max(1, math.floor(b1 + (budget - g1) / per_row))))
-        predicted = min(predicted, max(b2, 1) * 64)  # never jump blind: at most 64x the probe
-        result.update(per_row_bytes=per_row, fixed_bytes=g1 - per_row * b1, predicted_batch=predicted)
-    else:
-        predicted = b1
-        result["predicted_batch"] = predicted
-    lo, hi = (b1, None)  # lo fits; hi (when known) does not
-    for batch in sorted(rows):
-        if fits(rows[batch], budget):
-            lo = max(lo, batch)
-        elif hi is None or batch < hi:
-            hi = batch
-    if predicted > lo and (hi is None or predicted < hi):
-        if run(predicted):
-            lo = predicted
-        else:
-            hi = predicted
-    step = 1
-    while hi is None:  # widen upwards from lo until a batch does not fit (or max_batch)
-        candidate = min(max_batch, lo + step)
-        if candidate == lo:
-            break
-        if run(candidate):
-            lo = candidate
-            step *= 2
-        else:
-            hi = candidate
-    while hi is not None and hi - lo > 1:  # bisect: every batch between fits or not
-        middle = (lo + hi) // 2
-        if run(middle):
-            lo = middle
-        else:
-            hi = middle
-    return {**result, "largest_batch": lo, "capped": lo == max_batch and hi is None,
-            "measurements": [rows[b] for b in rows]}
+    while True:
+        good = sorted(b for b in rows if fits(rows[b], budget))
+        if not good:
+            return {**result, "largest_batch": 0, "capped": False, "measurements": list(rows.values())}
+        lo = good[-1]
+        above = sorted(b for b in rows if b > lo and not fits(rows[b], budget))
+        hi = above[0] if above else None
+        if hi is not None and hi - lo <= 1 or hi is None and lo >= max_batch:
+            return {**result, "largest_batch": lo, "capped": hi is None, "measurements": list(rows.values())}
+        if hi is None:  # extrapolate the generation's peak from the two largest batches that fit
+            base = good[-2] if len(good) > 1 else None
+            slope = (max((growing_peak(rows[lo]) - growing_peak(rows[base])) / (lo - base), 1.0)
+                     if base is not None else float(growing_peak(rows[lo])) / lo)
+            target = lo + math.floor((budget - growing_peak(rows[lo])) / slope)
+            target = max(lo + 1, min(target, lo * MAX_JUMP, max_batch))
+            if result["predicted_batch"] is None:
+                result.update(per_row_bytes=slope, fixed_bytes=growing_peak(rows[lo]) - slope * lo,
+                              predicted_batch=target)
+        else:  # between a batch that fits and one that does not
+            high = rows[hi].get("peak_rss_transformer") if rows[hi].get("status") == "ok" else None
+            target = (lo + hi) // 2
+            if high is not None and high > growing_peak(rows[lo]):
+                guess = lo + math.floor((budget - growing_peak(rows[lo])) * (hi - lo) / (high - growing_peak(rows[lo])))
+                target = min(max(guess, lo + 1), hi - 1)
+                if target == lo + 1 < hi - 1 and lo + 1 in rows:
+                    target = (lo + hi) // 2
+        run(target)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -268,23 +259,22 @@ def run_capacity(config: CapacityConfig, out: TextIO | None = None, log: TextIO 
         "note": "throughput at each configuration's largest batch that fits the budget; ratios against the baseline "
                 "(the first configuration) at its own largest batch", "head_maps": {}, "results": []}
     write_json(config.output, payload)
+    def watch(pid: int) -> str | None:  # CPU: a run whose resident set passes the budget cannot fit
+        rss = resident_bytes(pid) if not device.startswith("cuda") else None
+        return None if rss is None or rss <= budget else f"stopped at {format_bytes(rss)}: over the budget"
+
     for combo in combos:
         cell = cell_for(spec, 1, combo, backend=config.backend, device=device, dtype=combo.dtype or config.dtype,
                         cfg=config.cfg, seed=config.seed, repeats=config.repeats, warmup=config.warmup,
                         decode_chunk=config.decode_chunk, threads=config.threads)
-        if needs_calibration(combo):
-            if spec.id not in payload["head_maps"]:
-                path = Path(config.output).with_suffix(f".{spec.id}.head_map.json")
-                payload["head_maps"][spec.id] = calibrate_for_matrix(spec.id, cell, path, config.calibration_images, log)
-                write_json(config.output, payload)
-            cell["head_map"] = payload["head_maps"][spec.id]["path"]
+        attach_head_map(cell, combo, payload, config.output, config.calibration_images, log)
         entry: dict[str, Any] = {"config": combo.text, "status": "running", "measurements": []}
         payload["results"].append(entry)
 
         def measure(batch: int, cell=cell, entry=entry, combo=combo) -> dict[str, Any]:
             print(f"{combo.text} batch {batch}: fresh process ...", file=log, flush=True)
             t0 = time.perf_counter()
-            row = run_cell_in_subprocess({**cell, "batch": batch}, config.timeout_s)
+            row = run_cell_in_subprocess({**cell, "batch": batch}, config.timeout_s, watch=watch)
             row.setdefault("batch", batch)
             row["wall_s"] = time.perf_counter() - t0
             row["fits"] = fits(row, budget)

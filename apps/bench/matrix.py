@@ -328,9 +328,27 @@ def cell_for(spec: ModelSpec, batch: int, combo: Combo, *, backend: str, device:
             "decode_chunk": decode_chunk, "threads": threads}
 
 
-def run_cell_in_subprocess(cell: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
-    """Run one cell in a fresh interpreter; a failure becomes a row with status ``error``."""
-    row = run_json_worker("mvar_engine.apps.bench.matrix", json.dumps(cell), env=worker_env(), timeout_s=timeout_s)
+def attach_head_map(cell: dict[str, Any], combo: Combo, payload: dict[str, Any], output: str | Path, images: int,
+                    log: TextIO) -> None:
+    """For an ``ssd`` configuration without a head map: calibrate one per model (first use; written
+    beside ``output`` and recorded in ``payload["head_maps"]``, the report rewritten) and put its
+    path in ``cell``. Other configurations are left as they are."""
+    if not needs_calibration(combo):
+        return
+    model = cell["model"]
+    if model not in payload["head_maps"]:
+        path = Path(output).with_suffix(f".{model}.head_map.json")
+        payload["head_maps"][model] = calibrate_for_matrix(model, cell, path, images, log)
+        write_json(output, payload)
+    cell["head_map"] = payload["head_maps"][model]["path"]
+
+
+def run_cell_in_subprocess(cell: dict[str, Any], timeout_s: float | None,
+                           watch: Callable[[int], str | None] | None = None) -> dict[str, Any]:
+    """Run one cell in a fresh interpreter; a failure becomes a row with status ``error`` (``watch``:
+    see :func:`run_json_worker`)."""
+    row = run_json_worker("mvar_engine.apps.bench.matrix", json.dumps(cell), env=worker_env(), timeout_s=timeout_s,
+                          watch=watch)
     if row.get("status") == "error" and str(row.get("reason", "")).startswith("timed out"):
         row["reason"] += " (--timeout-s)"
     return row
@@ -461,12 +479,7 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
         cell = cell_for(spec, batch, combo, backend=config.backend, device=device, dtype=combo.dtype or config.dtype,
                         cfg=config.cfg, seed=config.seed, repeats=settings["repeats"], warmup=settings["warmup"],
                         decode_chunk=config.decode_chunk, threads=config.threads)
-        if needs_calibration(combo):
-            if spec.id not in payload["head_maps"]:
-                path = Path(config.output).with_suffix(f".{spec.id}.head_map.json")
-                payload["head_maps"][spec.id] = calibrate_for_matrix(spec.id, cell, path, config.calibration_images, log)
-                write_json(config.output, payload)
-            cell["head_map"] = payload["head_maps"][spec.id]["path"]
+        attach_head_map(cell, combo, payload, config.output, config.calibration_images, log)
         print(f"[{index}/{len(plan)}] {spec.id} batch {batch} {combo.text}: fresh process ...", file=log, flush=True)
         t0 = time.perf_counter()
         row = run_cell_in_subprocess(cell, config.timeout_s)

@@ -225,25 +225,58 @@ def format_markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[t
 
 
 def run_json_worker(module: str, argument: str, *, env: Mapping[str, str] | None = None,
-                    timeout_s: float | None = None) -> dict[str, Any]:
+                    timeout_s: float | None = None, watch: Callable[[int], str | None] | None = None,
+                    every_s: float = 0.2) -> dict[str, Any]:
     """Run ``python -m module argument`` in a fresh interpreter (so that its peak memory is its own) and
     return the JSON object on the last line of its stdout. A failure becomes ``{"status": "error",
-    "reason": ...}``: the time limit, a signal (``-9``: probably out of memory), the last line of stderr."""
+    "reason": ...}``: the time limit, a signal (``-9``: probably out of memory), the last line of stderr.
+    ``watch(pid)``, called every ``every_s`` seconds while it runs, may return a reason to stop it
+    now: the result is then ``{"status": "stopped", "reason": that reason}``."""
     import subprocess
     import sys
+    import tempfile
 
-    try:
-        done = subprocess.run([sys.executable, "-m", module, argument], capture_output=True, text=True,
-                              env=None if env is None else dict(env), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "reason": f"timed out after {timeout_s:g} s"}
-    if done.returncode == 0:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", module, argument], stdout=out, stderr=err,
+                                env=None if env is None else dict(env), text=True)
+        start = time.perf_counter()
+        while True:
+            try:
+                proc.wait(timeout=every_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            stop = watch(proc.pid) if watch is not None else None
+            if stop is None and timeout_s is not None and time.perf_counter() - start > timeout_s:
+                proc.kill()
+                proc.wait()
+                return {"status": "error", "reason": f"timed out after {timeout_s:g} s"}
+            if stop is not None:
+                proc.kill()
+                proc.wait()
+                return {"status": "stopped", "reason": stop}
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr, code = out.read(), err.read(), proc.returncode
+    if code == 0:
         try:
-            return json.loads(done.stdout.strip().splitlines()[-1])
+            return json.loads(stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             return {"status": "error", "reason": "the worker printed no result"}
-    if done.returncode < 0:
-        reason = f"killed by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")
+    if code < 0:
+        reason = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
     else:
-        reason = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit status {done.returncode}"
+        reason = " ".join(stderr.strip().splitlines()[-1:]) or f"exit status {code}"
     return {"status": "error", "reason": reason}
+
+
+def resident_bytes(pid: int) -> int | None:
+    """Another process's resident set now (``VmRSS`` from ``/proc/PID/status``), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
