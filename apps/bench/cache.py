@@ -81,9 +81,9 @@ from ..config import EngineConfig
 from ..data import load_dataset
 from ..evaluation.classifier import load_or_train
 from ..evaluation.evaluate import metric_row
-from ..pipeline import Pipeline, autocast_problem, resolve_autocast, resolve_components, resolve_device
+from ..pipeline import Pipeline, resolve_autocast, resolve_components, resolve_device
 from ..profile_heads import ProfilingCache
-from .cells import MemoryProbe
+from .cells import MemoryProbe, run_problems
 from .report import (format_markdown_table, format_table, machine_info, run_json_worker, synchronizer, worker_env,
                      write_json)
 
@@ -153,18 +153,7 @@ class BenchCacheConfig:
             out.append(f"--calibration-images must be at least 1, got {self.calibration_images}")
         if self.quality_images is not None and self.quality_images < 0:
             out.append(f"--quality-images must be >= 0 (0: no quality measurement), got {self.quality_images}")
-        if self.threads is not None and self.threads < 1:
-            out.append("--threads must be at least 1")
-        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            out.append(f"--timeout-s must be a finite number of seconds > 0, got {self.timeout_s:g}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            out.append(f"--dtype {self.dtype}: choose float32, bfloat16 or float16")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            out.append(f"--device {self.device}: choose auto, cpu or cuda[:N]")
-        elif self.device.startswith("cuda") and not torch.cuda.is_available():
-            out.append(f"--device {self.device}: no CUDA device is available (use --device cpu)")
-        elif autocast_problem(self.dtype, torch.device(self.device_name())):
-            out.append(autocast_problem(self.dtype, torch.device(self.device_name())))
+        out += run_problems(threads=self.threads, timeout_s=self.timeout_s, device=self.device, dtype=self.dtype)
         if Path(self.output).suffix != ".json":
             out.append(f"--output {self.output}: give a .json path (the .md table goes beside it)")
         return out

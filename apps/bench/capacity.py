@@ -42,8 +42,7 @@ from ...models.tokenizer import TokenizerConfig, llamagen_vq16_sized
 from ...models.var import VARConfig
 from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
 from ..memory_fit import FLOAT32_BYTES, format_bytes
-from ..pipeline import autocast_problem
-from .cells import Combo, check_combo, combo_family, model_spec, parse_combo
+from .cells import Combo, check_combo, combo_family, model_spec, parse_combo, run_problems
 from .matrix import PALETTE, attach_head_map, cell_for, run_cell_in_subprocess
 from .report import format_table, format_value, machine_info, resident_bytes, write_json
 
@@ -115,19 +114,9 @@ class CapacityConfig:
                                    ("--calibration-images", self.calibration_images, 1)):
             if value < least:
                 out.append(f"{flag} must be at least {least}, got {value}")
-        if self.threads is not None and self.threads < 1:
-            out.append("--threads must be at least 1")
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
             out.append(f"--cfg must be a finite number >= 0, got {self.cfg:g}")
-        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            out.append(f"--timeout-s must be a finite number of seconds > 0, got {self.timeout_s:g}")
-        device = self.device_name()
-        if device not in ("cpu",) and not device.startswith("cuda"):
-            out.append(f"--device {device}: choose auto, cpu or cuda[:N]")
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            out.append(f"--device {device}: no CUDA device is available (use --device cpu)")
-        elif autocast_problem(self.dtype, torch.device(device)):
-            out.append(autocast_problem(self.dtype, torch.device(device)))
+        out += run_problems(threads=self.threads, timeout_s=self.timeout_s, device=self.device, dtype=self.dtype)
         if Path(self.output).suffix != ".json":
             out.append(f"--output {self.output}: give a .json path (the .md table and .png chart go beside it)")
         if out:

@@ -5,6 +5,7 @@ the generations and the decoding, report one row)."""
 from __future__ import annotations
 
 import gc
+import math
 import re
 import statistics
 import time
@@ -17,11 +18,34 @@ from ...core.errors import ConfigError, MvarEngineError, UsageError
 from ...core.registry import get_registry
 from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512
 from ..config import EngineConfig
-from ..pipeline import Pipeline, resolve_components, resolve_device
+from ..pipeline import Pipeline, autocast_problem, resolve_components, resolve_device
 from .report import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes, synchronizer
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """The autocast dtypes a configuration may name (``@bfloat16``)."""
+
+def run_problems(*, threads: int | None, timeout_s: float | None, device: str, dtype: str) -> list[str]:
+    """One line per invalid setting that every fresh-process benchmark shares: ``--threads``,
+    ``--timeout-s``, ``--dtype`` and ``--device`` (``auto``, ``cpu``, ``cuda[:N]``; the dtype must
+    autocast there, :func:`~mvar_engine.apps.pipeline.autocast_problem`)."""
+    out = []
+    if threads is not None and threads < 1:
+        out.append("--threads must be at least 1")
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
+        out.append(f"--timeout-s must be a finite number of seconds > 0, got {timeout_s:g}")
+    if dtype not in DTYPE_NAMES:
+        out.append(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        out.append(f"--device {device}: choose auto, cpu or cuda[:N]")
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        out.append(f"--device {device}: no CUDA device is available (use --device cpu)")
+    elif dtype in DTYPE_NAMES:
+        resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        problem = autocast_problem(dtype, torch.device(resolved))
+        if problem is not None:
+            out.append(problem)
+    return out
+
 
 RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3), "janus-pro-1b": (24, 24), "janus-tiny": (4, 4)}
 """Raster model ids -> their token grid."""

@@ -57,7 +57,7 @@ from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, seed_
 from ..config import EngineConfig
 from ..pipeline import autocast_problem, build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
-                    parse_cell, parse_combo)
+                    parse_cell, parse_combo, run_problems)
 from .matrix_raster import calibrate_for_matrix, run_raster_cell
 from .report import format_value, machine_info, run_json_worker, worker_env, write_json
 
@@ -178,25 +178,13 @@ class MatrixConfig:
             out.append("--decode-chunk must be at least 1")
         if self.calibration_images < 1:
             out.append("--calibration-images must be at least 1")
-        if self.threads is not None and self.threads < 1:
-            out.append("--threads must be at least 1")
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
             out.append(f"--cfg must be a finite number >= 0 (0 disables guidance), got {self.cfg:g}")
-        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            out.append(f"--timeout-s must be a finite number of seconds > 0, got {self.timeout_s:g}")
         if self.cells_ is not None and not self.cells_:
             out.append("--cells needs at least one MODEL:BATCH")
         if self.configs is not None and not self.configs:
             out.append("--configs needs at least one trajectory/attention/cache triple")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            out.append(f"--dtype {self.dtype}: choose float32, bfloat16 or float16")
-        device = settings["device"]
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            out.append(f"--device {device}: choose auto, cpu or cuda[:N]")
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            out.append(f"--device {device}: no CUDA device is available (use --device cpu)")
-        elif autocast_problem(self.dtype, torch.device(self.device_name())):
-            out.append(autocast_problem(self.dtype, torch.device(self.device_name())))
+        out += run_problems(threads=self.threads, timeout_s=self.timeout_s, device=settings["device"], dtype=self.dtype)
         if not Path(self.output).suffix == ".json":
             out.append(f"--output {self.output}: give a .json path (the .md table and .png chart go beside it)")
         return out
