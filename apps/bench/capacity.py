@@ -206,27 +206,25 @@ def largest_batch(measure: Measure, budget: int, probes: Sequence[int], max_batc
         if not good:
             return {**result, "largest_batch": 0, "capped": False, "measurements": list(rows.values())}
         lo = good[-1]
+        at_lo = growing_peak(rows[lo])
         above = sorted(b for b in rows if b > lo and not fits(rows[b], budget))
         hi = above[0] if above else None
         if hi is not None and hi - lo <= 1 or hi is None and lo >= max_batch:
             return {**result, "largest_batch": lo, "capped": hi is None, "measurements": list(rows.values())}
         if hi is None:  # extrapolate the generation's peak from the two largest batches that fit
             base = good[-2] if len(good) > 1 else None
-            slope = (max((growing_peak(rows[lo]) - growing_peak(rows[base])) / (lo - base), 1.0)
-                     if base is not None else float(growing_peak(rows[lo])) / lo)
-            target = lo + math.floor((budget - growing_peak(rows[lo])) / slope)
+            slope = (max((at_lo - growing_peak(rows[base])) / (lo - base), 1.0) if base is not None
+                     else float(at_lo) / lo)
+            target = lo + math.floor((budget - at_lo) / slope)
             target = max(lo + 1, min(target, lo * MAX_JUMP, max_batch))
             if result["predicted_batch"] is None:
-                result.update(per_row_bytes=slope, fixed_bytes=growing_peak(rows[lo]) - slope * lo,
-                              predicted_batch=target)
-        else:  # between a batch that fits and one that does not
+                result.update(per_row_bytes=slope, fixed_bytes=at_lo - slope * lo, predicted_batch=target)
+        else:  # between a batch that fits and one that does not (nothing between them is measured yet)
             high = rows[hi].get("peak_rss_transformer") if rows[hi].get("status") == "ok" else None
             target = (lo + hi) // 2
-            if high is not None and high > growing_peak(rows[lo]):
-                guess = lo + math.floor((budget - growing_peak(rows[lo])) * (hi - lo) / (high - growing_peak(rows[lo])))
+            if high is not None and high > at_lo:
+                guess = lo + math.floor((budget - at_lo) * (hi - lo) / (high - at_lo))
                 target = min(max(guess, lo + 1), hi - 1)
-                if target == lo + 1 < hi - 1 and lo + 1 in rows:
-                    target = (lo + hi) // 2
         run(target)
 
 
