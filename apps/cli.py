@@ -19,7 +19,8 @@ import sys
 import textwrap
 import time
 import warnings
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
 from ..core.records import KIND_LABELS, RECORD_TYPES
@@ -48,11 +49,26 @@ def _subcommands_epilog() -> str:
     return f"subcommands:\n{names}\n\nsee '{PROG} SUBCOMMAND --help' for each one's options"
 
 
-def _base_generate_parser(add_help: bool = True) -> Parser:
-    p = Parser(prog=PROG, description="Generate images with a next-scale (VAR/MVAR) model: the default "
-                                       f"subcommand,\nalso '{PROG} generate'.", epilog=_subcommands_epilog(),
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=add_help)
+@dataclass(frozen=True)
+class GenerationCommand:
+    """A command that takes every generation flag plus its own: its ``prog``, ``description``,
+    ``extend(parser)`` adding its flags (with explicit defaults), and the generation flags it refuses
+    (flag -> why, said in the one-line error)."""
+
+    prog: str
+    description: str
+    extend: Callable[[Parser], None]
+    refused: Mapping[str, str] = field(default_factory=dict)
+
+
+def _base_generate_parser(add_help: bool = True, command: GenerationCommand | None = None) -> Parser:
+    description = command.description if command else ("Generate images with a next-scale (VAR/MVAR) model: the "
+                                                        f"default subcommand,\nalso '{PROG} generate'.")
+    p = Parser(prog=command.prog if command else PROG, description=description,
+               epilog=None if command else _subcommands_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+               argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=add_help)
+    if command is not None:
+        command.extend(p)
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config file (flags override it)")
     g = p.add_argument_group("components (see 'mvar-engine plugins')")
     g.add_argument("--trajectory", metavar="NAME", help="conditioning trajectory (default: markov)")
@@ -173,28 +189,40 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
     return out
 
 
-def _full_parser(argv: Sequence[str], registry: Registry):
+def _full_parser(argv: Sequence[str], registry: Registry, command: GenerationCommand | None = None):
     """Phase 1 reads the component names (flags and config file); phase 2's parser adds their option
     flags. Returns (parser, file data, chosen names, option dests)."""
-    known, _ = _base_generate_parser(add_help=False).parse_known_args(argv)
+    if command is not None:
+        for token in argv:
+            flag = token.split("=", 1)[0]
+            if flag in command.refused:
+                raise UsageError(f"{command.prog}: {flag} does not apply here; {command.refused[flag]}")
+    known, _ = _base_generate_parser(add_help=False, command=command).parse_known_args(argv)
     if hasattr(known, "config") and not str(known.config).strip():
         raise UsageError("--config is empty: give a .toml or .json file")
     file_data = read_config_file(known.config) if getattr(known, "config", None) else {}
     names = _chosen_names(known, file_data, registry)
-    parser = _base_generate_parser()
+    parser = _base_generate_parser(command=command)
     dests = _add_option_flags(parser, names, registry)
     return parser, file_data, names, dests
 
 
 def parse_generate_args(argv: Sequence[str], registry: Registry | None = None) -> EngineConfig:
     """Command-line arguments -> validated :class:`EngineConfig` (file < flags)."""
+    return parse_generation_command(argv, None, registry)[0]
+
+
+def parse_generation_command(argv: Sequence[str], command: GenerationCommand | None,
+                             registry: Registry | None = None) -> tuple[EngineConfig, argparse.Namespace]:
+    """Arguments of ``command`` (None: generate) -> (validated :class:`EngineConfig`, the parsed
+    namespace, which also holds the command's own flags)."""
     registry = registry or get_registry()
-    parser, file_data, names, dests = _full_parser(argv, registry)
+    parser, file_data, names, dests = _full_parser(argv, registry, command)
     args = parser.parse_args(argv)
     config = build_config(file_data, _overrides(args, names, dests))
     # Fill the trajectory's defaults so that the config says what runs.
     updates = {kind: ComponentChoice(name=names[kind]) for kind in ("attention", "cache") if getattr(config, kind) is None}
-    return config.model_copy(update=updates)
+    return config.model_copy(update=updates), args
 
 
 def check_generate_inputs(config: EngineConfig) -> None:

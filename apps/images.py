@@ -30,16 +30,17 @@ def grid_array(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:
     return canvas
 
 
-def _save_png(array: np.ndarray, path: Path) -> Path:
+def save_png(array: np.ndarray, path: Path) -> Path:
+    """``array``: uint8 ``[H, W, 3]``, written to ``path`` as PNG atomically."""
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def save_grid(images: torch.Tensor, rows: int, path: str | Path) -> Path:
-    return _save_png(grid_array(images, rows), Path(path))
+    return save_png(grid_array(images, rows), Path(path))
 
 
 def save_images(images: torch.Tensor, labels: torch.Tensor, folder: str | Path) -> list[Path]:
     """One PNG per image: ``folder/{index:04d}_class{label}.png``."""
     folder = Path(folder)
-    return [_save_png(pixels, folder / f"{i:04d}_class{int(label)}.png") for i, (pixels, label) in
+    return [save_png(pixels, folder / f"{i:04d}_class{int(label)}.png") for i, (pixels, label) in
             enumerate(zip(to_uint8(images), labels))]

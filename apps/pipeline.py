@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +34,7 @@ from .cli_helpers import PROG
 from .config import ComponentChoice, EngineConfig
 from .cpu_features import native_bf16
 from .images import save_grid, save_images
+from .seeding import image_generators, numbered
 from .model_loading import (build_models, build_raster_models, infer_tokenizer_config, load_raster, load_tokenizer,
                             load_var, save_var)
 
@@ -227,8 +228,30 @@ def with_weights(config: EngineConfig) -> EngineConfig:
 
 
 @dataclass
+class PreparedRun:
+    """A run resolved and checked but not built: the config with its weights and the family's
+    sampling defaults filled in, the components, the device, what the family told of the model."""
+
+    config: EngineConfig
+    components: Components
+    device: torch.device
+    facts: ModelFacts | None
+
+
+def prepare_run(config: EngineConfig, registry: Registry | None = None) -> PreparedRun:
+    """Everything before a model is built: the shipped weights, the components, the family's sampling
+    defaults, the device, and :func:`check_model_facts` (one-line ``UsageError`` on bad input)."""
+    config = with_weights(config)
+    components = resolve_components(config, registry)
+    config = with_sampling_defaults(config, components.model.sampling_defaults)
+    device = resolve_device(config.device)
+    return PreparedRun(config, components, device, check_model_facts(config, components))
+
+
+@dataclass
 class GenerationResult:
-    """``images: [N, 3, H, W]`` in [0, 1]; ``labels: [N]``; ``tokens[s]: LongTensor[N, l_s]``."""
+    """``images: [N, 3, H, W]`` in [0, 1]; ``labels: [N]``; ``tokens[s]: LongTensor[N, l_s]``; ``rows``:
+    the grid's rows (one per label)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -254,45 +277,67 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: EngineConfig, registry: Registry | None = None) -> "Pipeline":
         """Resolve, check (everything :func:`check_model_facts` can tell before a build), build."""
-        config = with_weights(config)
-        components = resolve_components(config, registry)
-        config = with_sampling_defaults(config, components.model.sampling_defaults)
-        device = resolve_device(config.device)
-        facts = check_model_facts(config, components)
-        model, tokenizer = components.model.build(config)
-        tokenizer = None if tokenizer is None else tokenizer.to(device).eval()
-        return cls(config, model.to(device).eval(), tokenizer, components, device, facts)
+        return cls.build(prepare_run(config, registry))
+
+    @classmethod
+    def build(cls, run: "PreparedRun") -> "Pipeline":
+        """Build the models of a :func:`prepare_run` result and the engine over them."""
+        model, tokenizer = run.components.model.build(run.config)
+        tokenizer = None if tokenizer is None else tokenizer.to(run.device).eval()
+        return cls(run.config, model.to(run.device).eval(), tokenizer, run.components, run.device, run.facts)
 
     def default_labels(self) -> list[int]:
         return list(range(min(self.adapter.num_classes, 10)))
 
     def generate(self, labels: Sequence[int] | None = None, samples_per_label: int | None = None,
                  cache: CachePolicy | None = None) -> GenerationResult:
-        """Images for ``labels`` (default: the config's), with the config's cache or ``cache``."""
+        """Images for ``labels`` (default: the config's), ``samples_per_label`` each (default: the
+        config's), with the config's cache or ``cache``: image ``i`` of label ``c`` is
+        :meth:`generate_items`' ``(c, i)`` (the same image whatever the batch size)."""
         cfg = self.config
-        cache = cache or self.components.cache
         labels = list(labels if labels is not None else (cfg.labels if cfg.labels is not None else self.default_labels()))
-        bad = [label for label in labels if not 0 <= label < self.adapter.num_classes]
+        result = self.generate_items(numbered(labels, samples_per_label or cfg.samples_per_label), cache)
+        result.rows = len(labels)
+        return result
+
+    def check_labels(self, labels: Iterable[int]) -> None:
+        """Refuse (one line) labels outside the model's classes."""
+        bad = sorted({label for label in labels if not 0 <= label < self.adapter.num_classes})
         if bad:
             raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{self.adapter.num_classes - 1}")
-        per = samples_per_label or cfg.samples_per_label
-        all_labels = torch.tensor([label for label in labels for _ in range(per)], dtype=torch.long)
-        generator = torch.Generator(device=self.device).manual_seed(cfg.sampling.seed)
+
+    def generate_items(self, items: Sequence[tuple[int, int]], cache: CachePolicy | None = None,
+                       progress: Callable[[int], None] | None = None) -> GenerationResult:
+        """Image ``index`` of class ``label`` for every ``(label, index)`` item, in batches of the
+        config's ``batch_size``; each image draws from its own generator seeded from (seed, label,
+        index) (:mod:`.seeding`). ``progress(n)``: called with the number of images each batch
+        finished (the default is a bar over the trajectory's steps)."""
+        cfg = self.config
+        cache = cache or self.components.cache
+        self.check_labels(label for label, _ in items)
+        all_labels = torch.tensor([label for label, _ in items], dtype=torch.long)
+        generators = image_generators(cfg.sampling.seed, items, self.device)
         images, tokens, peak = [], [], 0
-        chunks = list(torch.split(all_labels, cfg.batch_size))
         steps, unit = len(self.engine.steps), self.components.trajectory.step_unit
-        bar = tqdm(total=len(chunks) * steps, desc=f"{unit}s", unit=unit, disable=not cfg.progress, leave=False)
-        for chunk in chunks:
+        starts = range(0, len(items), cfg.batch_size)
+        bar = tqdm(total=len(starts) * steps, desc=f"{unit}s", unit=unit,
+                   disable=not cfg.progress or progress is not None, leave=False)
+        for start in starts:
+            chunk = all_labels[start:start + cfg.batch_size]
             out = self.engine.generate(chunk.to(self.device), cache, cfg=cfg.sampling.cfg, top_k=cfg.sampling.top_k,
-                                       top_p=cfg.sampling.top_p, generator=generator, progress=lambda s: bar.update(1))
+                                       top_p=cfg.sampling.top_p, generator=generators[start:start + cfg.batch_size],
+                                       progress=lambda s: bar.update(1))
             peak = max(peak, out.cache_peak_bytes)
-            with torch.no_grad():
-                pixels = self.adapter.decode(out)
+            maps = self.adapter.token_maps(out)
+            with torch.no_grad():  # image by image: its pixels depend on its tokens alone
+                pixels = torch.cat([self.adapter.decode_maps([m[i:i + 1] for m in maps]) for i in range(len(chunk))])
                 images.append(pixels.add(1).mul(0.5).clamp(0, 1).cpu())
-            tokens.append([t.cpu() for t in self.adapter.token_maps(out)])
+            tokens.append([t.cpu() for t in maps])
+            if progress is not None:
+                progress(len(chunk))
         bar.close()
         per_scale = [torch.cat([chunk[s] for chunk in tokens]) for s in range(len(tokens[0]))]
-        return GenerationResult(torch.cat(images), all_labels, per_scale, rows=len(labels), cache_peak_bytes=peak,
+        return GenerationResult(torch.cat(images), all_labels, per_scale, rows=1, cache_peak_bytes=peak,
                                 backends_used=dict(self.components.backends.used))
 
     def save(self, result: GenerationResult, output: str | Path | None = None) -> list[Path]:

@@ -139,5 +139,11 @@ class ModelAdapter(ABC):
         """Images ``[B, 3, H, W]`` in ``[-1, 1]`` from a generation's output."""
 
     @abstractmethod
+    def decode_maps(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` from token maps as :meth:`token_maps` gives them
+        (``LongTensor[B, h * w]`` each): a function of the tokens alone, so an image decoded on its
+        own (``B = 1``) does not depend on the batch it was generated in."""
+
+    @abstractmethod
     def teacher_forced_logits(self, labels: torch.Tensor, inputs: Any, attend_for: AttendFor) -> torch.Tensor:
         """Differentiable logits of a whole training sequence (the training path)."""

@@ -23,7 +23,7 @@ from .backend_selection import BackendSelector
 from .cache import CachePolicy
 from .compatibility import check_compatible
 from .layout import Spans, merge_spans
-from .sampling import sample_tokens
+from .sampling import Generators, sample_tokens
 from .trajectory import Step, Trajectory, Visibility
 
 LOGITS_CHUNK_BYTES = 16 * 2**20
@@ -103,11 +103,12 @@ class Engine:
 
     # -- sampling --------------------------------------------------------------------------------
     def sample(self, state: GenerationState, hidden: torch.Tensor, step: Step, cfg: float | None, *, top_k: int,
-               top_p: float, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+               top_p: float, temperature: float, generator: Generators) -> torch.Tensor:
         """Tokens ``[B, l]`` from ``hidden: [rows, l, C]``: logits, guidance, temperature and the draw
         run over chunks of samples (a sample's cond and uncond rows together) holding at most
         :data:`LOGITS_CHUNK_BYTES` of logits, in sample order, so the generator is consumed as by
-        one pass over all rows (the draws are the same on the CPU)."""
+        one pass over all rows (the draws are the same on the CPU). With one generator per sample, each
+        chunk draws from its own samples' generators."""
         batch = state.batch
         rows_per_sample = 2 if cfg is not None else 1
         per_chunk = max(1, LOGITS_CHUNK_BYTES // (rows_per_sample * hidden.shape[1] * self.model.vocab_size * 4))
@@ -124,7 +125,9 @@ class Engine:
                 logits = self.model.guide(logits, stop - start, cfg, step)
             if temperature != 1.0:
                 logits = logits / max(temperature, 1e-5)
-            pieces.append(sample_tokens(logits, top_k=top_k, top_p=top_p, generator=generator))
+            chunk_generator = generator if generator is None or isinstance(generator, torch.Generator) \
+                else generator[start:stop]
+            pieces.append(sample_tokens(logits, top_k=top_k, top_p=top_p, generator=chunk_generator))
         return torch.cat(pieces)
 
     # -- generation ------------------------------------------------------------------------------
@@ -137,11 +140,12 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, cache: CachePolicy, *, cfg: float, top_k: int, top_p: float,
-                 temperature: float = 1.0, generator: torch.Generator | None = None, forced_tokens: Any = None,
+                 temperature: float = 1.0, generator: Generators = None, forced_tokens: Any = None,
                  return_logits: bool = False, progress: Callable[[int], None] | None = None) -> Any:
         """Generate one image's tokens per label (``labels: LongTensor[B]``) with ``cache``.
 
-        ``forced_tokens`` replays given tokens instead of sampling (equivalence tests; layout as the
+        ``generator``: one for every draw, or one per label (a sample's tokens then do not depend on
+        the batch it is generated in). ``forced_tokens`` replays given tokens instead of sampling (equivalence tests; layout as the
         adapter's ``forced``). ``progress``: an optional callable per step index. Returns the
         adapter's output (``finish``)."""
         self.check(cache)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import torch
 
 
@@ -41,15 +43,27 @@ a cache-free (MVAR) generation. On this CPU, for ``[8, 1024, 4096]`` logits: 208
 memory in 32 MiB pieces, 20 MiB in 8 MiB pieces, and no slower."""
 
 
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+"""What the draws consume: one generator for all rows, one per sample (row ``b`` of ``[B, l, V]``
+draws from ``generators[b]`` only, so a sample's tokens do not depend on the batch it is in), or
+None (torch's default generator)."""
+
+
 def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: Generators = None) -> torch.Tensor:
     """``logits: [B, l, V]`` -> ``LongTensor[B, l]``; ``top_k == 1`` is greedy (argmax).
 
     Rows are filtered and drawn in chunks of at most :data:`SAMPLING_CHUNK_BYTES` of float32
     logits; ``torch.multinomial`` consumes the generator row by row, so on the CPU the draws equal
-    one call over all rows (tested)."""
+    one call over all rows (tested). ``generator`` may be a sequence of ``B`` generators, one per
+    sample (see :data:`Generators`)."""
     if top_k == 1:
         return logits.argmax(dim=-1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if len(generator) != logits.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {logits.shape[0]} samples")
+        return torch.cat([sample_tokens(logits[b:b + 1], top_k=top_k, top_p=top_p, generator=g)
+                          for b, g in enumerate(generator)])
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     rows = max(1, SAMPLING_CHUNK_BYTES // (4 * vocab))

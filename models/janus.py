@@ -340,6 +340,11 @@ class JanusAdapter(ModelAdapter):
     def token_maps(self, output: RasterGenerationOutput) -> list[torch.Tensor]:
         return [output.tokens]
 
+    def decode_maps(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`decode` of the one map (``tokens: LongTensor[B, h * w]``)."""
+        (tokens,) = maps
+        return self.decode(tokens)
+
     @torch.no_grad()
     def decode(self, output: RasterGenerationOutput | torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in ``[-1, 1]`` (float32): the generation VQ's ``decode`` of the

@@ -107,6 +107,11 @@ class RasterAdapter(ModelAdapter):
     def token_maps(self, output: RasterGenerationOutput) -> list[torch.Tensor]:
         return [output.tokens]
 
+    def decode_maps(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`decode` of the one map (``tokens: LongTensor[B, h * w]``)."""
+        (tokens,) = maps
+        return self.decode(tokens)
+
     @torch.no_grad()
     def decode(self, output: RasterGenerationOutput | torch.Tensor) -> torch.Tensor:
         """Images from an output (or its ``tokens: LongTensor[B, h * w]``) through the tokenizer run as

@@ -105,6 +105,10 @@ class VarAdapter(ModelAdapter):
     def decode(self, output: GenerationOutput) -> torch.Tensor:
         return self.tokenizer.fhat_to_img(output.f_hat)
 
+    def decode_maps(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The tokenizer's reconstruction of the per-scale maps (``indices_to_fhat``), decoded."""
+        return self.tokenizer.fhat_to_img(self.tokenizer.indices_to_fhat(list(maps)))
+
     def teacher_forced_logits(self, labels: torch.Tensor, inputs: torch.Tensor | None, attend_for: AttendFor
                               ) -> torch.Tensor:
         """Logits ``[B, L, V]`` of the whole sequence; ``inputs: [B, L - l_0, Cvae]`` is the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,20 @@ def number_meaning(text: str, *, integer: bool = False):
 def cli_text(value) -> str:
     """A drawn number (or string) as it is typed on a command line."""
     return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment of a torchrun test: one thread per rank, faulthandler on, and this very
+    mvar_engine importable by the workers."""
+    import mvar_engine
+
+    package_parent = Path(mvar_engine.__path__[0]).parent
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",  # a native abort prints every stack
+            "PYTHONPATH": os.pathsep.join([str(package_parent), os.environ.get("PYTHONPATH", "")])}

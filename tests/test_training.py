@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,10 +15,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import mvar_engine
-from conftest import make_engine, small_models
+from conftest import free_port, make_engine, small_models, torchrun_env
 from mvar_engine.apps.cli import main
 from mvar_engine.core.errors import CheckpointError, UsageError
+from mvar_engine.core.files import file_sha256
 from mvar_engine.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from mvar_engine.models.checkpoint import read_weights_metadata
 from mvar_engine.apps.training import checkpointing
@@ -110,7 +109,7 @@ def test_var_training_reduces_loss(tokenizer_run, tmp_path, strategy):
     assert meta["training"]["strategy"] == strategy and meta["trajectory"]["name"] == "markov"
     assert meta["attention"]["name"] == "neighborhood" and meta["attention"]["options"]["kernel_size"] == 3
     assert meta["architecture"]["patch_nums"] == [1, 2, 4] and meta["num_classes"] == 10
-    assert meta["tokenizer"]["sha256"] == checkpointing.file_sha256(tokenizer_run[0] / "tokenizer.safetensors")
+    assert meta["tokenizer"]["sha256"] == file_sha256(tokenizer_run[0] / "tokenizer.safetensors")
     assert meta["training"]["final_loss"] == pytest.approx(steps_of(tmp_path / strategy)[-1]["loss"])
 
 
@@ -317,25 +316,17 @@ def test_bad_input_is_one_line(tokenizer_run, tmp_path, capsys, case):
 
 
 # -- torchrun -----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_train_checkpoint_and_resume(tokenizer_run, tmp_path):
     """2 CPU ranks (gloo, DDP) train 4 steps, checkpoint, resume for 3 more; the ranks stay identical
     and the result equals one process training the same 7 steps (sharded batches, averaged gradients)."""
-    package_parent = Path(mvar_engine.__path__[0]).parent  # where this very mvar_engine is imported from
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",  # a native abort prints every thread's stack
-           "PYTHONPATH": os.pathsep.join([str(package_parent), os.environ.get("PYTHONPATH", "")])}
+    env = torchrun_env()
     run = tmp_path / "ddp"
     flags = ["--tokenizer", str(tokenizer_run[0] / "tokenizer.safetensors"), "--depth", "1", "--embed-dim", "32",
              "--num-heads", "2", "--max-images", "96", "--batch-size", "32", "--lr", "3e-3", "--lr-schedule", "constant",
              "--warmup-steps", "0", "--strategy", "parallel", "--attention-kernel-size", "3", "--save-every", "2",
              "--log-every", "1", "--no-progress", "--output", str(run)]
     for steps, resume in ((4, []), (7, ["--resume"])):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "mvar_engine.apps.cli", "train", *flags, "--steps", str(steps), *resume]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-12000:]

@@ -33,7 +33,7 @@ from torch import nn
 
 from ...core.errors import CheckpointError
 from ...models.checkpoint import METADATA_KEY, atomic_write, save_state_dict
-from . import distributed as D
+from .. import distributed as D
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mvar-engine/training-checkpoint"
@@ -162,15 +162,6 @@ def export_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metada
     """``safetensors.torch.save_file`` to a temporary file, then ``os.replace`` onto ``path``; the
     metadata dict is stored as JSON under the ``mvar_engine`` key. Call on rank 0 only."""
     return save_state_dict(state_dict, path, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_sha256(module: nn.Module) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from ...core.errors import UsageError
 from ...core.registry import get_registry
 from ..cli_helpers import PROG, Parser, int_list
-from . import distributed as D
+from .. import distributed as D
 from .loop import TrainingInterrupted
 from .raster_trainer import RasterTrainSettings, train_raster
 from .tokenizer_trainer import TokenizerTrainSettings, train_tokenizer

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...core.errors import UsageError
-from . import distributed as D
+from .. import distributed as D
 from .batches import ShardedBatches
 from .checkpointing import load_training_checkpoint, restore_training_state
 from .rundir import fresh_start, remove_run_temps

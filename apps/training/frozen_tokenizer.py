@@ -19,7 +19,7 @@ from ...core.files import not_a_file_reason
 from ...models.checkpoint import load_into, read_state_dict, read_weights_metadata
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ..model_loading import infer_tokenizer_config
-from .checkpointing import file_sha256
+from ...core.files import file_sha256
 
 
 @dataclass

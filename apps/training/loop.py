@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...models.checkpoint import atomic_write
-from . import distributed as D
+from .. import distributed as D
 
 StepFn = Callable[[int], dict[str, Any]]
 """``step_fn(step) -> metrics``: run optimizer step ``step`` (0-based) and return its rank-local

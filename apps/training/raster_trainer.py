@@ -41,7 +41,7 @@ from ..cli_helpers import architecture_error
 from ..config import EngineConfig
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
-from . import distributed as D
+from .. import distributed as D
 from .batches import ShardedBatches, load_images
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
 from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp

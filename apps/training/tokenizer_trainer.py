@@ -31,7 +31,7 @@ from ...core.errors import UsageError
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig, phi_index
 from ..data import ImageSet
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
-from . import distributed as D
+from .. import distributed as D
 from .batches import ShardedBatches, load_images, step_generator
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
 from .common import DataSettings, LoopSettings, check_loop_settings, start_or_resume

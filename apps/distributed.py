@@ -1,4 +1,4 @@
-"""Process-group set-up for training under ``torchrun`` (or as one plain process).
+"""Process-group set-up for training and sampling under ``torchrun`` (or as one plain process).
 
 ``torchrun --nproc_per_node N -m mvar_engine.apps.cli train ...`` sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``) in every worker. :func:`setup` reads them and
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ...core.errors import UsageError
-from ..cli_helpers import under_torchrun
-from ..pipeline import resolve_device as resolve_run_device
+from ..core.errors import UsageError
+from .cli_helpers import under_torchrun
+from .pipeline import resolve_device
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def worker_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda`` under torchrun means
     the worker's own GPU. Asking for CUDA without one is a one-line :class:`UsageError`."""
-    device = resolve_run_device(name)
+    device = resolve_device(name)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
@@ -87,9 +87,9 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     ``DistInfo(0, 1, 0, device)`` without touching ``torch.distributed``.
     """
     if not under_torchrun():
-        return DistInfo(device=resolve_device(device))
+        return DistInfo(device=worker_device(device))
     local_rank = int(os.environ["LOCAL_RANK"])
-    dev = resolve_device(device, local_rank)
+    dev = worker_device(device, local_rank)
     if not initialized():
         if not dist.is_available():  # pragma: no cover - every supported build has it
             raise UsageError("this PyTorch build has no torch.distributed; run without torchrun")
