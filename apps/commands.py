@@ -65,6 +65,8 @@ def mvar_engine_register_commands(commands: Commands) -> None:
     add("sample", lazy_command("mvar_engine.apps.sampler.cli", "cmd_sample"),
         "sample N images per class into PNGs and an ADM-style .npz (shards under torchrun, --resume)")
     add("evaluate", lazy_command(EVALUATION, "cmd_evaluate"), "sample quality of generation configurations")
+    add("fid", lazy_command("mvar_engine.apps.evaluation.fid", "cmd_fid"),
+        "FID / IS of an .npz image batch against a reference batch (torch-fidelity's Inception, local weights)")
     add("export-weights", cmd_export_weights, "copy weights to .safetensors at another dtype")
     add("profile-heads", lazy_command("mvar_engine.apps.profile_heads", "cmd_profile_heads"),
         "classify a raster model's heads for --cache ssd")

@@ -59,18 +59,25 @@ def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
     sample (see :data:`Generators`)."""
     if top_k == 1:
         return logits.argmax(dim=-1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        if len(generator) != logits.shape[0]:
-            raise ValueError(f"{len(generator)} generators for {logits.shape[0]} samples")
-        return torch.cat([sample_tokens(logits[b:b + 1], top_k=top_k, top_p=top_p, generator=g)
-                          for b, g in enumerate(generator)])
-    vocab = logits.shape[-1]
+    per_sample = generator is not None and not isinstance(generator, torch.Generator)
+    if per_sample and len(generator) != logits.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {logits.shape[0]} samples")
+    vocab, length = logits.shape[-1], logits.shape[1] if logits.dim() == 3 else 1
     flat = logits.reshape(-1, vocab)
     rows = max(1, SAMPLING_CHUNK_BYTES // (4 * vocab))
+    if per_sample:  # whole samples per chunk: sample b's rows draw from generator[b] alone
+        rows = max(1, rows // length) * length
     out = torch.empty(flat.shape[0], 1, dtype=torch.long, device=logits.device)
     for start in range(0, flat.shape[0], rows):
-        filtered = filter_top_k_top_p(flat[start:start + rows].float(), top_k, top_p)
-        out[start:start + rows] = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator)
+        # the filters and the softmax work row by row, so a row's probabilities do not depend on its chunk
+        probs = filter_top_k_top_p(flat[start:start + rows].float(), top_k, top_p).softmax(dim=-1)
+        if not per_sample:
+            out[start:start + rows] = torch.multinomial(probs, 1, generator=generator)
+            continue
+        for offset in range(0, probs.shape[0], length):
+            sample = (start + offset) // length
+            out[start + offset:start + offset + length] = torch.multinomial(
+                probs[offset:offset + length], 1, generator=generator[sample])
     return out.view(logits.shape[:-1])
 
 

@@ -23,6 +23,7 @@ from mvar_engine.apps.npz_images import read_npz_images, write_npz_images
 from mvar_engine.apps.pipeline import Pipeline
 from mvar_engine.apps.sampler.folder import first_difference
 from mvar_engine.apps.seeding import image_generators, image_seed, numbered
+from mvar_engine.core import sampling
 from mvar_engine.core.sampling import sample_tokens
 
 
@@ -43,14 +44,20 @@ def test_numbered_continues_a_repeated_label():
     assert numbered([3, 5, 3], 2) == [(3, 0), (3, 1), (5, 0), (5, 1), (3, 2), (3, 3)]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 6), l=st.integers(1, 9), vocab=st.integers(2, 40), top_k=st.integers(0, 45),
-       top_p=st.sampled_from([0.0, 0.6, 0.95]), seed=st.integers(0, 99))
-def test_per_sample_generators_draw_each_sample_alone(b, l, vocab, top_k, top_p, seed):
-    """Row b drawn in a batch with generator g_b equals row b drawn alone with a fresh g_b."""
+       top_p=st.sampled_from([0.0, 0.6, 0.95]), seed=st.integers(0, 99), chunk_rows=st.integers(1, 30))
+def test_per_sample_generators_draw_each_sample_alone(b, l, vocab, top_k, top_p, seed, chunk_rows):
+    """Row b drawn in a batch (filtered in chunks of any size) with generator g_b equals row b drawn
+    alone with a fresh g_b."""
     logits = torch.randn(b, l, vocab, generator=torch.Generator().manual_seed(seed)) * 3
     items = [(seed % 7, i) for i in range(b)]
-    together = sample_tokens(logits, top_k=top_k, top_p=top_p, generator=image_generators(seed, items))
+    saved = sampling.SAMPLING_CHUNK_BYTES
+    sampling.SAMPLING_CHUNK_BYTES = chunk_rows * 4 * vocab
+    try:
+        together = sample_tokens(logits, top_k=top_k, top_p=top_p, generator=image_generators(seed, items))
+    finally:
+        sampling.SAMPLING_CHUNK_BYTES = saved
     for row, item in enumerate(items):
         alone = sample_tokens(logits[row:row + 1], top_k=top_k, top_p=top_p, generator=image_generators(seed, [item]))
         assert torch.equal(together[row:row + 1], alone)
@@ -144,6 +151,14 @@ def test_npz_bytes_do_not_depend_on_batch_size_and_resume(tmp_path):
     assert [r["resumed"] for r in runs] == [False, True] and runs[1]["generated_by_rank0"] == 2
 
 
+def test_resize_sizes_every_image_and_is_part_of_the_identity(tmp_path):
+    npz = run_sample(tmp_path / "r", "--resize", "24", "--batch-size", "4")
+    assert read_npz_images(npz, "x").images.shape == (9, 24, 24, 3)
+    assert sha256(run_sample(tmp_path / "r7", "--resize", "24", "--batch-size", "7")) == sha256(npz)
+    with pytest.raises(Exception, match="resize=24, this run has resize=null"):
+        main([*SAMPLE, "--output-dir", str(tmp_path / "r"), "--resume", "--debug"])
+
+
 def test_two_torchrun_processes_write_the_same_npz_as_one(tmp_path):
     one = sha256(run_sample(tmp_path / "one", "--batch-size", "2"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -188,7 +203,7 @@ def test_resume_refuses_a_folder_of_another_configuration(tmp_path, sampled, ref
 
 
 @pytest.mark.parametrize("case", ["per-class-0", "per-class-text", "output-dir-file", "not-empty", "npz-suffix",
-                                  "refused-flag", "foreign-record", "bad-label"])
+                                  "refused-flag", "foreign-record", "bad-label", "resize-small"])
 def test_sample_bad_input_is_one_line(case, tmp_cwd, refused):
     (tmp_cwd / "file.txt").write_text("x")
     (tmp_cwd / "other").mkdir()
@@ -204,5 +219,6 @@ def test_sample_bad_input_is_one_line(case, tmp_cwd, refused):
         "refused-flag": (["--output", "x.png"], "--output does not apply here; sample writes into --output-dir"),
         "foreign-record": (["--output-dir", "foreign", "--resume"], "was not written by `mvar-engine sample`"),
         "bad-label": (["--labels", "12"], "this model has classes 0..9"),
+        "resize-small": (["--resize", "4"], "--resize 4: give a side of at least 8 pixels"),
     }[case]
     refused(["sample", *flags], needle)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...core import __version__
@@ -46,6 +48,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def resize_side(text: str) -> int:
+    """argparse type of ``--resize``: a side of at least 8 pixels."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--resize {text!r}: give the side in pixels (e.g. 256)") from None
+    if value < 8:
+        raise UsageError(f"--resize {value}: give a side of at least 8 pixels")
+    return value
+
+
+def resized(images: torch.Tensor, side: int | None) -> torch.Tensor:
+    """``images [N, 3, H, W]`` in [0, 1] resized to ``side`` (bicubic, each image on its own), clamped."""
+    if side is None or tuple(images.shape[-2:]) == (side, side):
+        return images
+    return F.interpolate(images, size=(side, side), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 def add_sample_flags(parser) -> None:
     g = parser.add_argument_group("sampling job")
     g.add_argument("--per-class", type=positive_int, default=DEFAULT_PER_CLASS, metavar="N",
@@ -53,6 +73,9 @@ def add_sample_flags(parser) -> None:
     g.add_argument("--output-dir", default="samples", metavar="DIR",
                    help="folder of the PNGs (DIR/images) and DIR/samples.json (default samples)")
     g.add_argument("--npz", default=None, metavar="PATH", help="packed images (default DIR/samples.npz)")
+    g.add_argument("--resize", type=resize_side, default=None, metavar="SIDE",
+                   help="resize every image to SIDE x SIDE (bicubic) before it is saved, as LlamaGen's "
+                        "--image-size-eval 256 does for its 384 px models (default: the model's size)")
     g.add_argument("--resume", action="store_true", default=False, help="continue a folder: skip the images already in it "
                    "(refused when it was written with other settings)")
 
@@ -112,7 +135,7 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
         pipe = Pipeline.build(run)
         labels = list(range(pipe.adapter.num_classes))
     files = model_files(run.config)
-    identity = sample_identity(run.config, info.device, labels, args.per_class, files)
+    identity = sample_identity(run.config, info.device, labels, args.per_class, files, args.resize)
     items = plan_items(labels, args.per_class)
     problem, record = None, None
     if info.is_main:
@@ -137,7 +160,7 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
     for offset in range(0, len(todo), batch):
         chunk = todo[offset:offset + batch]
         result = pipe.generate_items(chunk, progress=lambda n: None)
-        for (label, index), pixels in zip(chunk, to_uint8(result.images)):
+        for (label, index), pixels in zip(chunk, to_uint8(resized(result.images, args.resize))):
             folder.save(label, index, pixels)
         bar.update(len(chunk))
     bar.close()
