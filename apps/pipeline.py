@@ -307,10 +307,12 @@ class Pipeline:
             raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{self.adapter.num_classes - 1}")
 
     def generate_items(self, items: Sequence[tuple[int, int]], cache: CachePolicy | None = None,
-                       progress: Callable[[int], None] | None = None) -> GenerationResult:
+                       progress: Callable[[int], None] | None = None, decode_chunk: int = 1) -> GenerationResult:
         """Image ``index`` of class ``label`` for every ``(label, index)`` item, in batches of the
         config's ``batch_size``; each image draws from its own generator seeded from (seed, label,
-        index) (:mod:`.seeding`). ``progress(n)``: called with the number of images each batch
+        index) (:mod:`.seeding`) and is decoded on its own, so its pixels do not depend on the batch
+        (``decode_chunk > 1`` decodes that many at once: faster, but the decoder's rounding then
+        depends on the chunk). ``progress(n)``: called with the number of images each batch
         finished (the default is a bar over the trajectory's steps)."""
         cfg = self.config
         cache = cache or self.components.cache
@@ -330,7 +332,8 @@ class Pipeline:
             peak = max(peak, out.cache_peak_bytes)
             maps = self.adapter.token_maps(out)
             with torch.no_grad():  # image by image: its pixels depend on its tokens alone
-                pixels = torch.cat([self.adapter.decode_maps([m[i:i + 1] for m in maps]) for i in range(len(chunk))])
+                pixels = torch.cat([self.adapter.decode_maps([m[i:i + decode_chunk] for m in maps])
+                                    for i in range(0, len(chunk), decode_chunk)])
                 images.append(pixels.add(1).mul(0.5).clamp(0, 1).cpu())
             tokens.append([t.cpu() for t in maps])
             if progress is not None:

@@ -134,6 +134,7 @@ def test_sample_writes_pngs_npz_and_a_record(tmp_path, capsys):
     record = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert record["mvar_engine"] and record["npz"]["sha256"] == sha256(npz) and record["images"] == 9
     assert record["identity"]["labels"] == [1, 4, 7] and record["identity"]["per_class"] == 3
+    assert record["identity"]["decode_chunk"] == 1 and record["identity"]["resize"] is None
     assert set(record["identity"]["model_files"]) == {"var_checkpoint", "vae_checkpoint"}
     assert record["config"]["sampling"]["seed"] == 0 and record["runs"][0]["batch_size"] == 4
 
@@ -149,6 +150,13 @@ def test_npz_bytes_do_not_depend_on_batch_size_and_resume(tmp_path):
     assert not list((tmp_path / "b16" / "images").glob("*.tmp"))
     runs = json.loads((tmp_path / "b16" / "samples.json").read_text())["runs"]
     assert [r["resumed"] for r in runs] == [False, True] and runs[1]["generated_by_rank0"] == 2
+
+
+def test_decode_chunk_decodes_several_images_at_once(tmp_path):
+    npz = run_sample(tmp_path / "d", "--decode-chunk", "4", "--batch-size", "5")
+    reference = read_npz_images(run_sample(tmp_path / "one"), "x").images.astype(int)
+    # the same tokens: the decoder's rounding may move a pixel by a level, never more
+    assert np.abs(read_npz_images(npz, "x").images.astype(int) - reference).max() <= 1
 
 
 def test_resize_sizes_every_image_and_is_part_of_the_identity(tmp_path):
@@ -203,7 +211,8 @@ def test_resume_refuses_a_folder_of_another_configuration(tmp_path, sampled, ref
 
 
 @pytest.mark.parametrize("case", ["per-class-0", "per-class-text", "output-dir-file", "not-empty", "npz-suffix",
-                                  "refused-flag", "foreign-record", "bad-label", "resize-small"])
+                                  "refused-flag", "foreign-record", "bad-label", "resize-small",
+                                  "decode-chunk-0"])
 def test_sample_bad_input_is_one_line(case, tmp_cwd, refused):
     (tmp_cwd / "file.txt").write_text("x")
     (tmp_cwd / "other").mkdir()
@@ -211,7 +220,8 @@ def test_sample_bad_input_is_one_line(case, tmp_cwd, refused):
     (tmp_cwd / "foreign").mkdir()
     (tmp_cwd / "foreign" / "samples.json").write_text('{"something": "else"}')
     flags, needle = {
-        "per-class-0": (["--per-class", "0"], "--per-class 0: give at least 1 image per class"),
+        "per-class-0": (["--per-class", "0"], "--per-class 0: give at least 1"),
+        "decode-chunk-0": (["--decode-chunk", "0"], "--decode-chunk 0: give at least 1"),
         "per-class-text": (["--per-class", "many"], "give a whole number"),
         "output-dir-file": (["--output-dir", "file.txt"], "is a file, not a folder"),
         "not-empty": (["--output-dir", "other"], "is not empty and holds no samples.json"),
@@ -219,6 +229,6 @@ def test_sample_bad_input_is_one_line(case, tmp_cwd, refused):
         "refused-flag": (["--output", "x.png"], "--output does not apply here; sample writes into --output-dir"),
         "foreign-record": (["--output-dir", "foreign", "--resume"], "was not written by `mvar-engine sample`"),
         "bad-label": (["--labels", "12"], "this model has classes 0..9"),
-        "resize-small": (["--resize", "4"], "--resize 4: give a side of at least 8 pixels"),
+        "resize-small": (["--resize", "4"], "--resize 4: give at least 8"),
     }[case]
     refused(["sample", *flags], needle)

@@ -318,6 +318,8 @@ BENCH_CACHE = {"--model": "tiny", "--batch": "1", "--repeats": "1", "--warmup": 
                "--no-table": None, "--output": "bc.json"}
 EVALUATE = {"--samples-per-class": "1", "--compare": "m=--trajectory markov", "--no-table": None,
             "--output": "e.json"}
+SAMPLE = {"--per-class": "1", "--labels": "0,1", "--no-progress": None, "--output-dir": "s"}
+FID = {"--ref": "a.npz", "--inception-weights": "w.pth", "--no-progress": None, "--output": "f.json"}
 
 
 def gen(*extra: str, drop: tuple[str, ...] = ()) -> list[str]:
@@ -359,6 +361,24 @@ def bench(name: str, base: dict[str, str | None], *extra: str) -> list[str]:
 
 def evaluate(*extra: str) -> list[str]:
     return with_base(["evaluate"], EVALUATE, list(extra))
+
+
+def sample(*extra: str) -> list[str]:
+    return with_base(["sample"], SAMPLE, list(extra))
+
+
+def fid(samples: str, *extra: str) -> list[str]:
+    return with_base(["fid", samples], FID, list(extra))
+
+
+def npz(name: str, shape: tuple[int, ...] = (4, 16, 16, 3), dtype: str = "uint8") -> Setup:
+    """An ADM-style batch ``name`` (``arr_0`` of ``shape`` and ``dtype``) written with numpy."""
+    def run(cwd: Path, fx: Fixtures) -> None:
+        import numpy as np
+
+        np.savez(cwd / name, np.zeros(shape, dtype=dtype))
+
+    return run
 
 
 def build_cases() -> list[Case]:
@@ -780,6 +800,34 @@ def build_cases() -> list[Case]:
         numeric("bench-cache-", bc, flag, values, "see bench cache --help")
     bad("bench-cache-head-map-dir", bc("--policies", "ssd", "--head-map", "hm"), mkdir("hm"), why="a directory")
     bad("bench-cache-output-dir", bc("--output", "odir"), mkdir("odir"), why="a directory")
+
+    # -- sample and fid ---------------------------------------------------------------------------
+    ok("control-sample", sample())
+    for flag, values in {"--per-class": {**ZERO, **NEG, "text": "many"}, "--resize": {**ZERO, "small": "4"},
+                         "--batch-size": ZERO, "--seed": BIG, "--cfg": NAN}.items():
+        numeric("sample-", sample, flag, values, "see sample --help")
+    bad("sample-output-dir-file", sample("--output-dir", "f.txt"), write("f.txt", "x"), why="a file, not a folder")
+    bad("sample-output-dir-foreign", sample("--output-dir", "d"), chain(mkdir("d"), write("d/notes.txt", "x")),
+        why="a folder of other files")
+    bad("sample-resume-foreign-record", sample("--output-dir", "d", "--resume"),
+        chain(mkdir("d"), write("d/samples.json", '{"x": 1}')), why="not a sample record")
+    bad("sample-npz-suffix", sample("--npz", "x.zip"), why="--npz takes a .npz path")
+    bad("sample-output-flag", sample("--output", "x.png"), why="sample writes into --output-dir")
+    bad("sample-samples-per-label", sample("--samples-per-label", "2"), why="use --per-class")
+    bad("sample-labels-range", sample("--labels", "12"), why="the shipped models have classes 0..9")
+    weights = random_bytes("w.pth", 64)
+    ok_batch = npz("a.npz")
+    bad("fid-no-weights", ["fid", "a.npz", "--ref", "a.npz", "--output", "f.json"], ok_batch,
+        why="the Inception weights are a local file: nothing is downloaded")
+    bad("fid-weights-missing", fid("a.npz", "--inception-weights", "none.pth"), ok_batch, why="no such file")
+    bad("fid-weights-garbage", fid("a.npz"), chain(ok_batch, weights), why="not an Inception state dict")
+    bad("fid-float-batch", fid("b.npz"), chain(ok_batch, weights, npz("b.npz", dtype="float32")), why="not uint8")
+    bad("fid-gray-batch", fid("b.npz"), chain(ok_batch, weights, npz("b.npz", (4, 16, 16))), why="not [N, H, W, 3]")
+    bad("fid-other-resolution", fid("b.npz"), chain(ok_batch, weights, npz("b.npz", (4, 32, 32, 3))),
+        why="the reference is 16x16")
+    bad("fid-not-npz", fid("b.npz"), chain(ok_batch, weights, write("b.npz", "text")), why="not a zip")
+    bad("fid-samples-missing", fid("none.npz"), chain(ok_batch, weights), why="no such file")
+    bad("fid-batch-size-zero", fid("a.npz", "--batch-size", "0"), chain(ok_batch, weights), why=">= 1")
 
     # -- evaluate ---------------------------------------------------------------------------------
     for flag, values in {"--samples-per-class": ZERO, "--batch-size": ZERO, "--resolution": ZERO,

@@ -37,26 +37,18 @@ DEFAULT_PER_CLASS = 50
 """Images per class by default: the ImageNet protocol's 50 (50,000 for 1,000 classes)."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--per-class 0`` makes nothing to sample)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"--per-class {text!r}: give a whole number of images per class (e.g. 50)") from None
-    if value < 1:
-        raise UsageError(f"--per-class {value}: give at least 1 image per class")
-    return value
+def positive_int_of(flag: str, what: str = "a whole number", minimum: int = 1):
+    """argparse type: an integer >= ``minimum`` for ``flag`` (one-line errors naming it)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(f"{flag} {text!r}: give {what}") from None
+        if value < minimum:
+            raise UsageError(f"{flag} {value}: give at least {minimum}")
+        return value
 
-
-def resize_side(text: str) -> int:
-    """argparse type of ``--resize``: a side of at least 8 pixels."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"--resize {text!r}: give the side in pixels (e.g. 256)") from None
-    if value < 8:
-        raise UsageError(f"--resize {value}: give a side of at least 8 pixels")
-    return value
+    return parse
 
 
 def resized(images: torch.Tensor, side: int | None) -> torch.Tensor:
@@ -68,14 +60,18 @@ def resized(images: torch.Tensor, side: int | None) -> torch.Tensor:
 
 def add_sample_flags(parser) -> None:
     g = parser.add_argument_group("sampling job")
-    g.add_argument("--per-class", type=positive_int, default=DEFAULT_PER_CLASS, metavar="N",
+    g.add_argument("--per-class", type=positive_int_of("--per-class", "a whole number of images per class (e.g. 50)"),
+                   default=DEFAULT_PER_CLASS, metavar="N",
                    help=f"images of every class (default {DEFAULT_PER_CLASS}; with --labels, of each label)")
     g.add_argument("--output-dir", default="samples", metavar="DIR",
                    help="folder of the PNGs (DIR/images) and DIR/samples.json (default samples)")
     g.add_argument("--npz", default=None, metavar="PATH", help="packed images (default DIR/samples.npz)")
-    g.add_argument("--resize", type=resize_side, default=None, metavar="SIDE",
+    g.add_argument("--resize", type=positive_int_of("--resize", "the side in pixels (e.g. 256)", minimum=8), default=None, metavar="SIDE",
                    help="resize every image to SIDE x SIDE (bicubic) before it is saved, as LlamaGen's "
                         "--image-size-eval 256 does for its 384 px models (default: the model's size)")
+    g.add_argument("--decode-chunk", type=positive_int_of("--decode-chunk"), default=1, metavar="N",
+                   help="images decoded at once (default 1: each image on its own, so its pixels do not depend on "
+                        "the batch; N > 1 is faster on a GPU, but the decoder's rounding then depends on the chunk)")
     g.add_argument("--resume", action="store_true", default=False, help="continue a folder: skip the images already in it "
                    "(refused when it was written with other settings)")
 
@@ -135,7 +131,8 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
         pipe = Pipeline.build(run)
         labels = list(range(pipe.adapter.num_classes))
     files = model_files(run.config)
-    identity = sample_identity(run.config, info.device, labels, args.per_class, files, args.resize)
+    identity = sample_identity(run.config, info.device, labels, args.per_class, files, args.resize,
+                               args.decode_chunk)
     items = plan_items(labels, args.per_class)
     problem, record = None, None
     if info.is_main:
@@ -159,7 +156,7 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
     batch = pipe.config.batch_size
     for offset in range(0, len(todo), batch):
         chunk = todo[offset:offset + batch]
-        result = pipe.generate_items(chunk, progress=lambda n: None)
+        result = pipe.generate_items(chunk, progress=lambda n: None, decode_chunk=args.decode_chunk)
         for (label, index), pixels in zip(chunk, to_uint8(resized(result.images, args.resize))):
             folder.save(label, index, pixels)
         bar.update(len(chunk))

@@ -1,7 +1,7 @@
 """What decides a sample folder's images: every generation setting except those that only change
 how fast they are made (batch size, progress bar, output paths, which GPU), the device type (CPU
 and CUDA generators draw different numbers from one seed), the model files by content (SHA-256,
-so a moved file still matches and a changed one does not), the labels, the images per class and the size they are resized to."""
+so a moved file still matches and a changed one does not), the labels, the images per class, the size they are resized to and how many are decoded at once."""
 
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ def model_files(config: EngineConfig) -> dict[str, dict[str, str]]:
 
 
 def sample_identity(config: EngineConfig, device: torch.device, labels: Sequence[int], per_class: int,
-                    files: dict[str, dict[str, str]], resize: int | None = None) -> dict[str, Any]:
+                    files: dict[str, dict[str, str]], resize: int | None = None, decode_chunk: int = 1
+                    ) -> dict[str, Any]:
     """The settings a resumed run must share with the folder's first run (see the module docstring)."""
     settings = config.model_dump(mode="json", exclude=SPEED_ONLY)
     for role in MODEL_PATHS:
         settings["model"].pop(role, None)
     return {**settings, "device_type": device.type, "labels": list(labels), "per_class": per_class, "resize": resize,
+            "decode_chunk": decode_chunk,
             "model_files": {role: entry["sha256"] for role, entry in files.items()}}
