@@ -69,6 +69,11 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
                argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=add_help)
     if command is not None:
         command.extend(p)
+
+    def offer(group, flag: str, **kwargs) -> None:
+        """Add a generation flag, unless the command refuses it (then --help does not list it)."""
+        if command is None or flag not in command.refused:
+            group.add_argument(flag, **kwargs)
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config file (flags override it)")
     g = p.add_argument_group("components (see 'mvar-engine plugins')")
     g.add_argument("--trajectory", metavar="NAME", help="conditioning trajectory (default: markov)")
@@ -96,7 +101,7 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     m.add_argument("--no-strict", action="store_true", help="load checkpoints that do not match exactly")
     s = p.add_argument_group("sampling")
     s.add_argument("--labels", metavar="L,L,...", help="class labels, one grid row each")
-    s.add_argument("--samples-per-label", type=int, metavar="N", help="images per label (grid columns; default 8)")
+    offer(s, "--samples-per-label", type=int, metavar="N", help="images per label (grid columns; default 8)")
     s.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default 16)")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1.5). 0: none, the conditional "
                    "rows alone (no unconditional rows run); raster models guide, as LlamaGen, only above 1")
@@ -105,9 +110,9 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
                    "the probability mass (default 0.96; 0 or 1 = off)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     o = p.add_argument_group("output and run")
-    o.add_argument("--output", metavar="PATH", help="PNG grid path (default outputs/samples.png)")
-    o.add_argument("--per-image", action="store_true", help="also write one PNG per image")
-    o.add_argument("--save-tokens", metavar="PATH", help="write per-scale token indices (.pt or .safetensors)")
+    offer(o, "--output", metavar="PATH", help="PNG grid path (default outputs/samples.png)")
+    offer(o, "--per-image", action="store_true", help="also write one PNG per image")
+    offer(o, "--save-tokens", metavar="PATH", help="write per-scale token indices (.pt or .safetensors)")
     o.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     o.add_argument("--dtype", help="float32 (default), bfloat16 or float16 autocast (CUDA; bfloat16 also on a CPU with "
                    "native bf16: avx512_bf16, amx_bf16)")
