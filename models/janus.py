@@ -43,6 +43,7 @@ Conventions and limits:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import sys
@@ -110,12 +111,20 @@ def load_janus_config(model_dir: str | Path):
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The directory's text tokenizer (``AutoTokenizer``, local files only), or None when it has none."""
+    """The directory's text tokenizer (``AutoTokenizer``, local files only), or None when it has none.
+    Loaded once per directory and state of its files (a run inspects, then builds)."""
     path = _check_model_dir(model_dir)
     if not has_tokenizer_files(path):
         return None
-    transformers = import_transformers()
-    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    stamps = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir()
+                          if p.is_file() and p.suffix != ".safetensors"))
+    return _tokenizer_of(str(path.resolve()), stamps)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_of(path: str, stamps: tuple) -> Any:
+    """``AutoTokenizer`` of ``path``; ``stamps`` (its files but the weights: names, mtimes, sizes) key the cache."""
+    return import_transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def load_janus(model_dir: str | Path, dtype: torch.dtype = torch.float32,

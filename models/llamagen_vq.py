@@ -159,8 +159,16 @@ class _Level(nn.Module):
     """One resolution level: ``res`` (res blocks), ``attn`` (empty, or one after each res block) and,
     registered by the owner, ``downsample`` (encoder) or ``upsample`` (decoder)."""
 
-    def __init__(self, res: list[nn.Module], attn: list[nn.Module]) -> None:
+    def __init__(self, block_in: int, block_out: int, blocks: int, attention: bool, dropout: float) -> None:
+        """``blocks`` res blocks from ``block_in`` to ``block_out`` channels, with an attention
+        block after each when ``attention``."""
         super().__init__()
+        res: list[nn.Module] = []
+        attn: list[nn.Module] = []
+        for i in range(blocks):  # built in this order, so a seeded initialisation stays the same
+            res.append(ResnetBlock(block_in if i == 0 else block_out, block_out, dropout))
+            if attention:
+                attn.append(LlamaGenAttnBlock(block_out))
         self.res = nn.ModuleList(res)
         self.attn = nn.ModuleList(attn)
 
@@ -193,15 +201,8 @@ class LlamaGenEncoder(nn.Module):
         self.conv_blocks = nn.ModuleList()
         block_in = ch
         for i_level, mult in enumerate(ch_mult):
-            block_out = ch * mult
-            res: list[nn.Module] = []
-            attn: list[nn.Module] = []
-            for _ in range(num_res_blocks):
-                res.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i_level == n - 1:
-                    attn.append(LlamaGenAttnBlock(block_in))
-            level = _Level(res, attn)
+            level = _Level(block_in, ch * mult, num_res_blocks, i_level == n - 1, dropout)
+            block_in = ch * mult
             if i_level != n - 1:
                 level.downsample = Downsample2x(block_in)
             self.conv_blocks.append(level)
@@ -239,15 +240,8 @@ class LlamaGenDecoder(nn.Module):
         self.mid = _mid(block_in, dropout)
         self.conv_blocks = nn.ModuleList()
         for i_level in reversed(range(n)):
-            block_out = ch * ch_mult[i_level]
-            res: list[nn.Module] = []
-            attn: list[nn.Module] = []
-            for _ in range(num_res_blocks + 1):
-                res.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i_level == n - 1:
-                    attn.append(LlamaGenAttnBlock(block_in))
-            level = _Level(res, attn)
+            level = _Level(block_in, ch * ch_mult[i_level], num_res_blocks + 1, i_level == n - 1, dropout)
+            block_in = ch * ch_mult[i_level]
             if i_level != 0:
                 level.upsample = Upsample2x(block_in)
             self.conv_blocks.append(level)

@@ -164,6 +164,7 @@ def test_matrix_end_to_end(tmp_cwd, capsys):
     markdown = (tmp_cwd / "out" / "m.md").read_text()
     assert "| tiny | 2 | markov/neighborhood:kernel_size=3/none |" in markdown and "random" in markdown.lower()
     assert f"{MVAR_K3_PAIRS / FULL_PAIRS:.2f}x" in markdown
+    assert "1 torch threads per cell" in markdown  # --threads 1, not the parent's count
     with Image.open(tmp_cwd / "out" / "m.png") as chart:
         assert chart.format == "PNG" and chart.width >= 640
     assert "| model | batch |" in captured.out and "wrote out/m.json" in captured.out

@@ -26,7 +26,8 @@ from mvar_engine.core.engine import Engine  # noqa: E402
 from mvar_engine.core.errors import UsageError  # noqa: E402
 from mvar_engine.core.registry import load_registry  # noqa: E402
 from mvar_engine.models.janus import (TRANSFORMERS_MISSING, JanusAdapter, JanusPromptedModel,  # noqa: E402
-                                      MissingDependencyError, encode_prompt, image_prompt_text, load_janus)
+                                      MissingDependencyError, encode_prompt, image_prompt_text, load_janus,
+                                      load_tokenizer)
 from mvar_engine.plugins.budget_cache import BudgetOptions, TokenWindowCache  # noqa: E402
 from mvar_engine.plugins.caches import FullCache, NoCache  # noqa: E402
 from mvar_engine.plugins.h2o_cache import H2OCache, H2OOptions  # noqa: E402
@@ -139,6 +140,18 @@ def test_loader_reads_the_local_directory(loaded):
     assert next(model.parameters()).dtype == torch.float32
     assert tokenizer is not None and tokenizer.convert_tokens_to_ids("<begin_of_image>") == BOI
     assert model.generation_config.generation_kwargs["boi_token_id"] == BOI
+
+
+def test_the_tokenizer_is_loaded_once_per_state_of_its_files(janus_dirs, tmp_path):
+    """A run inspects (the prompt's length) and then builds: one tokenizer load, not two."""
+    import shutil
+
+    folder = shutil.copytree(janus_dirs["mha"], tmp_path / "copy")
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first and load_janus(folder)[1] is first
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")  # a changed file is loaded again
+    assert load_tokenizer(folder) is not first
 
 
 def test_bfloat16_weights_run_with_float32_logits(janus_dirs):

@@ -568,8 +568,9 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
     machine = payload["machine"]
     settings = payload["settings"]
     baselines = ", ".join(f"`{text}`" for text in payload.get("baselines", {"": payload["baseline"]}).values())
+    threads = settings.get("threads") or machine["torch_threads"]  # --threads is what every cell ran with
     text = (f"# mvar-engine bench matrix\n\n{machine['device_name']} ({machine['device']}, {machine['cpu_count']} CPUs, "
-            f"{machine['torch_threads']} torch threads), torch {machine['torch']}. Random weights (time and memory "
+            f"{threads} torch threads per cell), torch {machine['torch']}. Random weights (time and memory "
             f"only). Baseline{'s' if len(baselines) > 1 else ''}: {baselines}; ratios are this configuration / the "
             f"baseline of its family for the same model and batch. Memory: {'peak allocated (CUDA)' if machine['device'].startswith('cuda') else 'peak resident set'}"
             f" including weights; working = peak - memory after the load. Transformer time: median of "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,21 @@ def cmd_sample(argv: Sequence[str]) -> int:
         D.cleanup()
 
 
+def on_main(info: D.DistInfo, work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0 only; its one-line ``UsageError`` is raised on every rank (so no rank
+    waits at a barrier for one that stopped). Returns its result on rank 0, None elsewhere."""
+    problem, result = None, None
+    if info.is_main:
+        try:
+            result = work()
+        except UsageError as error:
+            problem = str(error)
+    problem = D.broadcast_object(problem)
+    if problem is not None:
+        raise UsageError(problem)
+    return result
+
+
 def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D.DistInfo) -> int:
     run = prepare_run(config)
     labels = job_labels(run.config, run)
@@ -130,27 +145,22 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
     if labels is None:  # the family tells nothing before the build: build first
         pipe = Pipeline.build(run)
         labels = list(range(pipe.adapter.num_classes))
-    files = model_files(run.config)
-    identity = sample_identity(run.config, info.device, labels, args.per_class, files, args.resize,
-                               args.decode_chunk)
     items = plan_items(labels, args.per_class)
-    problem, record = None, None
-    if info.is_main:
-        try:
-            record = folder.check_start(identity, args.resume)
-            folder.remove_temps(items)
-            folder.write_record(start_record(record, run.config, identity, files, args, info, len(items)))
-        except UsageError as error:
-            problem = str(error)
-    problem = D.broadcast_object(problem)
-    if problem is not None:
-        raise UsageError(problem)
+
+    def start() -> None:  # rank 0: the folder may take this run (model files hashed once, here)
+        files = model_files(run.config)
+        identity = sample_identity(run.config, info.device, labels, args.per_class, files, args.resize,
+                                   args.decode_chunk)
+        record = folder.check_start(identity, args.resume)
+        folder.remove_temps(items)
+        folder.write_record(start_record(record, run.config, identity, files, info, len(items)))
+
+    on_main(info, start)
     pipe = pipe or Pipeline.build(run)
-    pipe.check_labels(labels)
     mine = items[info.rank::info.world_size]
     done = folder.done(mine)
     todo = [item for item in mine if item not in done]
-    start = time.perf_counter()
+    began = time.perf_counter()
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc="images",
                disable=not (config.progress and info.is_main))
     batch = pipe.config.batch_size
@@ -161,9 +171,10 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
             folder.save(label, index, pixels)
         bar.update(len(chunk))
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     D.barrier()
-    if info.is_main:
+
+    def pack() -> None:  # rank 0, once every rank has written its images
         path, (height, width) = folder.pack(items, npz)
         record = folder.read_record() or {}
         record["npz"] = {"path": str(path), "sha256": file_sha256(path), "images": len(items),
@@ -172,12 +183,13 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
         folder.write_record(record)
         print(f"wrote {path} ({len(items)} images of {len(labels)} classes, {width}x{height}; {len(todo)} generated "
               f"by rank 0 in {seconds:.1f} s, {info.world_size} process(es); {folder.root}/images)")
-    D.barrier()
+
+    on_main(info, pack)
     return 0
 
 
 def start_record(previous: dict[str, Any] | None, config: EngineConfig, identity: dict[str, Any],
-                 files: dict[str, dict[str, str]], args, info: D.DistInfo, images: int) -> dict[str, Any]:
+                 files: dict[str, dict[str, str]], info: D.DistInfo, images: int) -> dict[str, Any]:
     """``samples.json`` at the start of a run: the identity, every setting, the model files, the
     package version and this run appended to ``runs`` (the packed npz is added at the end)."""
     runs = list((previous or {}).get("runs", []))
