@@ -163,6 +163,13 @@ def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
     return None if dtype == "float32" else {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def check_labels(labels: Iterable[int], num_classes: int) -> None:
+    """Refuse (one line) labels outside ``0 .. num_classes - 1``."""
+    bad = sorted({label for label in labels if not 0 <= label < num_classes})
+    if bad:
+        raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{num_classes - 1}")
+
+
 def check_model_facts(config: EngineConfig, components: Components) -> ModelFacts | None:
     """Check the run against what its model family tells before building (``ModelFamily.inspect``):
     the labels against the classes, the attention pattern and the cache against the layout, layer
@@ -171,9 +178,7 @@ def check_model_facts(config: EngineConfig, components: Components) -> ModelFact
     facts = components.model.inspect(config)
     if facts is None:
         return None
-    bad = [label for label in (config.labels or []) if not 0 <= label < facts.num_classes]
-    if bad:
-        raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{facts.num_classes - 1}")
+    check_labels(config.labels or [], facts.num_classes)
     components.pattern.check_layout(facts.layout)
     components.cache.check_layout(facts.layout, num_layers=facts.num_layers, num_heads=facts.num_heads,
                                   weights_id=facts.weights_id)
@@ -300,12 +305,6 @@ class Pipeline:
         result.rows = len(labels)
         return result
 
-    def check_labels(self, labels: Iterable[int]) -> None:
-        """Refuse (one line) labels outside the model's classes."""
-        bad = sorted({label for label in labels if not 0 <= label < self.adapter.num_classes})
-        if bad:
-            raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{self.adapter.num_classes - 1}")
-
     def generate_items(self, items: Sequence[tuple[int, int]], cache: CachePolicy | None = None,
                        progress: Callable[[int], None] | None = None, decode_chunk: int = 1) -> GenerationResult:
         """Image ``index`` of class ``label`` for every ``(label, index)`` item, in batches of the
@@ -316,7 +315,7 @@ class Pipeline:
         finished (the default is a bar over the trajectory's steps)."""
         cfg = self.config
         cache = cache or self.components.cache
-        self.check_labels(label for label, _ in items)
+        check_labels((label for label, _ in items), self.adapter.num_classes)
         all_labels = torch.tensor([label for label, _ in items], dtype=torch.long)
         generators = image_generators(cfg.sampling.seed, items, self.device)
         images, tokens, peak = [], [], 0

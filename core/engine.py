@@ -145,8 +145,8 @@ class Engine:
         """Generate one image's tokens per label (``labels: LongTensor[B]``) with ``cache``.
 
         ``generator``: one for every draw, or one per label (a sample's tokens then do not depend on
-        the batch it is generated in). ``forced_tokens`` replays given tokens instead of sampling (equivalence tests; layout as the
-        adapter's ``forced``). ``progress``: an optional callable per step index. Returns the
+        the batch it is generated in). ``forced_tokens`` replays given tokens instead of sampling
+        (equivalence tests; layout as the adapter's ``forced``). ``progress``: an optional callable per step index. Returns the
         adapter's output (``finish``)."""
         self.check(cache)
         model, device = self.model, labels.device
