@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from ..core.errors import UsageError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, not_a_file_reason
 
 IMAGES_KEY, LABELS_KEY = "arr_0", "labels"
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
@@ -102,9 +102,9 @@ def _mapped_entry(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray
 def read_npz_images(path: str | Path, flag: str) -> NpzImages:
     """The image batch in ``path``; anything else is a one-line :class:`UsageError` naming ``flag``."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: {'is a directory' if path.is_dir() else 'does not exist'} "
-                         f"(give an .npz image batch, e.g. one `mvar-engine sample` wrote)")
+    reason = not_a_file_reason(path)
+    if reason is not None:
+        raise UsageError(f"{flag} {path}: {reason} (give an .npz image batch, e.g. one `mvar-engine sample` wrote)")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:

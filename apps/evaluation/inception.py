@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ...core.errors import UsageError
-from ...core.files import atomic_write
+from ...core.files import atomic_write, not_a_file_reason
 from ..cli_helpers import one_line
 
 FEATURES = ("2048", "logits_unbiased")
@@ -91,9 +91,10 @@ def load_inception(weights: str | Path | None, device: torch.device) -> tuple[to
     if weights is None or not str(weights).strip():
         raise UsageError(f"fid needs {WEIGHTS_HINT}")
     path = Path(weights)
-    if not path.is_file():
-        raise UsageError(f"--inception-weights {weights}: {'is a directory' if path.is_dir() else 'does not exist'} "
-                         f"(give torch-fidelity's {WEIGHTS_NAME}, from {WEIGHTS_URL})")
+    reason = not_a_file_reason(path)
+    if reason is not None:
+        raise UsageError(f"--inception-weights {weights}: {reason} (give torch-fidelity's {WEIGHTS_NAME}, "
+                         f"from {WEIGHTS_URL})")
     module, how = fidelity_module("feature_extractor_inceptionv3")
     try:
         extractor = module.FeatureExtractorInceptionV3(EXTRACTOR_NAME, list(FEATURES),

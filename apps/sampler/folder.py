@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ...core.errors import UsageError
-from ...core.files import remove_orphan_temps, temp_name_of
+from ...core.files import remove_orphan_temps
 from ..bench.report import write_json
 from ..cli_helpers import check_output_path
 from ..images import save_png
@@ -114,13 +114,7 @@ class SampleFolder:
 
     def remove_temps(self, items: Iterable[tuple[int, int]]) -> list[Path]:
         """Delete temp files a killed run left for these images (only while nothing else writes them)."""
-        wanted = {image_name(label, index) for label, index in items}
-        return remove_orphan_temps(self.images, [name for name in self.temp_targets() if name in wanted])
-
-    def temp_targets(self) -> list[str]:
-        if not self.images.is_dir():
-            return []
-        return [name for name in (temp_name_of(p) for p in self.images.iterdir()) if name is not None]
+        return remove_orphan_temps(self.images, (image_name(label, index) for label, index in items))
 
     def done(self, items: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
         """The items whose PNG exists (atomic writes: an existing file is complete)."""
