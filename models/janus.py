@@ -398,6 +398,18 @@ JANUS_PRO_BOI = 100016
 """Janus-Pro's begin-of-image token id."""
 
 
+def language_model_minimum_elements(text_config: dict[str, Any]) -> int:
+    """A lower bound on the parameter elements of a Janus model whose language model has
+    ``text_config`` (the keys of :data:`JANUS_PRO_1B_TEXT`): the decoder layers' projections
+    (q and o ``C x C``, k and v ``C x kv_heads * head_dim``, the MLP's three ``C x F``) and the token
+    embedding, counted without building anything; the vision towers, the VQ and the heads only add."""
+    width, layers = text_config["hidden_size"], text_config["num_hidden_layers"]
+    heads = text_config["num_attention_heads"]
+    kv_width = text_config.get("num_key_value_heads", heads) * (width // heads)
+    per_layer = 2 * width * width + 2 * width * kv_width + 3 * width * text_config["intermediate_size"]
+    return layers * per_layer + text_config["vocab_size"] * width
+
+
 def janus_pro_1b(*, understanding_layers: int | None = None, seed: int = 0):
     """A ``JanusForConditionalGeneration`` of Janus-Pro-1B's architecture with random weights (timing
     and memory: the 24-layer LLaMA of width 2048 and 16 heads, the generation head, embedding and

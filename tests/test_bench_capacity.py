@@ -106,6 +106,7 @@ def test_bad_sizes(text):
     (["--memory-budget", "lots"], "is not a size"),
     (["--memory-budget", "200MiB"], "200 MiB cannot hold llamagen-b's float32 weights (at least 538 MiB) plus one batch row"),
     (["--model", "d16-256", "--memory-budget", "1GiB"], "cannot hold d16-256's float32 weights (at least"),
+    (["--model", "janus-pro-1b", "--memory-budget", "4GiB"], "4 GiB cannot hold janus-pro-1b's float32 weights (at least"),
     (["--probes", "3,1"], "--probes takes two increasing batch sizes"),
     (["--model", "d16-256", "--configs", "raster/dense/full"], "is next-token, but model d16-256 is next-scale"),
     (["--configs", "raster/dense/nonsense"], "nonsense"),

@@ -25,9 +25,9 @@ from mvar_engine.core.backend_selection import selector_for  # noqa: E402
 from mvar_engine.core.engine import Engine  # noqa: E402
 from mvar_engine.core.errors import UsageError  # noqa: E402
 from mvar_engine.core.registry import load_registry  # noqa: E402
-from mvar_engine.models.janus import (TRANSFORMERS_MISSING, JanusAdapter, JanusPromptedModel,  # noqa: E402
-                                      MissingDependencyError, encode_prompt, image_prompt_text, load_janus,
-                                      load_tokenizer)
+from mvar_engine.models.janus import (JANUS_PRO_1B_TEXT, TRANSFORMERS_MISSING, JanusAdapter,  # noqa: E402
+                                      JanusPromptedModel, MissingDependencyError, encode_prompt, image_prompt_text,
+                                      janus_pro_1b, language_model_minimum_elements, load_janus, load_tokenizer)
 from mvar_engine.plugins.budget_cache import BudgetOptions, TokenWindowCache  # noqa: E402
 from mvar_engine.plugins.caches import FullCache, NoCache  # noqa: E402
 from mvar_engine.plugins.h2o_cache import H2OCache, H2OOptions  # noqa: E402
@@ -192,6 +192,23 @@ def test_janus_pro_1b_shapes_on_meta():
     assert (adapter.grid, adapter.num_tokens, adapter.layout.length) == ((24, 24), 576, 4 + 576)
     assert (adapter.num_layers, adapter.num_heads, adapter.head_dim, adapter.vocab_size) == (24, 16, 128, 16384)
     assert adapter.uncond_ids.tolist() == [100000, 100002, 100002, 100016]
+
+
+@pytest.mark.parametrize("name", ["janus-pro-1b", "tiny-mha", "tiny-gqa"])
+def test_the_language_model_bound_is_a_tight_lower_bound(name):
+    """``language_model_minimum_elements`` (bench capacity's refusal of a budget below the weights)
+    never exceeds the language model's elements, built on meta, and is not vacuous: within 2x of them;
+    for Janus-Pro-1B (its understanding tower cut to one layer, as the bench builds it) within 10% of
+    the whole model."""
+    with torch.device("meta"):
+        model = janus_pro_1b(understanding_layers=1) if name == "janus-pro-1b" else \
+            transformers.JanusForConditionalGeneration(tiny_config(kv_heads=4 if name == "tiny-mha" else 2))
+    text = JANUS_PRO_1B_TEXT if name == "janus-pro-1b" else model.config.text_config.to_dict()
+    bound = language_model_minimum_elements(text)
+    language_model = sum(p.numel() for p in model.model.language_model.parameters())
+    assert language_model / 2 <= bound <= language_model, (bound, language_model)
+    if name == "janus-pro-1b":
+        assert bound >= sum(p.numel() for p in model.parameters()) / 1.1
 
 
 # ------------------------------------------------------------------------------- vs transformers

@@ -37,6 +37,7 @@ import torch
 
 from ...core.errors import UsageError
 from ...core.files import atomic_write
+from ...models.janus import JANUS_PRO_1B_TEXT, language_model_minimum_elements
 from ...models.raster_gpt import RasterGPTConfig
 from ...models.tokenizer import TokenizerConfig, llamagen_vq16_sized
 from ...models.var import VARConfig
@@ -150,6 +151,8 @@ def weights_lower_bound(model_id: str) -> int | None:
         parts = [RasterGPTConfig.llamagen_b(grid=grid), llamagen_vq16_sized(grid)]
     elif spec.family == "next-scale" and spec.id != "tiny":
         parts = [VARConfig(depth=spec.depth, patch_nums=spec.patch_nums), TokenizerConfig(patch_nums=spec.patch_nums)]
+    elif spec.id == "janus-pro-1b":
+        return language_model_minimum_elements(JANUS_PRO_1B_TEXT) * FLOAT32_BYTES
     else:
         return None
     return sum(part.minimum_elements() for part in parts) * FLOAT32_BYTES
