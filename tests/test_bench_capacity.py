@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mvar_engine.apps.bench.capacity import CapacityConfig, largest_batch, parse_size
+from mvar_engine.apps.bench.capacity import CapacityConfig, largest_batch, largest_text, parse_size
 
 
 def simulated(fixed: int, per_row: int, wobble: int = 0, dies_above: int | None = None):
@@ -47,6 +47,18 @@ def test_a_linear_peak_is_found_in_five_runs():
     found = largest_batch(measure, 2550, (1, 3), 1024)
     assert found["largest_batch"] == 15 and found["predicted_batch"] == 12 and runs == [1, 3, 12, 15, 16]
     assert found["per_row_bytes"] == 100 and found["fixed_bytes"] == 1000
+
+
+def test_a_ceiling_reports_the_memory_line_of_the_largest_batches():
+    """--max-batch stops the search below the true largest batch (15): the entry is capped, and the
+    line through the two largest batches measured (3 and 12) extrapolates to 15."""
+    measure, runs = simulated(fixed=1000, per_row=100)
+    found = largest_batch(measure, 2550, (1, 3), 12)
+    assert found["largest_batch"] == 12 and found["capped"] and runs == [1, 3, 12]
+    assert (found["per_row_bytes"], found["fixed_bytes"], found["extrapolated_batch"]) == (100, 1000, 15)
+    assert largest_text(found) == ">= 12 (--max-batch; about 15 by the memory line)"
+    flat = largest_batch(simulated(fixed=1000, per_row=0)[0], 2550, (1, 3), 12)
+    assert flat["extrapolated_batch"] is None and largest_text(flat) == ">= 12 (--max-batch)"
 
 
 def test_a_process_killed_for_memory_does_not_fit():

@@ -13,7 +13,9 @@ its throughput there:
    the prediction is never trusted alone. On the CPU a run whose resident set passes the budget is
    stopped at once (it cannot fit);
 3. images/s and tokens/s at that batch (median of ``--repeats``), and the ratio to the baseline
-   (the first configuration) at *its* largest batch.
+   (the first configuration) at *its* largest batch. The memory per row reported is the line
+   through the two largest batches that fit; where ``--max-batch`` stops the search first, that
+   line's batch at the budget is reported beside the lower bound, marked as a guess.
 
 Every measurement is a fresh process (the matrix worker, :mod:`.matrix`): peak memory is the
 process's peak resident set while generating and decoding, the weights included (CPU), or ``max_memory_allocated``
@@ -187,41 +189,66 @@ MAX_JUMP = 4
 peaks can be set by fixed transients, so the slope is re-measured on the way up."""
 
 
+def memory_line(rows: dict[int, dict[str, Any]], good: Sequence[int]) -> tuple[float, float]:
+    """(bytes per batch row, fixed bytes) of the generation's peak, through the two largest batches
+    in ``good`` (batches that fit, ascending); through the origin when only one fits. A slope below
+    one byte a row (fixed transients set both peaks) counts as one byte."""
+    lo = good[-1]
+    at_lo = growing_peak(rows[lo])
+    if len(good) == 1:
+        return at_lo / lo, 0.0
+    base = good[-2]
+    slope = max((at_lo - growing_peak(rows[base])) / (lo - base), 1.0)
+    return slope, at_lo - slope * lo
+
+
+def extrapolated_batch(slope: float, fixed: float, budget: int) -> int:
+    """The batch whose peak the line ``fixed + slope * batch`` puts at the budget."""
+    return math.floor((budget - fixed) / slope)
+
+
 def largest_batch(measure: Measure, budget: int, probes: Sequence[int], max_batch: int) -> dict[str, Any]:
     """Search the largest batch whose measured peak fits ``budget`` (see the module docstring).
     ``measure(batch)`` runs one fresh process and returns its row (memoised here). Upwards it
-    extrapolates the generation's peak from the two largest batches that fit (at most
-    :data:`MAX_JUMP` times the larger); once a batch does not fit it interpolates (or bisects)
-    between the two until they are neighbours. Returns the per-row and fixed memory of the probes,
-    the first prediction, the largest batch (0: none fits) and every measurement in order taken."""
+    extrapolates the generation's peak from the two largest batches that fit (:func:`memory_line`,
+    at most :data:`MAX_JUMP` times the larger); once a batch does not fit it interpolates (or
+    bisects) between the two until they are neighbours. Returns ``predicted_batch`` (the first
+    extrapolation), the largest batch (0: none fits), ``per_row_bytes`` and ``fixed_bytes`` (the
+    line through the two largest batches that fit, at the end), ``extrapolated_batch`` where
+    ``max_batch`` stopped the search (that line's batch at the budget: a guess, never measured;
+    None where the peaks did not grow)
+    and every measurement in order taken."""
     rows: dict[int, dict[str, Any]] = {}
 
     def run(batch: int) -> None:
         if batch not in rows:
             rows[batch] = measure(batch)
 
+    def done(largest: int, capped: bool, good: Sequence[int]) -> dict[str, Any]:
+        slope, fixed = memory_line(rows, good) if good else (None, None)
+        measured = capped and len(good) > 1 and slope > 1.0  # a clamped slope is no measurement
+        extrapolated = extrapolated_batch(slope, fixed, budget) if measured else None
+        return {"probes": [b1, b2], "predicted_batch": predicted, "largest_batch": largest, "capped": capped,
+                "per_row_bytes": slope, "fixed_bytes": fixed, "extrapolated_batch": extrapolated,
+                "measurements": list(rows.values())}
+
     b1, b2 = probes
     run(b1)
     run(b2)
-    result: dict[str, Any] = {"probes": [b1, b2], "per_row_bytes": None, "fixed_bytes": None, "predicted_batch": None}
+    predicted = None
     while True:
         good = sorted(b for b in rows if fits(rows[b], budget))
         if not good:
-            return {**result, "largest_batch": 0, "capped": False, "measurements": list(rows.values())}
+            return done(0, False, good)
         lo = good[-1]
         at_lo = growing_peak(rows[lo])
         above = sorted(b for b in rows if b > lo and not fits(rows[b], budget))
         hi = above[0] if above else None
         if hi is not None and hi - lo <= 1 or hi is None and lo >= max_batch:
-            return {**result, "largest_batch": lo, "capped": hi is None, "measurements": list(rows.values())}
+            return done(lo, hi is None, good)
         if hi is None:  # extrapolate the generation's peak from the two largest batches that fit
-            base = good[-2] if len(good) > 1 else None
-            slope = (max((at_lo - growing_peak(rows[base])) / (lo - base), 1.0) if base is not None
-                     else float(at_lo) / lo)
-            target = lo + math.floor((budget - at_lo) / slope)
-            target = max(lo + 1, min(target, lo * MAX_JUMP, max_batch))
-            if result["predicted_batch"] is None:
-                result.update(per_row_bytes=slope, fixed_bytes=at_lo - slope * lo, predicted_batch=target)
+            target = max(lo + 1, min(extrapolated_batch(*memory_line(rows, good), budget), lo * MAX_JUMP, max_batch))
+            predicted = target if predicted is None else predicted
         else:  # between a batch that fits and one that does not (nothing between them is measured yet)
             high = rows[hi].get("peak_rss_transformer") if rows[hi].get("status") == "ok" else None
             target = (lo + hi) // 2
@@ -317,9 +344,17 @@ def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
                      "per_row": format_bytes(entry["per_row_bytes"]) if entry.get("per_row_bytes") else None,
                      "batch_ratio": f"{entry['batch_ratio']:.2f}x" if entry.get("batch_ratio") else None,
                      "throughput_ratio": f"{entry['throughput_ratio']:.2f}x" if entry.get("throughput_ratio") else None,
-                     "largest_batch": f">= {entry['largest_batch']} (--max-batch)" if entry.get("capped")
-                     else entry["largest_batch"], "runs": len(entry["measurements"])})
+                     "largest_batch": largest_text(entry), "runs": len(entry["measurements"])})
     return rows
+
+
+def largest_text(entry: dict[str, Any]) -> str | int:
+    """The largest batch as the table shows it: where ``--max-batch`` stopped the search, a lower
+    bound and the memory line's guess beside it."""
+    if not entry.get("capped"):
+        return entry["largest_batch"]
+    guess = f"; about {entry['extrapolated_batch']} by the memory line" if entry.get("extrapolated_batch") else ""
+    return f">= {entry['largest_batch']} (--max-batch{guess})"
 
 
 def table_text(payload: dict[str, Any]) -> str:
