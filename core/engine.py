@@ -35,6 +35,17 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def weight_cast_scope(device: torch.device, dtype: torch.dtype | None):
+    """Keeps autocast's 16-bit copies of the weights for the whole scope, so a generation casts each
+    weight once instead of once a step (592 steps for a raster image). Autocast caches the cast of a
+    float32 leaf tensor that requires grad (``nn.Parameter``'s default) and drops the cache when the
+    outermost autocast context exits; this outer context is *disabled*, so it only keeps the cache
+    alive across the per-step :func:`autocast_context` inside it: code between them (sampling, the
+    next input) stays float32. Weights frozen with ``requires_grad_(False)`` are re-cast every step
+    (autocast does not cache them). No-op when ``dtype`` is None."""
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype, enabled=False)
+
+
 def cached_attention(cache: CachePolicy, backends: BackendSelector, spans: Spans,
                      spec_for: Callable[[Spans], AttentionSpec]) -> AttendFn:
     """The ``attend(layer, q, k, v, scale)`` callback of a cached step over the tokens at ``spans``:
@@ -157,31 +168,33 @@ class Engine:
         tokens: list[torch.Tensor] = []
         all_logits: list[torch.Tensor] = []
         peak = 0
-        for step in self.steps:
-            history = dependencies(self.steps, step.index)
-            with self.autocast(device):
-                if cache.stores_history:
-                    hidden = model.run(state, (step,), step.spans, self.attend_cached(cache, step.spans))
-                    cache.end_step()
-                elif history == [step.index]:
-                    hidden = model.run(state, (step,), step.spans, self.attend_uncached(step.spans))
+        with weight_cast_scope(device, self.autocast_dtype):
+            for step in self.steps:
+                history = dependencies(self.steps, step.index)
+                with self.autocast(device):
+                    if cache.stores_history:
+                        hidden = model.run(state, (step,), step.spans, self.attend_cached(cache, step.spans))
+                        cache.end_step()
+                    elif history == [step.index]:
+                        hidden = model.run(state, (step,), step.spans, self.attend_uncached(step.spans))
+                    else:
+                        spans = merge_spans(span for j in history for span in self.steps[j].spans)
+                        hidden = model.run(state, [self.steps[j] for j in history], spans,
+                                           self.attend_uncached(spans))
+                    hidden = hidden[:, -step.emits:]
+                    if return_logits or forced_tokens is not None:
+                        logits = model.logits(state, hidden).float()
+                peak = max(peak, cache.nbytes())
+                if return_logits:
+                    all_logits.append(logits)
+                if forced_tokens is not None:
+                    idx = model.forced(forced_tokens, step).to(device)
                 else:
-                    spans = merge_spans(span for j in history for span in self.steps[j].spans)
-                    hidden = model.run(state, [self.steps[j] for j in history], spans, self.attend_uncached(spans))
-                hidden = hidden[:, -step.emits:]
-                if return_logits or forced_tokens is not None:
-                    logits = model.logits(state, hidden).float()
-            peak = max(peak, cache.nbytes())
-            if return_logits:
-                all_logits.append(logits)
-            if forced_tokens is not None:
-                idx = model.forced(forced_tokens, step).to(device)
-            else:
-                idx = self.sample(state, hidden, step, cfg if guided else None, top_k=top_k, top_p=top_p,
-                                  temperature=temperature, generator=generator)
-            del hidden
-            tokens.append(idx)
-            model.advance(state, step, idx)
-            if progress is not None:
-                progress(step.index)
+                    idx = self.sample(state, hidden, step, cfg if guided else None, top_k=top_k, top_p=top_p,
+                                      temperature=temperature, generator=generator)
+                del hidden
+                tokens.append(idx)
+                model.advance(state, step, idx)
+                if progress is not None:
+                    progress(step.index)
         return model.finish(state, tokens, all_logits, peak)

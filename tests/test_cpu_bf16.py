@@ -74,3 +74,23 @@ def test_bf16_keeps_the_greedy_tokens_of_the_shipped_models(trajectory, monkeypa
     total = sum(tokens.numel() for _, tokens in pairs)
     assert equal / total >= 0.97, equal / total
     assert equal < total  # bf16 really ran: some argmax moved (a test that cannot fail otherwise)
+
+
+def test_a_generation_casts_each_weight_once(monkeypatch):
+    """The 64-step shipped raster model under bf16: autocast's copies of the Linear weights are made
+    once for the whole generation (the engine's :func:`weight_cast_scope`), not once a step
+    (64 x 21 = 1344 casts before), while the logits stay float32."""
+    from torch.profiler import profile
+
+    monkeypatch.setenv(cpu_features.OVERRIDE, "1")
+    pipeline = Pipeline.from_config(EngineConfig(trajectory="raster", device="cpu", dtype="bfloat16"))
+    linears = [m for m in pipeline.model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = {tuple(m.weight.shape) for m in linears}
+    with profile(record_shapes=True) as prof:
+        out = pipeline.engine.generate(torch.arange(4), pipeline.components.cache, cfg=0, top_k=1, top_p=0,
+                                       return_logits=True)
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+             and tuple(e.input_shapes[0]) in shapes]
+    assert len(pipeline.engine.steps) == 64 and len(linears) == 21
+    assert len(casts) == len(linears), len(casts)
+    assert all(logits.dtype == torch.float32 for logits in out.logits)
