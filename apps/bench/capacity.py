@@ -216,8 +216,7 @@ def largest_batch(measure: Measure, budget: int, probes: Sequence[int], max_batc
     extrapolation), the largest batch (0: none fits), ``per_row_bytes`` and ``fixed_bytes`` (the
     line through the two largest batches that fit, at the end), ``extrapolated_batch`` where
     ``max_batch`` stopped the search (that line's batch at the budget: a guess, never measured;
-    None where the peaks did not grow)
-    and every measurement in order taken."""
+    None where the peaks did not grow) and every measurement in order taken."""
     rows: dict[int, dict[str, Any]] = {}
 
     def run(batch: int) -> None:
