@@ -124,6 +124,11 @@ def test_bad_sizes(text):
     (["--configs", "raster/dense/nonsense"], "nonsense"),
     (["--output", "c.txt"], "--output c.txt: the file name must end in .json"),
     (["--cfg", "nan"], "expected a finite number"),
+    (["--model", "janus-tiny", "--configs", "raster/dense/full,raster/dense/ssd:budget=0.2"],
+     "configuration 'raster/dense/ssd:budget=0.2': --cache-budget 0.2 gives 6 token(s), not more than the 16 class"),
+    (["--model", "janus-tiny", "--configs", "raster/dense/full,raster/dense/sink:budget=0.2"], "--cache-budget 0.2 gives"),
+    (["--model", "tiny", "--configs", "full/dense/full,markov/neighborhood:apply_from=99/none"],
+     "--attention-apply-from 99: the schedule has 3 scales"),
 ])
 def test_bad_input_is_one_line_before_any_process(argv, needle, refused):
     refused(["bench", "capacity"] + argv, needle)

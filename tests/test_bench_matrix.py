@@ -86,6 +86,44 @@ def test_model_ids():
         bm.model_spec("d16-384")
 
 
+@pytest.mark.parametrize("model_id", ["tiny", "d16-256", "d16-512", "raster-tiny", "llamagen-b", "janus-tiny",
+                                      "janus-pro-1b"])
+def test_a_model_specs_layout_and_heads_are_the_built_models(model_id):
+    """What the parent checks configurations against before any process (``ModelSpec.layout`` and
+    ``heads``) is what the worker's model generates: the tiny models built for real, the large ones
+    from their configs or on the meta device."""
+    from mvar_engine.apps.bench.cells import JANUS_PROMPT_TOKENS
+    from mvar_engine.apps.bench.matrix_raster import bench_raster_models, janus_bench_model
+    from mvar_engine.models.raster_gpt import RasterGPTConfig
+    from mvar_engine.models.var import VARConfig
+
+    spec = bm.model_spec(model_id)
+    if model_id == "janus-pro-1b":
+        pytest.importorskip("transformers")
+        from mvar_engine.models.janus import JANUS_PRO_1B_TEXT, JANUS_PRO_BOI, JanusAdapter, janus_pro_1b
+
+        with torch.device("meta"):
+            hf_model = janus_pro_1b(understanding_layers=1)
+        prompt = torch.full((JANUS_PROMPT_TOKENS,), 1000)
+        prompt[0], prompt[-1] = JANUS_PRO_1B_TEXT["bos_token_id"], JANUS_PRO_BOI
+        adapter = JanusAdapter(hf_model, prompt)
+        layout, heads, layers = adapter.layout, adapter.num_heads, adapter.num_layers
+    elif model_id == "janus-tiny":
+        pytest.importorskip("transformers")
+        adapter = janus_bench_model(model_id, 0).adapter()
+        layout, heads, layers = adapter.layout, adapter.num_heads, adapter.num_layers
+    elif model_id == "llamagen-b":
+        config = RasterGPTConfig.llamagen_b()
+        layout, heads, layers = config.layout, config.heads, config.depth
+    elif model_id.startswith("d"):
+        config = VARConfig(depth=spec.depth, patch_nums=spec.patch_nums)
+        layout, heads, layers = config.layout, config.heads, config.depth
+    else:
+        model = (bm.bench_next_scale_models if spec.family == "next-scale" else bench_raster_models)(spec, {"seed": 0})[0]
+        layout, heads, layers = model.layout, model.config.heads, model.config.depth
+    assert (spec.layout, spec.heads, spec.depth) == (layout, heads, layers)
+
+
 def test_parse_combo_options():
     combo = bm.parse_combo("markov:order=2/neighborhood:kernel-size=5/window:scales=1")
     assert (combo.trajectory, combo.attention, combo.cache) == ("markov", "neighborhood", "window")
@@ -114,6 +152,18 @@ def test_bf16_rows_are_refused_where_the_cpu_lacks_it(refused, monkeypatch):
     monkeypatch.setenv("MVAR_ENGINE_CPU_BF16", "0")
     refused(["bench", "matrix", "--cells", "tiny:1", "--device", "cpu", "--configs",
              "full/dense/full,full/dense/full@bfloat16"], "configuration full/dense/full@bfloat16: --dtype bfloat16")
+
+
+def test_a_configuration_that_does_not_fit_a_models_layout_is_refused_before_any_process(refused):
+    """A 20% budget of janus-tiny's 32 positions keeps 6, fewer than its 16 prompt tokens: the parent
+    refuses it against the model's layout (it was a failed row per cell before); the configuration
+    stays valid for a model it fits (raster-tiny beside it is checked too and passes)."""
+    pytest.importorskip("transformers")
+    refused(["bench", "matrix", "--cells", "janus-tiny:1", "--device", "cpu", "--configs", "raster/dense/ssd:budget=0.2"],
+            "configuration 'raster/dense/ssd:budget=0.2': --cache-budget 0.2 gives 6 token(s), not more than the 16")
+    refused(["bench", "matrix", "--cells", "raster-tiny:1,tiny:1", "--device", "cpu", "--configs",
+             "raster/dense/full,full/dense/full,markov/neighborhood:apply_from=5/none"],
+            "--attention-apply-from 5: the schedule has 3 scales")
 
 
 def test_worker_row_in_process():

@@ -130,7 +130,7 @@ class CapacityConfig:
             if not combos:
                 return ["--configs needs at least one configuration"]
             for combo in combos:
-                check_combo(combo, self.backend)
+                check_combo(combo, self.backend, [spec])
                 if combo_family(combo) != spec.family:
                     out.append(f"configuration {combo.text} is {combo_family(combo)}, but model {spec.id} is "
                                f"{spec.family} (give configurations of its family)")

@@ -10,12 +10,14 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ...core.errors import ConfigError, MvarEngineError, UsageError
+from ...core.layout import SequenceLayout
 from ...core.registry import get_registry
+from ...plugins.budget_cache import BudgetOptions
 from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512
 from ..config import EngineConfig
 from ..pipeline import Pipeline, autocast_problem, resolve_components, resolve_device
@@ -50,6 +52,15 @@ def run_problems(*, threads: int | None, timeout_s: float | None, device: str, d
 RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3), "janus-pro-1b": (24, 24), "janus-tiny": (4, 4)}
 """Raster model ids -> their token grid."""
 
+JANUS_PROMPT_TOKENS = 16
+"""The bench's Janus prompt: BOS, 14 text tokens, begin-of-image (a short prompt, as in GenEval)."""
+
+RASTER_PREFIX = {"llamagen-b": 1, "raster-tiny": 1, "janus-pro-1b": JANUS_PROMPT_TOKENS, "janus-tiny": JANUS_PROMPT_TOKENS}
+"""Raster model ids -> the prefix before the image tokens (LlamaGen's class token, the Janus prompt)."""
+
+MODEL_HEADS = {"llamagen-b": 12, "raster-tiny": 2, "janus-pro-1b": 16, "janus-tiny": 4, "tiny": 2}
+"""Attention heads of the models that are not VAR sizes (VAR-dN has N heads)."""
+
 
 SSD_STAND_IN = "h2o"
 """The cache that stands in for an ``ssd`` configuration without a head map in the compatibility
@@ -73,10 +84,21 @@ class ModelSpec:
     depth: int
     patch_nums: tuple[int, ...]
     resolution: int  # pixels per image side
+    heads: int
+    prefix: int = 1  # raster: the tokens before the image grid
 
     @property
     def tokens_per_image(self) -> int:
         return sum(p * p for p in self.patch_nums)
+
+    @property
+    def layout(self) -> SequenceLayout:
+        """The sequence the model generates, known without building it: next-scale, its scales;
+        raster, the prefix as a ``1 x P`` grid, then the image grid."""
+        if self.family == "next-token":
+            side = self.patch_nums[0]
+            return SequenceLayout(((1, self.prefix), (side, side)))
+        return SequenceLayout.from_patch_nums(self.patch_nums)
 
 
 KNOWN_MODELS = ("d16-256", "d20-256", "d24-256", "d30-256", "d16-512", "tiny", "llamagen-b", "raster-tiny", "janus-pro-1b",
@@ -92,14 +114,14 @@ def model_spec(model_id: str) -> ModelSpec:
     if key in RASTER_GRIDS:
         grid = RASTER_GRIDS[key]
         depth = {"llamagen-b": 12, "janus-pro-1b": 24}.get(key, 2)
-        return ModelSpec(key, "next-token", depth, (grid[0],), grid[0] * 16)
+        return ModelSpec(key, "next-token", depth, (grid[0],), grid[0] * 16, MODEL_HEADS[key], RASTER_PREFIX[key])
     if key == "tiny":
-        return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2)
+        return ModelSpec("tiny", "next-scale", 2, TINY_PATCH_NUMS, TINY_PATCH_NUMS[-1] * 2, MODEL_HEADS[key])
     match = re.fullmatch(r"(?:var-)?d(\d+)-(256|512)", key)
     if match and int(match.group(1)) >= 1:
         schedule = PATCH_NUMS_256 if match.group(2) == "256" else PATCH_NUMS_512
-        return ModelSpec(f"d{int(match.group(1))}-{match.group(2)}", "next-scale", int(match.group(1)),
-                         tuple(schedule), int(match.group(2)))
+        depth = int(match.group(1))
+        return ModelSpec(f"d{depth}-{match.group(2)}", "next-scale", depth, tuple(schedule), int(match.group(2)), depth)
     raise UsageError(f"unknown model {model_id!r} (available: {', '.join(KNOWN_MODELS)}; any dN-256 or dN-512 is "
                      f"VAR-dN at that resolution)")
 
@@ -177,17 +199,25 @@ def combo_family(combo: Combo) -> str:
         raise UsageError(f"configuration '{combo.text}': {' '.join(str(error).split())[:300]}") from None
 
 
-def check_combo(combo: Combo, backend: str) -> None:
+def check_combo(combo: Combo, backend: str, specs: Sequence[ModelSpec] = ()) -> None:
     """Resolve the components (names, options, compatibility) now, before any process starts; errors
     name the configuration and list what exists. An ``ssd`` cache without a head map (the matrix
-    calibrates one) is checked with its options, and its compatibility through a stand-in."""
+    calibrates one) is checked with its options, and its compatibility through a stand-in. The
+    pattern and the cache are checked against the layout of each model in ``specs`` that the
+    configuration runs on (a budget below a Janus prompt, a window wider than the grid)."""
 
     components = combo.engine_components()
     try:
-        if needs_calibration(combo):
-            get_registry().validate_options("cache", combo.cache, components["cache"]["options"])
-            components["cache"] = {"name": SSD_STAND_IN, "options": {}}
-        resolve_components(EngineConfig(**components, backend=backend))
+        if needs_calibration(combo):  # the stand-in keeps the budget's options (its layout check)
+            options = components["cache"]["options"]
+            get_registry().validate_options("cache", combo.cache, options)
+            components["cache"] = {"name": SSD_STAND_IN,
+                                   "options": {k: v for k, v in options.items() if k in BudgetOptions.model_fields}}
+        resolved = resolve_components(EngineConfig(**components, backend=backend))
+        for spec in specs:
+            if spec.family == resolved.trajectory.family:
+                resolved.pattern.check_layout(spec.layout)
+                resolved.cache.check_layout(spec.layout, num_layers=spec.depth, num_heads=spec.heads)
     except ConfigError as error:
         raise ConfigError([f"configuration '{combo.text}': {'; '.join(error.problems)}"]) from None
     except MvarEngineError as error:

@@ -241,7 +241,7 @@ def attention_flops(layout, trajectory, pattern, cache, *, depth: int, heads: in
 
 
 # -- the worker ----------------------------------------------------------------------------------------
-def _build_next_scale(spec: ModelSpec, cell: dict[str, Any]):
+def bench_next_scale_models(spec: ModelSpec, cell: dict[str, Any]):
     """(VAR, tokenizer) with random weights: ``tiny`` is built here, the VAR sizes through the same
     path as ``mvar-engine --random-weights`` (:func:`build_models`)."""
 
@@ -264,7 +264,7 @@ def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
     run = CellRun(cell, lambda device: EngineConfig(**combo.engine_components(), backend=cell["backend"],
                                                     device=str(device), dtype=cell["dtype"],
                                                     sampling={"cfg": cell["cfg"], "seed": cell["seed"]}),
-                  lambda: _build_next_scale(model_spec(cell["model"]), cell))
+                  lambda: bench_next_scale_models(model_spec(cell["model"]), cell))
     model, engine = run.model, run.engine
     block = model.blocks[0].attn
     rows = cell["batch"] * (2 if cell["cfg"] > 0 else 1)
@@ -441,8 +441,9 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
     combos = config.combos()
     if len({c.text for c in combos}) != len(combos):
         raise UsageError("--configs lists a configuration twice")
+    specs = [spec for spec, _ in dict.fromkeys(cells)]
     for combo in combos:
-        check_combo(combo, config.backend)
+        check_combo(combo, config.backend, specs)
         problem = autocast_problem(combo.dtype or config.dtype, torch.device(config.device_name()))
         if problem is not None:
             raise UsageError(f"configuration {combo.text}: {problem}")

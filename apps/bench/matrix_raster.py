@@ -33,10 +33,10 @@ from ...plugins.budget_cache import budget_tokens
 from ..config import EngineConfig
 from ..pipeline import Pipeline, build_raster_models, resolve_components, resolve_device
 from .cache import cache_bytes, calibrate_head_map
-from .cells import RASTER_GRIDS, CellRun, model_spec, needs_calibration, parse_combo
+from .cells import JANUS_PROMPT_TOKENS, RASTER_GRIDS, CellRun, model_spec, needs_calibration, parse_combo
 
 
-def _build(spec, cell: dict[str, Any]):
+def bench_raster_models(spec, cell: dict[str, Any]):
     """(RasterGPT, tokenizer) with random weights from ``cell["seed"]`` (every process builds the same)."""
 
     grid = RASTER_GRIDS[spec.id]
@@ -54,10 +54,6 @@ def _build(spec, cell: dict[str, Any]):
 
 
 JANUS_MODELS = ("janus-pro-1b", "janus-tiny")
-JANUS_PROMPT_TOKENS = 16
-"""The bench's Janus prompt: BOS, 14 text tokens, begin-of-image (a short prompt, as in GenEval)."""
-
-
 def janus_bench_model(model_id: str, seed: int):
     """``janus-pro-1b``: Janus-Pro-1B's architecture with random weights (the understanding tower cut to
     one layer: image generation never runs it); ``janus-tiny``: a 2-layer model of width 64 on a 4 x 4
@@ -105,7 +101,7 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
     combo = parse_combo(cell["config"])
     run = CellRun(cell, lambda device: engine_config(combo, {**cell, "device": str(device)}),
-                  lambda: _build(model_spec(cell["model"]), cell))
+                  lambda: bench_raster_models(model_spec(cell["model"]), cell))
     engine = run.engine
     counter = FlopCounter(run.components.backends)
     cfg = raster_cfg(cell["cfg"])
@@ -151,7 +147,7 @@ def calibrate_for_matrix(model_id: str, cell: dict[str, Any], path: Path, images
     spec = model_spec(model_id)
     device = resolve_device(cell["device"])
     config = engine_config(_full_combo(), {**cell, "model": model_id, "device": str(device)})
-    model, tokenizer = _build(spec, cell)
+    model, tokenizer = bench_raster_models(spec, cell)
     components = resolve_components(config)
     engine = Pipeline(config, model.to(device).eval(), None if tokenizer is None else tokenizer.to(device).eval(),
                       components, device).engine
