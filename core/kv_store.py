@@ -32,6 +32,10 @@ class BoundedKV:
         self.scores = torch.zeros(rows, heads, capacity, device=device, dtype=torch.float32) if track_scores else None
         self.filled = 0
         self.ordered = True  # slots hold ascending positions in every (row, head)
+        # (row, head) index grids for one slot per row and head (advanced indexing: on the CPU
+        # ``scatter_`` along the slot dimension is 7x slower in float32 and ~90x in bfloat16)
+        self.row_index = torch.arange(rows, device=device)[:, None]
+        self.head_index = torch.arange(heads, device=device)[None, :]
 
     @property
     def capacity(self) -> int:
@@ -72,13 +76,12 @@ class BoundedKV:
             if self.scores is not None:
                 self.scores[:, :, slots] = 0
         else:
-            index = slots[..., None]
-            wide = index[..., None].expand(-1, -1, 1, self.k.shape[-1])
-            self.k.scatter_(2, wide, k.to(self.k.dtype))
-            self.v.scatter_(2, wide, v.to(self.v.dtype))
-            self.positions.scatter_(2, index, position)
+            at = (self.row_index, self.head_index, slots.to(self.k.device))
+            self.k[at] = k[:, :, 0].to(self.k.dtype)
+            self.v[at] = v[:, :, 0].to(self.v.dtype)
+            self.positions[at] = position
             if self.scores is not None:
-                self.scores.scatter_(2, index, 0.0)
+                self.scores[at] = 0.0
         self.ordered = False
         return self.k[:, :, :self.filled], self.v[:, :, :self.filled]
 

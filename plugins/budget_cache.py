@@ -292,7 +292,9 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpe
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, b * h * n * 4))
     kf = k.float()
     for start in range(0, l, chunk):
-        logits = torch.matmul(q[:, :, start:start + chunk].float(), kf.transpose(-1, -2)) * scale
+        # keys times queries, then transposed: with one query (a raster step) this is a batched
+        # matrix-vector product, about 6x faster on the CPU than the 1-row matrix product q k^T
+        logits = torch.matmul(kf, q[:, :, start:start + chunk].float().transpose(-1, -2)).transpose(-1, -2) * scale
         if mask is not None:
             logits = logits.masked_fill(~mask[start:start + chunk], float("-inf"))
         yield start, torch.softmax(logits, dim=-1)

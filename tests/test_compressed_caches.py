@@ -170,6 +170,32 @@ def test_budget_fractions_round_to_tokens():
     assert budget_tokens(0.2, 577) == 115 and budget_tokens(1.0, 577) == 577 and budget_tokens(40, 577) == 40
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 5), heads=st.integers(1, 4), capacity=st.integers(1, 9), dim=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_replace_writes_one_slot_per_row_and_head(rows, heads, capacity, dim, dtype, seed):
+    """``BoundedKV.replace`` with a slot per (row, head) writes exactly those slots (keys, values,
+    position, score reset) and nothing else, in float32 and bfloat16: against a loop over rows and heads."""
+    gen = torch.Generator().manual_seed(seed)
+    store = BoundedKV(rows, heads, capacity, dim, torch.device("cpu"), dtype, track_scores=True)
+    store.append(torch.randn(rows, heads, capacity, dim, generator=gen), torch.randn(rows, heads, capacity, dim,
+                                                                                     generator=gen), ((0, capacity),))
+    store.add_scores(torch.rand(rows, heads, capacity, generator=gen) + 1)
+    before = [t.clone() for t in (store.k, store.v, store.positions, store.scores)]
+    slots = torch.randint(0, capacity, (rows, heads), generator=gen)
+    k, v = torch.randn(rows, heads, 1, dim, generator=gen), torch.randn(rows, heads, 1, dim, generator=gen)
+    keys, values = store.replace(slots, k, v, capacity + 3)
+    expected = [t.clone() for t in before]
+    for r in range(rows):
+        for h in range(heads):
+            slot = slots[r, h]
+            expected[0][r, h, slot], expected[1][r, h, slot] = k[r, h, 0].to(dtype), v[r, h, 0].to(dtype)
+            expected[2][r, h, slot], expected[3][r, h, slot] = capacity + 3, 0.0
+    for got, want in zip((store.k, store.v, store.positions, store.scores), expected):
+        assert torch.equal(got, want)
+    assert keys.shape == (rows, heads, capacity, dim) and not store.ordered
+
+
 # ---------------------------------------------------------------------------------------- scoring
 def test_h2o_keeps_prefix_heavy_hitters_and_recent_per_head():
     cache = H2OCache(H2OOptions(budget=7, recent=0.4))
