@@ -166,6 +166,20 @@ def test_a_configuration_that_does_not_fit_a_models_layout_is_refused_before_any
             "--attention-apply-from 5: the schedule has 3 scales")
 
 
+def test_the_kv_target_compares_a_cache_with_the_full_cache_of_its_dtype():
+    """A float32 full row beside a bf16 one: a bf16 ssd row is measured against the bf16 full cache
+    (half the bytes of the float32 one), not whichever full row came last."""
+    def row(config, cache, dtype, kv):
+        budget = {"cache": {"budget": 0.2}} if cache != "full" else {}
+        return {"status": "ok", "family": "next-token", "model": "llamagen-b", "batch": 12, "cfg": 4.0, "config": config,
+                "cache": cache, "dtype": dtype, "options": budget, "kv_bytes": kv, "cache_peak_bytes": kv}
+
+    rows = [row("raster/dense/full@bfloat16", "full", "bfloat16", 500), row("raster/dense/ssd@bfloat16", "ssd", "bfloat16", 100),
+            row("raster/dense/full", "full", "float32", 1000)]
+    (check,) = bm.raster_cache_checks(rows)
+    assert check["config"] == "raster/dense/ssd@bfloat16" and check["reduction"] == 5.0
+
+
 def test_worker_row_in_process():
     row = bm.run_cell({"model": "tiny", "batch": 2, "config": "full/dense/window", "backend": "sdpa", "device": "cpu",
                        "dtype": "float32", "cfg": 1.5, "seed": 0, "repeats": 2, "warmup": 1, "decode_chunk": 1,

@@ -402,15 +402,16 @@ RASTER_CACHE_TARGET = (0.2, 5.0, "SSD paper: about 5x less KV-cache memory at a 
 
 
 def raster_cache_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Raster rows with a cache budget of at most 20% (a fraction): key/value bytes of the family's
-    baseline (the full cache) over the row's, against issue #5's 5x (bookkeeping is reported apart)."""
+    """Raster rows with a cache budget of at most 20% (a fraction): key/value bytes of the full
+    cache of the same model, batch and dtype over the row's, against issue #5's 5x (bookkeeping is
+    reported apart)."""
     largest, minimum, source = RASTER_CACHE_TARGET
     out = []
     ok = [r for r in rows if r["status"] == "ok" and r.get("family") == "next-token"]
-    full = {(r["model"], r["batch"]): r for r in ok if r["cache"] == "full"}
+    full = {(r["model"], r["batch"], r.get("dtype")): r for r in ok if r["cache"] == "full"}
     for row in ok:
         budget = (row.get("options") or {}).get("cache", {}).get("budget")
-        base = full.get((row["model"], row["batch"]))
+        base = full.get((row["model"], row["batch"], row.get("dtype")))
         if base is None or budget is None or not 0 < budget <= largest or not row.get("kv_bytes"):
             continue
         reduction = base["kv_bytes"] / row["kv_bytes"]
