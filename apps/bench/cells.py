@@ -17,8 +17,8 @@ import torch
 from ...core.errors import ConfigError, MvarEngineError, UsageError
 from ...core.layout import SequenceLayout
 from ...core.registry import get_registry
-from ...plugins.budget_cache import BudgetOptions
 from ...models.var import PATCH_NUMS_256, PATCH_NUMS_512
+from ...plugins.budget_cache import BudgetOptions
 from ..config import EngineConfig
 from ..pipeline import Pipeline, autocast_problem, resolve_components, resolve_device
 from .report import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes, synchronizer
@@ -204,7 +204,7 @@ def check_combo(combo: Combo, backend: str, specs: Sequence[ModelSpec] = ()) -> 
     name the configuration and list what exists. An ``ssd`` cache without a head map (the matrix
     calibrates one) is checked with its options, and its compatibility through a stand-in. The
     pattern and the cache are checked against the layout of each model in ``specs`` that the
-    configuration runs on (a budget below a Janus prompt, a window wider than the grid)."""
+    configuration runs on (a budget below a Janus prompt, an ``apply_from`` past the schedule)."""
 
     components = combo.engine_components()
     try:
