@@ -35,9 +35,23 @@ class ReferenceBackend(AttentionBackend):
 
     def attend(self, q, k, v, spec, *, scale):
         compute = torch.float64 if self.options.precision == "float64" else q.dtype
-        scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale
-        mask = spec.mask(q.shape[-2], k.shape[-2], q.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, v.to(compute)).to(q.dtype)
+        return materialised_attention(q, k, v, spec.mask(q.shape[-2], k.shape[-2], q.device), scale=scale,
+                                      compute_dtype=compute)
+
+
+def materialised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                           scale: float, compute_dtype: torch.dtype,
+                           softmax_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``softmax(scale * q k^T + mask) v`` with the scores ``[B, H, Lq, Lk]`` materialised.
+
+    ``q [B, H, Lq, D]``, ``k [B, H, Lk, D]``, ``v [B, H, Lk, Dv]``; ``mask``: BoolTensor ``[Lq, Lk]``
+    (True = may attend) or None. The two products run in ``compute_dtype``; the scaling, mask and
+    softmax in ``softmax_dtype`` (default ``compute_dtype``; float32 under 16-bit inputs is
+    transformers' eager attention). Returns ``[B, H, Lq, Dv]`` in q's dtype.
+    """
+    softmax_dtype = softmax_dtype or compute_dtype
+    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)).to(softmax_dtype) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(compute_dtype)
+    return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)

@@ -100,6 +100,8 @@ def cpu_backends():
         "sdpa": SdpaBackend(),
         "sdpa-tiled": SdpaBackend(SdpaOptions(tiled="always")),
         "sdpa-tile-3": SdpaBackend(SdpaOptions(tiled="always", tile=3)),
+        "sdpa-fused": SdpaBackend(SdpaOptions(short_queries="fused")),
+        "sdpa-materialised": SdpaBackend(SdpaOptions(short_queries="materialised")),
         "reference-input-precision": ReferenceBackend(ReferenceBackend().options.model_copy(update={"precision": "input"})),
     }
     if get_registry().get("backend", "natten").availability.ok:
@@ -158,7 +160,7 @@ def test_cpu_backend_equals_reference_float32(name, data, batch, heads, seed):
             grad=False)
 
 
-@pytest.mark.parametrize("name", ["sdpa", "sdpa-tiled"])
+@pytest.mark.parametrize("name", ["sdpa", "sdpa-tiled", "sdpa-materialised"])
 @given(case=specs(), **common)
 def test_cpu_backend_gradients_equal_reference(name, case, batch, heads, head_dim, seed):
     compare(CPU_BACKENDS[name], case, batch=batch, heads=heads, head_dim=head_dim, dtype=torch.float32, device="cpu",
@@ -166,11 +168,38 @@ def test_cpu_backend_gradients_equal_reference(name, case, batch, heads, head_di
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["sdpa", "sdpa-tiled"])
+@pytest.mark.parametrize("name", ["sdpa", "sdpa-tiled", "sdpa-fused", "sdpa-materialised"])
 @given(case=specs(kinds=("dense", "causal", "block-causal", "neighborhood2d")), **common)
 def test_cpu_half_precision_within_tolerance(name, dtype, case, batch, heads, head_dim, seed):
     compare(CPU_BACKENDS[name], case, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device="cpu", seed=seed,
             grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@given(spec_q_kv=specs(kinds=("dense", "causal", "window1d"), max_len=24), seed=st.integers(0, 1000),
+       strided=st.booleans())
+def test_sdpa_short_16_bit_cpu_queries_take_the_materialised_path(dtype, spec_q_kv, seed, strided):
+    """auto: 16-bit CPU calls of at most SHORT_QUERY_ROWS queries equal the materialised path over
+    contiguous keys and values bit for bit, also when given strided ones (a prefix view of a larger
+    buffer, as a growing cache returns); longer ones, and float32, equal the fused kernel."""
+    from mvar_engine.backends.reference import materialised_attention
+    from mvar_engine.backends.sdpa import SHORT_QUERY_ROWS
+
+    spec, q_len, kv_len = spec_q_kv
+    q, k, v = inputs(spec_q_kv, 2, 3, 16, dtype, "cpu", seed)
+    if strided:
+        k, v = (torch.cat([t, t[:, :, :2]], dim=2)[:, :, :kv_len] for t in (k, v))
+    got = SdpaBackend().attend(q, k, v, spec, scale=0.25)
+    fused = SdpaBackend(SdpaOptions(short_queries="fused")).attend(q, k, v, spec, scale=0.25)
+    materialised = materialised_attention(q, k.contiguous(), v.contiguous(), spec.mask(q_len, kv_len, "cpu"),
+                                          scale=0.25, compute_dtype=dtype, softmax_dtype=torch.float32)
+    short = dtype != torch.float32 and q_len <= SHORT_QUERY_ROWS
+    if short and strided:  # staged keys are zero-padded (masked out): equal up to summation order
+        torch.testing.assert_close(got, materialised, atol=TOLERANCE[dtype] / 10, rtol=TOLERANCE[dtype] / 10)
+    else:
+        assert torch.equal(got, materialised if short else fused)
+    assert SdpaBackend().materialises(spec, q_len=q_len, dtype=dtype, device=torch.device("cpu")) == short
+    assert not SdpaBackend().materialises(spec, q_len=q_len, dtype=dtype, device=torch.device("cuda"))
 
 
 def cuda_backend_names():

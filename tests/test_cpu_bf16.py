@@ -59,7 +59,8 @@ def test_autocast_choices_per_device(monkeypatch):
 @pytest.mark.parametrize("trajectory", ["markov", "full", "raster"])
 def test_bf16_keeps_the_greedy_tokens_of_the_shipped_models(trajectory, monkeypatch):
     """Teacher-forced on float32's greedy tokens, bf16's argmax agrees at >= 97% of the positions
-    (measured: markov 97.9%, full 98.5%, raster 99.8%), and its logits come out in float32."""
+    (measured: markov 97.9%, full 98.5%, raster 100% since 16-bit CPU decoding
+    steps take sdpa's materialised path with a float32 softmax; 99.8% before), and its logits come out in float32."""
     monkeypatch.setenv(cpu_features.OVERRIDE, "1")
     f32 = Pipeline.from_config(EngineConfig(trajectory=trajectory, device="cpu"))
     bf16 = Pipeline.from_config(EngineConfig(trajectory=trajectory, device="cpu", dtype="bfloat16"))
@@ -73,7 +74,8 @@ def test_bf16_keeps_the_greedy_tokens_of_the_shipped_models(trajectory, monkeypa
     equal = sum(int((logits.argmax(-1) == tokens).sum()) for logits, tokens in pairs)
     total = sum(tokens.numel() for _, tokens in pairs)
     assert equal / total >= 0.97, equal / total
-    assert equal < total  # bf16 really ran: some argmax moved (a test that cannot fail otherwise)
+    # bf16 really ran (a test that cannot fail otherwise): its logits differ from float32's
+    assert any(not torch.equal(a, b) for a, b in zip(replay.logits, reference.logits))
 
 
 def test_a_generation_casts_each_weight_once(monkeypatch):
