@@ -261,6 +261,21 @@ def test_received_attention_is_the_softmax_mass_in_any_chunking(l, n, seed, caus
         budget_cache.SCORE_CHUNK_BYTES = saved
 
 
+@given(l=st.integers(1, 6), n=st.integers(1, 40), seed=st.integers(0, 99), causal=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_received_attention_of_16_bit_keys_is_the_float32_mass_within_rounding(l, n, seed, causal, dtype):
+    """16-bit queries and keys (a bf16 run): the product runs in their dtype, the softmax in float32;
+    the masses stay within rounding of float32 scores of the same (rounded) inputs, and are float32."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 3, l, 16, generator=g).to(dtype), torch.randn(2, 3, max(n, l), 16, generator=g).to(dtype)
+    spec = Causal() if causal else Dense()
+    got = received_attention(q, k, spec, 0.25)
+    expected = received_attention(q.float(), k.float(), spec, 0.25)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.sum(-1), torch.full_like(got.sum(-1), float(l)), atol=1e-4, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- bad input
 def _one_line_error(capsys, argv, code=2):
     assert main(argv) == code
