@@ -66,9 +66,12 @@ class SdpaBackend(AttentionBackend):
         (device, dtype), with the keys padded to a multiple of :data:`STAGED_KEY_MULTIPLE` (zeros,
         masked out), so that a decode loop neither allocates every step nor hands oneDNN a new
         product shape every step: each new shape builds and caches a kernel, and a 577-step sweep
-        of shapes grew this CPU's resident set by 0.5 GB. The views are valid until the next call."""
+        of shapes grew this CPU's resident set by 0.5 GB. The views are valid until the next call;
+        operands that need gradients are copied fresh instead."""
         if k.is_contiguous() and v.is_contiguous():
             return k, v, mask
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return k.contiguous(), v.contiguous(), mask  # autograd keeps what it saw: no reused buffer
         batch, heads, kv_len, _ = k.shape
         padded = -(-kv_len // STAGED_KEY_MULTIPLE) * STAGED_KEY_MULTIPLE
         k_shape, v_shape = (batch, heads, padded, k.shape[-1]), (batch, heads, padded, v.shape[-1])

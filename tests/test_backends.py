@@ -367,3 +367,24 @@ def test_every_builtin_backend_declares_capabilities():
         capabilities = entry.record.factory.capabilities
         assert capabilities.summary()
         assert capabilities.devices
+
+
+def test_sdpa_materialised_path_keeps_the_gradients_of_earlier_calls():
+    """Two bf16 decoding calls over strided keys that need gradients, then one backward: the second
+    call must not overwrite what the first one's backward needs (no reused staging buffer there),
+    and the gradients match the fused kernel's."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 1, 16, generator=g).bfloat16()
+    kv = torch.randn(2, 3, 12, 16, generator=g).bfloat16()
+
+    def gradients(backend):
+        leaves = [t.clone().requires_grad_(True) for t in (q, kv)]
+        outs = [backend.attend(leaves[0], leaves[1][:, :, :n], leaves[1][:, :, :n] * 2, Causal(), scale=0.25)
+                for n in (5, 9)]
+        sum(o.float().sum() for o in outs).backward()
+        return [t.grad.float() for t in leaves]
+
+    got = gradients(SdpaBackend())
+    want = gradients(SdpaBackend(SdpaOptions(short_queries="fused")))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=GRAD_TOLERANCE[torch.bfloat16], rtol=GRAD_TOLERANCE[torch.bfloat16])
