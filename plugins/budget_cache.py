@@ -177,7 +177,9 @@ class BudgetedCache(CachePolicy):
         (``q: [rows, H, l, D]``, ``k: [rows, H, n, D]``) under ``spec``."""
         if not self.track_scores:
             return
-        self.layers[layer].add_scores(received_attention(q, k, spec, scale))
+        store = self.layers[layer]
+        prefix = store.k.data_ptr() == k.data_ptr() and store.k.dtype == k.dtype  # k: the filled slots of store.k
+        store.add_scores(received_attention(q, k, spec, scale, key_buffer=store.k if prefix else None))
 
     def end_step(self) -> None:
         """Nothing: eviction happens when the next step's tokens arrive (see :meth:`update`), so a
@@ -281,25 +283,31 @@ class BudgetedCache(CachePolicy):
         return sum(store.nbytes() for store in self.layers)
 
 
-def attention_probabilities(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec,
-                            scale: float) -> Iterator[tuple[int, torch.Tensor]]:
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float, *,
+                            key_buffer: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, probs)`` over chunks of queries: ``probs: float32 [B, H, c, n]`` is the softmax
     attention of queries ``start .. start + c - 1`` (``q: [B, H, l, D]``) over the ``n`` keys
     (``k: [B, H, n, D]``) under ``spec``, at most :data:`SCORE_CHUNK_BYTES` at a time.
 
     16-bit keys: the product runs in their dtype and the logits are converted to float32 before the
     scale, mask and softmax (transformers' eager attention); converting the keys instead cost a
-    third of a bf16 ``ssd`` step on the CPU (LlamaGen-B, batch 32)."""
+    third of a bf16 ``ssd`` step on the CPU (LlamaGen-B, batch 32). ``key_buffer``: the contiguous
+    ``[B, H, capacity, D]`` storage whose first ``n`` slots are ``k`` (a cache's buffer while it
+    fills); 16-bit products then run over all of it and the logits are cut to ``n``. Strided bf16
+    operands lose the CPU's fast kernel, and a new shape every step makes oneDNN build (and keep) a
+    kernel per shape: about 60 MB of a bf16 ``ssd`` process's peak at LlamaGen-B batch 12."""
     b, h, l, _ = q.shape
     n = k.shape[2]
     mask = spec.mask(l, n, q.device)
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, b * h * n * 4))
     half = k.dtype in (torch.float16, torch.bfloat16)
     kf = k if half else k.float()
+    if half and key_buffer is not None and not k.is_contiguous():
+        kf = key_buffer
     for start in range(0, l, chunk):
         queries = q[:, :, start:start + chunk]
         if half:
-            logits = torch.matmul(queries.to(k.dtype), k.transpose(-1, -2)).float() * scale
+            logits = torch.matmul(queries.to(k.dtype), kf.transpose(-1, -2))[..., :n].float() * scale
         else:
             # keys times queries, then transposed: with one query (a raster step) this is a batched
             # matrix-vector product, about 6x faster on the CPU than the 1-row matrix product q k^T
@@ -309,12 +317,13 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpe
         yield start, torch.softmax(logits, dim=-1)
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> torch.Tensor:
+def received_attention(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float, *,
+                       key_buffer: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, H, n]``: the softmax attention mass each of the ``n`` keys receives, summed over the
     ``l`` queries (``q: [B, H, l, D]``, ``k: [B, H, n, D]``, float32), chunked as
-    :func:`attention_probabilities`."""
+    :func:`attention_probabilities` (and ``key_buffer`` as there)."""
     total = torch.zeros(q.shape[0], q.shape[1], k.shape[2], device=q.device, dtype=torch.float32)
-    for _, probs in attention_probabilities(q, k, spec, scale):
+    for _, probs in attention_probabilities(q, k, spec, scale, key_buffer=key_buffer):
         total += probs.sum(dim=2)
     return total
 

@@ -273,6 +273,10 @@ def test_received_attention_of_16_bit_keys_is_the_float32_mass_within_rounding(l
     expected = received_attention(q.float(), k.float(), spec, 0.25)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    # the keys as the filled prefix of a larger buffer (whose other slots hold anything, NaN too)
+    buffer = torch.cat([k, torch.full_like(k[:, :, :5], float("nan"))], dim=2)
+    prefix = buffer[:, :, :k.shape[2]]
+    torch.testing.assert_close(received_attention(q, prefix, spec, 0.25, key_buffer=buffer), got, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got.sum(-1), torch.full_like(got.sum(-1), float(l)), atol=1e-4, rtol=1e-5)
 
 
