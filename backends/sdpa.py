@@ -1,15 +1,19 @@
 """``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
 
 Any spec runs through its materialised boolean mask (``is_causal`` for square causal specs).
+``neighborhood2d`` specs whose halo is small next to the map take the tiled path
+(:mod:`.tiling`): per chunk of query tiles, gather the tiles' queries and halo keys from the
+token-major layout and run one masked SDPA over ``[tiles, heads, Q, halo]``; memory grows as
+``N x halo``, never ``N x N``.
+
 On the CPU, 16-bit queries of at most :data:`SHORT_QUERY_ROWS` rows (a raster model's decoding
 step) take the materialised path instead (:func:`~.reference.materialised_attention`: two matrix
 products in the inputs' dtype, the softmax in float32): there PyTorch's fused CPU kernel is several
-times slower. Strided keys and values (a growing cache's filled prefix) are copied contiguous first,
-since the CPU's bf16 batched products lose their fast kernel on strided operands. Measured on a
-2-core avx512_bf16 CPU, bf16, one query of 12 heads over 8-577 keys (the mean over a raster
-decode): 12 rows over prefix views 2.51 ms fused against 0.97 ms materialised, 24 rows 5.06 against
-2.22, 64 rows 14.2 against 15.1; 64 rows over 115-577 contiguous keys 5.4-27 ms against 0.84-5.0.
-``short_queries="fused"`` turns this off.
+times slower (2-core avx512_bf16 CPU, bf16, one query of 12 heads, 64 rows over 115-577 keys:
+5.4-27 ms fused against 0.84-5.0 ms materialised). Strided keys and values (a growing cache's
+filled prefix) are staged first (:meth:`SdpaBackend.staged_operands`), since the CPU's bf16
+batched products lose their fast kernel on strided operands. ``short_queries="fused"`` turns this
+off.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ STAGED_KEY_MULTIPLE = 64
 """Strided keys staged for the materialised path are padded to a multiple of this many (see
 :meth:`SdpaBackend.staged_operands`)."""
 
+
+def staged_length(kv_len: int) -> int:
+    """``kv_len`` rounded up to a multiple of :data:`STAGED_KEY_MULTIPLE`."""
+    return -(-kv_len // STAGED_KEY_MULTIPLE) * STAGED_KEY_MULTIPLE
+
 SHORT_QUERY_ROWS = 16
 """Queries per call up to which 16-bit CPU attention takes the materialised path (measured on a
 2-core avx512_bf16 CPU, bf16, 300 keys: 1.4-7x faster at 1-16 queries, 1.5x slower at 64)."""
@@ -57,7 +66,7 @@ class SdpaBackend(AttentionBackend):
 
     def __init__(self, options: SdpaOptions | None = None) -> None:
         self.options = options or SdpaOptions()
-        self.staging: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # see contiguous_operands
+        self.staging: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # see staged_operands
 
     def staged_operands(self, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -73,7 +82,7 @@ class SdpaBackend(AttentionBackend):
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             return k.contiguous(), v.contiguous(), mask  # autograd keeps what it saw: no reused buffer
         batch, heads, kv_len, _ = k.shape
-        padded = -(-kv_len // STAGED_KEY_MULTIPLE) * STAGED_KEY_MULTIPLE
+        padded = staged_length(kv_len)
         k_shape, v_shape = (batch, heads, padded, k.shape[-1]), (batch, heads, padded, v.shape[-1])
         k_size, need = math.prod(k_shape), math.prod(k_shape) + math.prod(v_shape)
         key = (str(k.device), k.dtype)
@@ -121,7 +130,7 @@ class SdpaBackend(AttentionBackend):
             return 4 * CHUNK_BYTES
         if self.materialises(spec, q_len=q_len, dtype=dtype, device=device):  # scores, and contiguous k and v
             itemsize = torch.empty((), dtype=dtype).element_size()
-            staged = -(-kv_len // STAGED_KEY_MULTIPLE) * STAGED_KEY_MULTIPLE
+            staged = staged_length(kv_len)
             return (scores_bytes(batch, heads, q_len, staged, 4, copies=2) + q_len * staged
                     + 2 * batch * heads * staged * head_dim * itemsize)
         mask = 0 if isinstance(spec, Dense) or (isinstance(spec, Causal) and q_len == kv_len) else q_len * kv_len

@@ -301,9 +301,10 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpe
     mask = spec.mask(l, n, q.device)
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, b * h * n * 4))
     half = k.dtype in (torch.float16, torch.bfloat16)
-    kf = k if half else k.float()
-    if half and key_buffer is not None and not k.is_contiguous():
-        kf = key_buffer
+    if not half:
+        kf = k.float()
+    else:
+        kf = key_buffer if key_buffer is not None and not k.is_contiguous() else k
     for start in range(0, l, chunk):
         queries = q[:, :, start:start + chunk]
         if half:
