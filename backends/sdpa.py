@@ -43,6 +43,7 @@ def staged_length(kv_len: int) -> int:
     """``kv_len`` rounded up to a multiple of :data:`STAGED_KEY_MULTIPLE`."""
     return -(-kv_len // STAGED_KEY_MULTIPLE) * STAGED_KEY_MULTIPLE
 
+
 SHORT_QUERY_ROWS = 16
 """Queries per call up to which 16-bit CPU attention takes the materialised path (measured on a
 2-core avx512_bf16 CPU, bf16, 300 keys: 1.4-7x faster at 1-16 queries, 1.5x slower at 64)."""
