@@ -13,7 +13,8 @@ times slower (2-core avx512_bf16 CPU, bf16, one query of 12 heads, 64 rows over 
 5.4-27 ms fused against 0.84-5.0 ms materialised). Strided keys and values (a growing cache's
 filled prefix) are staged first (:meth:`SdpaBackend.staged_operands`), since the CPU's bf16
 batched products lose their fast kernel on strided operands. ``short_queries="fused"`` turns this
-off.
+off. On this path :meth:`SdpaBackend.attend_and_score` also returns the attention each key received,
+which scoring caches (``h2o``, ``ssd``) would otherwise compute again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.attention import AttentionBackend, Causal, Dense, Neighborhood2D, scores_bytes
-from .reference import materialised_attention
+from .reference import materialised_probabilities, received_mass, weighted_values
 from .tiling import default_tile, map_tiles
 
 CHUNK_BYTES = 4 << 20
@@ -144,13 +145,27 @@ class SdpaBackend(AttentionBackend):
         if self.uses_tiles(spec):
             return self._tiled(q, k, v, spec, scale)
         if self.materialises(spec, q_len=q.shape[-2], dtype=q.dtype, device=q.device):
-            k, v, mask = self.staged_operands(k, v, spec.mask(q.shape[-2], k.shape[-2], q.device))
-            return materialised_attention(q, k, v, mask, scale=scale, compute_dtype=q.dtype,
-                                          softmax_dtype=torch.float32)
+            probs, v = self.materialised(q, k, v, spec, scale)
+            return weighted_values(probs, v, q.dtype, q.dtype)
         if isinstance(spec, Causal) and q.shape[-2] == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         mask = spec.mask(q.shape[-2], k.shape[-2], q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def attend_and_score(self, q, k, v, spec, *, scale):
+        """The materialised path's probabilities give the received attention at no extra product."""
+        if not self.materialises(spec, q_len=q.shape[-2], dtype=q.dtype, device=q.device):
+            return None
+        probs, staged_v = self.materialised(q, k, v, spec, scale)
+        return weighted_values(probs, staged_v, q.dtype, q.dtype), received_mass(probs, k.shape[-2])
+
+    def materialised(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The materialised path up to the values: ``(probs, v)`` with ``probs: float32 [B, H, Lq, Lk']``
+        over the staged keys (``Lk' >= Lk``; padded keys get zero) and ``v`` staged alike."""
+        k, v, mask = self.staged_operands(k, v, spec.mask(q.shape[-2], k.shape[-2], q.device))
+        return materialised_probabilities(q, k, mask, scale=scale, compute_dtype=q.dtype,
+                                          softmax_dtype=torch.float32), v
 
     def _tiled(self, q, k, v, spec: Neighborhood2D, scale: float) -> torch.Tensor:
         batch, heads, n, dim = q.shape

@@ -457,6 +457,15 @@ class AttentionBackend(ABC):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *, scale: float) -> torch.Tensor:
         """softmax(scale * q @ k^T restricted to ``spec``) @ v, shape [B, H, Lq, Dv]."""
 
+    def attend_and_score(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(output, received)`` where this call materialises the attention probabilities anyway:
+        ``output`` as :meth:`attend` returns it and ``received: float32 [B, H, Lk]``, the attention
+        each key receives summed over the ``Lq`` queries (what scoring cache policies accumulate,
+        so they need not compute it again). None (the default): this call does not materialise
+        them; the caller then runs :meth:`attend` and scores apart."""
+        return None
+
 
 def scores_bytes(batch: int, heads: int, q_len: int, kv_len: int, itemsize: int, copies: int = 1) -> int:
     """Bytes of ``copies`` materialised ``[B, H, Lq, Lk]`` score tensors of ``itemsize`` bytes."""

@@ -84,13 +84,26 @@ class BackendSelector:
         raise BackendUnsupportedError(f"no available backend computes {spec.describe()} attention here "
                                       f"({'; '.join(reasons)})")
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *, scale: float) -> torch.Tensor:
-        """Validate the inputs, pick a backend and run it."""
+    def checked_pick(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> AttentionBackend:
+        """Validate the inputs (a one-line :class:`UsageError`) and pick the backend for this call."""
         problem = check_inputs(q, k, v, spec)
         if problem is not None:
             raise UsageError(problem)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return self.pick(spec, q, needs_grad=needs_grad).attend(q, k, v, spec, scale=scale)
+        return self.pick(spec, q, needs_grad=needs_grad)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *, scale: float) -> torch.Tensor:
+        """Validate the inputs, pick a backend and run it."""
+        return self.checked_pick(q, k, v, spec).attend(q, k, v, spec, scale=scale)
+
+    def attend_and_score(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`attend`, with the attention each key receives (``float32 [B, H, Lk]``, summed
+        over the queries) where the picked backend materialises it for this call, else None
+        (:meth:`AttentionBackend.attend_and_score`)."""
+        backend = self.checked_pick(q, k, v, spec)
+        scored = backend.attend_and_score(q, k, v, spec, scale=scale)
+        return scored if scored is not None else (backend.attend(q, k, v, spec, scale=scale), None)
 
 
 def selector_for(name: str = "auto", options=None, registry=None) -> BackendSelector:

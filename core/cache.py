@@ -6,9 +6,9 @@ Tensors: ``k, v: [B, H, l, D]`` for the ``l`` new tokens of one step at one laye
 Life cycle per generation: ``begin(...)`` once (``guided=True``: the rows are ``[cond; uncond]``
 halves under CFG); for each step and each layer ``update(layer, k, v, spans)``, which stores what
 the policy keeps and returns the keys/values the step may attend to (kept history first, then the
-new tokens, ascending positions); optionally ``observe(layer, q, k, spec, scale)`` right after it,
-with the step's queries, the keys ``update`` returned and the attention spec the backend will
-compute (scoring policies accumulate attention statistics there); ``end_step()`` after the last
+new tokens, ascending positions); ``observe(layer, q, k, spec, scale, received=...)`` after it,
+with the step's queries, the keys ``update`` returned and the attention spec the backend computes
+(scoring policies accumulate attention statistics there); ``end_step()`` after the last
 layer of a step (eviction point); ``nbytes()`` at any time. The tensors ``update`` returns may be
 views of the policy's buffers: they are valid until the next ``end_step()`` and must not be modified.
 
@@ -59,10 +59,14 @@ class CachePolicy(ABC):
         another model: ``weights_id`` fingerprints the weights when known). The CLI calls it before any model is built, the engine before each
         generation. Default: nothing to check."""
 
-    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> None:
-        """Called right after ``update`` with the step's queries ``q: [B, H, Lq, D]``, the keys
-        ``k: [B, H, Lk, D]`` that ``update`` returned and the spec the backend computes; scoring
-        policies accumulate attention statistics here. Default: nothing."""
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float, *,
+                received: torch.Tensor | None = None) -> None:
+        """Called once per ``update`` (before the next one) with the step's queries ``q: [B, H, Lq, D]``,
+        the keys ``k: [B, H, Lk, D]`` that ``update`` returned and the spec the backend computes;
+        scoring policies accumulate attention statistics here. ``received``: only for policies that
+        set ``track_scores``, and only where the backend materialised the probabilities anyway:
+        ``float32 [B, H, Lk]``, the attention each key received summed over the queries (None:
+        compute it from ``q``, ``k`` and ``spec``). Default: nothing."""
 
     def end_step(self) -> None:
         """Called once after every layer of a step has been updated; evict here."""

@@ -50,14 +50,20 @@ def cached_attention(cache: CachePolicy, backends: BackendSelector, spans: Spans
                      spec_for: Callable[[Spans], AttentionSpec]) -> AttendFn:
     """The ``attend(layer, q, k, v, scale)`` callback of a cached step over the tokens at ``spans``:
     store the step's keys/values in ``cache``, build the spec from the spans it returns
-    (``spec_for(k_spans)``), let the cache ``observe`` the step, then attend over the returned
-    keys/values."""
+    (``spec_for(k_spans)``), attend over the returned keys/values, and let the cache ``observe`` the
+    step. A scoring cache (``track_scores``) also gets the attention each key received where the
+    backend materialised it (:meth:`BackendSelector.attend_and_score`)."""
 
     def attend(layer, q, k, v, scale):
         k_all, v_all, k_spans = cache.update(layer, k, v, spans)
         spec = spec_for(k_spans)
-        cache.observe(layer, q, k_all, spec, scale)
-        return backends.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), spec, scale=scale)
+        k_in, v_in = k_all.to(q.dtype), v_all.to(q.dtype)
+        if not cache.track_scores:
+            cache.observe(layer, q, k_all, spec, scale)
+            return backends.attend(q, k_in, v_in, spec, scale=scale)
+        out, received = backends.attend_and_score(q, k_in, v_in, spec, scale=scale)
+        cache.observe(layer, q, k_all, spec, scale, received=received)
+        return out
 
     return attend
 

@@ -23,10 +23,12 @@ Two kinds of policy:
   headwise cache only where every kept past key is visible to every query of the step (``raster``,
   and next-scale ``full`` with ``dense`` attention); ``kept_positions()`` gives the real positions.
 
-Scoring policies set ``track_scores``; their ``observe(layer, q, k, spec, scale)`` hook (called by
-the engines after ``update`` with the step's queries, the returned keys and the spec the backend
-computes) adds the attention each kept key receives, computed apart from the backend in chunks of
-queries (at most ``SCORE_CHUNK_BYTES`` of probabilities at a time), so any backend can run.
+Scoring policies set ``track_scores``; their ``observe(layer, q, k, spec, scale, received=...)`` hook
+(called by the engines after ``update`` with the step's queries, the returned keys and the spec the
+backend computes) adds the attention each kept key receives: the backend's own ``received`` where it
+materialised the probabilities (``sdpa``'s 16-bit CPU decoding path, ``reference``), else computed
+apart from the backend in chunks of queries (at most ``SCORE_CHUNK_BYTES`` of probabilities at a
+time), so any backend can run.
 """
 
 from __future__ import annotations
@@ -172,14 +174,18 @@ class BudgetedCache(CachePolicy):
             return k_all, v_all, merge_spans(((0, store.filled - count), *spans))
         return k_all, v_all, slot_order_spans(kept)
 
-    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float) -> None:
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float, *,
+                received: torch.Tensor | None = None) -> None:
         """Accumulate the attention every returned key receives from the step's queries
-        (``q: [rows, H, l, D]``, ``k: [rows, H, n, D]``) under ``spec``."""
+        (``q: [rows, H, l, D]``, ``k: [rows, H, n, D]``) under ``spec``: ``received`` where the
+        backend gave it, else computed here (:func:`received_attention`)."""
         if not self.track_scores:
             return
         store = self.layers[layer]
-        prefix = store.k.data_ptr() == k.data_ptr() and store.k.dtype == k.dtype  # k: the filled slots of store.k
-        store.add_scores(received_attention(q, k, spec, scale, key_buffer=store.k if prefix else None))
+        if received is None:
+            prefix = store.k.data_ptr() == k.data_ptr() and store.k.dtype == k.dtype  # k: store.k's filled slots
+            received = received_attention(q, k, spec, scale, key_buffer=store.k if prefix else None)
+        store.add_scores(received)
 
     def end_step(self) -> None:
         """Nothing: eviction happens when the next step's tokens arrive (see :meth:`update`), so a

@@ -202,6 +202,47 @@ def test_sdpa_short_16_bit_cpu_queries_take_the_materialised_path(dtype, spec_q_
     assert not SdpaBackend().materialises(spec, q_len=q_len, dtype=dtype, device=torch.device("cuda"))
 
 
+@pytest.mark.parametrize("name", ["sdpa", "sdpa-fused", "sdpa-materialised", "reference-input-precision", "reference"])
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float32]), spec_q_kv=specs(kinds=("dense", "causal", "window1d"),
+       max_len=24), seed=st.integers(0, 1000), strided=st.booleans())
+def test_attend_and_score_gives_attend_s_output_and_the_received_mass(name, dtype, spec_q_kv, seed, strided):
+    """Where a backend materialises the probabilities (sdpa's short 16-bit CPU path or forced
+    materialised, reference) ``attend_and_score`` returns exactly ``attend``'s output and the
+    attention mass each key received, as the scoring caches compute it themselves (within the
+    inputs' rounding); elsewhere it returns None. Strided keys: the staging padding is left out."""
+    from mvar_engine.plugins.budget_cache import received_attention
+
+    backend = CPU_BACKENDS.get(name, REFERENCE)
+    spec, q_len, kv_len = spec_q_kv
+    q, k, v = inputs(spec_q_kv, 2, 3, 16, dtype, "cpu", seed)
+    if strided:
+        k, v = (torch.cat([t, t[:, :, :2]], dim=2)[:, :, :kv_len] for t in (k, v))
+    scored = backend.attend_and_score(q, k, v, spec, scale=0.25)
+    materialises = not isinstance(backend, SdpaBackend) or backend.materialises(spec, q_len=q_len, dtype=dtype,
+                                                                               device=q.device)
+    assert (scored is not None) == materialises
+    if scored is None:
+        return
+    out, received = scored
+    assert torch.equal(out, backend.attend(q, k, v, spec, scale=0.25))
+    assert received.shape == (2, 3, kv_len) and received.dtype == torch.float32
+    want = received_attention(q, k, spec, 0.25)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # 16 bits: the caches' logits are rounded products
+    torch.testing.assert_close(received, want, atol=tol * q_len, rtol=tol)
+    torch.testing.assert_close(received.sum(-1), torch.full((2, 3), float(q_len)), atol=tol * q_len, rtol=0)
+
+
+def test_the_selector_scores_where_the_picked_backend_materialises():
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.bfloat16) for n in (1, 5, 5))
+    out, received = BackendSelector([("sdpa", SdpaBackend())], forced=True).attend_and_score(q, k, v, Dense(), scale=0.3)
+    assert received is not None and torch.equal(out, SdpaBackend().attend(q, k, v, Dense(), scale=0.3))
+    out, received = BackendSelector([("fused", SdpaBackend(SdpaOptions(short_queries="fused")))], forced=True) \
+        .attend_and_score(q, k, v, Dense(), scale=0.3)
+    assert received is None and torch.equal(out, SdpaBackend(SdpaOptions(short_queries="fused")).attend(q, k, v, Dense(), scale=0.3))
+    with pytest.raises(UsageError, match="share a dtype"):
+        BackendSelector([("sdpa", SdpaBackend())], forced=True).attend_and_score(q, k.float(), v, Dense(), scale=0.3)
+
+
 def cuda_backend_names():
     return ["sdpa", "flex", "natten", "xformers", "flash-attn", "reference"]
 

@@ -370,6 +370,37 @@ def test_in_place_replacement_equals_compaction(name, budget, cfg, batch, seed):
             assert torch.equal(ka, kb.expand_as(ka))
 
 
+@settings(max_examples=12, deadline=None)
+@given(name=st.sampled_from(("h2o", "ssd")), budget=st.integers(3, 9), cfg=st.sampled_from([1.0, 4.0]),
+       batch=st.integers(1, 2), seed=st.integers(0, 9))
+def test_scores_from_the_backend_equal_the_cache_s_own(name, budget, cfg, batch, seed, monkeypatch):
+    """Where the backend materialises the probabilities (``sdpa`` forced onto its materialised path)
+    the scoring caches take the received attention from it and never compute it again; the kept
+    positions and the logits equal those of a run whose cache scores apart (the fused kernel)."""
+    from mvar_engine.core.backend_selection import selector_for
+
+    model = tiny_model((3, 4), 1, seed)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(seed))
+    tokens = raster_run(model, "full", labels, cfg, seed=seed).tokens
+    runs = []
+    for short_queries in ("fused", "materialised"):
+        cache = make_policy(name, budget, model.config.depth, model.config.heads, seed)
+        recording = Recording(cache)
+        engine = raster_engine(model, cache)
+        engine.backends = selector_for("sdpa", {"short_queries": short_queries})
+        with monkeypatch.context() as patch:  # one context per example: hypothesis reuses the fixture
+            if short_queries == "materialised":  # the cache must not score apart
+                patch.setattr(budget_cache, "received_attention", lambda *a, **k: pytest.fail("scored apart"))
+            runs.append((engine.generate(labels, cfg=cfg, forced_tokens=tokens, return_logits=True), recording, cache))
+    (apart, rec_apart, cache_apart), (shared, rec_shared, cache_shared) = runs
+    torch.testing.assert_close(shared.logits, apart.logits, atol=1e-5, rtol=1e-5)
+    for step_apart, step_shared in zip(rec_apart.steps, rec_shared.steps, strict=True):
+        for (ka, _, _), (kb, _, _) in zip(step_apart, step_shared):
+            assert torch.equal(ka, kb)
+    for a, b in zip(cache_apart.layers, cache_shared.layers):
+        torch.testing.assert_close(b.scores[:, :, :b.filled], a.scores[:, :, :a.filled], atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- the buffer variant
 BUFFERS = st.sampled_from([1, 2, 3, "row"])
 

@@ -83,17 +83,21 @@ def engine_config(combo, cell: dict[str, Any]):
 
 
 class FlopCounter:
-    """Wraps ``backends.attend`` and adds ``4 * B * H * D * pairs`` per call while ``counting``."""
+    """Wraps ``backends.attend`` and ``backends.attend_and_score`` (scoring caches' path) and adds
+    ``4 * B * H * D * pairs`` per call while ``counting``."""
 
     def __init__(self, backends) -> None:
         self.flops, self.counting = 0, False
-        self._attend = backends.attend
-        backends.attend = self
+        for name in ("attend", "attend_and_score"):
+            setattr(backends, name, self.counted(getattr(backends, name)))
 
-    def __call__(self, q, k, v, spec, *, scale):
-        if self.counting:
-            self.flops += 4 * q.shape[0] * q.shape[1] * q.shape[-1] * spec.pair_count(q.shape[-2], k.shape[-2])
-        return self._attend(q, k, v, spec, scale=scale)
+    def counted(self, method):
+        def call(q, k, v, spec, *, scale):
+            if self.counting:
+                self.flops += 4 * q.shape[0] * q.shape[1] * q.shape[-1] * spec.pair_count(q.shape[-2], k.shape[-2])
+            return method(q, k, v, spec, scale=scale)
+
+        return call
 
 
 def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
