@@ -130,12 +130,28 @@ def precompute_freqs_cis_2d(grid: tuple[int, int], head_dim: int, base: float = 
     return torch.cat([torch.zeros(cls_token_num, half, 2), table])
 
 
+def rotary_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``freqs: [l, D/2, 2]`` (cos, sin per pair) -> ``(cos, sin)``, each float32 ``[l, D]``: cos
+    repeated for both elements of a pair, sin negated for the first (see :func:`rotate`)."""
+    cos, sin = freqs[..., 0].float(), freqs[..., 1].float()
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x: [B, H, l, D]`` rotated pairwise by :func:`rotary_tables`, in float32, cast back: pair
+    ``(x0, x1)`` -> ``(x0 cos - x1 sin, x1 cos + x0 sin)``, bit for bit LlamaGen's complex product
+    (``x1 * -sin`` is ``-(x1 * sin)`` exactly) in three whole-tensor operations instead of strided
+    ones per element (a decoding step of 66 rows and 12 heads in bf16 on a 2-core CPU: 79 against
+    243 microseconds a call)."""
+    cos, sin = (t.to(x.device) for t in tables)
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return (xf * cos + swapped * sin).type_as(x)
+
+
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """``x: [B, H, l, D]``, ``freqs: [l, D/2, 2]`` -> rotated ``x`` (computed in float32, cast back)."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = freqs[..., 0].to(xs.device), freqs[..., 1].to(xs.device)  # [l, D/2]
-    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
+    return rotate(x, rotary_tables(freqs))
 
 
 class RMSNorm(nn.Module):
@@ -174,10 +190,11 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(width, 3 * width, bias=False)
         self.wo = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attend: Callable) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend: Callable) -> torch.Tensor:
+        """``x: [B, l, C]``; ``rope``: :func:`rotary_tables` at the tokens' positions."""
         b, l, _ = x.shape
         q, k, v = self.wqkv(x).view(b, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
+        q, k = rotate(q, rope), rotate(k, rope)
         o = attend(q, k, v, self.scale)
         return self.wo(o.transpose(1, 2).reshape(b, l, self.width))
 
@@ -190,8 +207,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.width, config.norm_eps)
         self.ffn_norm = RMSNorm(config.width, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attend: Callable) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, attend)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend: Callable) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, attend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -240,9 +257,9 @@ class RasterGPT(nn.Module):
     def backbone(self, x: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         """Every block on ``x: [B, l, C]`` at sequence ``positions: LongTensor[l]``; q and k are rotated
         at their positions before ``attend(layer, q, k, v, scale)``."""
-        freqs = self.freqs_cis[positions.to(self.freqs_cis.device)]
+        rope = rotary_tables(self.freqs_cis[positions.to(self.freqs_cis.device)])
         for layer, block in enumerate(self.layers):
-            x = block(x, freqs, lambda q, k, v, scale, layer=layer: attend(layer, q, k, v, scale))
+            x = block(x, rope, lambda q, k, v, scale, layer=layer: attend(layer, q, k, v, scale))
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,30 @@ def test_rope_matches_llamagen_formula(h, w, head_dim, seed, data):
     assert torch.allclose(got.double(), _llamagen_rope_complex(x, r, c), atol=1e-5)
 
 
+def _llamagen_apply_rotary_emb(x, freqs_cis):
+    """LlamaGen's own ``apply_rotary_emb`` (``gpt.py``), for ``x: [B, H, l, D]``, ``freqs_cis: [l, D/2, 2]``."""
+    xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
+    freqs_cis = freqs_cis.view(1, 1, xshaped.size(2), xshaped.size(3), 2)
+    x_out2 = torch.stack([xshaped[..., 0] * freqs_cis[..., 0] - xshaped[..., 1] * freqs_cis[..., 1],
+                          xshaped[..., 1] * freqs_cis[..., 0] + xshaped[..., 0] * freqs_cis[..., 1]], dim=-1)
+    return x_out2.flatten(3).type_as(x)
+
+
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), rows=st.integers(1, 3),
+       heads=st.integers(1, 3), length=st.integers(1, 7), head_dim=st.sampled_from([4, 8, 64]),
+       strided=st.booleans(), seed=st.integers(0, 999))
+def test_rope_equals_llamagen_s_apply_rotary_emb_bit_for_bit(dtype, rows, heads, length, head_dim, strided, seed):
+    """The whole-tensor rotation equals LlamaGen's per-element stack exactly, on q/k views as the
+    attention passes them (a permuted slice of the fused projection) and on contiguous tensors."""
+    g = torch.Generator().manual_seed(seed)
+    freqs = torch.randn(length, head_dim // 2, 2, generator=g)
+    if strided:
+        x = torch.randn(rows, length, 3, heads, head_dim, generator=g).to(dtype).permute(2, 0, 3, 1, 4)[1]
+    else:
+        x = torch.randn(rows, heads, length, head_dim, generator=g).to(dtype)
+    assert torch.equal(apply_rotary_emb(x, freqs), _llamagen_apply_rotary_emb(x, freqs))
+
+
 @given(seed=st.integers(0, 20), data=st.data())
 def test_rope_scores_depend_only_on_offsets(seed, data):
     h = w = 6
