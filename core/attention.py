@@ -424,7 +424,8 @@ class AttentionBackend(ABC):
     support; ``supports`` answers without running a kernel and returns the reason (one line, naming
     the constraint and the way out) when it cannot; ``attend`` is only called when ``supports``
     returned None, and must not modify its inputs. Subclasses add constraints beyond the declared
-    ones in :meth:`check` and may rank themselves per spec in :meth:`preference`.
+    ones in :meth:`check` and may rank themselves per spec in :meth:`preference`; one that
+    materialises the probabilities may also return what each key received (:meth:`attend_and_score`).
     """
 
     name: ClassVar[str] = "backend"

@@ -285,6 +285,7 @@ def test_presets_and_cells():
 @pytest.mark.parametrize("argv, needle", [
     (["--models", "tiny,d99-300"], "unknown model 'd99-300' (available: d16-256"),
     (["--configs", "full/dense"], "configuration 'full/dense' is not trajectory/attention/cache"),
+    (["--configs", "full/dense/full/none"], "configuration 'full/dense/full/none' is not trajectory/attention/cache"),
     (["--configs", "full/dense/full,full/bogus/full"], "configuration 'full/bogus/full': unknown attention pattern 'bogus'"),
     (["--configs", "markov/neighborhood/full"], "makes no sense under trajectory 'markov'"),
     (["--configs", "markov/neighborhood:kernel_size=zero/none"], "configuration 'markov/neighborhood:kernel_size=zero/none'"),
@@ -338,6 +339,20 @@ def test_raster_cell_counts_flops_bytes_and_budget(config, budget):
     assert row["decode_s_per_image"] > 0 and row["peak_rss_decode"] > 0
     # prefill and growing caches are causal; a step whose every held key is visible is dense
     assert row["backends_used"] in ({"causal": "sdpa"}, {"causal": "sdpa", "dense": "sdpa"})
+
+
+def test_raster_cell_counts_the_flops_of_scored_steps():
+    """bf16 h2o on the CPU takes the backend's scores (``attend_and_score``): its steps count too."""
+    row = bm.run_cell({**RASTER_TINY_CELL, "config": "raster/dense/h2o:budget=5", "dtype": "bfloat16"})
+    assert row["status"] == "ok"
+    assert row["attention_gflops"] * 1e9 == pytest.approx(RASTER_TINY_UNIT * _raster_pairs(5))
+
+
+def test_a_cache_option_may_be_a_path_with_slashes():
+    """The matrix's head_map= takes a precomputed map by path (it used to split the path as the triple)."""
+    combo = bm.parse_combo("raster/dense/ssd:head_map=maps/llamagen/b.json:budget=0.2@bfloat16")
+    assert (combo.trajectory, combo.attention, combo.cache, combo.dtype) == ("raster", "dense", "ssd", "bfloat16")
+    assert combo.options == {"cache": {"head_map": "maps/llamagen/b.json", "budget": 0.2}}
 
 
 def test_raster_cell_without_guidance_runs_conditional_rows_only():

@@ -158,13 +158,14 @@ def _option_value(text: str) -> Any:
 
 def parse_combo(text: str) -> Combo:
     """``"full/dense/full"`` (or ``"full/dense/full@bfloat16"``) -> :class:`Combo`; a malformed triple
-    or an unknown dtype is a one-line UsageError."""
+    or an unknown dtype is a one-line UsageError. The cache's option values may hold ``/`` (a path:
+    ``raster/dense/ssd:head_map=maps/b.json``): only the first two ``/`` separate the triple."""
     triple, at, dtype = text.strip().partition("@")
     dtype = dtype.strip()
     if at and dtype not in DTYPE_NAMES:
         raise UsageError(f"configuration {text!r}: @{dtype} is not an autocast dtype (choose {', '.join(DTYPE_NAMES)})")
-    parts = [p.strip() for p in triple.strip().split("/")]
-    if len(parts) != 3 or not all(parts):
+    parts = [p.strip() for p in triple.strip().split("/", 2)]
+    if len(parts) != 3 or not all(parts) or "/" in parts[2].split(":")[0]:
         raise UsageError(f"configuration {text!r} is not trajectory/attention/cache (e.g. full/dense/full or "
                          f"markov/neighborhood/none; options as neighborhood:kernel_size=5)")
     names, options = [], {}
