@@ -157,6 +157,23 @@ def test_end_to_end_in_fresh_processes(tmp_cwd, capsys):
     assert ">= 4 (--max-batch" in out and all(str(largest_text(entry)) in out for entry in (full, sink))
 
 
+def test_repeats_time_the_largest_batch_in_one_more_process(tmp_cwd, capsys):
+    """The search's runs time one generation each; --repeats N adds one fresh process at the largest
+    batch timing N generations, and the reported images/s is its median."""
+    from mvar_engine.apps.cli import main
+
+    argv = ["bench", "capacity", "--model", "raster-tiny", "--memory-budget", "4GiB", "--probes", "1,2", "--max-batch",
+            "2", "--configs", "raster/dense/full", "--repeats", "2", "--threads", "1", "--device", "cpu",
+            "--output", "c.json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    (entry,) = json.loads((tmp_cwd / "c.json").read_text())["results"]
+    assert [(m["batch"], m["repeats"]) for m in entry["measurements"]] == [(1, 1), (2, 1)]
+    timed = entry["throughput_run"]
+    assert (timed["batch"], timed["repeats"], entry["timed_generations"]) == (2, 2, 2)
+    assert entry["images_per_s"] == pytest.approx(2 / timed["transformer_s"])
+    assert "throughput run (2 timed generations)" in capsys.readouterr().err
+
+
 def test_a_watched_worker_is_stopped_when_the_watch_says_so():
     import os
     import time

@@ -12,8 +12,10 @@ its throughput there:
    way up, then interpolated or bisected until a batch that fits sits next to one that does not:
    the prediction is never trusted alone. On the CPU a run whose resident set passes the budget is
    stopped at once (it cannot fit);
-3. images/s and tokens/s at that batch (median of ``--repeats``), and the ratio to the baseline
-   (the first configuration) at *its* largest batch. The memory per row reported is the line
+3. images/s and tokens/s at that batch, and the ratio to the baseline (the first configuration) at
+   *its* largest batch. The search's runs time one generation each (they measure memory); with
+   ``--repeats N`` (or ``--warmup``) one more fresh process at the largest batch times ``N``
+   generations and the median is reported (a run of one generation on this CPU varies by 10-20%). The memory per row reported is the line
    through the two largest batches that fit; where ``--max-batch`` stops the search first, that
    line's batch at the budget is reported beside the lower bound, marked as a guess.
 
@@ -287,27 +289,42 @@ def run_capacity(config: CapacityConfig, out: TextIO | None = None, log: TextIO 
         entry: dict[str, Any] = {"config": combo.text, "status": "running", "measurements": []}
         payload["results"].append(entry)
 
-        def measure(batch: int, cell=cell, entry=entry, combo=combo) -> dict[str, Any]:
-            print(f"{combo.text} batch {batch}: fresh process ...", file=log, flush=True)
+        def run(batch: int, cell: dict[str, Any], what: str, combo=combo) -> dict[str, Any]:
+            print(f"{combo.text} batch {batch}: {what} ...", file=log, flush=True)
             t0 = time.perf_counter()
             row = run_cell_in_subprocess({**cell, "batch": batch}, config.timeout_s, watch=watch)
             row.setdefault("batch", batch)
             row["wall_s"] = time.perf_counter() - t0
             row["fits"] = fits(row, budget)
-            entry["measurements"].append(row)
-            write_json(config.output, payload)
             peak = peak_of(row)
             shown = "failed: " + str(row.get("reason")) if peak is None else f"peak {format_bytes(peak)}"
             print(f"{combo.text} batch {batch}: {shown} ({'fits' if row['fits'] else 'over'} "
                   f"{format_bytes(budget)}), {row['wall_s']:.0f} s", file=log, flush=True)
             return row
 
+        def measure(batch: int, cell=cell, entry=entry) -> dict[str, Any]:  # a search run: one generation
+            row = run(batch, {**cell, "repeats": 1, "warmup": 0}, "fresh process")
+            entry["measurements"].append(row)
+            write_json(config.output, payload)
+            return row
+
         found = largest_batch(measure, budget, config.probes, config.max_batch)
         entry.update({k: v for k, v in found.items() if k != "measurements"}, status="ok")
         best = next((r for r in entry["measurements"] if r.get("batch") == found["largest_batch"] and r["fits"]), None)
+        if best is not None and (config.repeats > 1 or config.warmup > 0):
+            timed = run(best["batch"], cell, f"throughput run ({config.repeats} timed generations)")
+            entry["throughput_run"] = timed
+            if timed["status"] == "ok":
+                best = timed
+            else:
+                entry["throughput_note"] = (f"the throughput run failed ({timed.get('reason')}): images/s from the "
+                                            f"search's single generation")
         if best is not None:
-            entry.update(peak_bytes=peak_of(best), images_per_s=best["batch"] / best["transformer_s"],
-                         tokens_per_s=best["tokens_per_s"], kv_bytes=best.get("cache_peak_bytes"))
+            entry.update(peak_bytes=max(peak_of(r) or 0 for r in (best, *entry["measurements"])
+                                        if r.get("batch") == best["batch"]),
+                         images_per_s=best["batch"] / best["transformer_s"],
+                         tokens_per_s=best["tokens_per_s"], kv_bytes=best.get("cache_peak_bytes"),
+                         timed_generations=best.get("repeats", 1))
         else:
             entry.update(status="none fits", images_per_s=None, tokens_per_s=None)
         add_capacity_ratios(payload["results"])
@@ -375,7 +392,7 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
             f"weights), cfg {config['cfg']:g}, {config['dtype']}; budget {format_bytes(payload['budget_bytes'])} of "
             f"{payload['memory_source']}. Largest batch found by measurement (probes at batches "
             f"{', '.join(map(str, config['probes']))}, then the prediction and its neighbours, each in a fresh "
-            f"process); throughput: median of {config['repeats']} generations at that batch; ratios against "
+            f"process); throughput: median of {config['repeats']} generation(s) at that batch; ratios against "
             f"`{payload['baseline']}` at its own largest batch.\n\n" + table_markdown(payload) + "\n")
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -444,8 +461,11 @@ def cmd_bench_capacity(argv: Sequence[str]) -> int:
                    help="autocast dtype (default float32)")
     p.add_argument("--cfg", type=finite_float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg:g})")
     p.add_argument("--seed", type=seed_int, default=d.seed)
-    p.add_argument("--repeats", type=int, default=d.repeats, help=f"timed generations per run (default {d.repeats})")
-    p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed generations first (default {d.warmup})")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help=f"timed generations at the largest batch, median reported: above 1, one more fresh process "
+                        f"there after the search, whose runs time one each (default {d.repeats})")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help=f"untimed generations first in that throughput run (default {d.warmup})")
     p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N")
     p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per run")
