@@ -15,9 +15,10 @@ its throughput there:
 3. images/s and tokens/s at that batch, and the ratio to the baseline (the first configuration) at
    *its* largest batch. The search's runs time one generation each (they measure memory); with
    ``--repeats N`` (or ``--warmup``) one more fresh process at the largest batch times ``N``
-   generations and the median is reported (a run of one generation on this CPU varies by 10-20%). The memory per row reported is the line
-   through the two largest batches that fit; where ``--max-batch`` stops the search first, that
-   line's batch at the budget is reported beside the lower bound, marked as a guess.
+   generations and the median is reported (one generation on a 2-core CPU varies by 10-20%). The
+   memory per row reported is the line through the two largest batches that fit; where
+   ``--max-batch`` stops the search first, that line's batch at the budget is reported beside the
+   lower bound, marked as a guess.
 
 Every measurement is a fresh process (the matrix worker, :mod:`.matrix`): peak memory is the
 process's peak resident set while generating and decoding, the weights included (CPU), or ``max_memory_allocated``
