@@ -137,3 +137,26 @@ def test_fid_bad_input_is_one_line(case, tmp_cwd, refused):
         "samples-missing": (["none.npz", "--ref", "a.npz", *weights], "does not exist"),
     }[case]
     refused(["fid", *argv, "--output", "fid.json"], needle)
+
+
+class _WritesMarker:
+    """Unpickling it calls ``Path.touch`` on the marker: what a hostile ``.pth`` could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_hostile_inception_weights_run_no_code(refused, tmp_path):
+    """The weights file is unpickled ``weights_only``: a pickle that would run code is refused in one
+    line and nothing of it runs (torch-fidelity's own loader unpickles in full)."""
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pth"
+    torch.save({"weight": _WritesMarker(marker)}, evil)
+    samples = tmp_path / "s.npz"
+    write_npz_images(samples, np.zeros((4, 8, 8, 3), dtype=np.uint8), 4, 8, 8)
+    refused(["fid", samples, "--ref", samples, "--inception-weights", evil, "--output", "fid.json"],
+            "not torch-fidelity's Inception-v3 state dict")
+    assert not marker.exists()

@@ -97,12 +97,34 @@ def load_inception(weights: str | Path | None, device: torch.device) -> tuple[to
                          f"from {WEIGHTS_URL})")
     module, how = fidelity_module("feature_extractor_inceptionv3")
     try:
-        extractor = module.FeatureExtractorInceptionV3(EXTRACTOR_NAME, list(FEATURES),
-                                                       feature_extractor_weights_path=str(path))
+        # weights_only: the file is data, never code (torch-fidelity's own loader unpickles in full)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        extractor = unloaded_extractor(module)
+        extractor.load_state_dict(state, strict=True)
     except Exception as error:
         raise UsageError(f"--inception-weights {weights}: not torch-fidelity's Inception-v3 state dict "
                          f"({one_line(error, limit=160)}); give {WEIGHTS_NAME}") from None
     return extractor.to(device).eval(), how
+
+
+def unloaded_extractor(module: ModuleType) -> torch.nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` built with its random initialisation: its
+    constructor's own weight loading (a full unpickling) is given an empty file of ours and skipped;
+    the caller loads weights, or keeps the random ones."""
+
+    class Unloaded(module.FeatureExtractorInceptionV3):
+        skip_load = True
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if self.skip_load:  # the constructor's call
+                self.skip_load = False
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        return Unloaded(EXTRACTOR_NAME, list(FEATURES), feature_extractor_weights_path=str(empty))
 
 
 def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -149,16 +171,9 @@ def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     convolutions, so activations neither vanish nor explode through its 94 layers) to ``path``,
     atomically: for tests of the plumbing and offline smoke runs. FIDs on it mean nothing."""
     module, _ = fidelity_module("feature_extractor_inceptionv3")
-
-    class Unloaded(module.FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random initialisation
-            return None
-
-    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)
-        net = Unloaded(EXTRACTOR_NAME, list(FEATURES), feature_extractor_weights_path=str(empty))
+        net = unloaded_extractor(module)
         for layer in net.modules():
             if isinstance(layer, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
