@@ -132,11 +132,15 @@ class Engine:
         pieces = []
         for start in range(0, batch, per_chunk):
             stop = min(batch, start + per_chunk)
-            rows = torch.arange(start, stop, device=hidden.device)
-            if cfg is not None:
-                rows = torch.cat([rows, rows + batch])
+            if stop - start == batch:  # one chunk: every row, no gather
+                rows, chunk_hidden = None, hidden
+            else:
+                rows = torch.arange(start, stop, device=hidden.device)
+                if cfg is not None:
+                    rows = torch.cat([rows, rows + batch])
+                chunk_hidden = hidden[rows]
             with self.autocast(hidden.device):
-                logits = self.model.logits(state, hidden[rows], rows)
+                logits = self.model.logits(state, chunk_hidden, rows)
             logits = logits.float()  # guidance, filters and the draw in float32 under 16-bit autocast too
             if cfg is not None:
                 logits = self.model.guide(logits, stop - start, cfg, step)
@@ -145,7 +149,7 @@ class Engine:
             chunk_generator = generator if generator is None or isinstance(generator, torch.Generator) \
                 else generator[start:stop]
             pieces.append(sample_tokens(logits, top_k=top_k, top_p=top_p, generator=chunk_generator))
-        return torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     # -- generation ------------------------------------------------------------------------------
     def check(self, cache: CachePolicy, names: dict[str, str] | None = None) -> None:

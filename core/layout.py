@@ -137,4 +137,6 @@ def spans_to_positions(spans: Spans, device: torch.device | str = "cpu") -> torc
     """LongTensor of the positions covered by ``spans``, in order."""
     if not spans:
         return torch.empty(0, dtype=torch.long, device=device)
+    if len(spans) == 1:
+        return torch.arange(*spans[0], device=device)
     return torch.cat([torch.arange(b, e, device=device) for b, e in spans])

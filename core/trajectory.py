@@ -37,11 +37,14 @@ class Trajectory(ABC):
 
     Traits (class attributes the engine checks): ``family`` (``"next-scale"`` or ``"next-token"``:
     which models, patterns and caches serve it); ``sees_all_history`` (every step sees every key of
-    every earlier step: a headwise cache needs it); ``step_unit`` (what one step makes, for progress)."""
+    every earlier step: a headwise cache needs it); ``token_causal`` (``visible_tokens`` is exactly
+    ``k_pos <= q_pos``, so patterns may decide a step's spec from its spans alone, without building a
+    mask); ``step_unit`` (what one step makes, for progress)."""
 
     name: ClassVar[str] = "trajectory"
     family: ClassVar[str] = "next-scale"
     sees_all_history: ClassVar[bool] = False
+    token_causal: ClassVar[bool] = False
     step_unit: ClassVar[str] = "scale"
     default_attention: ClassVar[str] = "dense"
     default_cache: ClassVar[str] = "full"

@@ -160,19 +160,27 @@ class BudgetedCache(CachePolicy):
                 kept[victim] = position
         else:
             if store.filled > self.budget - 1:
-                store.sort_by_position()
-                if not self.headwise:
-                    kept.sort()
-                index = self.select(layer, store, self.budget - 1)
-                store.keep(index)
-                if not self.headwise:
-                    self._positions[layer] = kept = [kept[i] for i in index.tolist()]
+                self.compact(layer, self.budget - 1)
+                kept = self._positions[layer]
             k_all, v_all = store.append(k, v, spans)
             if not self.headwise:
                 kept.extend(p for b, e in spans for p in range(b, e))
         if self.headwise:  # stand-in spans: every kept key precedes the new tokens (module docstring)
             return k_all, v_all, merge_spans(((0, store.filled - count), *spans))
         return k_all, v_all, slot_order_spans(kept)
+
+    def compact(self, layer: int, retain: int) -> None:
+        """Put ``layer`` in position order and keep the policy's :meth:`select` of ``retain`` slots."""
+        store = self.layers[layer]
+        store.sort_by_position()
+        kept = self._positions[layer]
+        kept.sort()
+        index = self.select(layer, store, retain)
+        if not self.headwise:  # a list of slots keeps the host bookkeeping free of tensor reads
+            slots = index if isinstance(index, list) else index.tolist()
+            self._positions[layer] = [kept[i] for i in slots]
+            index = torch.tensor(slots, dtype=torch.long) if isinstance(index, list) else index
+        store.keep(index)
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float, *,
                 received: torch.Tensor | None = None) -> None:
@@ -192,8 +200,9 @@ class BudgetedCache(CachePolicy):
         layer holds at most ``budget`` tokens between steps and a step attends to at most
         ``budget`` keys (``budget - 1`` kept plus the new token)."""
 
-    def select(self, layer: int, store: BoundedKV, retain: int) -> torch.Tensor:
-        """Slots to keep from a layer in position order: ``LongTensor [retain]`` (shared) or
+    def select(self, layer: int, store: BoundedKV, retain: int) -> torch.Tensor | list[int]:
+        """Slots to keep from a layer in position order: ``LongTensor [retain]`` or a list of
+        ``retain`` slots (shared; a list needs no read of a tensor on the host) or
         ``[rows, heads, retain]`` (headwise); the class prefix must be among them."""
         raise NotImplementedError
 
@@ -203,12 +212,16 @@ class BudgetedCache(CachePolicy):
         raise NotImplementedError
 
     # -- helpers for subclasses -------------------------------------------------------------------
-    def window_index(self, store: BoundedKV, retain: int, protected: int | None = None) -> torch.Tensor:
+    def window_slots(self, store: BoundedKV, retain: int, protected: int | None = None) -> list[int]:
         """The first ``protected`` slots (default: the class prefix) and the most recent rest of a
-        layer in position order (``LongTensor [retain]`` on the CPU)."""
+        layer in position order (``retain`` slots)."""
         protected = min(self.prefix if protected is None else protected, retain)
         n = store.filled
-        return torch.tensor([*range(protected), *range(n - (retain - protected), n)], dtype=torch.long)
+        return [*range(protected), *range(n - (retain - protected), n)]
+
+    def window_index(self, store: BoundedKV, retain: int, protected: int | None = None) -> torch.Tensor:
+        """:meth:`window_slots` as ``LongTensor [retain]`` on the CPU."""
+        return torch.tensor(self.window_slots(store, retain, protected), dtype=torch.long)
 
     def oldest_slot(self, layer: int, protected: int | None = None) -> int:
         """Shared policies: the slot holding the oldest position at or after ``protected`` (the
@@ -244,8 +257,7 @@ class BudgetedCache(CachePolicy):
         positions, scores = self._group_view(store)
         movable = positions >= self.prefix
         candidates = movable & (positions < position - recent)
-        inf = torch.tensor(float("inf"), device=scores.device)
-        by_score = torch.where(candidates, scores, inf).argmin(dim=-1)
+        by_score = scores.masked_fill(~candidates, float("inf")).argmin(dim=-1)
         big = torch.iinfo(positions.dtype).max
         oldest = torch.where(movable, positions, torch.full_like(positions, big)).argmin(dim=-1)
         return self.unpair(torch.where(candidates.any(dim=-1), by_score, oldest))
@@ -346,7 +358,7 @@ class TokenWindowCache(BudgetedCache):
     name = "window"
 
     def select(self, layer, store, retain):
-        return self.window_index(store, retain)
+        return self.window_slots(store, retain)
 
     def victim(self, layer, store, position):
         return self.oldest_slot(layer)

@@ -77,9 +77,14 @@ class CausalPattern(DensePattern):
 def causal_spec(layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn) -> AttentionSpec:
     """The most specific spec of what the trajectory shows, in token order: ``Causal`` (bottom-right
     aligned) when that is the rule, ``Dense`` when every query sees every key (one query over kept
-    keys in any slot order), else the explicit ``Masked`` mask."""
+    keys in any slot order), else the explicit ``Masked`` mask. Under a ``token_causal`` trajectory
+    the usual cases are read off the spans (:func:`token_causal_spec`): no mask, no tensor."""
     if spans_length(queries) == 0 or spans_length(keys) < 1:
         raise ValueError(f"attention needs queries and keys, got {queries} over {keys}")
+    if isinstance(visible, Visibility) and visible.trajectory.token_causal:
+        spec = token_causal_spec(queries, keys)
+        if spec is not None:
+            return spec
     allowed = visible_positions(layout, queries, keys, visible)
     if not bool(allowed.any(dim=1).all()):
         raise ValueError(f"a query in {queries} sees no key of {keys}")
@@ -91,6 +96,18 @@ def causal_spec(layout: SequenceLayout, queries: Spans, keys: Spans, visible: Vi
     if bool(allowed.all()):
         return Dense()
     return Masked(allowed, "raster-causal")
+
+
+def token_causal_spec(queries: Spans, keys: Spans) -> AttentionSpec | None:
+    """Where a query at ``p`` sees exactly the keys at positions ``<= p``: ``Causal`` when the keys
+    (spans in any order) end with the one query span and hold nothing after it, ``Dense`` when every
+    key precedes or is the first query; None (build the mask) otherwise."""
+    last_key = max(end for _, end in keys) - 1
+    if len(queries) == 1 and _ends_with(keys, queries[0]) and last_key == queries[0][1] - 1:
+        return Causal()
+    if last_key <= queries[0][0]:
+        return Dense()
+    return None
 
 
 def _ends_with(keys: Spans, q_span: tuple[int, int]) -> bool:

@@ -37,6 +37,7 @@ class RasterTrajectory(Trajectory):
     name = "raster"
     family: ClassVar[str] = "next-token"
     sees_all_history: ClassVar[bool] = True
+    token_causal: ClassVar[bool] = True
     step_unit: ClassVar[str] = "token"
     default_attention = "causal"
     default_cache = "full"

@@ -48,7 +48,7 @@ class SinkCache(BudgetedCache):
                              f"for recent tokens (lower --cache-sink below {budget - prefix} or raise --cache-budget)")
 
     def select(self, layer, store, retain):
-        return self.window_index(store, retain, protected=self.prefix + self.sink)
+        return self.window_slots(store, retain, protected=self.prefix + self.sink)
 
     def victim(self, layer, store, position):
         return self.oldest_slot(layer, protected=self.prefix + self.sink)

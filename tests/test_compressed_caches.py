@@ -350,13 +350,7 @@ def test_in_place_replacement_equals_compaction(name, budget, cfg, batch, seed):
     def compacting_update(layer, k, v, spans, original=slow.update):
         store = slow.layers[layer]
         if k.shape[2] == 1 and store.filled == slow.budget:
-            store.sort_by_position()
-            kept = slow._positions[layer]
-            kept.sort()
-            index = slow.select(layer, store, slow.budget - 1)
-            store.keep(index)
-            if not slow.headwise:
-                slow._positions[layer] = [kept[i] for i in index.tolist()]
+            slow.compact(layer, slow.budget - 1)
         return original(layer, k, v, spans)
 
     slow.update = compacting_update

@@ -129,7 +129,7 @@ class FirstRowCache(BudgetedCache):
         super().begin(layout=layout, **kwargs)
 
     def select(self, layer, store, retain):
-        return self.window_index(store, retain, protected=self.prefix + self.row)
+        return self.window_slots(store, retain, protected=self.prefix + self.row)
 
     def victim(self, layer, store, position):
         return self.oldest_slot(layer, protected=self.prefix + self.row)
