@@ -116,6 +116,9 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     o.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     o.add_argument("--dtype", help="float32 (default), bfloat16 or float16 autocast (CUDA; bfloat16 also on a CPU with "
                    "native bf16: avx512_bf16, amx_bf16)")
+    o.add_argument("--compile", action="store_true",
+                   help="compile the one-token decoding steps (raster, --cache full): one torch.compile graph, "
+                   "CUDA graphs on CUDA; the first step compiles (tens of seconds)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -185,7 +188,7 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
             out.setdefault("sampling", {})[key] = value
         elif key in output_keys:
             out.setdefault("output", {})[key] = value
-        elif key in ("labels", "samples_per_label", "batch_size", "device", "dtype"):
+        elif key in ("labels", "samples_per_label", "batch_size", "device", "dtype", "compile"):
             out[key] = value
     if given.get("no_strict"):
         out.setdefault("model", {})["strict"] = False

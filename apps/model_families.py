@@ -34,6 +34,9 @@ class BuiltinFamily(ModelFamily):
     def adapter(self, model, tokenizer) -> ModelAdapter:
         return self.adapter_type(model, tokenizer)
 
+    def compiles_token_steps(self) -> bool:
+        return self.adapter_type.compiles_token_steps
+
 
 class VarFamily(BuiltinFamily):
     """VAR/MVAR transformers with their multi-scale tokenizer (VAR's and MVAR's released files, ours)."""

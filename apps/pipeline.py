@@ -24,6 +24,7 @@ from ..core.adapter import ModelFacts, ModelFamily
 from ..core.backend_selection import BackendSelector, selector_for
 from ..core.cache import CachePolicy
 from ..core.compatibility import check_compatible
+from ..core.compiled_decoding import compile_problem
 from ..core.engine import Engine
 from ..core.errors import IncompatibleComponentsError, UsageError
 from ..core.files import atomic_write
@@ -250,7 +251,18 @@ def prepare_run(config: EngineConfig, registry: Registry | None = None) -> Prepa
     components = resolve_components(config, registry)
     config = with_sampling_defaults(config, components.model.sampling_defaults)
     device = resolve_device(config.device)
+    if config.compile:
+        check_compile(config, components, device)
     return PreparedRun(config, components, device, check_model_facts(config, components))
+
+
+def check_compile(config: EngineConfig, components: Components, device: torch.device) -> None:
+    """``--compile`` where it cannot run: a one-line ``UsageError`` before any model is built."""
+    problem = compile_problem(trajectory=components.trajectory, pattern=components.pattern, cache=components.cache,
+                              compiles_token_steps=components.model.compiles_token_steps(),
+                              backend=config.backend.name, device=device, names=components.names)
+    if problem is not None:
+        raise UsageError(problem)
 
 
 @dataclass
@@ -276,7 +288,7 @@ class Pipeline:
         autocast = resolve_autocast(config.dtype, device)
         self.adapter = components.model.adapter(model, tokenizer)
         self.engine = Engine(self.adapter, components.trajectory, components.pattern, components.backends,
-                             autocast_dtype=autocast)
+                             autocast_dtype=autocast, compile=config.compile)
         self.engine.check(components.cache, components.names)
 
     @classmethod

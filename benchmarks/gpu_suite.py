@@ -15,8 +15,8 @@ Steps, in order (each with its own time limit, skipped with the reason once the 
    reason, listed by ``-rs`` in the log) with a JUnit XML.
 3. ``bench-attention``: ``bench attention`` on CUDA (sdpa, flex, natten/xformers/flash-attn where present).
 4. ``matrix-d16``: the paper preset at d16 256px, batch 32, bf16: VAR vs MVAR (memory, time).
-5. ``matrix-raster``: LlamaGen-B (576 tokens), batch 32 and 128, bf16: full vs ssd at 20%, per step
-   and with the buffer variant (``buffer=row``: SSD's 10.7x setting).
+5. ``matrix-raster``: LlamaGen-B (576 tokens), batch 32 and 128, bf16: full (eager and compiled:
+   CUDA graphs) vs ssd at 20%, per step and with the buffer variant (``buffer=row``: SSD's 10.7x setting).
 6. ``capacity``: ``bench capacity`` at a 40 GiB budget (largest batch and throughput per policy).
 
 Written under ``OUT_DIR``: ``suite.json`` (rewritten atomically after every step: command, status,
@@ -81,8 +81,8 @@ def steps(out: Path) -> list[Step]:
                                        "--cfg", "1.5", "--repeats", "3", "--warmup", "1", *common,
                                        "--output", o("matrix-d16.json")), 90, ["matrix-d16.json", "matrix-d16.md"]),
         Step("matrix-raster", mvar_engine("bench", "matrix", "--cells", "llamagen-b:32,llamagen-b:128",
-                                          "--configs", "raster/dense/full,raster/dense/ssd:budget=0.2,"
-                                                       "raster/dense/ssd:budget=0.2:buffer=row",
+                                          "--configs", "raster/dense/full,raster/dense/full@compile,"
+                                                       "raster/dense/ssd:budget=0.2,raster/dense/ssd:budget=0.2:buffer=row",
                                           "--dtype", "bfloat16", "--repeats", "1", "--warmup", "1", *common,
                                           "--output", o("matrix-raster.json")), 120,
              ["matrix-raster.json", "matrix-raster.md"]),

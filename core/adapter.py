@@ -72,6 +72,10 @@ class ModelFamily(ABC):
     def adapter(self, model: Any, tokenizer: Any) -> "ModelAdapter":
         """The engine's adapter over a built ``(model, tokenizer)``."""
 
+    def compiles_token_steps(self) -> bool:
+        """Does this family's adapter set ``compiles_token_steps`` (``--compile`` is checked before a build)?"""
+        return False
+
     def inspect(self, settings: Any) -> ModelFacts | None:
         """The :class:`ModelFacts` of the model ``build(settings)`` would return, without building it
         or reading its weights; bad settings raise the one-line ``UsageError`` that ``build`` would.
@@ -87,6 +91,8 @@ class ModelAdapter(ABC):
 
     name: ClassVar[str] = "model"
     family: ClassVar[str] = "next-scale"
+    compiles_token_steps: ClassVar[bool] = False
+    """Trait: implements :meth:`fed_tokens` and :meth:`run_token` (compiled decoding, ``--compile``)."""
     layout: SequenceLayout
     num_layers: int
     num_heads: int
@@ -107,6 +113,15 @@ class ModelAdapter(ABC):
     def run(self, state: GenerationState, steps: Sequence[Step], spans: Spans, attend: AttendFn) -> torch.Tensor:
         """Hidden states ``[rows, n, C]`` of the tokens of ``steps`` (all fed now, at positions
         ``spans``, ``n`` of them) through the backbone, attention through ``attend``."""
+
+    def fed_tokens(self, state: GenerationState, step: Step) -> torch.Tensor:
+        """``LongTensor[rows, 1]``: what a one-token ``step`` feeds (for :meth:`run_token`)."""
+        raise NotImplementedError(f"model adapter '{self.name}' has no compiled decoding step")
+
+    def run_token(self, tokens: torch.Tensor, position: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        """:meth:`run` of one token per row as pure tensor code (it is traced into a graph): ``tokens:
+        LongTensor[rows, 1]`` at ``position: LongTensor[1]`` -> hidden ``[rows, 1, C]``."""
+        raise NotImplementedError(f"model adapter '{self.name}' has no compiled decoding step")
 
     @abstractmethod
     def logits(self, state: GenerationState, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,6 +52,11 @@ class BackendSelector:
         self.used: dict[str, str] = {}
         self._memo: dict[tuple, Candidate] = {}
 
+    @property
+    def choice(self) -> str:
+        """What the run chose: ``"auto"``, or the name of the forced backend."""
+        return self.candidates[0].name if self.forced and self.candidates else "auto"
+
     def ranked(self, spec: AttentionSpec, device: torch.device) -> list[Candidate]:
         """Candidates in the order ``auto`` tries them for ``spec`` on ``device`` (stable on ties)."""
         if self.keep_order:

@@ -21,7 +21,9 @@ Traits, declared on the class and checked by the engine before a generation:
   ``sees_every_visible_key``; see :mod:`mvar_engine.plugins.budget_cache`;
 - ``stores_history``: ``False`` (``none``) keeps nothing: the engine then recomputes whatever
   history the trajectory requires, which makes it the exact oracle of cached runs;
-- ``track_scores``: the storage keeps a float32 score per slot (scoring policies).
+- ``track_scores``: the storage keeps a float32 score per slot (scoring policies);
+- ``static_decoding``: implements :meth:`~CachePolicy.update_static` and
+  :meth:`~CachePolicy.static_buffers`, the fixed-shape form compiled decoding (``--compile``) runs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class CachePolicy(ABC):
     families: ClassVar[tuple[str, ...]] = ("next-scale",)
     headwise: ClassVar[bool] = False
     track_scores: ClassVar[bool] = False
+    static_decoding: ClassVar[bool] = False
 
     @abstractmethod
     def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,
@@ -67,6 +70,20 @@ class CachePolicy(ABC):
         set ``track_scores``, and only where the backend materialised the probabilities anyway:
         ``float32 [B, H, Lk]``, the attention each key received summed over the queries (None:
         compute it from ``q``, ``k`` and ``spec``). Default: nothing."""
+
+    def update_static(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                      position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fixed-shape :meth:`update` of a one-token step of a token-causal trajectory after the
+        prefill (it runs inside a compiled graph: no host reads, no Python state that changes per
+        step). Store ``k, v: [rows, H, 1, D]`` at ``position: LongTensor[1]`` (on the cache's
+        device); return the whole buffers ``[rows, H, capacity, D]`` and ``valid: BoolTensor``
+        broadcastable to ``[rows, H, 1, capacity]``: the slots the query sees. Only for policies
+        that set ``static_decoding``."""
+        raise NotImplementedError(f"cache '{self.name}' has no fixed-shape decoding step")
+
+    def static_buffers(self) -> list[torch.Tensor]:
+        """The tensors :meth:`update_static` writes in place (kept at fixed addresses for CUDA graphs)."""
+        return []
 
     def end_step(self) -> None:
         """Called once after every layer of a step has been updated; evict here."""

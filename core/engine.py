@@ -22,6 +22,8 @@ from .attention import AttentionPattern, AttentionSpec
 from .backend_selection import BackendSelector
 from .cache import CachePolicy
 from .compatibility import check_compatible
+from .compiled_decoding import CompiledTokenStep, compile_problem
+from .errors import UsageError
 from .layout import Spans, merge_spans
 from .sampling import Generators, sample_tokens
 from .trajectory import Step, Trajectory, Visibility
@@ -85,10 +87,13 @@ class Engine:
     and backend selector. Stateless between calls: the cache comes with each :meth:`generate`."""
 
     def __init__(self, model: ModelAdapter, trajectory: Trajectory, pattern: AttentionPattern,
-                 backends: BackendSelector, *, autocast_dtype: torch.dtype | None = None) -> None:
+                 backends: BackendSelector, *, autocast_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+        """``compile``: one-token steps run compiled (:mod:`.compiled_decoding`)."""
         self.model, self.trajectory, self.pattern, self.backends = model, trajectory, pattern, backends
         self.layout = model.layout
         self.autocast_dtype = autocast_dtype
+        self.compile = compile
+        self.compiled: CompiledTokenStep | None = None
         self.visibility = Visibility(trajectory)
         self.steps = trajectory.steps(self.layout)
 
@@ -158,6 +163,39 @@ class Engine:
         check_compatible(self.trajectory, self.pattern, cache, model_family=self.model.family, names=names)
         self.pattern.check_layout(self.layout)
         cache.check_layout(self.layout, num_layers=self.model.num_layers, num_heads=self.model.num_heads)
+        if self.compile:
+            problem = compile_problem(trajectory=self.trajectory, pattern=self.pattern, cache=cache,
+                                      compiles_token_steps=self.model.compiles_token_steps,
+                                      backend=self.backends.choice, names=names)
+            if problem is not None:
+                raise UsageError(problem)
+
+    def compiled_step(self, cache: CachePolicy, device: torch.device) -> CompiledTokenStep:
+        """The compiled one-token step, over ``cache`` now (one per engine and device: a new cache of
+        the same shapes reuses its graph)."""
+        if self.compiled is None or self.compiled.device != device:
+            self.compiled = CompiledTokenStep(self.model, cache, device, lambda: self.autocast(device))
+        self.compiled.cache = cache
+        return self.compiled
+
+    def run_step(self, state: GenerationState, step: Step, cache: CachePolicy, compiled: CompiledTokenStep | None,
+                 device: torch.device) -> torch.Tensor:
+        """Hidden states ``[rows, n, C]`` of ``step``: compiled for a one-token step after the
+        prefill when ``compiled``; else the step's tokens over the cache, or its history recomputed."""
+        if compiled is not None and compiled.serves(step):
+            hidden = compiled.run(state, step)
+            cache.end_step()
+            return hidden
+        history = dependencies(self.steps, step.index)
+        with self.autocast(device):
+            if cache.stores_history:
+                hidden = self.model.run(state, (step,), step.spans, self.attend_cached(cache, step.spans))
+                cache.end_step()
+                return hidden
+            if history == [step.index]:
+                return self.model.run(state, (step,), step.spans, self.attend_uncached(step.spans))
+            spans = merge_spans(span for j in history for span in self.steps[j].spans)
+            return self.model.run(state, [self.steps[j] for j in history], spans, self.attend_uncached(spans))
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, cache: CachePolicy, *, cfg: float, top_k: int, top_p: float,
@@ -178,21 +216,14 @@ class Engine:
         tokens: list[torch.Tensor] = []
         all_logits: list[torch.Tensor] = []
         peak = 0
+        compiled = self.compiled_step(cache, device) if self.compile else None
+        if compiled is not None:
+            compiled.begin()
         with weight_cast_scope(device, self.autocast_dtype):
             for step in self.steps:
-                history = dependencies(self.steps, step.index)
-                with self.autocast(device):
-                    if cache.stores_history:
-                        hidden = model.run(state, (step,), step.spans, self.attend_cached(cache, step.spans))
-                        cache.end_step()
-                    elif history == [step.index]:
-                        hidden = model.run(state, (step,), step.spans, self.attend_uncached(step.spans))
-                    else:
-                        spans = merge_spans(span for j in history for span in self.steps[j].spans)
-                        hidden = model.run(state, [self.steps[j] for j in history], spans,
-                                           self.attend_uncached(spans))
-                    hidden = hidden[:, -step.emits:]
-                    if return_logits or forced_tokens is not None:
+                hidden = self.run_step(state, step, cache, compiled, device)[:, -step.emits:]
+                if return_logits or forced_tokens is not None:
+                    with self.autocast(device):
                         logits = model.logits(state, hidden).float()
                 peak = max(peak, cache.nbytes())
                 if return_logits:

@@ -52,6 +52,7 @@ class RasterAdapter(ModelAdapter):
 
     name = "raster-gpt"
     family = "next-token"
+    compiles_token_steps = True
 
     def __init__(self, model: RasterGPT, tokenizer=None) -> None:
         self.net, self.tokenizer = model, tokenizer
@@ -83,6 +84,12 @@ class RasterAdapter(ModelAdapter):
         tokens = state.fed[max(first - 1, 0):last]
         x = self.net.embed(labels, (tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)) if tokens else None)
         return self.net.backbone(x, spans_to_positions(spans, x.device), attend)
+
+    def fed_tokens(self, state: RasterState, step: Step) -> torch.Tensor:
+        return state.fed[step.index - 1]
+
+    def run_token(self, tokens: torch.Tensor, position: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        return self.net.backbone(self.net.embed(None, tokens), position, attend)
 
     def logits(self, state: RasterState, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.net.logits(hidden)

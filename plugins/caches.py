@@ -160,15 +160,36 @@ def make_window(options: WindowOptions | None = None) -> CachePolicy:
 
 
 class FullCache(WindowCache):
-    """Keep every key/value (VAR's KV cache): capacity is the whole sequence."""
+    """Keep every key/value (VAR's KV cache): capacity is the whole sequence. Slot ``i`` holds
+    position ``i`` under a raster trajectory, so its fixed-shape decoding step writes the token at
+    its position and shows the slots up to it (gpt-fast's static cache)."""
 
     name = "full"
     families = ("next-scale", "next-token")
+    static_decoding = True
 
     def __init__(self, options: NoOptions | None = None) -> None:
         self.options = options or NoOptions()
         self.keep = None
         self.layers = []
+        self.slots: torch.Tensor | None = None
+
+    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
+        super().begin(num_layers=num_layers, batch=batch, num_heads=num_heads, head_dim=head_dim, layout=layout,
+                      device=device, dtype=dtype, guided=guided)
+        self.slots = torch.arange(self.capacity(layout), device=device)
+        for store in self.layers:  # masked slots must hold numbers: a masked NaN still poisons softmax @ V
+            store.k.zero_()
+            store.v.zero_()
+
+    def update_static(self, layer, k, v, position):
+        store = self.layers[layer]
+        store.k.index_copy_(2, position, k.to(store.k.dtype))
+        store.v.index_copy_(2, position, v.to(store.v.dtype))
+        return store.k, store.v, (self.slots <= position)[None, None, None, :]
+
+    def static_buffers(self):
+        return [t for store in self.layers for t in (store.k, store.v)]
 
 
 __all__ = ["NoCache", "FullCache", "WindowCache", "WindowOptions", "make_window", "spans_length"]

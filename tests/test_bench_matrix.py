@@ -416,3 +416,30 @@ def test_matrix_runs_janus_cells_and_calibrates_their_heads(tmp_cwd, capsys):
     kept = budget_tokens(0.8, 32)
     assert ssd["budget_tokens"] == kept and ssd["kv_bytes"] == pytest.approx(full["kv_bytes"] * kept / 32)
     assert data["head_maps"]["janus-tiny"]["calibrated"]
+
+
+def test_compile_is_a_configuration_suffix_beside_the_dtype():
+    for text, dtype in (("raster/dense/full@compile", None), ("raster/dense/full@bfloat16@compile", "bfloat16"),
+                        ("raster/dense/full@compile@bfloat16", "bfloat16")):
+        combo = bm.parse_combo(text)
+        assert combo.compile and combo.dtype == dtype and combo.text.endswith("@compile")
+    assert not bm.parse_combo("raster/dense/full@bfloat16").compile
+    for bad in ("raster/dense/full@compile@compile", "raster/dense/full@jit"):
+        with pytest.raises(bm.UsageError, match="is not an autocast dtype or @compile"):
+            bm.parse_combo(bad)
+
+
+def test_compile_rows_a_configuration_cannot_run_are_refused_in_the_parent(refused):
+    refused(["bench", "matrix", "--cells", "raster-tiny:1", "--configs", "raster/dense/full,raster/dense/sink:budget=5@compile"],
+            "cache 'sink' keeps no fixed-shape storage yet")
+
+
+def test_raster_cells_count_calls_and_syncs_and_compiled_rows_run():
+    """``--count-calls``: the steady steps' aten calls (per layer too) and host syncs (none); an
+    ``@compile`` row generates through the compiled step (its FLOPs are not counted)."""
+    eager = bm.run_cell({**RASTER_TINY_CELL, "config": "raster/dense/full", "count_calls": True})
+    assert eager["status"] == "ok" and eager["host_syncs_per_step"] == 0
+    assert 0 < eager["aten_calls_per_layer_step"] * 2 == eager["aten_calls_per_step"]  # 2 layers
+    compiled = bm.run_cell({**RASTER_TINY_CELL, "config": "raster/dense/full@compile", "count_calls": True})
+    assert compiled["status"] == "ok" and compiled["attention_gflops"] is None
+    assert "aten_calls_per_step" not in compiled and compiled["transformer_s_per_image"] > 0

@@ -16,6 +16,7 @@ from mvar_engine.core.attention import visible_positions
 from mvar_engine.core.layout import SequenceLayout
 from mvar_engine.core.trajectory import Visibility
 from mvar_engine.models.default_models import default_checkpoints
+from mvar_engine.plugins.budget_cache import slot_order_spans
 from mvar_engine.plugins.patterns import CausalPattern, causal_spec, token_causal_spec
 from mvar_engine.plugins.raster import RasterTrajectory
 from mvar_engine.plugins.ssd_cache import SSDCache, SSDOptions
@@ -89,17 +90,6 @@ def test_the_counter_sees_a_sync_where_a_step_has_one(raster_pipeline, monkeypat
     assert steps[5].syncs[".__float__()"] == raster_pipeline.adapter.num_layers
 
 
-def _spans(positions: list[int]) -> tuple[tuple[int, int], ...]:
-    """Positions (in the drawn order) as spans of consecutive runs, in that order."""
-    out: list[list[int]] = []
-    for p in positions:
-        if out and out[-1][1] == p:
-            out[-1][1] = p + 1
-        else:
-            out.append([p, p + 1])
-    return tuple((a, b) for a, b in out)
-
-
 @given(data=st.data(), length=st.integers(2, 24), shuffle=st.booleans())
 def test_spans_read_specs_equal_the_token_causal_mask(data, length, shuffle):
     """Under ``raster`` the spec read off the spans (no mask built) allows exactly what the
@@ -118,7 +108,7 @@ def test_spans_read_specs_equal_the_token_causal_mask(data, length, shuffle):
         order = list(order) + list(range(q_start, q_start + q_len))
     if not order:
         return
-    keys = _spans(order)
+    keys = slot_order_spans(order)
     allowed = visible_positions(layout, queries, keys, visible)
     spec = token_causal_spec(queries, keys)
     if spec is None:

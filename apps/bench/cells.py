@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ...core.compiled_decoding import compile_problem
 from ...core.errors import ConfigError, MvarEngineError, UsageError
 from ...core.layout import SequenceLayout
 from ...core.registry import get_registry
@@ -48,6 +49,9 @@ def run_problems(*, threads: int | None, timeout_s: float | None, device: str, d
             out.append(problem)
     return out
 
+
+JANUS_MODELS = ("janus-pro-1b", "janus-tiny")
+"""The benchmark's Janus-Pro architectures (transformers' Janus, random weights)."""
 
 RASTER_GRIDS = {"llamagen-b": (24, 24), "raster-tiny": (3, 3), "janus-pro-1b": (24, 24), "janus-tiny": (4, 4)}
 """Raster model ids -> their token grid."""
@@ -130,7 +134,8 @@ def model_spec(model_id: str) -> ModelSpec:
 class Combo:
     """One configuration ``trajectory/attention/cache``; a part may carry options as
     ``name:key=value:key=value`` (``markov/neighborhood:kernel_size=5/none``), and the whole an
-    autocast dtype as ``@bfloat16`` (``full/dense/full@bfloat16``; default: the run's ``--dtype``)."""
+    autocast dtype as ``@bfloat16`` (``full/dense/full@bfloat16``; default: the run's ``--dtype``)
+    and compiled decoding steps as ``@compile`` (``raster/dense/full@bfloat16@compile``)."""
 
     text: str
     trajectory: str
@@ -138,6 +143,7 @@ class Combo:
     cache: str
     options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
     dtype: str | None = None
+    compile: bool = False
 
     def engine_components(self) -> dict[str, dict[str, Any]]:
         return {kind: {"name": getattr(self, kind), "options": self.options.get(kind, {})}
@@ -160,10 +166,16 @@ def parse_combo(text: str) -> Combo:
     """``"full/dense/full"`` (or ``"full/dense/full@bfloat16"``) -> :class:`Combo`; a malformed triple
     or an unknown dtype is a one-line UsageError. The cache's option values may hold ``/`` (a path:
     ``raster/dense/ssd:head_map=maps/b.json``): only the first two ``/`` separate the triple."""
-    triple, at, dtype = text.strip().partition("@")
-    dtype = dtype.strip()
-    if at and dtype not in DTYPE_NAMES:
-        raise UsageError(f"configuration {text!r}: @{dtype} is not an autocast dtype (choose {', '.join(DTYPE_NAMES)})")
+    triple, *suffixes = (part.strip() for part in text.strip().split("@"))
+    dtype, compiled = None, False
+    for suffix in suffixes:
+        if suffix == "compile" and not compiled:
+            compiled = True
+        elif suffix in DTYPE_NAMES and dtype is None:
+            dtype = suffix
+        else:
+            raise UsageError(f"configuration {text!r}: @{suffix} is not an autocast dtype or @compile (choose "
+                             f"{', '.join(DTYPE_NAMES)}, compile; each at most once)")
     parts = [p.strip() for p in triple.strip().split("/", 2)]
     if len(parts) != 3 or not all(parts) or "/" in parts[2].split(":")[0]:
         raise UsageError(f"configuration {text!r} is not trajectory/attention/cache (e.g. full/dense/full or "
@@ -177,7 +189,8 @@ def parse_combo(text: str) -> Combo:
             if not sep or not key.strip():
                 raise UsageError(f"configuration {text!r}: option {pair!r} of {kind} '{name}' is not key=value")
             options.setdefault(kind, {})[key.strip().replace("-", "_")] = _option_value(value.strip())
-    return Combo("/".join(parts) + (f"@{dtype}" if at else ""), *names, options=options, dtype=dtype or None)
+    text = "/".join(parts) + (f"@{dtype}" if dtype else "") + ("@compile" if compiled else "")
+    return Combo(text, *names, options=options, dtype=dtype, compile=compiled)
 
 
 def parse_cell(text: str) -> tuple[str, int]:
@@ -219,6 +232,12 @@ def check_combo(combo: Combo, backend: str, specs: Sequence[ModelSpec] = ()) -> 
             if spec.family == resolved.trajectory.family:
                 resolved.pattern.check_layout(spec.layout)
                 resolved.cache.check_layout(spec.layout, num_layers=spec.depth, num_heads=spec.heads)
+        if combo.compile:
+            compiles = resolved.model.compiles_token_steps() and not any(spec.id in JANUS_MODELS for spec in specs)
+            problem = compile_problem(trajectory=resolved.trajectory, pattern=resolved.pattern, cache=resolved.cache,
+                                      compiles_token_steps=compiles, backend=backend)
+            if problem is not None:
+                raise UsageError(problem)
     except ConfigError as error:
         raise ConfigError([f"configuration '{combo.text}': {'; '.join(error.problems)}"]) from None
     except MvarEngineError as error:
@@ -323,7 +342,9 @@ class CellRun:
                 del images
         self.peak_decode = self.probe.peak()
 
-    def row(self, *, rows: int, cfg: float, flops: int, cache_peak: int, **extra: Any) -> dict[str, Any]:
+    def row(self, *, rows: int, cfg: float, flops: int | None, cache_peak: int, **extra: Any) -> dict[str, Any]:
+        """The row's fields (``flops`` None: not counted, as in compiled steps, which run outside the
+        backends the counter wraps)."""
         cell, spec, combo = self.cell, self.spec, self.combo
         median_s = statistics.median(self.times)
         peak_total = max(self.peak_transformer, self.peak_decode)
@@ -345,8 +366,8 @@ class CellRun:
             "peak_rss_transformer": self.peak_transformer, "peak_rss_decode": self.peak_decode,
             "peak_rss_total": peak_total, "working_memory": peak_total - self.baseline,
             "working_memory_transformer": self.peak_transformer - self.baseline,
-            "cache_peak_bytes": cache_peak, "attention_gflops": flops / 1e9,
-            "attention_gflops_per_image": flops / 1e9 / cell["batch"],
+            "cache_peak_bytes": cache_peak, "attention_gflops": None if flops is None else flops / 1e9,
+            "attention_gflops_per_image": None if flops is None else flops / 1e9 / cell["batch"],
             "transformer_s": median_s, "transformer_s_per_image": median_s / cell["batch"],
             "transformer_times_s": self.times, "warmup_times_s": self.warm, "repeats": len(self.times),
             "decode_s_per_image": statistics.median(self.decode_times), "decode_chunk": cell["decode_chunk"],

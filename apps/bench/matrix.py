@@ -135,6 +135,7 @@ class MatrixConfig:
     timeout_s: float | None = None
     output: str = "bench-matrix.json"
     table: bool = True
+    count_calls: bool = False               # raster cells: aten calls and host syncs per step (one more generation)
 
     @property
     def base(self) -> Preset:
@@ -358,7 +359,7 @@ def add_ratios(rows: list[dict[str, Any]], baseline: str | Mapping[str, str]) ->
     for row in rows:
         base = bases.get((row["model"], row["batch"]))
         for name, key in RATIO_FIELDS.items():
-            ok = base is not None and row["status"] == "ok" and base.get(key)
+            ok = base is not None and row["status"] == "ok" and base.get(key) and row.get(key) is not None
             row[name] = row[key] / base[key] if ok else None
 
 
@@ -469,6 +470,7 @@ def run_matrix(config: MatrixConfig, out: TextIO | None = None, log: TextIO | No
         cell = cell_for(spec, batch, combo, backend=config.backend, device=device, dtype=combo.dtype or config.dtype,
                         cfg=config.cfg, seed=config.seed, repeats=settings["repeats"], warmup=settings["warmup"],
                         decode_chunk=config.decode_chunk, threads=config.threads)
+        cell["count_calls"] = config.count_calls
         attach_head_map(cell, combo, payload, config.output, config.calibration_images, log)
         print(f"[{index}/{len(plan)}] {spec.id} batch {batch} {combo.text}: fresh process ...", file=log, flush=True)
         t0 = time.perf_counter()
@@ -515,7 +517,9 @@ TABLE_COLUMNS = (
     ("working", "working MiB"), ("working_memory_ratio", "vs base"),
     ("cache", "KV cache MiB"), ("attention_gflops", "attn GFLOPs"), ("flops_ratio", "vs base"),
     ("transformer_s_per_image", "transformer s/img"), ("time_ratio", "vs base"),
-    ("decode_s_per_image", "decode s/img"), ("tokens_per_s", "tokens/s"), ("backends", "backends"),
+    ("decode_s_per_image", "decode s/img"), ("tokens_per_s", "tokens/s"),
+    ("aten_calls_per_layer_step", "aten calls/layer/step"), ("host_syncs_per_step", "host syncs/step"),
+    ("backends", "backends"),
 )
 
 
@@ -704,6 +708,9 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per cell (default: torch's)")
     p.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help="limit per cell (default none)")
     p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--count-calls", action="store_true",
+                   help="raster cells: count aten calls and host syncs per decoding step (one more, untimed generation; "
+                   "not for @compile rows)")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -711,6 +718,6 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
         preset=args.preset, cells_=args.cells, models=args.models, batches=args.batches, configs=args.configs, backend=args.backend,
         device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, cfg=args.cfg, seed=args.seed,
         decode_chunk=args.decode_chunk, calibration_images=args.calibration_images, threads=args.threads,
-        timeout_s=args.timeout_s, output=args.output, table=not args.no_table),
+        timeout_s=args.timeout_s, output=args.output, table=not args.no_table, count_calls=args.count_calls),
         log=sys.stderr)
     return 1 if any(row["status"] != "ok" for row in payload["results"]) else 0

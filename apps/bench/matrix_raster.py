@@ -33,7 +33,9 @@ from ...plugins.budget_cache import budget_tokens
 from ..config import EngineConfig
 from ..pipeline import Pipeline, build_raster_models, resolve_components, resolve_device
 from .cache import cache_bytes, calibrate_head_map
-from .cells import JANUS_PROMPT_TOKENS, RASTER_GRIDS, CellRun, model_spec, needs_calibration, parse_combo
+from .step_calls import StepCallCounter
+from .cells import (JANUS_MODELS, JANUS_PROMPT_TOKENS, RASTER_GRIDS, CellRun, model_spec, needs_calibration,
+                    parse_combo)
 
 
 def bench_raster_models(spec, cell: dict[str, Any]):
@@ -53,7 +55,6 @@ def bench_raster_models(spec, cell: dict[str, Any]):
                                             sampling={"seed": cell["seed"]}))
 
 
-JANUS_MODELS = ("janus-pro-1b", "janus-tiny")
 def janus_bench_model(model_id: str, seed: int):
     """``janus-pro-1b``: Janus-Pro-1B's architecture with random weights (the understanding tower cut to
     one layer: image generation never runs it); ``janus-tiny``: a 2-layer model of width 64 on a 4 x 4
@@ -79,7 +80,8 @@ def engine_config(combo, cell: dict[str, Any]):
         components["cache"]["options"] = {**components["cache"]["options"], "head_map": cell["head_map"]}
     model = {"adapter": "janus"} if cell.get("model") in JANUS_MODELS else {}
     return EngineConfig(**components, backend=cell["backend"], device=cell["device"], dtype=cell["dtype"],
-                        sampling={"cfg": raster_cfg(cell["cfg"]), "seed": cell["seed"]}, model=model)
+                        sampling={"cfg": raster_cfg(cell["cfg"]), "seed": cell["seed"]}, model=model,
+                        compile=combo.compile)
 
 
 class FlopCounter:
@@ -98,6 +100,20 @@ class FlopCounter:
             return method(q, k, v, spec, scale=scale)
 
         return call
+
+
+COUNTED_STEPS = 12
+"""Steps of one untimed generation whose aten calls and host syncs ``--count-calls`` counts."""
+
+
+def count_step_calls(engine, cache, labels: torch.Tensor, cfg: float, generator) -> dict[str, float]:
+    """Aten calls and host syncs per steady step (3 onward) of the first :data:`COUNTED_STEPS`
+    steps of one more, untimed generation (:class:`StepCallCounter`), and per layer."""
+    counter = StepCallCounter(limit=COUNTED_STEPS)
+    with counter:
+        engine.generate(labels, cache, cfg=cfg, top_k=2000, top_p=1.0, generator=generator, progress=counter.end_step)
+    figures = counter.steady()
+    return {**figures, "aten_calls_per_layer_step": figures["aten_calls_per_step"] / engine.model.num_layers}
 
 
 def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
@@ -130,16 +146,19 @@ def run_raster_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
     run.generations(prepare, call)
     tokens, cache_peak = last[0].tokens, last[0].cache_peak_bytes
+    counter.counting = False
+    calls = count_step_calls(engine, run.fresh_cache(), labels, cfg, generator) if cell.get("count_calls") and \
+        not combo.compile else {}
     prepare(-1)
     run.decoding(engine.model.decode, tokens)
     length = engine.model.layout.length
     options = run.config.cache.options
     budget = options.get("budget")
     return run.row(
-        rows=rows, cfg=cfg, flops=counter.flops, cache_peak=cache_peak,
+        rows=rows, cfg=cfg, flops=None if combo.compile else counter.flops, cache_peak=cache_peak,
         options={**combo.options, "cache": dict(options)} if options else combo.options,
         grid=list(RASTER_GRIDS[run.spec.id]), sequence_length=length,
-        kv_bytes=held["kv"], cache_bookkeeping_bytes=held["bookkeeping"],
+        kv_bytes=held["kv"], cache_bookkeeping_bytes=held["bookkeeping"], **calls,
         budget_tokens=(min(length, budget_tokens(budget, length)) if budget is not None
                        else (length if run.components.cache.stores_history else 0)))
 

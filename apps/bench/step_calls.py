@@ -74,6 +74,8 @@ class _Dispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.owner.counting:
+            return func(*args, **kwargs)
         packet = str(func.overloadpacket)
         current = self.owner.current
         current.aten[str(func)] += 1
@@ -90,23 +92,40 @@ class _Function(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in HOST_READS:
+        if name in HOST_READS and self.owner.counting:
             self.owner.current.syncs[f".{name}()"] += 1
         return func(*args, **(kwargs or {}))
 
 
 class StepCallCounter:
     """A context manager counting per step; :meth:`end_step` closes a step (pass it as the engine's
-    ``progress`` callback). ``steps[i]``: the :class:`StepCalls` of step ``i``."""
+    ``progress`` callback). ``steps[i]``: the :class:`StepCalls` of step ``i``; counting stops
+    after ``limit`` steps (None: every step), the rest of the run only passes through."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.steps: list[StepCalls] = []
         self.current = StepCalls()
+        self.limit = limit
         self._modes = (_Function(self), _Dispatch(self))
 
+    @property
+    def counting(self) -> bool:
+        return self.limit is None or len(self.steps) < self.limit
+
     def end_step(self, index: int | None = None) -> None:
-        self.steps.append(self.current)
-        self.current = StepCalls()
+        if self.counting:
+            self.steps.append(self.current)
+            self.current = StepCalls()
+
+    def steady(self, first: int = 3) -> dict[str, float]:
+        """Steps ``first`` onward: the median aten calls a step and the most host syncs in one step."""
+        import statistics
+
+        counted = self.steps[first:]
+        if not counted:
+            return {"aten_calls_per_step": float("nan"), "host_syncs_per_step": float("nan")}
+        return {"aten_calls_per_step": statistics.median(s.aten_total for s in counted),
+                "host_syncs_per_step": max(sum(s.syncs.values()) for s in counted)}
 
     def __enter__(self) -> "StepCallCounter":
         for mode in self._modes:

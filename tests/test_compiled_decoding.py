@@ -1,0 +1,70 @@
+"""``--compile``: the one-token raster steps run one compiled graph (fullgraph, no recompilation
+after the first decode step, none for a second generation of the same shape), with the greedy
+tokens of the eager engine; where it cannot run, one line before any model is built. Compiling
+takes tens of seconds on the CPU: these tests are few and share one pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mvar_engine.apps.config import EngineConfig
+from mvar_engine.apps.pipeline import Pipeline
+from mvar_engine.core import compiled_decoding
+from mvar_engine.models.default_models import default_checkpoints
+from mvar_engine.plugins.caches import FullCache
+
+pytestmark = pytest.mark.skipif(default_checkpoints("raster") is None,
+                                reason="the default raster weights are not installed")
+
+
+def _greedy(pipeline, labels, cfg, cache=None):
+    return pipeline.engine.generate(torch.tensor(labels), cache or pipeline.components.cache, cfg=cfg, top_k=1,
+                                    top_p=1.0, return_logits=True)
+
+
+def test_compiled_raster_steps_equal_eager_and_compile_once():
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(trajectory={"name": "raster"}, device="cpu", progress=False)
+    eager = Pipeline.from_config(config)
+    compiled = Pipeline.from_config(config.model_copy(update={"compile": True}))
+    torch._dynamo.reset()
+    counters.clear()
+    for labels, cfg in (([1, 7], 4.0), ([2, 3], 4.0)):  # the second generation, a new cache, reuses the graph
+        want, got = _greedy(eager, labels, cfg), _greedy(compiled, labels, cfg, cache=FullCache())
+        assert torch.equal(got.tokens, want.tokens)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_the_compiled_step_is_not_vacuous(monkeypatch):
+    """The compiled graph really runs the steps: a broken static update changes the tokens."""
+    config = EngineConfig(trajectory={"name": "raster"}, device="cpu", progress=False, compile=True)
+    pipeline = Pipeline.from_config(config)
+    eager = _greedy(Pipeline.from_config(config.model_copy(update={"compile": False})), [1, 7], 4.0)
+    cache = pipeline.components.cache
+    original = cache.update_static
+
+    def forgetful(layer, k, v, position):  # shows only the prefix and the new token
+        k_all, v_all, valid = original(layer, k, v, position)
+        return k_all, v_all, valid & ((cache.slots < 1) | (cache.slots == position))
+
+    monkeypatch.setattr(cache, "update_static", forgetful)
+    torch._dynamo.reset()
+    assert not torch.equal(_greedy(pipeline, [1, 7], 4.0).tokens, eager.tokens)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--trajectory", "raster", "--cache", "sink", "--cache-budget", "0.3"], "cache 'sink' keeps no fixed-shape"),
+    (["--trajectory", "markov"], "trajectory 'markov' has none"),
+    (["--trajectory", "raster", "--backend", "reference"], "--backend reference cannot be traced"),
+])
+def test_compile_where_it_cannot_run_is_one_line(refused, flags, needle):
+    refused(flags + ["--compile"], needle)
+
+
+def test_compile_without_a_cpu_compiler_is_one_line(refused, monkeypatch):
+    monkeypatch.setattr(compiled_decoding, "cpu_compiler", lambda: None)
+    refused(["--trajectory", "raster", "--device", "cpu", "--compile"], "needs a C++ compiler")
