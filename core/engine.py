@@ -186,12 +186,12 @@ class Engine:
             hidden = compiled.run(state, step)
             cache.end_step()
             return hidden
-        history = dependencies(self.steps, step.index)
         with self.autocast(device):
             if cache.stores_history:
                 hidden = self.model.run(state, (step,), step.spans, self.attend_cached(cache, step.spans))
                 cache.end_step()
                 return hidden
+            history = dependencies(self.steps, step.index)  # O(step) a step: only where no cache keeps it
             if history == [step.index]:
                 return self.model.run(state, (step,), step.spans, self.attend_uncached(step.spans))
             spans = merge_spans(span for j in history for span in self.steps[j].spans)
