@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
+from ..core.files import same_file
 from ..core.records import KIND_LABELS, RECORD_TYPES
 from ..core.registry import Registry, failing_component, get_registry, normalize_name
 from .allocator import fix_mmap_threshold
 from .cli_helpers import PROG, Commands, ParsedOnly, Parser, check_output_path, under_torchrun
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
+from .images import GRID_FORMATS
 from .pipeline import Pipeline, resolve_autocast, resolve_device
 
 
@@ -110,7 +112,7 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
                    "the probability mass (default 0.96; 0 or 1 = off)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     o = p.add_argument_group("output and run")
-    offer(o, "--output", metavar="PATH", help="PNG grid path (default outputs/samples.png)")
+    offer(o, "--output", metavar="PATH", help="image grid path: .png, .jpg, .jpeg or .webp (default outputs/samples.png)")
     offer(o, "--per-image", action="store_true", help="also write one PNG per image")
     offer(o, "--save-tokens", metavar="PATH", help="write per-scale token indices (.pt or .safetensors)")
     o.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
@@ -239,7 +241,7 @@ def check_generate_inputs(config: EngineConfig) -> None:
     device = resolve_device(config.device)
     resolve_autocast(config.dtype, device)
     out = config.output
-    grid = check_output_path("--output", out.output, (".png",))
+    grid = check_output_path("--output", out.output, tuple(GRID_FORMATS))
     if out.per_image:
         folder = grid.with_suffix("")
         if str(grid) == os.devnull or (folder.exists() and not folder.is_dir()):
@@ -249,6 +251,23 @@ def check_generate_inputs(config: EngineConfig) -> None:
         tokens = check_output_path("--save-tokens", out.save_tokens, (".pt", ".safetensors"))
         if str(grid) != os.devnull and tokens.absolute() == grid.absolute():
             raise UsageError(f"--save-tokens {tokens}: the same path as --output (give another file)")
+    check_outputs_are_not_inputs(config)
+
+
+def check_outputs_are_not_inputs(config: EngineConfig) -> None:
+    """An output path that names one of the run's input files (a checkpoint, through any link) would
+    overwrite it: a one-line ``UsageError`` naming both flags."""
+    model = config.model
+    inputs = {flag: path for flag, path in (("--var-checkpoint", model.var_checkpoint),
+                                             ("--vae-checkpoint", model.vae_checkpoint)) if path is not None}
+    outputs = {"--output": config.output.output, "--save-tokens": config.output.save_tokens}
+    for out_flag, out_path in outputs.items():
+        if out_path is None or str(out_path) == os.devnull:
+            continue
+        for in_flag, in_path in inputs.items():
+            if same_file(out_path, in_path):
+                raise UsageError(f"{out_flag} {out_path}: the same file as {in_flag} {in_path}, which the run reads "
+                                 f"(writing it would destroy it; give {out_flag} another path)")
 
 
 def cmd_generate(argv: Sequence[str]) -> int:

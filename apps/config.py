@@ -187,7 +187,7 @@ class ModelConfig(BaseModel):
 class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    output: Path = Field(Path("outputs/samples.png"), description="PNG grid written here (one row per label)")
+    output: Path = Field(Path("outputs/samples.png"), description="image grid written here (one row per label): .png, .jpg, .jpeg or .webp")
     per_image: bool = Field(False, description="also write one PNG per image next to the grid")
     save_tokens: Path | None = Field(None, description="write the per-scale token indices here (.pt or .safetensors)")
 

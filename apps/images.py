@@ -1,4 +1,5 @@
-"""Writing images: a PNG grid (one row per label) and one PNG per image, atomically."""
+"""Writing images: a grid (one row per label; PNG, JPEG or WebP by its suffix) and one PNG per
+image, atomically."""
 
 from __future__ import annotations
 
@@ -35,8 +36,19 @@ def save_png(array: np.ndarray, path: Path) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
+GRID_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
+                ".webp": ("WEBP", {"lossless": True})}
+"""Grid file suffix -> (Pillow format, save options): PNG and lossless WebP keep every pixel, JPEG
+at quality 95."""
+
+
 def save_grid(images: torch.Tensor, rows: int, path: str | Path) -> Path:
-    return save_png(grid_array(images, rows), Path(path))
+    """The grid of ``images`` (``[N, 3, H, W]`` in [0, 1]) in the format of ``path``'s suffix
+    (:data:`GRID_FORMATS`; anything else is written as PNG), atomically."""
+    path = Path(path)
+    image_format, options = GRID_FORMATS.get(path.suffix.lower(), GRID_FORMATS[".png"])
+    array = grid_array(images, rows)
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=image_format, **options))
 
 
 def save_images(images: torch.Tensor, labels: torch.Tensor, folder: str | Path) -> list[Path]:

@@ -73,8 +73,8 @@ def _layout(root):
     ("--output", "somefile/deeper/x.png", "is a file, not a directory"),
     ("--output", "/proc/x.png", "cannot write under /proc"),
     ("--output", "/proc/new/x.png", "cannot write under /proc"),
-    ("--output", "x.jpg", "must end in .png"),
-    ("--output", "new/x.foo", "must end in .png"),
+    ("--output", "x.gif", "must end in .png or .jpg or .jpeg or .webp"),
+    ("--output", "new/x.foo", "must end in .png or .jpg or .jpeg or .webp"),
     ("--save-tokens", "", "--save-tokens is empty"),
     ("--save-tokens", "somedir", "--save-tokens somedir: is a directory"),
     ("--save-tokens", "somefile/t.pt", "is a file, not a directory"),
@@ -255,3 +255,31 @@ def test_empty_config_and_model_family(argv, needle, refused):
 def test_report_outputs_are_checked_first(command, output, needle, refused, tmp_cwd):
     (tmp_cwd / "odir").mkdir()
     refused(command + ["--output", output], needle)
+
+
+@pytest.mark.parametrize("output_flag,name,through_link", [
+    ("--save-tokens", "m.safetensors", False), ("--output", "m.png", False), ("--save-tokens", "t.safetensors", True)])
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(output_flag, name, through_link, refused, tmp_cwd):
+    """``--save-tokens m.safetensors --var-checkpoint m.safetensors`` replaced the model with the
+    tokens; an output naming an input file (itself or through a link) is refused, bytes untouched."""
+    weights = tmp_cwd / name
+    weights.write_bytes(b"the weights")
+    output = name
+    if through_link:
+        (tmp_cwd / "link.safetensors").symlink_to(weights)
+        output = "link.safetensors"
+    refused(["--trajectory", "raster", "--var-checkpoint", name, output_flag, output],
+            f"the same file as --var-checkpoint {name}")
+    assert weights.read_bytes() == b"the weights"
+
+
+@pytest.mark.parametrize("suffix,image_format", [(".jpg", "JPEG"), (".jpeg", "JPEG"), (".webp", "WEBP"), (".png", "PNG")])
+def test_the_grid_format_follows_the_suffix(suffix, image_format, tmp_cwd):
+    from PIL import Image
+
+    from mvar_engine.apps.cli import main
+
+    out = tmp_cwd / f"grid{suffix}"
+    assert main(["--labels", "0,1", "--samples-per-label", "1", "--no-progress", "--output", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.format == image_format and image.size[0] > 0
