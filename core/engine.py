@@ -84,7 +84,8 @@ def dependencies(steps: Sequence[Step], index: int) -> list[int]:
 
 class Engine:
     """Generation and teacher forcing for any :class:`ModelAdapter` under one trajectory, pattern
-    and backend selector. Stateless between calls: the cache comes with each :meth:`generate`."""
+    and backend selector. Stateless between calls (the cache comes with each :meth:`generate`),
+    except that ``compile=True`` keeps the compiled one-token step for the next generations."""
 
     def __init__(self, model: ModelAdapter, trajectory: Trajectory, pattern: AttentionPattern,
                  backends: BackendSelector, *, autocast_dtype: torch.dtype | None = None, compile: bool = False) -> None:
