@@ -1,5 +1,5 @@
-"""``mvar-engine bench cache``: KV-cache policies of a raster (next-token) model side by side, issue #5
-item 5: cache bytes, throughput, peak memory and quality against the ``full`` cache, per policy and budget.
+"""``mvar-engine bench cache``: KV-cache policies of a raster (next-token) model side by side: cache
+bytes, throughput, peak memory and quality against the ``full`` cache, per policy and budget.
 
 Rows. One row for ``full`` (the baseline of every ratio), one for ``none`` when it is asked for, and one
 per budgeted policy (``window``, ``sink``, ``h2o``, ``ssd``, any cache with a ``budget`` option) and

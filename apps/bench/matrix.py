@@ -1,4 +1,4 @@
-"""``mvar-engine bench matrix``: the inference benchmark matrix of issue #7 (next-scale models).
+"""``mvar-engine bench matrix``: the inference benchmark matrix (next-scale and raster models).
 
 Every cell (model x batch x configuration) runs in a fresh process, so that peak memory is the
 cell's own: the worker (``python -m mvar_engine.apps.bench.matrix CELL_JSON``) builds the model with
@@ -404,7 +404,7 @@ RASTER_CACHE_TARGET = (0.2, 5.0, "SSD paper: about 5x less KV-cache memory at a 
 
 def raster_cache_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Raster rows with a cache budget of at most 20% (a fraction): key/value bytes of the full
-    cache of the same model, batch and dtype over the row's, against issue #5's 5x (bookkeeping is
+    cache of the same model, batch and dtype over the row's, against SSD's 5x at a 20% budget (bookkeeping is
     reported apart)."""
     largest, minimum, source = RASTER_CACHE_TARGET
     out = []
