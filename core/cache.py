@@ -82,7 +82,8 @@ class CachePolicy(ABC):
         raise NotImplementedError(f"cache '{self.name}' has no fixed-shape decoding step")
 
     def static_buffers(self) -> list[torch.Tensor]:
-        """The tensors :meth:`update_static` writes in place (kept at fixed addresses for CUDA graphs)."""
+        """The tensors :meth:`update_static` writes in place and returns: every slot of them (compiled
+        decoding zeroes them before its first step and keeps them at fixed addresses for CUDA graphs)."""
         return []
 
     def end_step(self) -> None:

@@ -14,6 +14,7 @@ kernel ``torch.compile`` traces on every device; a run that names another backen
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Callable
 
@@ -31,8 +32,6 @@ COMPILED_BACKENDS = ("auto", "sdpa")
 
 def cpu_compiler() -> str | None:
     """The C++ compiler inductor would use on the CPU (``$CXX``, else c++, g++ or clang++), or None."""
-    import os
-
     candidates = [os.environ.get("CXX", "")] + ["c++", "g++", "clang++"]
     return next((found for name in candidates if name and (found := shutil.which(name))), None)
 
@@ -84,11 +83,13 @@ class CompiledTokenStep:
             return self.model.run_token(tokens, position, attend)
 
     def begin(self) -> None:
-        """Before a generation's first compiled step (after ``cache.begin``): on CUDA, the cache's
-        buffers keep their addresses for CUDA graphs (they are written in place)."""
+        """Before a generation's first compiled step (after ``cache.begin``): the cache's buffers are
+        zeroed (a masked slot must hold a number: a NaN there still poisons ``softmax @ V``) and, on
+        CUDA, keep their addresses for CUDA graphs (they are written in place)."""
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
-        if self.device.type == "cuda":
-            for buffer in self.cache.static_buffers():
+        for buffer in self.cache.static_buffers():
+            buffer.zero_()
+            if self.device.type == "cuda":
                 torch._dynamo.mark_static_address(buffer)
 
     @staticmethod

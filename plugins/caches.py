@@ -178,9 +178,6 @@ class FullCache(WindowCache):
         super().begin(num_layers=num_layers, batch=batch, num_heads=num_heads, head_dim=head_dim, layout=layout,
                       device=device, dtype=dtype, guided=guided)
         self.slots = torch.arange(self.capacity(layout), device=device)
-        for store in self.layers:  # masked slots must hold numbers: a masked NaN still poisons softmax @ V
-            store.k.zero_()
-            store.v.zero_()
 
     def update_static(self, layer, k, v, position):
         store = self.layers[layer]

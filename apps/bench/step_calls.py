@@ -16,6 +16,7 @@ the tensors live on. Usage::
 from __future__ import annotations
 
 import collections
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -119,8 +120,6 @@ class StepCallCounter:
 
     def steady(self, first: int = 3) -> dict[str, float]:
         """Steps ``first`` onward: the median aten calls a step and the most host syncs in one step."""
-        import statistics
-
         counted = self.steps[first:]
         if not counted:
             return {"aten_calls_per_step": float("nan"), "host_syncs_per_step": float("nan")}
