@@ -3,7 +3,8 @@
 Discovery: every entry point of the ``mvar_engine`` group is loaded (the built-ins too), each
 plugin's hooks are called one by one, and every record lands in a registry keyed by
 ``(kind, normalised name)``. A plugin that fails to import, register or return valid records is
-kept in ``Registry.broken`` with its error; the rest still work.
+kept in ``Registry.broken`` with its error; the rest still work. Whatever plugin code raises there
+counts as its failure, ``SystemExit`` and ``KeyboardInterrupt`` included.
 
 A name registered by two providers keeps both entries (both listed, each unavailable with the other
 as the reason); using it is a one-line :class:`DuplicateComponentError` naming both and the way out.
@@ -196,7 +197,7 @@ class Registry:
         for provider, function in self.command_hooks:
             try:
                 function(commands=commands)
-            except Exception as error:
+            except BaseException as error:  # plugin code: SystemExit and KeyboardInterrupt too
                 self.broken.append(BrokenPlugin(provider.plugin, provider, f"{hookspecs.COMMAND_HOOK}: {_one_line(error)}"))
 
     # -- building -------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ class Registry:
             component = entry.record.factory(validated)
         except MvarEngineError:
             raise  # the plugin's own one-line error (bad input, incompatible options)
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # a plugin's sys.exit is its failure, not the command's
             if entry.provider.builtin:
                 raise
             raise ComponentFailedError(f"{origin} failed: {_one_line(error)}", origin) from error
@@ -386,7 +387,7 @@ def _collect(pm: pluggy.PluginManager, registry: Registry, providers: dict[int, 
             plugin = provider.plugin
             try:
                 records = list(impl.function() or ())
-            except Exception as error:
+            except BaseException as error:  # plugin code: SystemExit and KeyboardInterrupt too
                 registry.broken.append(BrokenPlugin(plugin, provider, f"{record_type.hook}: {_one_line(error)}"))
                 continue
             for record in records:
@@ -455,7 +456,7 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
     def load_entry_point(ep, provider: Provider) -> None:
         try:
             plugin = ep.load()
-        except Exception as error:
+        except BaseException as error:  # plugin code: SystemExit and KeyboardInterrupt too
             registry.broken.append(BrokenPlugin(ep.name, provider, f"import failed: {_one_line(error)}"))
             return
         _register(pm, plugin, f"{provider.package}:{ep.name}", provider, registry, providers)
@@ -470,7 +471,7 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
             provider = Provider(DISTRIBUTION, f"{__version__} (source)", module_name, True)
             try:
                 module = importlib.import_module(module_name)
-            except Exception as error:
+            except BaseException as error:  # plugin code: SystemExit and KeyboardInterrupt too
                 registry.broken.append(BrokenPlugin(module_name, provider, f"import failed: {_one_line(error)}"))
                 continue
             _register(pm, module, module_name, provider, registry, providers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 
 import pytest
@@ -442,3 +443,59 @@ def test_a_plugin_model_family_runs_through_the_one_engine(install_plugins, caps
     capsys.readouterr()
     assert main(["--trajectory", "full", "--model-adapter", "my-raster", "--no-progress"]) == 2
     assert "but the model generates next-token" in capsys.readouterr().err
+
+
+class _ExitingEntryPoint(_FakeEntryPoint):
+    """A plugin whose import raises ``error`` (``sys.exit(3)``, a ``KeyboardInterrupt``, ...)."""
+
+    def __init__(self, name: str, error: BaseException):
+        super().__init__(name, f"pkg-{name}", None)
+        self._error = error
+
+    def load(self):
+        raise self._error
+
+
+def _exit(code):
+    def hook(*args, **kwargs):
+        raise SystemExit(code)
+    return hook
+
+
+@pytest.mark.parametrize("command", [["plugins", "--json"], ["--labels", "0", "--samples-per-label", "1",
+                                                             "--output", "x.png", "--no-progress"]])
+def test_a_plugin_that_exits_or_is_interrupted_is_listed_broken_and_spares_the_command(
+        command, install_plugins, monkeypatch, tmp_cwd, capsys):
+    """Plugin code may raise anything: sys.exit(3) on import, KeyboardInterrupt on import, SystemExit
+    in a record hook and in the command hook. Each plugin is listed broken with its error; every
+    command still runs and exits 0."""
+    from mvar_engine.core import registry as registry_module
+
+    install_plugins(hooks_exit={"mvar_engine_cache_policies": _exit(4)},
+                    commands_exit={"mvar_engine_register_commands": _exit(5)})
+    installed = registry_module.metadata.entry_points()
+    eps = installed + [_ExitingEntryPoint("imports_exit", SystemExit(3)),
+                       _ExitingEntryPoint("imports_interrupted", KeyboardInterrupt())]
+    monkeypatch.setattr(registry_module.metadata, "entry_points", lambda **kwargs: list(eps))
+    registry_module.reset_registry()
+    assert main(command) == 0, capsys.readouterr().err
+    broken = {b.provider.plugin: b.error for b in registry_module.get_registry().broken}
+    assert set(broken) == {"hooks_exit", "commands_exit", "imports_exit", "imports_interrupted"}, broken
+    assert "SystemExit: 3" in broken["imports_exit"] and "KeyboardInterrupt" in broken["imports_interrupted"]
+    assert "SystemExit: 4" in broken["hooks_exit"] and "SystemExit: 5" in broken["commands_exit"]
+    if command[0] == "plugins":
+        listed = {b["provider"]["plugin"] for b in json.loads(capsys.readouterr().out)["broken"]}
+        assert listed == set(broken)
+    else:
+        assert (tmp_cwd / "x.png").is_file()
+
+
+def test_a_plugin_factory_that_calls_sys_exit_is_a_one_line_failure(install_plugins, capsys):
+    """sys.exit in a third-party component's factory is that component failing (exit 1, one line
+    naming it), not the command leaving with the plugin's status."""
+    install_plugins(exiting=_caches(_full_cache_record("exiting-cache", factory=_exit(7))))
+    status = main(["--trajectory", "full", "--attention", "dense", "--cache", "exiting-cache", "--labels", "0",
+                   "--samples-per-label", "1", "--output", os.devnull, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1, (status, err)
+    assert "exiting-cache" in err[0] and "pkg-exiting" in err[0] and "SystemExit: 7" in err[0], err
