@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
-from ..core.files import same_file
+from ..core.files import same_file, writing_as
 from ..core.records import KIND_LABELS, RECORD_TYPES
 from ..core.registry import Registry, failing_component, get_registry, normalize_name
 from .allocator import fix_mmap_threshold
 from .cli_helpers import PROG, Commands, ParsedOnly, Parser, check_output_path, under_torchrun
 from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
-from .images import GRID_FORMATS
+from .images import GRID_FORMATS, per_image_files
+from .output_files import check_replaceable
 from .pipeline import Pipeline, resolve_autocast, resolve_device
 
 
@@ -115,6 +116,8 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     offer(o, "--output", metavar="PATH", help="image grid path: .png, .jpg, .jpeg or .webp (default outputs/samples.png)")
     offer(o, "--per-image", action="store_true", help="also write one PNG per image")
     offer(o, "--save-tokens", metavar="PATH", help="write per-scale token indices (.pt or .safetensors)")
+    offer(o, "--overwrite", action="store_true", help="replace existing output files this command did not write "
+          "(by default only its own earlier outputs are replaced)")
     o.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     o.add_argument("--dtype", help="float32 (default), bfloat16 or float16 autocast (CUDA; bfloat16 also on a CPU with "
                    "native bf16: avx512_bf16, amx_bf16)")
@@ -182,7 +185,7 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
     model_keys = {"var_checkpoint", "vae_checkpoint", "depth", "patch_nums", "num_classes", "num_heads", "random_weights",
                   "adapter", "model_dir", "prompt", "chat_format"}
     sampling_keys = {"cfg", "top_k", "top_p", "seed"}
-    output_keys = {"output", "per_image", "save_tokens"}
+    output_keys = {"output", "per_image", "save_tokens", "overwrite"}
     for key, value in given.items():
         if key in model_keys:
             out.setdefault("model", {})[key] = value
@@ -252,6 +255,9 @@ def check_generate_inputs(config: EngineConfig) -> None:
         if str(grid) != os.devnull and tokens.absolute() == grid.absolute():
             raise UsageError(f"--save-tokens {tokens}: the same path as --output (give another file)")
     check_outputs_are_not_inputs(config)
+    per_image = {f"--per-image ({grid.with_suffix('')})": path for path in per_image_files(grid.with_suffix(""))
+                 } if out.per_image else {}
+    check_replaceable({"--output": grid, "--save-tokens": out.save_tokens, **per_image}, out.overwrite)
 
 
 def check_outputs_are_not_inputs(config: EngineConfig) -> None:
@@ -362,12 +368,15 @@ def _dispatch(argv: list[str], debug: bool) -> int:
     try:
         commands = load_commands() if argv and not argv[0].startswith("-") else None
         if commands is not None and argv[0] in commands.top:
-            return commands.top[argv[0]].run(argv[1:])
+            with writing_as(argv[0]):
+                return commands.top[argv[0]].run(argv[1:])
         if commands is not None and argv[0] in commands.groups:
-            return run_group(commands, argv[0], argv[1:])
+            with writing_as(" ".join(argv[:2])):
+                return run_group(commands, argv[0], argv[1:])
         if "-h" in argv or "--help" in argv:
             return _print_help(argv)
-        return cmd_generate(argv)
+        with writing_as("generate"):
+            return cmd_generate(argv)
     except ParsedOnly as parsed:
         print(json.dumps({"command": parsed.prog, "arguments": parsed.arguments}, default=str))
         return 0

@@ -189,6 +189,10 @@ class Commands:
         return [*self.top, *(g for g in self.groups if g not in self.top)]
 
 
+NAME_MAX = 255
+"""The longest file or folder name (bytes) of the common file systems (ext4, xfs, btrfs, APFS, NTFS)."""
+
+
 def check_output_path(flag: str, path: str | os.PathLike | None, suffixes: Sequence[str] = ()) -> Path:
     """A path the command will write, checked before any work: not empty, not a directory, the
     suffix one of ``suffixes`` (when given), and its nearest existing ancestor a writable directory
@@ -202,6 +206,10 @@ def check_output_path(flag: str, path: str | os.PathLike | None, suffixes: Seque
     if text == os.devnull:
         return Path(text)
     target = Path(text)
+    too_long = [part for part in target.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise UsageError(f"{flag} {text[:60]}...: a name in it is {len(os.fsencode(too_long[0]))} bytes, more than the "
+                         f"{NAME_MAX} a file system allows (give a shorter name)")
     if target.is_dir():
         raise UsageError(f"{flag} {text}: is a directory (give a file path such as {target / example})")
     if target.exists() and not target.is_file():

@@ -13,6 +13,7 @@ from ..core.hookspecs import hookimpl
 from ..models.checkpoint import convert_weights
 from . import cli
 from .cli_helpers import PROG, Commands, Parser, check_output_path, lazy_command
+from .output_files import add_overwrite_flag, check_outputs
 
 BENCH = "mvar_engine.apps.bench"
 
@@ -26,6 +27,7 @@ def cmd_export_weights(argv: Sequence[str]) -> int:
     p.add_argument("target", help="output .safetensors file (written atomically)")
     p.add_argument("--dtype", choices=list(dtypes), default="float16", help="default float16")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     args = p.parse_args(argv)
     source = Path(args.source)
     if not args.source.strip():
@@ -36,6 +38,7 @@ def cmd_export_weights(argv: Sequence[str]) -> int:
     target = check_output_path("export-weights TARGET", args.target, (".safetensors",))
     if target.exists() and target.resolve() == source.resolve():
         raise UsageError(f"export-weights TARGET {args.target}: the same file as SOURCE (give another target path)")
+    check_outputs({"export-weights TARGET": target}, args.overwrite)
     path = convert_weights(args.source, args.target, dtypes[args.dtype])
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {args.dtype})")
     return 0

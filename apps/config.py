@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+import typing
+import stat
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -42,6 +44,26 @@ def _as_choice_dict(value: Any) -> dict[str, Any] | None:
     return None
 
 
+class SettingsModel(BaseModel):
+    """A settings table: ``true``/``false`` is refused where a number or a name is due (pydantic's
+    lax mode would read ``batch_size = true`` as 1)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, value: Any, info) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in (typing.get_args(annotation) or (annotation,)):
+            raise PydanticCustomError("not_a_bool", f"{str(value).lower()} is a boolean; give {_describe_type(annotation)}")
+        return value
+
+
+def _describe_type(annotation: Any) -> str:
+    """What a settings field holds, in words (``int | None`` -> "an integer")."""
+    kinds = [kind for kind in typing.get_args(annotation) or (annotation,) if kind is not type(None)]
+    words = {int: "an integer", float: "a number", str: "a name"}
+    return words.get(kinds[0], "a value of its type") if len(kinds) == 1 else "a value of its type"
+
+
 class ComponentChoice(BaseModel):
     """A component by name plus its options (validated later against the component's own model)."""
 
@@ -62,6 +84,11 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 INT64_MAX = 2**63 - 1
 """The largest count torch takes (larger ones overflow in C++)."""
+
+
+CFG_MAX = 1e30
+"""The largest guidance scale: guided logits ``cond + t * (cond - uncond)`` stay finite in float32
+(a logit gap up to 3e8); beyond it they overflow and the draw's probabilities are NaN."""
 
 
 def _finite_number(value: Any, flag: str, allowed: str) -> Any:
@@ -104,12 +131,13 @@ def split_int_list(value: Any, flag: str, *, minimum: int | None = None) -> Any:
     return value
 
 
-class SamplingConfig(BaseModel):
+class SamplingConfig(SettingsModel):
     """VAR's sampling: CFG ramp, top-k, top-p; ``top_k = 1`` is greedy."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    cfg: float = Field(1.5, ge=0, description="classifier-free guidance strength (VAR ramps it linearly over scales)")
+    cfg: float = Field(1.5, ge=0, le=CFG_MAX,
+                       description="classifier-free guidance strength (VAR ramps it linearly over scales)")
     top_k: int = Field(900, ge=0, le=INT64_MAX, description="keep the k most likely tokens (0: off; 1: greedy)")
     top_p: float = Field(0.96, ge=0, le=1, description="nucleus mass kept (0 or 1: off)")
     seed: int = Field(0, ge=SEED_MIN, le=SEED_MAX, description="seed of the torch.Generator (same seed, same images)")
@@ -129,11 +157,20 @@ class SamplingConfig(BaseModel):
     @field_validator("cfg", "top_p", mode="before")
     @classmethod
     def _finite(cls, value: Any, info) -> Any:
-        return _finite_number(value, f"--{info.field_name.replace('_', '-')}",
-                              "a finite number >= 0" if info.field_name == "cfg" else "a finite number in [0, 1]")
+        if info.field_name == "top_p":
+            return _finite_number(value, "--top-p", "a finite number in [0, 1]")
+        value = _finite_number(value, "--cfg", f"a finite number from 0 to {CFG_MAX:g}")
+        try:
+            too_large = not isinstance(value, bool) and float(value) > CFG_MAX
+        except (TypeError, ValueError):
+            too_large = False  # pydantic reports the non-number
+        if too_large:
+            raise PydanticCustomError("cfg_range", f"--cfg takes a finite number from 0 to {CFG_MAX:g} "
+                                                   "(larger scales overflow float32 logits)")
+        return value
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(SettingsModel):
     """Which weights to run. Without checkpoints the embedded default model is used; with
     ``random_weights`` a freshly initialised model of the given size (timing and memory only)."""
 
@@ -184,12 +221,13 @@ class ModelConfig(BaseModel):
         return self
 
 
-class OutputConfig(BaseModel):
+class OutputConfig(SettingsModel):
     model_config = ConfigDict(extra="forbid")
 
     output: Path = Field(Path("outputs/samples.png"), description="image grid written here (one row per label): .png, .jpg, .jpeg or .webp")
     per_image: bool = Field(False, description="also write one PNG per image next to the grid")
     save_tokens: Path | None = Field(None, description="write the per-scale token indices here (.pt or .safetensors)")
+    overwrite: bool = Field(False, description="replace existing output files this command did not write")
 
     @field_validator("output", "save_tokens", mode="before")
     @classmethod
@@ -197,7 +235,7 @@ class OutputConfig(BaseModel):
         return _not_empty_path(value, f"--{info.field_name.replace('_', '-')}")
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(SettingsModel):
     """Everything one generation run needs. ``attention``/``cache`` None: the trajectory's default
     (markov -> neighborhood/none, full -> dense/full)."""
 
@@ -224,9 +262,23 @@ class EngineConfig(BaseModel):
         return None if value is None else split_int_list(value, "--labels", minimum=0)
 
 
+CONFIG_MAX_BYTES = 2**20
+"""The largest config file read (a settings file is a few hundred bytes)."""
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A config file as a dict: ``.toml`` or ``.json``; errors are one line naming the file."""
     path = Path(path)
+    try:  # a pipe would block and a device (/dev/zero) never ends: regular files of a bounded size only
+        status = path.stat()
+    except OSError as error:
+        raise ConfigError([f"config file {path}: {error.strerror or error}"]) from None
+    if stat.S_ISREG(status.st_mode) and status.st_size > CONFIG_MAX_BYTES:
+        raise ConfigError([f"config file {path}: {status.st_size} bytes, more than a config file's "
+                           f"{CONFIG_MAX_BYTES // 2**20} MiB (give the .toml or .json settings file)"])
+    if not stat.S_ISREG(status.st_mode) and not stat.S_ISDIR(status.st_mode):
+        raise ConfigError([f"config file {path}: is not a regular file (a pipe, socket or device); "
+                           f"give a .toml or .json file"])
     try:
         text = path.read_text(encoding="utf-8")
     except IsADirectoryError:

@@ -3,13 +3,14 @@ image, atomically."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..models.checkpoint import atomic_write
+from ..core.files import save_marked_image
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -33,7 +34,7 @@ def grid_array(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:
 
 def save_png(array: np.ndarray, path: Path) -> Path:
     """``array``: uint8 ``[H, W, 3]``, written to ``path`` as PNG atomically."""
-    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return save_marked_image(Image.fromarray(array), path, format="PNG")
 
 
 GRID_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
@@ -48,7 +49,17 @@ def save_grid(images: torch.Tensor, rows: int, path: str | Path) -> Path:
     path = Path(path)
     image_format, options = GRID_FORMATS.get(path.suffix.lower(), GRID_FORMATS[".png"])
     array = grid_array(images, rows)
-    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=image_format, **options))
+    return save_marked_image(Image.fromarray(array), path, format=image_format, **options)
+
+
+PER_IMAGE_NAME = re.compile(r"\d{4,}_class\d+\.png")
+"""The names :func:`save_images` gives."""
+
+
+def per_image_files(folder: str | Path) -> list[Path]:
+    """The files in ``folder`` that :func:`save_images` might replace (its names)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if PER_IMAGE_NAME.fullmatch(p.name)) if folder.is_dir() else []
 
 
 def save_images(images: torch.Tensor, labels: torch.Tensor, folder: str | Path) -> list[Path]:

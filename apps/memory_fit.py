@@ -9,6 +9,7 @@ keeps (weights, gradients, two moments)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import torch
@@ -33,6 +34,17 @@ def available_bytes(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+def total_memory(device: torch.device) -> int | None:
+    """All the memory of ``device``: a CUDA device's, else the machine's physical RAM; None when it
+    cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def format_bytes(count: float) -> str:

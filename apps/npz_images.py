@@ -1,5 +1,6 @@
 """Image batches as ADM-compatible ``.npz`` files: ``arr_0``: uint8 ``[N, H, W, 3]`` (the array the
-ADM evaluator and torch-fidelity users read), optionally ``labels``: int64 ``[N]``.
+ADM evaluator and torch-fidelity users read), optionally ``labels``: int64 ``[N]``, and
+``written_by``: what wrote the file (a 0-d unicode array).
 
 :func:`write_npz_images` streams the images into an uncompressed zip one at a time (memory for one
 image, not for 50,000), with fixed entry timestamps so that equal images give equal file bytes,
@@ -18,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from ..core.errors import UsageError
-from ..core.files import atomic_write, not_a_file_reason
+from ..core.files import WRITTEN_BY, atomic_write, not_a_file_reason, writer
 
 IMAGES_KEY, LABELS_KEY = "arr_0", "labels"
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
@@ -57,6 +58,8 @@ def write_npz_images(path: str | Path, images: Iterable[np.ndarray], count: int,
                 array = np.ascontiguousarray(labels, dtype=np.int64)
                 with _entry(archive, LABELS_KEY) as handle:
                     np.lib.format.write_array(handle, array, allow_pickle=False)
+            with _entry(archive, WRITTEN_BY) as handle:  # a 0-d unicode array: loads without pickle
+                np.lib.format.write_array(handle, np.array(writer()), allow_pickle=False)
 
     return atomic_write(path, write)
 

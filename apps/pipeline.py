@@ -27,7 +27,7 @@ from ..core.compatibility import check_compatible
 from ..core.compiled_decoding import compile_problem
 from ..core.engine import Engine
 from ..core.errors import IncompatibleComponentsError, UsageError
-from ..core.files import atomic_write
+from ..core.files import WRITTEN_BY, atomic_write, writer
 from ..core.registry import Registry, get_registry
 from ..models.checkpoint import save_state_dict
 from ..models.default_models import default_checkpoints, weights_metadata
@@ -374,7 +374,7 @@ def save_tokens(result: GenerationResult, model: Any, path: str | Path) -> Path:
     state["grids"] = torch.tensor(model.layout.grids)
     path = Path(path)
     if path.suffix == ".safetensors":
-        return save_state_dict(state, path)
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return save_state_dict(state, path)  # its metadata names what wrote it
+    return atomic_write(path, lambda tmp: torch.save({**state, WRITTEN_BY: writer()}, tmp))
 
 

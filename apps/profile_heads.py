@@ -24,6 +24,7 @@ from ..plugins.caches import FullCache
 from ..plugins.head_map import HeadMap, classify, write_head_map, write_heatmap
 from .cli import parse_generate_args
 from .cli_helpers import PROG, Parser, check_output_path
+from .output_files import add_overwrite_flag, check_outputs
 from .pipeline import Pipeline, check_model_facts, resolve_components, with_weights
 
 
@@ -98,6 +99,7 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
     p.add_argument("--threshold", default="auto", help="sparsity above which a head is a sink head; 'auto' "
                    "(default) splits the scores into two groups by Otsu's method")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     args, rest = p.parse_known_args(argv)
     if args.neighborhood < 1:
         raise UsageError(f"--neighborhood must be at least 1, got {args.neighborhood}")
@@ -109,6 +111,7 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
         raise UsageError(f"--threshold must be 'auto' or a share in [0, 1] (scores are attention shares), "
                          f"got {args.threshold}")
     json_target = check_output_path("--head-map", args.head_map, (".json",))
+    check_outputs({"--head-map": json_target, "--head-map's heat map": json_target.with_suffix(".png")}, args.overwrite)
     if any(a == "--cache" or a.startswith("--cache=") for a in rest):
         raise UsageError("profile-heads calibrates with the full cache: drop --cache")
     if not any(a == "--trajectory" or a.startswith("--trajectory=") for a in rest):

@@ -46,3 +46,11 @@ class BackendUnsupportedError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint file that is unreadable or does not match the model (keys or shapes)."""
+
+
+class FileWriteError(MvarEngineError):
+    """The storage refused a write (disk full, quota, read-only): one line naming the path (exit 1)."""
+
+
+class TrainingDivergedError(MvarEngineError):
+    """A training step's loss is NaN or inf: the run stops before saving that step (exit status 1)."""

@@ -1,13 +1,19 @@
-"""Files written atomically: a reader never sees a partial file, an interrupted write loses nothing."""
+"""Files written atomically (a reader never sees a partial file, an interrupted write loses
+nothing) and marked with what wrote them (so that a command replaces only its own outputs)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import FileWriteError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -23,10 +29,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        if error.errno in STORAGE_ERRORS:
+            raise FileWriteError(f"{path}: cannot be written ({os.strerror(error.errno)}); the partial file was removed "
+                                 f"and nothing else changed (free space, or choose another location)") from error
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+"""Write failures that are the storage's, not the program's: reported in one line naming the path."""
 
 
 TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
@@ -82,3 +98,39 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return Path(a).resolve() == Path(b).resolve()
+
+
+WRITTEN_BY = "written_by"
+"""Where a file names what wrote it: a JSON report's key, an ``.npz`` or ``.pt`` entry, a
+``.safetensors`` metadata key; images carry it in their EXIF ``Software`` tag (:data:`EXIF_SOFTWARE`)
+and Markdown in a first-line comment."""
+EXIF_SOFTWARE = 0x0131
+_WRITER: ContextVar[str] = ContextVar("mvar_engine_writer", default="mvar-engine")
+
+
+def writer() -> str:
+    """The mark of files written now: ``mvar-engine COMMAND`` inside :func:`writing_as`, else ``mvar-engine``."""
+    return _WRITER.get()
+
+
+@contextmanager
+def writing_as(command: str) -> Iterator[None]:
+    """Files written in this block are marked ``mvar-engine COMMAND`` (the CLI wraps each command)."""
+    token = _WRITER.set(f"mvar-engine {command}")
+    try:
+        yield
+    finally:
+        _WRITER.reset(token)
+
+
+def save_marked_image(image: Any, path: str | os.PathLike, **save_options: Any) -> Path:
+    """A Pillow ``image`` saved to ``path`` atomically (``save_options``: format, quality, ...), its
+    EXIF ``Software`` tag naming :func:`writer` (PNG, JPEG and WebP all keep it)."""
+    exif = image.getexif()
+    exif[EXIF_SOFTWARE] = writer()
+    return atomic_write(path, lambda tmp: image.save(tmp, exif=exif, **save_options))
+
+
+def marked_markdown(text: str) -> str:
+    """``text`` with a first-line comment naming :func:`writer` (invisible when rendered)."""
+    return f"<!-- {WRITTEN_BY}: {writer()} -->\n{text}"

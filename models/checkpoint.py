@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError
-from ..core.files import atomic_write, not_a_file_reason
+from ..core.files import WRITTEN_BY, atomic_write, not_a_file_reason, writer
 
 NESTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("trainer", "var_wo_ddp"),
@@ -183,10 +183,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, 
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write a flat state dict as ``.safetensors`` (by suffix) or a ``.pth`` pickle, atomically."""
+    """Write a flat state dict as ``.safetensors`` (by suffix; its metadata names what wrote it,
+    :data:`WRITTEN_BY`) or a ``.pth`` pickle, atomically."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if Path(path).suffix == ".safetensors":
         from safetensors.torch import save_file
+
+        metadata = {**(metadata or {}), WRITTEN_BY: writer()}
 
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..core.errors import UsageError
-from ..core.files import atomic_write, not_a_file_reason
+from ..core.files import WRITTEN_BY, atomic_write, not_a_file_reason, save_marked_image, writer
 
 FORMAT = "mvar-engine/head-map/v1"
 HeadKind = Literal["local", "sink"]
@@ -117,6 +117,8 @@ def load_head_map(path: str | Path) -> HeadMap:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(f"head map {path} is not readable JSON: {error}") from None
+    if isinstance(data, dict):
+        data.pop(WRITTEN_BY, None)  # what wrote it, not part of the map
     try:
         return HeadMap.model_validate(data)
     except ValidationError as error:
@@ -128,7 +130,7 @@ def load_head_map(path: str | Path) -> HeadMap:
 
 def write_head_map(head_map: HeadMap, path: str | Path) -> Path:
     """Write the JSON atomically."""
-    text = json.dumps(head_map.model_dump(), indent=1) + "\n"
+    text = json.dumps({WRITTEN_BY: writer(), **head_map.model_dump()}, indent=1) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
@@ -160,8 +162,7 @@ def heatmap_image(head_map: HeadMap, cell: int = 28):
 
 def write_heatmap(head_map: HeadMap, path: str | Path) -> Path:
     """Write :func:`heatmap_image` as PNG atomically."""
-    image = heatmap_image(head_map)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return save_marked_image(heatmap_image(head_map), path, format="PNG")
 
 
 __all__ = ["FORMAT", "HeadMap", "auto_threshold", "classify", "heatmap_image", "load_head_map", "write_head_map",

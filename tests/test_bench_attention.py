@@ -218,8 +218,13 @@ def test_format_table_aligns_numbers_right_and_text_left():
 
 
 def test_write_json_round_trips(tmp_path):
-    path = write_json(tmp_path / "sub" / "r.json", {"a": [1, 2], "b": None})
-    assert json.loads(path.read_text()) == {"a": [1, 2], "b": None}
+    """The payload comes back whole, after a first key naming what wrote it."""
+    from mvar_engine.core.files import writing_as
+
+    with writing_as("bench attention"):
+        path = write_json(tmp_path / "sub" / "r.json", {"a": [1, 2], "b": None})
+    assert json.loads(path.read_text()) == {"written_by": "mvar-engine bench attention", "a": [1, 2], "b": None}
+    assert list(json.loads(path.read_text())) == ["written_by", "a", "b"]
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]
 
 

@@ -103,12 +103,12 @@ def test_nothing_fits_below_the_first_probe():
 
 
 @pytest.mark.parametrize("text, value", [("6GiB", 6 * 2**30), ("1.5 GB", 1_500_000_000), ("800MiB", 800 * 2**20),
-                                         ("4096", 4096), ("2g", 2 * 2**30)])
+                                         ("4096B", 4096), ("2g", 2 * 2**30)])
 def test_sizes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "six", "6 GiBs", "-1GiB", "0", "nan", "1e999GiB"])
+@pytest.mark.parametrize("text", ["", "six", "6 GiBs", "-1GiB", "0B", "nan", "1e999GiB", "10", "4096"])
 def test_bad_sizes(text):
     with pytest.raises(ValueError):
         parse_size(text)
@@ -116,6 +116,8 @@ def test_bad_sizes(text):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--memory-budget", "lots"], "is not a size"),
+    (["--memory-budget", "10"], "'10' has no unit (give 10GiB, 10MiB or 10B)"),
+    (["--memory-budget", "1e30GiB"], "--memory-budget 1e30GiB: more than the"),
     (["--memory-budget", "200MiB"], "200 MiB cannot hold llamagen-b's float32 weights (at least 538 MiB) plus one batch row"),
     (["--model", "d16-256", "--memory-budget", "1GiB"], "cannot hold d16-256's float32 weights (at least"),
     (["--model", "janus-pro-1b", "--memory-budget", "4GiB"], "4 GiB cannot hold janus-pro-1b's float32 weights (at least"),

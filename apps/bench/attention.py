@@ -24,7 +24,8 @@ from ...backends.sdpa import SdpaBackend
 from ...core.attention import AttentionBackend, AttentionSpec, Dense, Neighborhood2D
 from ...core.errors import UsageError
 from ...core.registry import get_registry
-from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
+from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, one_line, seed_int
+from ..output_files import add_overwrite_flag, check_outputs
 from ..memory_fit import available_bytes
 from ..pipeline import resolve_device
 from .report import format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
@@ -388,8 +389,9 @@ def cmd_bench_attention(argv: Sequence[str]) -> int:
     p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     args = p.parse_args(argv)
-    check_output_path("--output", args.output)  # before any work: not a directory, somewhere writable
+    check_outputs({"--output": args.output}, args.overwrite)  # before any work
     config = BenchAttentionConfig(sides=args.sides, kernel_size=args.kernel_size, heads=args.heads,
                                   head_dim=args.head_dim, batches=args.batches, backends=args.backends,
                                   repeats=args.repeats, budget_s=args.budget_s, device=args.device, dtype=args.dtype,

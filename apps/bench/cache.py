@@ -70,6 +70,7 @@ import torch
 from ...core.errors import MvarEngineError, UsageError
 from ...core.registry import get_registry
 from ...core.sampling import guided_logits_raster, raster_guided
+from ...core.files import marked_markdown
 from ...models.checkpoint import atomic_write
 from ...models.default_models import available_defaults
 from ...models.raster_adapter import RasterEngine
@@ -77,6 +78,7 @@ from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...plugins.budget_cache import budget_tokens
 from ...plugins.head_map import load_head_map, write_head_map, write_heatmap
 from ..cli_helpers import PROG, Parser, finite_float, float_list, name_list, one_line, seed_int
+from ..output_files import add_overwrite_flag, check_outputs, report_outputs
 from ..config import EngineConfig
 from ..data import load_dataset
 from ..evaluation.classifier import load_or_train
@@ -677,7 +679,7 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
     lines = target_lines(payload)
     if lines:
         text += "\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(marked_markdown(text)))
 
 
 # -- the run ----------------------------------------------------------------------------------------------
@@ -859,7 +861,12 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
     p.add_argument("--output", default=d.output, metavar="PATH", help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     args = p.parse_args(argv)
+    if Path(args.output).suffix == ".json":  # another suffix is refused with the others' problems
+        calibrated = args.head_map is None and any(name.strip().lower() == "ssd" for name in args.policies or ())
+        check_outputs(report_outputs(args.output, (".md", ".head_map.json", ".head_map.png") if calibrated else (".md",)),
+                      args.overwrite)
     payload = run_bench_cache(BenchCacheConfig(
         model=args.model, batch=args.batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, policies=args.policies,
         budgets=args.budgets, repeats=args.repeats, warmup=args.warmup, max_tokens=args.max_tokens,

@@ -41,27 +41,31 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 
 from ...core.errors import UsageError
-from ...core.files import atomic_write
+from ...core.files import atomic_write, marked_markdown, save_marked_image
 from ...models.janus import JANUS_PRO_1B_TEXT, language_model_minimum_elements
 from ...models.raster_gpt import RasterGPTConfig
 from ...models.tokenizer import TokenizerConfig, llamagen_vq16_sized
 from ...models.var import VARConfig
 from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
-from ..memory_fit import FLOAT32_BYTES, format_bytes
+from ..output_files import add_overwrite_flag, check_outputs, report_outputs
+from ..memory_fit import FLOAT32_BYTES, format_bytes, total_memory
 from .cells import Combo, check_combo, combo_family, model_spec, parse_combo, run_problems
 from .matrix import PALETTE, attach_head_map, cell_for, run_cell_in_subprocess
 from .report import format_table, format_value, machine_info, resident_bytes, write_json
 
 RASTER_CONFIGS = ("raster/dense/full", "raster/dense/sink:budget=0.2", "raster/dense/ssd:budget=0.2")
 NEXT_SCALE_CONFIGS = ("full/dense/full", "markov/neighborhood/none")
-SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+SIZE_UNITS = {"b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
               "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """``"6GiB"`` / ``"1.5 GB"`` / ``"800MiB"`` / ``"123456"`` -> bytes; else ``ValueError``."""
+    """``"6GiB"`` / ``"1.5 GB"`` / ``"800MiB"`` / ``"123456B"`` -> bytes; else ``ValueError`` (a bare
+    number too: bytes or gibibytes would be a guess)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
+    if match is not None and unit == "":
+        raise ValueError(f"{text!r} has no unit (give {match.group(1)}GiB, {match.group(1)}MiB or {match.group(1)}B)")
     if match is None or unit not in SIZE_UNITS:
         raise ValueError(f"{text!r} is not a size such as 6GiB, 1.5GB or 800MiB")
     value = float(match.group(1)) * SIZE_UNITS[unit]
@@ -137,6 +141,10 @@ class CapacityConfig:
                 if combo_family(combo) != spec.family:
                     out.append(f"configuration {combo.text} is {combo_family(combo)}, but model {spec.id} is "
                                f"{spec.family} (give configurations of its family)")
+            total = total_memory(torch.device(self.device_name()))
+            if budget is not None and total is not None and budget > total:
+                out.append(f"--memory-budget {self.memory_budget}: more than the {format_bytes(total)} this "
+                           f"{self.device_name()} has (give at most {format_bytes(total)})")
             weights = weights_lower_bound(spec.id)
             if budget is not None and weights is not None and weights >= budget:
                 out.append(f"--memory-budget {self.memory_budget}: {format_bytes(budget)} cannot hold {spec.id}'s "
@@ -395,7 +403,7 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
             f"{', '.join(map(str, config['probes']))}, then the prediction and its neighbours, each in a fresh "
             f"process); throughput: median of {config['repeats']} generation(s) at that batch; ratios against "
             f"`{payload['baseline']}` at its own largest batch.\n\n" + table_markdown(payload) + "\n")
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(marked_markdown(text)))
 
 
 def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
@@ -435,7 +443,7 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
                 draw.ellipse([x - 8, y - 8, x + 8, y + 8], outline=colour, width=2)
         draw.text((width - margin - 250, margin + 16 * index), f"{entry['config']} (largest {entry['largest_batch']})",
                   fill=colour)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return save_marked_image(image, path, format="PNG")
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -474,8 +482,10 @@ def cmd_bench_capacity(argv: Sequence[str]) -> int:
     p.add_argument("--output", default=d.output, metavar="PATH", help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     args = p.parse_args(argv)
     check_output_path("--output", args.output, (".json",))
+    check_outputs(report_outputs(args.output, (".md", ".png")), args.overwrite)
     run_capacity(CapacityConfig(memory_budget=args.memory_budget, model=args.model, configs=args.configs,
                                 probes=args.probes, max_batch=args.max_batch, backend=args.backend, device=args.device,
                                 dtype=args.dtype, cfg=args.cfg, seed=args.seed, repeats=args.repeats,

@@ -50,10 +50,12 @@ import torch
 
 from ...core.errors import UsageError
 from ...core.layout import spans_length
+from ...core.files import marked_markdown, save_marked_image
 from ...models.checkpoint import atomic_write
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ...models.var import VAR, VARConfig
 from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, seed_int
+from ..output_files import add_overwrite_flag, check_outputs, report_outputs
 from ..config import EngineConfig
 from ..pipeline import autocast_problem, build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
@@ -585,7 +587,7 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
     lines = target_lines(payload)
     if lines:
         text += "\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(marked_markdown(text)))
 
 
 PALETTE = ((70, 110, 180), (220, 120, 50), (80, 160, 90), (180, 70, 90), (130, 100, 170), (120, 120, 120),
@@ -659,7 +661,7 @@ def draw_chart(path: Path, payload: dict[str, Any]) -> Path:
             "baselines", {"": payload.get("baseline")}).values() else ""
         draw.text((left + 22, y), config + suffix, fill="black", font=font)
     draw.text((10, height - 18), "random weights; " + payload["machine"]["device_name"][:60], fill="gray", font=font)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return save_marked_image(image, path, format="PNG")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -713,7 +715,10 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
                    "not for @compile rows)")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     args = p.parse_args(argv)
+    if Path(args.output).suffix == ".json":  # another suffix is refused with the others' problems
+        check_outputs(report_outputs(args.output, (".md", ".png")), args.overwrite)
     payload = run_matrix(MatrixConfig(
         preset=args.preset, cells_=args.cells, models=args.models, batches=args.batches, configs=args.configs, backend=args.backend,
         device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, cfg=args.cfg, seed=args.seed,

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from ...core.files import WRITTEN_BY, writer
 from ...models.checkpoint import atomic_write
 from ..allocator import with_mmap_threshold
 
@@ -149,7 +150,10 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON, atomically (readers never see a partial file)."""
+    """Write ``payload`` as indented JSON, atomically (readers never see a partial file); a dict
+    payload gains a first key naming what wrote it (:data:`WRITTEN_BY`)."""
+    if isinstance(payload, dict):
+        payload = {WRITTEN_BY: writer(), **{k: v for k, v in payload.items() if k != WRITTEN_BY}}
     text = json.dumps(payload, indent=2, default=str) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -26,7 +26,8 @@ import torch
 from ...core.errors import ConfigError, UsageError
 from ...core.layout import SequenceLayout
 from ...models.var import VAR, VARConfig
-from ..cli_helpers import PROG, Parser, check_output_path, int_list, name_list, one_line, seed_int
+from ..cli_helpers import PROG, Parser, int_list, name_list, one_line, seed_int
+from ..output_files import add_overwrite_flag, check_outputs
 from ..config import EngineConfig
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
@@ -232,8 +233,9 @@ def cmd_bench_train(argv: Sequence[str]) -> int:
     p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     args = p.parse_args(argv)
-    check_output_path("--output", args.output)  # before any work: not a directory, somewhere writable
+    check_outputs({"--output": args.output}, args.overwrite)  # before any work
     run_bench_train(BenchTrainConfig(depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size,
                                      steps=args.steps, ratio=args.ratio, kernel_size=args.kernel_size,
                                      strategies=args.strategies, device=args.device, seed=args.seed,

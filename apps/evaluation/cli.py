@@ -23,6 +23,7 @@ from typing import Sequence
 from ...core.errors import UsageError
 from ..cli import parse_generate_args
 from ..cli_helpers import Parser, check_output_path, one_line, seed_int
+from ..output_files import add_overwrite_flag, check_outputs
 from ..config import EngineConfig
 from .evaluate import DEFAULT_K, REAL_ROW, evaluate, print_report
 
@@ -112,13 +113,14 @@ def build_parser():
                         "(default: cached under $MVAR_ENGINE_CACHE or ~/.cache/mvar-engine)")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     return p
 
 
 def cmd_evaluate(argv: Sequence[str]) -> int:
     """Run ``mvar-engine evaluate`` (see the module docstring); returns the exit status (0)."""
     args = build_parser().parse_args(list(argv))
-    check_output_path("--output", args.output)  # before any work: not a directory, somewhere writable
+    check_outputs({"--output": args.output}, args.overwrite)  # before any work
     if args.classifier is not None:
         check_output_path("--classifier", args.classifier)  # read when it exists, else written after training
     for flag, value, least in (("--samples-per-class", args.samples_per_class, 1), ("--batch-size", args.batch_size, 1),

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ...core.errors import UsageError
 from ..bench.report import machine_info, write_json
 from ..cli_helpers import PROG, Parser, check_output_path
+from ..output_files import add_overwrite_flag, check_outputs
 from ..npz_images import NpzImages, read_npz_images
 from ..pipeline import resolve_device
 from .inception import inception_features, inception_score, load_inception
@@ -73,6 +74,7 @@ def build_parser() -> Parser:
     p.add_argument("--output", default="fid.json", metavar="PATH", help="JSON report (default fid.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(p)
     return p
 
 
@@ -81,6 +83,7 @@ def cmd_fid(argv: Sequence[str]) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     output = check_output_path("--output", args.output, (".json",))
+    check_outputs({"--output": output}, args.overwrite)
     device = resolve_device(args.device)
     samples = read_npz_images(args.samples, "fid SAMPLES")
     reference = read_npz_images(args.ref, "--ref")
