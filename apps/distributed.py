@@ -80,6 +80,29 @@ def worker_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+"""What ``init_process_group``'s ``env://`` rendezvous reads beside the ranks (torchrun sets them)."""
+
+
+def check_torchrun_environment() -> None:
+    """The torchrun variables, read before any process group: whole numbers with ``0 <= RANK <
+    WORLD_SIZE`` and ``LOCAL_RANK >= 0``, and the rendezvous address set; else a one-line
+    :class:`UsageError` (set by hand, they would crash inside torch.distributed or hang)."""
+    how = "launch with torchrun, or unset RANK, WORLD_SIZE and LOCAL_RANK to run one process"
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ[name]
+        if not text.strip().isdigit():
+            raise UsageError(f"{name}={text!r}: not a whole number ({how})")
+        values[name] = int(text)
+    if not values["RANK"] < values["WORLD_SIZE"]:
+        raise UsageError(f"RANK={values['RANK']} with WORLD_SIZE={values['WORLD_SIZE']}: a rank must be below the "
+                         f"world size ({how})")
+    missing = [name for name in RENDEZVOUS_VARS if not os.environ.get(name, "").strip()]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} not set: the processes cannot meet ({how})")
+
+
 def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Initialise the process group when launched by torchrun and pick this worker's device.
 
@@ -88,6 +111,7 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """
     if not under_torchrun():
         return DistInfo(device=worker_device(device))
+    check_torchrun_environment()
     local_rank = int(os.environ["LOCAL_RANK"])
     dev = worker_device(device, local_rank)
     if not initialized():

@@ -26,7 +26,7 @@ from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_s
 from ..models.var import VAR, VARConfig, infer_var_config
 from .cli_helpers import architecture_error
 from .config import EngineConfig
-from .memory_fit import refuse_unfitting
+from .memory_fit import FLOAT32_BYTES, available_bytes, format_bytes, refuse_unfitting
 
 DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 """VAR buffers recomputed from the config, never read."""
@@ -247,11 +247,21 @@ def _check_vocab(tokenizer: TokenizerConfig | LlamaGenVQConfig, vocab_size: int,
                               f"trained on)")
 
 
+def refuse_text_options(model: Any, kind: str) -> None:
+    """A class-conditional model draws ``--labels``: a text prompt would be ignored, so it is refused."""
+    given = [flag for flag, value in (("--prompt", model.prompt), ("--no-chat-format", model.chat_format))
+             if value is not None]
+    if given:
+        raise UsageError(f"{' and '.join(given)}: {kind} is class-conditional and takes no text (give --labels; "
+                         f"a prompt is for a text-to-image model such as Janus-Pro, --model-dir)")
+
+
 def plan_var_models(config: EngineConfig) -> ModelPlan:
     """The VAR/MVAR transformer and multi-scale tokenizer ``config`` asks for: checkpoints or random
     weights of ``--depth`` at ``--patch-nums`` (the embedded defaults come in through
     ``with_weights``)."""
     m = config.model
+    refuse_text_options(m, "a VAR/MVAR transformer")
     if m.num_heads is not None:
         raise UsageError("--num-heads is for raster GPT files (--trajectory raster); a VAR/MVAR transformer has as many "
                          "heads as its depth (drop --num-heads)")
@@ -285,7 +295,25 @@ def fitting(plan: ModelPlan, config: EngineConfig) -> ModelPlan:
     source = [f"--var-checkpoint {plan.model_path}"] if plan.model_path else []
     flags = ", ".join(source + given) or "the default size"
     refuse_unfitting({"transformer": plan.model, "tokenizer": plan.tokenizer}, torch.device("cpu"), flags)
+    refuse_unfitting_images(plan, config)
     return plan
+
+
+def refuse_unfitting_images(plan: ModelPlan, config: EngineConfig, available: int | None = None) -> None:
+    """A generation holds every image it makes (float32 pixels, their uint8 copy, the tokens) until
+    it writes the grid: a one-line :class:`UsageError` when that alone exceeds the CPU's free memory
+    (``available`` overrides it, for tests), before any allocation."""
+    labels = len(config.labels) if config.labels is not None else min(plan.model.num_classes, 10)
+    count = labels * config.samples_per_label
+    (height, width), tokens = plan.model.layout.grids[-1], plan.model.layout.length
+    pixels = height * width * plan.tokenizer.downsample ** 2 * 3
+    need = count * (pixels * (FLOAT32_BYTES + 1) + tokens * 8)
+    free = available if available is not None else available_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise UsageError(f"--samples-per-label {config.samples_per_label} x {labels} labels: {count} images of "
+                         f"{height * plan.tokenizer.downsample}x{width * plan.tokenizer.downsample} need at least "
+                         f"{format_bytes(need)} in memory, more than the {format_bytes(free)} free (ask for fewer; "
+                         f"`mvar-engine sample` writes images as it goes)")
 
 
 def _raster_side(grid) -> object:
@@ -301,6 +329,7 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
     side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth, with a tokenizer of
     LlamaGen VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes)."""
     m = config.model
+    refuse_text_options(m, "a raster GPT (LlamaGen c2i)")
     if m.patch_nums and len(m.patch_nums) != 1:
         raise UsageError(f"--patch-nums for a raster model is one grid side (e.g. 24), got {len(m.patch_nums)} scales")
     side = m.patch_nums[0] if m.patch_nums else None

@@ -202,7 +202,8 @@ def test_evaluate_writes_every_row_and_the_real_reference(tmp_path, checkpoints,
             "--compare", "mvar=--trajectory markov --attention neighborhood --cache none --attention-kernel-size 3"]
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
-    assert set(report) == {"evaluation", "machine", "config", "results"}
+    assert set(report) == {"written_by", "complete", "pending", "evaluation", "machine", "config", "results"}
+    assert report["complete"] is True and report["pending"] == [] and report["written_by"] == "mvar-engine evaluate"
     rows = {row["name"]: row for row in report["results"]}
     assert [row["name"] for row in report["results"]] == ["real", "var", "mvar"]
     assert rows["real"]["images"] == 364 and rows["real"]["accuracy"] >= 0.95
@@ -221,6 +222,30 @@ def test_evaluate_writes_every_row_and_the_real_reference(tmp_path, checkpoints,
     table = out_text.splitlines()
     assert table[0].split()[:2] == ["config", "images"] and [line.split()[0] for line in table[1:4]] == ["real", "var", "mvar"]
     assert f"wrote {out}" in out_text
+
+
+def test_a_stopped_evaluation_leaves_a_report_marked_partial(tmp_path, checkpoints, trained, capsys, monkeypatch):
+    """SIGTERM (here: the interrupt it becomes) during the second configuration: the report on disk
+    holds the rows done, ``complete: false`` and the configuration still pending."""
+    import importlib
+
+    evaluate = importlib.import_module("mvar_engine.apps.evaluation.evaluate")  # the package exports a function of that name
+    original = evaluate.Evaluation.run_config
+
+    def stopped_at_mvar(self, name, config):
+        if name == "mvar":
+            raise KeyboardInterrupt
+        return original(self, name, config)
+
+    monkeypatch.setattr(evaluate.Evaluation, "run_config", stopped_at_mvar)
+    out = tmp_path / "evaluation.json"
+    argv = ["evaluate", "--common", checkpoints, "--samples-per-class", "3", "--output", str(out),
+            "--compare", "var=--trajectory full --attention dense --cache full",
+            "--compare", "mvar=--trajectory markov --attention neighborhood --cache none"]
+    assert main(argv) == 130
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["pending"] == ["mvar"]
+    assert [row["name"] for row in report["results"]] == ["real", "var"]
 
 
 def test_compare_flags_win_over_the_evaluation_defaults(tmp_path, checkpoints, trained, capsys):

@@ -122,6 +122,7 @@ class Evaluation:
         self.classifier_info: dict[str, Any] = {}
         self.heldout_features: torch.Tensor | None = None
         self.machine = machine_info("cpu")
+        self.complete = False  # the report says so until every row is in: a stopped run leaves a marked partial report
 
     def say(self, text: str) -> None:
         if self.log is not None:
@@ -139,7 +140,9 @@ class Evaluation:
                   "batch_size": self.batch_size, "k": self.k, "output": str(self.output) if self.output else None,
                   "classifier": str(self.classifier_path) if self.classifier_path else None, **self.notes,
                   "configurations": {name: c.model_dump(mode="json") for name, c in self.configs.items()}}
-        return {"evaluation": evaluation, "machine": self.machine, "config": config, "results": self.results}
+        done = {row["name"] for row in self.results}
+        return {"complete": self.complete, "pending": [name for name in self.configs if name not in done],
+                "evaluation": evaluation, "machine": self.machine, "config": config, "results": self.results}
 
     def save(self) -> Path | None:
         return write_json(self.output, self.payload()) if self.output is not None else None
@@ -236,6 +239,7 @@ class Evaluation:
             self.prepare_reference()
         for name, config in self.configs.items():
             self.run_config(name, config)
+        self.complete = True
         self.save()
         return self.payload()
 

@@ -13,6 +13,7 @@ the same settings (:mod:`.identity`). Bad input is one line and exit 2 before an
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +30,8 @@ from ..cli import GenerationCommand, parse_generation_command
 from ..cli_helpers import PROG, check_output_path
 from ..config import EngineConfig
 from ..images import to_uint8
+from ..memory_fit import available_bytes, format_bytes
+from ..output_files import check_replaceable
 from ..pipeline import Pipeline, PreparedRun, prepare_run, resolve_autocast, resolve_device
 from .folder import SampleFolder
 from .identity import model_files, sample_identity
@@ -97,7 +100,32 @@ def check_sample_inputs(config: EngineConfig, args) -> tuple[SampleFolder, Path]
     folder = SampleFolder(args.output_dir)
     folder.check_writable()
     npz = check_output_path("--npz", args.npz if args.npz is not None else folder.root / "samples.npz", (".npz",))
+    if args.npz is not None:  # the default, inside the folder, is the folder's own (its record says so)
+        check_replaceable({"--npz": npz}, config.output.overwrite)
+    if args.resize is not None:
+        check_resize_fits(args.resize, config.batch_size)
     return folder, npz
+
+
+RESIZE_BYTES_PER_PIXEL = 3 * (4 + 4 + 1)
+"""Per output pixel of a resized batch: RGB float32 source-resolution result and its bicubic copy, then uint8."""
+
+
+def check_resize_fits(side: int, batch_size: int, available: int | None = None) -> None:
+    """``--resize SIDE``: each image within Pillow's decompression-bomb limit (the packing step reads
+    every PNG back) and a batch of them within the CPU's free memory (``available`` overrides it, for
+    tests); else a one-line :class:`UsageError`, before any model is built."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and side * side > limit:
+        raise UsageError(f"--resize {side}: {side}x{side} images are more than the {limit} pixels Pillow reads back "
+                         f"safely (give at most {math.isqrt(limit)})")
+    need = batch_size * side * side * RESIZE_BYTES_PER_PIXEL
+    free = available if available is not None else available_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise UsageError(f"--resize {side} with --batch-size {batch_size}: {format_bytes(need)} per batch, more than the "
+                         f"{format_bytes(free)} free (lower --batch-size or --resize)")
 
 
 def plan_items(labels: Sequence[int], per_class: int) -> list[tuple[int, int]]:
@@ -147,16 +175,21 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
         labels = list(range(pipe.adapter.num_classes))
     items = plan_items(labels, args.per_class)
 
-    def start() -> None:  # rank 0: the folder may take this run (model files hashed once, here)
+    def check() -> tuple[dict, dict, dict | None]:  # rank 0: the folder may take this run (files hashed once, here)
         files = model_files(run.config)
         identity = sample_identity(run.config, info.device, labels, args.per_class, files, args.resize,
                                    args.decode_chunk)
-        record = folder.check_start(identity, args.resume)
+        return files, identity, folder.check_start(identity, args.resume)
+
+    checked = on_main(info, check)
+    pipe = pipe or Pipeline.build(run)  # the weights are checked (shapes, finite) before the folder is written
+
+    def start() -> None:
+        files, identity, record = checked
         folder.remove_temps(items)
         folder.write_record(start_record(record, run.config, identity, files, info, len(items)))
 
     on_main(info, start)
-    pipe = pipe or Pipeline.build(run)
     mine = items[info.rank::info.world_size]
     done = folder.done(mine)
     todo = [item for item in mine if item not in done]

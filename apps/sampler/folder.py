@@ -72,6 +72,9 @@ class SampleFolder:
         """A folder (or a place to make one) this process can write: one-line ``UsageError``."""
         if self.root.exists() and not self.root.is_dir():
             raise UsageError(f"--output-dir {self.root}: is a file, not a folder (choose another --output-dir)")
+        if self.images.is_symlink() or (self.images.exists() and not self.images.is_dir()):
+            raise UsageError(f"--output-dir {self.root}: its {IMAGES_DIR}/ is a link or a file, not a folder of its "
+                             f"own (nothing is written through a link; sample into another --output-dir)")
         check_output_path("--output-dir", self.record_path, (".json",))
 
     def read_record(self) -> dict[str, Any] | None:
@@ -117,8 +120,21 @@ class SampleFolder:
         return remove_orphan_temps(self.images, (image_name(label, index) for label, index in items))
 
     def done(self, items: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
-        """The items whose PNG exists (atomic writes: an existing file is complete)."""
-        return {(label, index) for label, index in items if self.image_path(label, index).is_file()}
+        """The items whose PNG exists and reads as a PNG (atomic writes: a file this command wrote is
+        complete; one damaged since is made again)."""
+        return {(label, index) for label, index in items if self.readable(self.image_path(label, index))}
+
+    @staticmethod
+    def readable(path: Path) -> bool:
+        """A regular file whose PNG chunks are whole (Pillow's ``verify``: checksums, no decoding)."""
+        if path.is_symlink() or not path.is_file():
+            return False
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            return image.format == "PNG"
+        except (OSError, ValueError, SyntaxError):  # Pillow raises SyntaxError for some broken chunks
+            return False
 
     def save(self, label: int, index: int, pixels: np.ndarray) -> Path:
         """``pixels``: uint8 ``[H, W, 3]``."""
