@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ...core.errors import UsageError
+from ...models.checkpoint import check_finite
 from .. import distributed as D
 from .batches import ShardedBatches
-from .checkpointing import load_training_checkpoint, restore_training_state
+from .checkpointing import checkpoint_path, load_training_checkpoint, restore_training_state
 from .rundir import fresh_start, remove_run_temps
 
 
@@ -69,20 +70,22 @@ class TransformerSettings(DataSettings, LoopSettings):
 
 
 
-NUMBER_RULES: dict[str, tuple[float, bool, float | None]] = {
-    # field: (lower bound, lower bound allowed, upper bound exclusive or None)
+NUMBER_RULES: dict[str, tuple[float, bool, float | None] | tuple[float, bool, float, bool]] = {
+    # field: (lower bound, lower bound allowed, upper bound or None[, upper bound allowed: default no])
     "steps": (1, True, None), "batch_size": (1, True, None), "save_every": (1, True, None),
     "log_every": (1, True, None), "max_images": (1, True, None),
     "lr": (0.0, False, None), "weight_decay": (0.0, True, None), "warmup_steps": (0, True, None),
     "grad_clip": (0.0, True, None), "class_dropout": (0.0, True, 1.0), "mlp_ratio": (0.0, False, None),
     "ffn_dim_multiplier": (0.0, False, None), "beta": (0.0, True, None), "l1_weight": (0.0, True, None),
     "mse_weight": (0.0, True, None), "vq_weight": (0.0, True, None), "share_quant_resi": (0, True, None),
-    "seed": (-(2**63), True, 2**64),
+    "seed": (-(2**63), True, 2**64), "quant_resi": (0.0, True, 1.0, True),
 }
 """The range of each numeric training setting (``--grad-clip 0`` is off, ``--warmup-steps 0`` none)."""
 
 
-def _range_text(low: float, inclusive: bool, high: float | None) -> str:
+def _range_text(low: float, inclusive: bool, high: float | None, high_inclusive: bool = False) -> str:
+    if high is not None and high_inclusive:
+        return f"lie in [{low:g}, {high:g}]"
     if high is not None:
         return f"lie in [{low:g}, {high:g})" if high != 2**64 else "be an integer from -2**63 to 2**64 - 1"
     return f"be at least {low:g}" if inclusive else f"be greater than {low:g}"
@@ -100,9 +103,11 @@ def check_loop_settings(s: Any) -> None:
             raise UsageError(f"{flag} must be a finite number, got {value}")
         if item.name not in NUMBER_RULES:
             continue
-        low, inclusive, high = NUMBER_RULES[item.name]
-        if value < low or (value == low and not inclusive) or (high is not None and value >= high):
-            raise UsageError(f"{flag} must {_range_text(low, inclusive, high)}, got {value:g}")
+        low, inclusive, high, *closed = NUMBER_RULES[item.name]
+        high_inclusive = bool(closed and closed[0])
+        above = high is not None and (value > high if high_inclusive else value >= high)
+        if value < low or (value == low and not inclusive) or above:
+            raise UsageError(f"{flag} must {_range_text(low, inclusive, high, high_inclusive)}, got {value:g}")
     weights = [getattr(s, name) for name in ("l1_weight", "mse_weight", "vq_weight") if hasattr(s, name)]
     if weights and not any(weights):
         raise UsageError("--l1-weight, --mse-weight and --vq-weight are all 0: nothing would be trained "
@@ -152,6 +157,9 @@ def start_or_resume(run: Path, settings: LoopSettings, *, kind: str, architectur
         remove_run_temps(run, weights_name)
     if settings.resume:
         ckpt = load_training_checkpoint(run, kind=kind, architecture=architecture)
+        parameters = {name for name, _ in model.named_parameters()}  # buffers may hold -inf masks by design
+        check_finite({key: value for key, value in ckpt["model"].items() if key in parameters},
+                     f"--resume: {checkpoint_path(run)}")
         start = restore_training_state(ckpt, model, optimizer, scheduler)
         metrics_log.truncate_after(start)
         extra = ckpt["extra"]

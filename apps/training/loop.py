@@ -11,6 +11,7 @@ checkpoint (written atomically) is intact and at most ``--save-every`` steps are
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ...core.errors import TrainingDivergedError
 from ...models.checkpoint import atomic_write
 from .. import distributed as D
 
@@ -132,6 +134,11 @@ def global_metrics(metrics: dict[str, Any], device: torch.device | None = None) 
     return {**metrics, **averaged}
 
 
+def _finite_loss(metrics: dict[str, Any]) -> bool:
+    loss = metrics.get("loss")
+    return not isinstance(loss, float) or math.isfinite(loss)
+
+
 def run_loop(*, start_step: int, total_steps: int, step_fn: StepFn, save_fn: SaveFn, checkpoint: Path,
              metrics_log: MetricsLog, log_every: int, save_every: int, progress: bool, desc: str,
              elapsed_before: float = 0.0, callbacks: tuple[Callback, ...] = (), device: torch.device | None = None,
@@ -150,6 +157,11 @@ def run_loop(*, start_step: int, total_steps: int, step_fn: StepFn, save_fn: Sav
         with graceful_signals() as stop:
             while step < total_steps:
                 metrics = step_fn(step)
+                if D.any_rank(not _finite_loss(metrics), device):  # the weights are already spoilt: never saved
+                    kept = (f"{checkpoint} holds the last saved one" if checkpoint.is_file() else "no step was saved")
+                    raise TrainingDivergedError(
+                        f"training diverged at step {step + 1}: the loss is {metrics.get('loss')} (that step was not "
+                        f"saved; {kept}): lower --lr or raise --warmup-steps, then --resume or start over")
                 step += 1
                 interval_steps += 1
                 for callback in callbacks:

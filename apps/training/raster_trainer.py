@@ -144,7 +144,8 @@ def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -
     """Train (or resume) a raster GPT per ``s``; see the module docstring. Under torchrun every rank
     calls this; files are written by rank 0."""
     check_loop_settings(s)
-    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
+    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite, kind=KIND, weights_name=WEIGHTS_NAME,
+                        inputs={"--tokenizer": s.tokenizer, "--init-from": s.init_from})
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
     sized = raster_config(s, tok, num_classes=1)
     refuse_unfitting({"transformer": sized}, torch.device("cpu"), "--depth, --embed-dim, --num-heads, "

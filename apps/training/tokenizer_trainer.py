@@ -164,7 +164,8 @@ def train_tokenizer(s: TokenizerTrainSettings, callbacks: tuple[Callback, ...] =
     check_loop_settings(s)
     refuse_unfitting({"tokenizer": config}, torch.device("cpu"), "--vocab-size, --z-channels, --ch, --ch-mult",
                      copies=TRAINING_COPIES)
-    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
+    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite, kind=KIND, weights_name=WEIGHTS_NAME,
+                        inputs={})
     info = D.setup(s.device)
     try:
         summary = _train(s, config, run, info, callbacks)

@@ -154,7 +154,8 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     """Train (or resume) a VAR/MVAR transformer per ``s``; see the module docstring. Under torchrun
     every rank calls this; files are written by rank 0."""
     check_loop_settings(s)
-    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite)
+    run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite, kind=KIND, weights_name=WEIGHTS_NAME,
+                        inputs={"--tokenizer": s.tokenizer, "--init-from": s.init_from})
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
     refuse_unfitting({"transformer": var_config(s, tok, num_classes=1)}, torch.device("cpu"),
                      "--depth, --embed-dim, --num-heads, --mlp-ratio", copies=TRAINING_COPIES)
