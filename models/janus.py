@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +59,7 @@ from ..core.errors import UsageError
 from ..core.layout import SequenceLayout, Spans, spans_to_positions
 from ..core.sampling import guided_logits_raster, raster_guided
 from ..core.trajectory import Step
-from .checkpoint import weights_fingerprint
+from .checkpoint import check_finite, weights_fingerprint
 from .raster_adapter import RasterGenerationOutput
 
 TRANSFORMERS_MISSING = "transformers is not installed: pip install 'mvar-engine[hf]'"
@@ -91,7 +92,40 @@ def _check_model_dir(model_dir: str | Path) -> Path:
                          f"config.json, *.safetensors and the tokenizer files)")
     if not (path / "config.json").is_file():
         raise UsageError(f"Janus model directory {path}: no config.json (give a local Hugging Face directory)")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"{path}/config.json: not readable JSON ({' '.join(str(error).split())}); download the "
+                         f"directory again") from None
+    code = sorted(p.name for p in path.iterdir() if p.suffix == ".py")
+    if not isinstance(config, dict) or "auto_map" in config or code:
+        what = code[0] if code else "auto_map in config.json" if isinstance(config, dict) else "config.json"
+        raise UsageError(f"Janus model directory {path}: {what} asks to run the directory's own code, which the "
+                         f"engine never does (use transformers' Janus format, e.g. deepseek-community/Janus-Pro-1B)")
     return path
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_files(path: Path) -> None:
+    """The directory holds ``*.safetensors`` weights, each whole (its header covers the file); a
+    directory of pickles only is refused: loading one could run code."""
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        reason = (f"holds only pickled weights ({pickles[0]}), which the engine never loads (they can run code; "
+                  f"convert them to .safetensors)" if pickles else "has no *.safetensors weights")
+        raise UsageError(f"Janus model directory {path}: {reason}")
+    from safetensors import safe_open
+
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as error:  # truncated or not safetensors
+            raise UsageError(f"{file}: not a whole safetensors file ({' '.join(str(error).split())}); download it "
+                             f"again") from None
 
 
 def has_tokenizer_files(model_dir: str | Path) -> bool:
@@ -100,13 +134,15 @@ def has_tokenizer_files(model_dir: str | Path) -> bool:
 
 
 def load_janus_config(model_dir: str | Path):
-    """The directory's ``JanusConfig`` (no weights read); a non-Janus config is a one-line error."""
+    """The directory's ``JanusConfig`` (no weights read, their files checked: :func:`check_weight_files`);
+    a non-Janus config is a one-line error."""
     path = _check_model_dir(model_dir)
     transformers = import_transformers()
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     if getattr(config, "model_type", None) != "janus":
         raise UsageError(f"{path}/config.json: model_type {getattr(config, 'model_type', None)!r}, not 'janus' "
                          f"(give a JanusForConditionalGeneration directory, e.g. deepseek-community/Janus-Pro-1B)")
+    check_weight_files(path)
     return config
 
 
@@ -134,7 +170,16 @@ def load_janus(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     path = _check_model_dir(model_dir)
     load_janus_config(path)
     transformers = import_transformers()
-    model = transformers.JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    hf_logging = transformers.utils.logging
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the engine reports its own progress; a load is one line or none
+    try:
+        model = transformers.JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                                           use_safetensors=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    check_finite(dict(model.named_parameters()), str(path))
     model = model.to(device).eval()
     return model, load_tokenizer(path)
 

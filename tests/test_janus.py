@@ -11,7 +11,9 @@ covering budget (window, sink, h2o, ssd with a head map) and ``none`` equal ``fu
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -473,3 +475,67 @@ def test_an_image_token_count_that_is_not_the_vq_grid(janus_cli_dir, refused, tm
     config["vision_config"]["num_image_tokens"] = CLI_GRID * CLI_GRID + 1
     (odd / "config.json").write_text(json.dumps(config))
     refused(_janus_argv(odd), f"is not the VQ grid {CLI_GRID} x {CLI_GRID}")
+
+
+def _spoilt_copy(janus_cli_dir, root, spoil):
+    import shutil
+
+    copy = root / "spoilt"
+    shutil.copytree(janus_cli_dir, copy)
+    spoil(copy)
+    return copy
+
+
+def _truncate_weights(folder):
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _pickle_weights(folder):
+    weights = next(folder.glob("*.safetensors"))
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    weights.unlink()
+
+
+def _auto_map(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _code(folder):
+    (folder / "modeling_evil.py").write_text("open('marker', 'w').write('ran')\n")
+
+
+@pytest.mark.parametrize("spoil, needle", [
+    (lambda d: (d / "config.json").write_text("{broken"), "config.json: not readable JSON"),
+    (lambda d: [p.unlink() for p in d.glob("*.safetensors")], "has no *.safetensors weights"),
+    (_truncate_weights, "not a whole safetensors file"),
+    (_pickle_weights, "holds only pickled weights (pytorch_model.bin)"),
+    (_auto_map, "auto_map in config.json asks to run the directory's own code"),
+    (_code, "modeling_evil.py asks to run the directory's own code"),
+])
+def test_a_spoilt_janus_directory_is_refused_before_any_model(spoil, needle, janus_cli_dir, refused, tmp_path):
+    """Broken config, no or truncated weights, pickles only, or code of its own: one line, no marker."""
+    spoilt = _spoilt_copy(janus_cli_dir, tmp_path, spoil)
+    refused(_janus_argv(spoilt), needle)
+    assert not (tmp_path / "marker").exists() and not Path("marker").exists()
+
+
+def test_janus_weights_with_nan_are_refused_before_generating(janus_cli_dir, tmp_path, tmp_cwd, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from mvar_engine.apps.cli import main
+
+    def poison(folder):
+        weights = next(folder.glob("*.safetensors"))
+        state = load_file(weights)
+        key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+        state[key] = state[key] * float("nan")
+        save_file(state, str(weights), metadata={"format": "pt"})
+
+    spoilt = _spoilt_copy(janus_cli_dir, tmp_path, poison)
+    status = main(_janus_argv(spoilt, "--output", "g.png"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "hold NaN or inf values" in err[0], err
+    assert not (tmp_cwd / "g.png").exists()
