@@ -4,6 +4,8 @@ check that comes too late fails the test). Names and numbers are drawn by hypoth
 
 from __future__ import annotations
 
+import os
+import re
 import string
 from pathlib import Path
 
@@ -21,9 +23,10 @@ RASTER = ["--trajectory", "raster", "--random-weights", "--depth", "1", "--patch
 
 # ------------------------------------------------------------------------------------------ numbers
 @pytest.mark.parametrize("argv, needle", [
-    (["--cfg", "inf"], "--cfg takes a finite number >= 0"),
-    (["--cfg", "nan"], "--cfg takes a finite number >= 0"),
-    (["--cfg=-inf"], "--cfg takes a finite number >= 0"),
+    (["--cfg", "inf"], "--cfg takes a finite number from 0 to 1e+30"),
+    (["--cfg", "1e308"], "--cfg takes a finite number from 0 to 1e+30"),
+    (["--cfg", "nan"], "--cfg takes a finite number from 0 to 1e+30"),
+    (["--cfg=-inf"], "--cfg takes a finite number from 0 to 1e+30"),
     (["--top-p", "nan"], "--top-p takes a finite number in [0, 1]"),
     (["--top-p", "inf"], "--top-p takes a finite number in [0, 1]"),
     (["--seed", "99999999999999999999999"], "--seed takes an integer from -2**63 to 2**64 - 1"),
@@ -190,7 +193,7 @@ NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(
                     st.sampled_from(["inf", "-inf", "nan", "1e999", "99999999999999999999999", "-0", "1.5"]))
 
 GENERATE_RULES = {  # flag: is the value valid?  (an independent statement of the documented ranges)
-    "--cfg": lambda v: isinstance(v, float) and v >= 0,
+    "--cfg": lambda v: isinstance(v, float) and 0 <= v <= 1e30,
     "--top-p": lambda v: isinstance(v, float) and 0 <= v <= 1,
     "--top-k": lambda v: isinstance(v, int) and 0 <= v < 2**63,
     "--seed": lambda v: isinstance(v, int) and -(2**63) <= v < 2**64,
@@ -283,3 +286,266 @@ def test_the_grid_format_follows_the_suffix(suffix, image_format, tmp_cwd):
     assert main(["--labels", "0,1", "--samples-per-label", "1", "--no-progress", "--output", str(out)]) == 0
     with Image.open(out) as image:
         assert image.format == image_format and image.size[0] > 0
+
+
+# ----------------------------------------------- config files that are not files; booleans; texts
+def test_a_config_that_is_a_pipe_or_a_device_is_refused_without_reading_it(refused, tmp_cwd):
+    """A named pipe would block the read forever and /dev/zero never ends: refused by their type."""
+    os.mkfifo(tmp_cwd / "pipe")
+    refused(RANDOM + ["--config", "pipe"], "config file pipe: is not a regular file")
+    refused(RANDOM + ["--config", "/dev/zero"], "config file /dev/zero: is not a regular file")
+
+
+def test_an_oversized_config_file_is_refused(refused, tmp_cwd):
+    (tmp_cwd / "big.toml").write_text(" " * (2**20 + 1))
+    refused(RANDOM + ["--config", "big.toml"], "more than a config file's 1 MiB")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("batch_size = true\n", "batch_size: true is a boolean; give an integer"),
+    ("[sampling]\ntop_k = false\n", "sampling.top_k: false is a boolean; give an integer"),
+    ("[sampling]\ncfg = true\n", "sampling.cfg: true is a boolean; give a number"),
+    ("[model]\nnum_classes = true\n", "model.num_classes: true is a boolean; give an integer"),
+])
+def test_a_boolean_where_a_number_is_due_is_refused(text, needle, refused, tmp_cwd):
+    """pydantic's lax mode would read ``batch_size = true`` as 1."""
+    (tmp_cwd / "run.toml").write_text(text)
+    refused(RANDOM + ["--config", "run.toml"], needle)
+
+
+@pytest.mark.parametrize("argv", [["--prompt", "a red bird"], ["--no-chat-format"]])
+def test_text_options_for_a_class_conditional_model_are_refused(argv, refused, tmp_cwd):
+    refused(["--labels", "0"] + argv, "a VAR/MVAR transformer is class-conditional and takes no text")
+
+
+@pytest.mark.parametrize("value", ["2", "-0.5", "1.0001"])
+def test_quant_resi_outside_0_1_is_refused(value, refused, tmp_cwd):
+    refused(["train-tokenizer", f"--quant-resi={value}", "--no-progress"], "--quant-resi must lie in [0, 1]")
+
+
+def test_more_images_than_memory_holds_are_refused_before_any_allocation(refused, tmp_cwd):
+    refused(["--labels", "0,1", "--samples-per-label", "99999999999", "--no-progress"],
+            "199999999998 images of 32x32 need at least")
+
+
+# ------------------------------------------- outputs: never a file the command did not write
+def _mine(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"the user's own file")
+    return path.read_bytes()
+
+
+FOREIGN_OUTPUTS = [  # (argv, the existing file, the command named)
+    (["--labels", "0", "--samples-per-label", "1", "--output", "mine.png"], "mine.png", "generate"),
+    (["--labels", "0", "--samples-per-label", "1", "--output", "mine.jpg"], "mine.jpg", "generate"),
+    (["--labels", "0", "--samples-per-label", "1", "--output", "g.png", "--save-tokens", "t.pt"], "t.pt", "generate"),
+    (["--labels", "0", "--samples-per-label", "1", "--output", "g.png", "--save-tokens", "t.safetensors"],
+     "t.safetensors", "generate"),
+    (["--labels", "0", "--samples-per-label", "1", "--output", "g.png", "--per-image"], "g/0000_class0.png", "generate"),
+    (["sample", "--per-class", "1", "--labels", "0", "--output-dir", "s", "--npz", "keep.npz"], "keep.npz", "sample"),
+    (["bench", "attention", "--output", "ba.json"], "ba.json", "bench attention"),
+    (["bench", "matrix", "--models", "tiny", "--output", "bm.json"], "bm.md", "bench matrix"),
+    (["bench", "capacity", "--output", "bc.json"], "bc.png", "bench capacity"),
+    (["evaluate", "--output", "e.json"], "e.json", "evaluate"),
+    (["profile-heads", "--head-map", "hm.json"], "hm.png", "profile-heads"),
+]
+
+
+@pytest.mark.parametrize("argv, existing, command", FOREIGN_OUTPUTS)
+def test_an_existing_file_the_command_did_not_write_is_refused_and_kept(argv, existing, command, refused, tmp_cwd):
+    before = _mine(tmp_cwd / existing)
+    refused(argv, f"{existing}: the file exists and was not written by `mvar-engine {command}` (pass --overwrite")
+    assert (tmp_cwd / existing).read_bytes() == before
+
+
+def test_export_weights_keeps_a_file_it_did_not_write(refused, tmp_cwd):
+    from mvar_engine.models.default_models import WEIGHTS_DIR
+
+    before = _mine(tmp_cwd / "mine.safetensors")
+    refused(["export-weights", WEIGHTS_DIR / "mvar-digits.safetensors", "mine.safetensors"], "was not written by `mvar-engine export-weights`")
+    assert (tmp_cwd / "mine.safetensors").read_bytes() == before
+
+
+def test_a_command_replaces_its_own_outputs_and_overwrite_replaces_any(tmp_cwd, capsys):
+    from mvar_engine.apps.cli import main
+    from mvar_engine.apps.output_files import written_by
+
+    argv = ["--labels", "0", "--samples-per-label", "1", "--no-progress", "--output", "g.webp", "--save-tokens",
+            "t.safetensors"]
+    assert main(argv) == 0 and main(argv) == 0, capsys.readouterr().err  # its own files: replaced
+    assert written_by("g.webp") == written_by("t.safetensors") == "mvar-engine generate"
+    assert main(["export-weights", "t.safetensors", "w.safetensors", "--dtype", "float32"]) == 0
+    assert written_by("w.safetensors") == "mvar-engine export-weights"
+    other = ["--labels", "0", "--samples-per-label", "1", "--no-progress", "--output", "g.webp", "--save-tokens",
+             "w.safetensors"]
+    assert main(other) == 2  # another command's file is not this one's to replace
+    assert "not written by `mvar-engine generate`" in capsys.readouterr().err
+    assert written_by("w.safetensors") == "mvar-engine export-weights"
+    _mine(tmp_cwd / "mine.png")
+    assert main(["--labels", "0", "--samples-per-label", "1", "--no-progress", "--output", "mine.png", "--overwrite"]) == 0
+    assert written_by("mine.png") == "mvar-engine generate"
+
+
+@pytest.mark.parametrize("name, companion, needle", [
+    ("bm.json", "bm.md", "bm.md: is a directory"), ("hm.json", "hm.png", "hm.png: is a directory")])
+def test_a_companion_output_that_cannot_be_written_is_refused_before_any_work(name, companion, needle, refused,
+                                                                              tmp_cwd):
+    (tmp_cwd / companion).mkdir()
+    argv = (["bench", "matrix", "--models", "tiny", "--output", name] if name.startswith("bm")
+            else ["profile-heads", "--head-map", name])
+    refused(argv, needle)
+
+
+def test_bench_cache_checks_its_head_map_companions_and_an_unwritable_output(refused, tmp_cwd):
+    refused(["bench", "cache", "--output", "/proc/x.json"], "--output /proc/x.json: cannot write under /proc")
+    (tmp_cwd / "bc.head_map.png").mkdir()
+    refused(["bench", "cache", "--policies", "ssd", "--output", "bc.json"], "bc.head_map.png: is a directory")
+
+
+# ----------------------------------------------------------- sample folders: links, damage, bad weights
+def test_sample_refuses_an_images_folder_that_is_a_link(refused, tmp_cwd):
+    (tmp_cwd / "elsewhere").mkdir()
+    (tmp_cwd / "s").mkdir()
+    (tmp_cwd / "s" / "images").symlink_to(tmp_cwd / "elsewhere")
+    refused(["sample", "--per-class", "1", "--labels", "0", "--output-dir", "s"], "its images/ is a link or a file")
+    assert not list((tmp_cwd / "elsewhere").iterdir())
+
+
+def test_sample_resume_makes_a_damaged_png_again(tmp_cwd, capsys):
+    from PIL import Image
+
+    from mvar_engine.apps.cli import main
+
+    argv = ["sample", "--per-class", "1", "--labels", "0,1", "--output-dir", "s", "--no-progress"]
+    assert main(argv) == 0
+    damaged = tmp_cwd / "s" / "images" / "00000_000000.png"
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[:200])
+    assert main(argv + ["--resume"]) == 0, capsys.readouterr().err
+    assert "1 generated" in capsys.readouterr().out
+    assert damaged.read_bytes() == whole
+    Image.open(damaged).load()
+
+
+def test_sample_with_nan_weights_writes_nothing(tmp_cwd, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mvar_engine.apps.cli import main
+    from mvar_engine.models.default_models import WEIGHTS_DIR
+
+    source = WEIGHTS_DIR / "mvar-digits.safetensors"
+    state = load_file(source)
+    state["blocks.0.ada_lin.1.weight"] = state["blocks.0.ada_lin.1.weight"] * float("nan")
+    with safe_open(str(source), "pt") as handle:
+        save_file(state, str(tmp_cwd / "nan.safetensors"), metadata=handle.metadata())
+    status = main(["sample", "--per-class", "1", "--labels", "0", "--output-dir", "s", "--no-progress",
+                   "--var-checkpoint", "nan.safetensors", "--vae-checkpoint", str(WEIGHTS_DIR / "tokenizer-digits.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "hold NaN or inf values" in err[0], err
+    assert not (tmp_cwd / "s").exists()
+
+
+# ------------------------------------------------------------------- training: diverged runs
+TRAIN_TINY = ["--steps", "3", "--batch-size", "4", "--max-images", "8", "--depth", "1", "--embed-dim", "32",
+              "--num-heads", "2", "--no-progress"]
+
+
+def test_a_non_finite_loss_stops_training_before_that_step_is_saved(tmp_cwd, capsys):
+    from mvar_engine.apps.cli import main
+    from mvar_engine.models.default_models import WEIGHTS_DIR
+
+    status = main(["train", "--tokenizer", str(WEIGHTS_DIR / "tokenizer-digits.safetensors"), "--output", "run", "--lr", "1e30"]
+                  + TRAIN_TINY)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1, (status, err)
+    assert re.search(r"training diverged at step \d: the loss is nan", err[0]) and "no step was saved" in err[0], err
+    assert not (tmp_cwd / "run" / "model.safetensors").exists() and not (tmp_cwd / "run" / "checkpoint.pt").exists()
+
+
+def test_resume_from_a_checkpoint_with_nan_weights_is_refused_and_nothing_written(tmp_cwd, capsys):
+    import torch
+
+    from mvar_engine.apps.cli import main
+    from mvar_engine.models.default_models import WEIGHTS_DIR
+
+    argv = ["train", "--tokenizer", str(WEIGHTS_DIR / "tokenizer-digits.safetensors"), "--output", "run"] + TRAIN_TINY
+    assert main(argv) == 0
+    checkpoint = tmp_cwd / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    key = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][key] = state["model"][key] * float("nan")
+    state["step"] = 1
+    torch.save(state, checkpoint)
+    files = {p.name: p.read_bytes() for p in (tmp_cwd / "run").iterdir()}
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt: 1 tensor(s) hold NaN or inf values" in err[0], err
+    assert {p.name: p.read_bytes() for p in (tmp_cwd / "run").iterdir()} == files
+
+
+def test_overwrite_never_deletes_another_kind_of_run_or_an_input(refused, tmp_cwd):
+    import shutil
+
+    import torch
+
+    from mvar_engine.apps.training.checkpointing import CHECKPOINT_FORMAT
+    from mvar_engine.models.default_models import WEIGHTS_DIR
+
+    (tmp_cwd / "t").mkdir()
+    shutil.copy(WEIGHTS_DIR / "tokenizer-digits.safetensors", tmp_cwd / "t" / "tokenizer.safetensors")
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": "tokenizer", "step": 1}, tmp_cwd / "t" / "checkpoint.pt")
+    refused(["train", "--tokenizer", "t/tokenizer.safetensors", "--output", "t", "--overwrite"] + TRAIN_TINY,
+            "--output t holds a tokenizer run; --overwrite replaces only a var run")
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": "var", "step": 1}, tmp_cwd / "t" / "checkpoint.pt")
+    refused(["train", "--tokenizer", "t/tokenizer.safetensors", "--output", "t", "--overwrite", "--init-from",
+             "t/checkpoint.pt"] + TRAIN_TINY, "would delete t/checkpoint.pt, which --init-from reads")
+
+
+# ----------------------------------------------------------- environment, names, full disks
+@pytest.mark.parametrize("env, needle", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "MASTER_ADDR and MASTER_PORT not set"),
+    ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x': not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "two", "LOCAL_RANK": "0"}, "WORLD_SIZE='two': not a whole number"),
+    ({"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK=3 with WORLD_SIZE=2: a rank must be below the world size"),
+])
+def test_torchrun_variables_set_by_hand_are_one_line(env, needle, refused, tmp_cwd, monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused(["sample", "--per-class", "1", "--labels", "0", "--output-dir", "s"], needle)
+
+
+def test_an_output_name_longer_than_a_file_system_allows(refused, tmp_cwd):
+    refused(["--labels", "0", "--output", "x" * 300 + ".png"], "a name in it is 304 bytes, more than the 255")
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_cwd, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    from mvar_engine.apps.cli import main
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    status = main(["--labels", "0", "--samples-per-label", "1", "--output", "out/g.png", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1, (status, err)
+    assert err[0] == ("mvar-engine: error: out/g.png: cannot be written (No space left on device); the partial file "
+                      "was removed and nothing else changed (free space, or choose another location)")
+    assert [p.name for p in (tmp_cwd / "out").iterdir()] == []
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--resize", "100000"], "--resize 100000: 100000x100000 images are more than the 89478485 pixels"),
+    (["--resize", "9000", "--batch-size", "100000"], "--resize 9000 with --batch-size 100000:"),
+])
+def test_a_resize_beyond_the_machine_is_refused_before_any_allocation(argv, needle, refused, tmp_cwd):
+    refused(["sample", "--per-class", "1", "--labels", "0", "--output-dir", "s"] + argv, needle)

@@ -21,7 +21,7 @@ ranges before it went into the table: values documented as valid (``--cfg 0`` di
 ``--top-k 0``/``--top-p 0`` switch the filter off, ``--grad-clip 0`` is off, ``--warmup-steps 0``,
 ``--cache-sink 0``, ``--seed -1``, a ``--cache-budget`` count above the sequence length, which is
 clamped, an undilated ``--attention-kernel-size`` larger than a map, which covers the map, a finite
-``--cfg 1e23``, a ``--max-images`` above the dataset size, ...) are left out.
+``--cfg 1e23`` (up to 1e30), a ``--max-images`` above the dataset size, ...) are left out.
 
 Usage (a report: exits 0 unless ``--strict`` and something failed)::
 
@@ -172,6 +172,12 @@ def chain(*steps: Setup) -> Setup:
     def run(cwd: Path, fx: Fixtures) -> None:
         for step in steps:
             step(cwd, fx)
+    return run
+
+
+def fifo(name: str) -> Setup:
+    def run(cwd: Path, fx: Fixtures) -> None:
+        os.mkfifo(cwd / name)
     return run
 
 
@@ -427,7 +433,8 @@ def build_cases() -> list[Case]:
        why="docs/cli.md: names are normalised, case is ignored")
 
     # -- generate: numeric flags --------------------------------------------------------------------
-    numeric("gen-", gen, "--cfg", {**NEG, **INF, **NAN}, "--cfg takes a finite number >= 0 (0 disables)")
+    numeric("gen-", gen, "--cfg", {**NEG, **INF, **NAN, "1e308": "1e308"},
+            "--cfg takes a finite number from 0 to 1e30 (0 disables; larger overflows float32 logits)")
     numeric("gen-", gen, "--top-k", {**NEG, **BIG, **INF}, "--top-k: an integer >= 0 (0 off, 1 greedy)")
     numeric("gen-", gen, "--top-p", {**NEG, **BIG, **INF, **NAN}, "--top-p: a share in [0, 1]")
     numeric("gen-", gen, "--seed", {**BIG, "neghuge": "-" + HUGE}, "--seed: a 64-bit integer")
@@ -846,6 +853,35 @@ def build_cases() -> list[Case]:
     bad("evaluate-classifier-dir", evaluate("--classifier", "cdir"), mkdir("cdir"), why="a directory")
     bad("evaluate-classifier-random", evaluate("--classifier", "c.safetensors"), random_bytes("c.safetensors"),
         why="not classifier weights")
+
+    # -- hostile input: files that are not files, booleans, texts, memory, outputs the command did not write --
+    bad("config-fifo", gen("--config", "pipe"), fifo("pipe"), why="a named pipe would block the read forever")
+    bad("config-dev-zero", gen("--config", "/dev/zero"), why="a device file never ends")
+    bad("config-oversized", gen("--config", "big.toml"), write("big.toml", " " * (2**20 + 1)), why="over 1 MiB")
+    bad("config-bool-batch-size", gen("--config", "b.toml"), write("b.toml", "batch_size = true\n"),
+        why="a boolean where an integer is due")
+    bad("gen-prompt-class-conditional", gen("--prompt", "a cat"), why="VAR/MVAR draw labels, not text")
+    bad("tokenizer-quant-resi-2", tokenizer("--quant-resi", "2"), why="the phi mixing ratio lies in [0, 1]")
+    bad("gen-images-beyond-memory", gen("--samples-per-label", "99999999999"), why="the images alone exceed memory")
+    bad("capacity-budget-no-unit", ["bench", "capacity", "--memory-budget", "10"], why="10 bytes or 10 GiB?")
+    bad("capacity-budget-beyond-machine", ["bench", "capacity", "--memory-budget", "1e30GiB"],
+        why="more memory than the machine has")
+    mine = "the user's own file"
+    bad("gen-output-foreign", gen("--output", "mine.png"), write("mine.png", mine), why="not written by generate")
+    bad("gen-tokens-foreign", gen("--output", "/dev/null", "--save-tokens", "t.pt"), write("t.pt", mine),
+        why="not written by generate")
+    bad("gen-per-image-foreign", gen("--output", "g.png", "--per-image"), write("g/0000_class1.png", mine),
+        why="not written by generate")
+    bad("sample-npz-foreign", sample("--npz", "keep.npz"), write("keep.npz", mine), why="not written by sample")
+    bad("bench-attention-output-foreign", bench("attention", BENCH_ATTENTION), write("ba.json", "{}"),
+        why="not written by bench attention")
+    bad("bench-matrix-md-foreign", bench("matrix", BENCH_MATRIX), write("bm.md", mine), why="its .md companion")
+    bad("bench-matrix-md-dir", bench("matrix", BENCH_MATRIX), mkdir("bm.md"), why="its .md companion is a folder")
+    bad("bench-cache-output-proc", bench("cache", BENCH_CACHE, "--output", "/proc/x.json"), why="not writable")
+    bad("profile-heads-png-dir", profile(), mkdir("heads.png"), why="the heat map beside --head-map is a folder")
+    bad("export-weights-foreign", ["export-weights", "{mvar}", "mine.safetensors"], write("mine.safetensors", mine),
+        why="not written by export-weights")
+    ok("control-gen-overwrite", gen("--output", "mine.png", "--overwrite"), write("mine.png", mine))
 
     names = [case.name for case in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
