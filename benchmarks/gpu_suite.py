@@ -82,6 +82,7 @@ def steps(out: Path) -> list[Step]:
                                        "--output", o("matrix-d16.json")), 90, ["matrix-d16.json", "matrix-d16.md"]),
         Step("matrix-raster", mvar_engine("bench", "matrix", "--cells", "llamagen-b:32,llamagen-b:128",
                                           "--configs", "raster/dense/full,raster/dense/full@compile,"
+                                                       "raster/dense/sink:budget=0.2,raster/dense/sink:budget=0.2@compile,"
                                                        "raster/dense/ssd:budget=0.2,raster/dense/ssd:budget=0.2:buffer=row",
                                           "--dtype", "bfloat16", "--repeats", "1", "--warmup", "1", *common,
                                           "--output", o("matrix-raster.json")), 120,

@@ -86,6 +86,10 @@ class CachePolicy(ABC):
         decoding zeroes them before its first step and keeps them at fixed addresses for CUDA graphs)."""
         return []
 
+    def static_step_done(self, position: int) -> None:
+        """Called on the host after each compiled step (the step that stored ``position``), before
+        :meth:`end_step`: bring host-side bookkeeping the graph cannot touch up to date. Default: nothing."""
+
     def end_step(self) -> None:
         """Called once after every layer of a step has been updated; evict here."""
 

@@ -51,7 +51,7 @@ def compile_problem(*, trajectory: Trajectory, pattern: AttentionPattern, cache:
                 f"fixed-shape step cannot (use --attention causal, or leave --compile off)")
     if not cache.static_decoding:
         return (f"--compile: cache '{names.get('cache', cache.name)}' keeps no fixed-shape storage yet (use --cache "
-                f"full, or leave --compile off)")
+                f"full, sink or window without --cache-buffer, or leave --compile off)")
     if backend not in COMPILED_BACKENDS:
         return (f"--compile attends with torch SDPA inside the compiled step; --backend {backend} cannot be traced "
                 f"(use --backend sdpa or auto, or leave --compile off)")
@@ -100,4 +100,6 @@ class CompiledTokenStep:
     def run(self, state: GenerationState, step: Step) -> torch.Tensor:
         """Hidden states ``[rows, 1, C]`` of ``step`` (:meth:`serves`), valid until the next call."""
         self.position.fill_(step.spans[0][0])
-        return self.compiled(self.model.fed_tokens(state, step), self.position)
+        hidden = self.compiled(self.model.fed_tokens(state, step), self.position)
+        self.cache.static_step_done(step.spans[0][0])
+        return hidden

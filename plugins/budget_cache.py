@@ -107,6 +107,7 @@ class BudgetedCache(CachePolicy):
         self.budget = self.prefix = self.rows = self.heads = self.buffer = 0
         self.guided = False
         self._positions: list[list[int]] = []  # shared policies: kept positions per layer (host side)
+        self._host_stale = False  # compiled steps wrote positions the host list does not hold yet
 
     # -- life cycle -------------------------------------------------------------------------------
     def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,
@@ -121,6 +122,8 @@ class BudgetedCache(CachePolicy):
         self.layers = [BoundedKV(batch, num_heads, capacity, head_dim, device, dtype, track_scores=self.track_scores)
                        for _ in range(num_layers)]
         self._positions = [[] for _ in range(num_layers)]
+        self._host_stale = False
+        self.slots = torch.arange(capacity, device=device)
         self.prepare(num_layers=num_layers, num_heads=num_heads)
 
     def check_layout(self, layout: SequenceLayout, *, num_layers: int, num_heads: int,
@@ -134,6 +137,59 @@ class BudgetedCache(CachePolicy):
     def prepare(self, *, num_layers: int, num_heads: int) -> None:
         """Hook after ``begin`` sized the storage (``ssd`` checks its head map here)."""
 
+    # -- fixed-shape decoding (--compile) -----------------------------------------------------------
+    @property
+    def static_decoding(self) -> bool:  # type: ignore[override]
+        """Shared policies that name their victim on the device (:meth:`static_victim`), without a
+        ``buffer`` (a buffered compaction changes the kept count)."""
+        return (not self.headwise and not self.track_scores and not self.options.buffer
+                and type(self).static_victim is not BudgetedCache.static_victim)
+
+    def static_victim(self, layer: int, store: BoundedKV, position: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[1]`` on the device: the slot a one-token step at ``position`` overwrites in a
+        full layer, as :meth:`victim` chooses it, with no host read (it runs inside the compiled graph)."""
+        raise NotImplementedError
+
+    def update_static(self, layer, k, v, position):
+        """Slot ``p`` holds position ``p`` while the layer fills (as :meth:`update` appends); once
+        full, the token is written over :meth:`static_victim`. Every filled slot is visible: each
+        kept key precedes the new token and carries its position in its rotation, so slot order
+        does not matter."""
+        store = self.layers[layer]
+        full = position >= store.capacity
+        slot = torch.where(full, self.static_victim(layer, store, position), position)
+        store.k.index_copy_(2, slot, k.to(store.k.dtype))
+        store.v.index_copy_(2, slot, v.to(store.v.dtype))
+        store.positions.index_copy_(2, slot, position.to(store.positions.dtype).expand(*store.positions.shape[:2], 1))
+        valid = (self.slots <= position) | full
+        return store.k, store.v, valid[None, None, None, :]
+
+    def static_buffers(self):
+        return [t for store in self.layers for t in (store.k, store.v, store.positions)]
+
+    def static_step_done(self, position: int) -> None:
+        """The kept count; the host list of kept positions is read back from the device only when an
+        eager step or an inspection needs it (:meth:`host_positions`), so compiled steps never sync."""
+        for store in self.layers:
+            store.filled = min(store.capacity, position + 1)
+            store.ordered = False
+        self._host_stale = True
+
+    def host_positions(self, layer: int) -> list[int]:
+        """Shared policies: the positions ``layer`` keeps, slot by slot (read back after compiled steps)."""
+        if self._host_stale:
+            self._positions = [store.positions[0, 0, :store.filled].tolist() for store in self.layers]
+            self._host_stale = False
+        return self._positions[layer]
+
+    def oldest_static_slot(self, store: BoundedKV, protected: int | None = None) -> torch.Tensor:
+        """:meth:`oldest_slot` on the device: ``LongTensor[1]``, the slot of the oldest position at
+        or after ``protected`` (default: the class prefix) in a full layer."""
+        protected = self.prefix if protected is None else protected
+        positions = store.positions[0, 0]  # shared policies: every row and head alike
+        movable = torch.where(positions >= protected, positions, torch.full_like(positions, torch.iinfo(positions.dtype).max))
+        return movable.argmin().reshape(1)
+
     def update(self, layer, k, v, spans):
         """Evict first (lazily, right before new tokens need room), then store the step's tokens.
 
@@ -146,7 +202,7 @@ class BudgetedCache(CachePolicy):
         buffer together to ``budget - 1`` (one selection every ``W`` tokens), then appends."""
         store = self.layers[layer]
         count = k.shape[2]
-        kept = self._positions[layer]
+        kept = self.host_positions(layer)
         buffered = self.buffer > 0 and count == 1
         if buffered and store.filled < self.budget - 1 + self.buffer:
             k_all, v_all = store.append(k, v, spans)  # the buffer has room: no eviction this step
@@ -173,7 +229,7 @@ class BudgetedCache(CachePolicy):
         """Put ``layer`` in position order and keep the policy's :meth:`select` of ``retain`` slots."""
         store = self.layers[layer]
         store.sort_by_position()
-        kept = self._positions[layer]
+        kept = self.host_positions(layer)
         kept.sort()
         index = self.select(layer, store, retain)
         if not self.headwise:  # a list of slots keeps the host bookkeeping free of tensor reads
@@ -227,7 +283,7 @@ class BudgetedCache(CachePolicy):
         """Shared policies: the slot holding the oldest position at or after ``protected`` (the
         newest position when every kept one is protected: a budget within the protected tokens)."""
         protected = self.prefix if protected is None else protected
-        kept = self._positions[layer]
+        kept = self.host_positions(layer)
         movable = [(p, i) for i, p in enumerate(kept) if p >= protected]
         return min(movable)[1] if movable else max((p, i) for i, p in enumerate(kept))[1]
 
@@ -362,6 +418,9 @@ class TokenWindowCache(BudgetedCache):
 
     def victim(self, layer, store, position):
         return self.oldest_slot(layer)
+
+    def static_victim(self, layer, store, position):
+        return self.oldest_static_slot(store)
 
 
 __all__ = ["BudgetOptions", "BudgetedCache", "SCORE_CHUNK_BYTES", "TokenWindowCache", "budget_tokens",

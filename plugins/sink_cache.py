@@ -53,9 +53,12 @@ class SinkCache(BudgetedCache):
     def victim(self, layer, store, position):
         return self.oldest_slot(layer, protected=self.prefix + self.sink)
 
+    def static_victim(self, layer, store, position):
+        return self.oldest_static_slot(store, protected=self.prefix + self.sink)
+
     def kept_positions_list(self, layer: int = 0) -> list[int]:
         """Positions ``layer`` holds now, ascending (the same in every row and head)."""
-        return sorted(self._positions[layer]) if self._positions else []
+        return sorted(self.host_positions(layer)) if self._positions else []
 
 
 __all__ = ["SinkCache", "SinkOptions", "budget_tokens", "positions_to_spans"]

@@ -549,3 +549,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_cwd, cap
 ])
 def test_a_resize_beyond_the_machine_is_refused_before_any_allocation(argv, needle, refused, tmp_cwd):
     refused(["sample", "--per-class", "1", "--labels", "0", "--output-dir", "s"] + argv, needle)
+
+
+def test_a_sample_job_beyond_memory_is_refused_before_anything_is_planned(refused, tmp_cwd):
+    refused(["sample", "--per-class", "99999999999", "--labels", "0", "--output-dir", "s"],
+            "--per-class 99999999999 x 1 classes: 99999999999 images; listing them alone needs")

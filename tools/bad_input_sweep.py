@@ -863,6 +863,8 @@ def build_cases() -> list[Case]:
     bad("gen-prompt-class-conditional", gen("--prompt", "a cat"), why="VAR/MVAR draw labels, not text")
     bad("tokenizer-quant-resi-2", tokenizer("--quant-resi", "2"), why="the phi mixing ratio lies in [0, 1]")
     bad("gen-images-beyond-memory", gen("--samples-per-label", "99999999999"), why="the images alone exceed memory")
+    bad("sample-job-beyond-memory", sample("--per-class", "99999999999"), why="the image list alone exceeds memory")
+    bad("sample-resize-beyond-pillow", sample("--resize", "100000"), why="Pillow would refuse to read it back")
     bad("capacity-budget-no-unit", ["bench", "capacity", "--memory-budget", "10"], why="10 bytes or 10 GiB?")
     bad("capacity-budget-beyond-machine", ["bench", "capacity", "--memory-budget", "1e30GiB"],
         why="more memory than the machine has")

@@ -128,6 +128,21 @@ def check_resize_fits(side: int, batch_size: int, available: int | None = None) 
                          f"{format_bytes(free)} free (lower --batch-size or --resize)")
 
 
+ITEM_BYTES = 256
+"""Memory one planned image costs the job before it is made (its (label, index) entry and bookkeeping)."""
+
+
+def check_job_fits(labels: int, per_class: int, available: int | None = None) -> None:
+    """The job's image list fits in the CPU's free memory (``available`` overrides it, for tests):
+    else a one-line :class:`UsageError`, before anything is planned or written."""
+    count = labels * per_class
+    free = available if available is not None else available_bytes(torch.device("cpu"))
+    if free is not None and count * ITEM_BYTES > free:
+        raise UsageError(f"--per-class {per_class} x {labels} classes: {count} images; listing them alone needs "
+                         f"{format_bytes(count * ITEM_BYTES)}, more than the {format_bytes(free)} free (ask for fewer "
+                         f"images per class)")
+
+
 def plan_items(labels: Sequence[int], per_class: int) -> list[tuple[int, int]]:
     """``(label, index)`` of every image of the job, in (label, index) order (the npz's order)."""
     return [(label, index) for label in labels for index in range(per_class)]
@@ -173,6 +188,7 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
     if labels is None:  # the family tells nothing before the build: build first
         pipe = Pipeline.build(run)
         labels = list(range(pipe.adapter.num_classes))
+    check_job_fits(len(labels), args.per_class)
     items = plan_items(labels, args.per_class)
 
     def check() -> tuple[dict, dict, dict | None]:  # rank 0: the folder may take this run (files hashed once, here)
