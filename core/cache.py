@@ -86,6 +86,11 @@ class CachePolicy(ABC):
         decoding zeroes them before its first step and keeps them at fixed addresses for CUDA graphs)."""
         return []
 
+    def observe_static(self, layer: int, probabilities: torch.Tensor) -> None:
+        """Inside the compiled step, after :meth:`update_static`, for policies that set
+        ``track_scores``: ``probabilities: float32 [B, H, 1, capacity]``, the step's attention over
+        the returned buffers (0 at the slots it does not see). Default: nothing."""
+
     def static_step_done(self, position: int) -> None:
         """Called on the host after each compiled step (the step that stored ``position``), before
         :meth:`end_step`: bring host-side bookkeeping the graph cannot touch up to date. Default: nothing."""

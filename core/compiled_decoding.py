@@ -50,8 +50,9 @@ def compile_problem(*, trajectory: Trajectory, pattern: AttentionPattern, cache:
         return (f"--compile: pattern '{names.get('attention', pattern.name)}' chooses keys per step, which a "
                 f"fixed-shape step cannot (use --attention causal, or leave --compile off)")
     if not cache.static_decoding:
-        return (f"--compile: cache '{names.get('cache', cache.name)}' keeps no fixed-shape storage yet (use --cache "
-                f"full, sink or window without --cache-buffer, or leave --compile off)")
+        return (f"--compile: cache '{names.get('cache', cache.name)}' keeps no fixed-shape storage with these options "
+                f"(a --cache-buffer variant, or a policy without a device-side victim: drop --cache-buffer, use a "
+                f"built-in cache, or leave --compile off)")
     if backend not in COMPILED_BACKENDS:
         return (f"--compile attends with torch SDPA inside the compiled step; --backend {backend} cannot be traced "
                 f"(use --backend sdpa or auto, or leave --compile off)")
@@ -76,8 +77,16 @@ class CompiledTokenStep:
 
         def attend(layer, q, k, v, scale):
             k_all, v_all, valid = cache.update_static(layer, k, v, position)
-            return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=valid,
-                                                  scale=scale)
+            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+            if not cache.track_scores:
+                return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=valid, scale=scale)
+            # a scoring cache needs the probabilities, which SDPA does not return: one query, so
+            # materialising them costs a [rows, H, 1, capacity] tensor
+            with torch.autocast(q.device.type, enabled=False):
+                logits = (q.float() @ k_all.float().transpose(-1, -2)) * scale
+                probabilities = logits.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+            cache.observe_static(layer, probabilities)
+            return probabilities.to(q.dtype) @ v_all
 
         with self.autocast():
             return self.model.run_token(tokens, position, attend)

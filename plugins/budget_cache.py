@@ -140,32 +140,44 @@ class BudgetedCache(CachePolicy):
     # -- fixed-shape decoding (--compile) -----------------------------------------------------------
     @property
     def static_decoding(self) -> bool:  # type: ignore[override]
-        """Shared policies that name their victim on the device (:meth:`static_victim`), without a
+        """Policies that name their victim on the device (:meth:`static_victim`), without a
         ``buffer`` (a buffered compaction changes the kept count)."""
-        return (not self.headwise and not self.track_scores and not self.options.buffer
-                and type(self).static_victim is not BudgetedCache.static_victim)
+        return not self.options.buffer and type(self).static_victim is not BudgetedCache.static_victim
 
     def static_victim(self, layer: int, store: BoundedKV, position: torch.Tensor) -> torch.Tensor:
-        """``LongTensor[1]`` on the device: the slot a one-token step at ``position`` overwrites in a
-        full layer, as :meth:`victim` chooses it, with no host read (it runs inside the compiled graph)."""
+        """The slot a one-token step at ``position`` overwrites in a full layer, as :meth:`victim`
+        chooses it, on the device with no host read (it runs inside the compiled graph):
+        ``LongTensor[1]`` (shared) or ``[rows, heads]`` (headwise)."""
         raise NotImplementedError
 
     def update_static(self, layer, k, v, position):
         """Slot ``p`` holds position ``p`` while the layer fills (as :meth:`update` appends); once
-        full, the token is written over :meth:`static_victim`. Every filled slot is visible: each
+        full, the token is written over :meth:`static_victim` (its score restarts at 0, as in
+        :meth:`~mvar_engine.core.kv_store.BoundedKV.replace`). Every filled slot is visible: each
         kept key precedes the new token and carries its position in its rotation, so slot order
         does not matter."""
         store = self.layers[layer]
         full = position >= store.capacity
         slot = torch.where(full, self.static_victim(layer, store, position), position)
-        store.k.index_copy_(2, slot, k.to(store.k.dtype))
-        store.v.index_copy_(2, slot, v.to(store.v.dtype))
-        store.positions.index_copy_(2, slot, position.to(store.positions.dtype).expand(*store.positions.shape[:2], 1))
+        at = (store.row_index, store.head_index, slot.expand(store.k.shape[0], store.k.shape[1]))
+        store.k[at] = k[:, :, 0].to(store.k.dtype)
+        store.v[at] = v[:, :, 0].to(store.v.dtype)
+        store.positions[at] = position.to(store.positions.dtype)
+        if store.scores is not None:
+            store.scores[at] = 0.0
         valid = (self.slots <= position) | full
         return store.k, store.v, valid[None, None, None, :]
 
+    def observe_static(self, layer, probabilities):
+        """Scoring policies: ``probabilities: float32 [rows, H, 1, capacity]`` of the compiled step
+        (0 at invalid slots) add to the slots' scores, as :meth:`observe` does eagerly."""
+        store = self.layers[layer]
+        if store.scores is not None:
+            store.scores += probabilities[:, :, 0]
+
     def static_buffers(self):
-        return [t for store in self.layers for t in (store.k, store.v, store.positions)]
+        return [t for store in self.layers for t in (store.k, store.v, store.positions, store.scores)
+                if t is not None]
 
     def static_step_done(self, position: int) -> None:
         """The kept count; the host list of kept positions is read back from the device only when an
@@ -287,10 +299,10 @@ class BudgetedCache(CachePolicy):
         movable = [(p, i) for i, p in enumerate(kept) if p >= protected]
         return min(movable)[1] if movable else max((p, i) for i, p in enumerate(kept))[1]
 
-    def _group_view(self, store: BoundedKV) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positions, scores)`` per group ``[groups, heads, filled]``: cond and uncond rows of a
-        sample share positions; their scores are summed under CFG."""
-        n = store.filled
+    def _group_view(self, store: BoundedKV, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, scores)`` per group ``[groups, heads, n]`` (default: the filled slots): cond
+        and uncond rows of a sample share positions; their scores are summed under CFG."""
+        n = store.filled if n is None else n
         positions = store.positions[:, :, :n]
         scores = store.scores[:, :, :n] if store.scores is not None else None
         if self.guided:
@@ -307,10 +319,12 @@ class BudgetedCache(CachePolicy):
         """A per-group index ``[groups, heads, ...]`` -> per row (both CFG rows of a sample alike)."""
         return torch.cat([index, index]) if self.guided else index
 
-    def heavy_victim(self, store: BoundedKV, position: int, recent: int) -> torch.Tensor:
+    def heavy_victim(self, store: BoundedKV, position: int | torch.Tensor, recent: int,
+                     n: int | None = None) -> torch.Tensor:
         """``[rows, heads]``: the least attended slot outside the class prefix and the ``recent``
-        newest positions (before ``position``); the oldest such slot when the window covers all."""
-        positions, scores = self._group_view(store)
+        newest positions (before ``position``); the oldest such slot when the window covers all.
+        ``n``: the slots considered (default: the filled ones; a compiled step passes the capacity)."""
+        positions, scores = self._group_view(store, n)
         movable = positions >= self.prefix
         candidates = movable & (positions < position - recent)
         by_score = scores.masked_fill(~candidates, float("inf")).argmin(dim=-1)
@@ -318,9 +332,10 @@ class BudgetedCache(CachePolicy):
         oldest = torch.where(movable, positions, torch.full_like(positions, big)).argmin(dim=-1)
         return self.unpair(torch.where(candidates.any(dim=-1), by_score, oldest))
 
-    def oldest_victim(self, store: BoundedKV) -> torch.Tensor:
-        """``[rows, heads]``: the slot of the oldest position outside the class prefix."""
-        positions, _ = self._group_view(store)
+    def oldest_victim(self, store: BoundedKV, n: int | None = None) -> torch.Tensor:
+        """``[rows, heads]``: the slot of the oldest position outside the class prefix (``n``: as
+        :meth:`heavy_victim`)."""
+        positions, _ = self._group_view(store, n)
         big = torch.iinfo(positions.dtype).max
         return self.unpair(torch.where(positions >= self.prefix, positions, torch.full_like(positions, big))
                            .argmin(dim=-1))

@@ -37,5 +37,8 @@ class H2OCache(BudgetedCache):
     def victim(self, layer, store, position):
         return self.heavy_victim(store, position, recent=self._recent())
 
+    def static_victim(self, layer, store, position):
+        return self.heavy_victim(store, position, recent=self._recent(), n=store.capacity)
+
 
 __all__ = ["H2OCache", "H2OOptions"]

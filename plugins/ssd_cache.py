@@ -69,12 +69,17 @@ class SSDCache(BudgetedCache):
         heavy = self.heavy_index(store, retain, recent=0)
         return torch.where(sink, heavy, local)
 
-    def victim(self, layer, store, position):
+    def victim(self, layer, store, position, n=None):
+        """Locality heads: the oldest movable slot; sink heads: the least attended (``n``: the slots
+        considered, default the filled ones)."""
         sink = self._sink_heads[layer][..., 0]  # [1, H]
-        oldest = self.oldest_victim(store)
+        oldest = self.oldest_victim(store, n)
         if not self._any_sink[layer]:
             return oldest
-        return torch.where(sink, self.heavy_victim(store, position, recent=0), oldest)
+        return torch.where(sink, self.heavy_victim(store, position, recent=0, n=n), oldest)
+
+    def static_victim(self, layer, store, position):
+        return self.victim(layer, store, position, n=store.capacity)
 
 
 __all__ = ["SSDCache", "SSDOptions"]

@@ -56,38 +56,58 @@ def test_the_compiled_step_is_not_vacuous(monkeypatch):
     assert not torch.equal(_greedy(pipeline, [1, 7], 4.0).tokens, eager.tokens)
 
 
-@pytest.mark.parametrize("name", ["sink", "window"])
+def _budgeted(name, layers, heads):
+    """A fresh budgeted cache (budget 0.3 of the shipped raster model's 65 tokens: 20 slots)."""
+    from mvar_engine.plugins.budget_cache import BudgetOptions, TokenWindowCache
+    from mvar_engine.plugins.h2o_cache import H2OCache, H2OOptions
+    from mvar_engine.plugins.head_map import classify
+    from mvar_engine.plugins.sink_cache import SinkCache, SinkOptions
+    from mvar_engine.plugins.ssd_cache import SSDCache, SSDOptions
+
+    if name == "ssd":  # half the heads semantic-sink, half spatial-locality, drawn once
+        scores = torch.rand(layers, heads, generator=torch.Generator().manual_seed(0)).tolist()
+        return SSDCache(SSDOptions(budget=0.3), head_map=classify(scores, 0.5))
+    return {"sink": lambda: SinkCache(SinkOptions(budget=0.3)), "window": lambda: TokenWindowCache(BudgetOptions(budget=0.3)),
+            "h2o": lambda: H2OCache(H2OOptions(budget=0.3))}[name]()
+
+
+@pytest.mark.parametrize("name", ["sink", "window", "h2o", "ssd"])
 def test_compiled_budgeted_steps_equal_eager(name, monkeypatch):
-    """A shared budgeted cache (sink, token window) under --compile: slot = position while a layer
-    fills, then the oldest movable slot chosen on the device; the greedy tokens of eager decoding,
-    one graph for two generations, the host's view of the kept positions read back only on demand.
-    A wrong victim (the class prefix's slot) changes the tokens: the graph really evicts."""
+    """A budgeted cache under --compile: slot = position while a layer fills, then the policy's
+    victim chosen on the device (oldest movable slot; least attended for h2o and ssd's sink heads,
+    from probabilities the graph materialises); the greedy tokens and kept positions of eager
+    decoding, one graph for two generations. A wrong victim (the class prefix's slot) changes the
+    tokens: the graph really evicts."""
     from torch._dynamo.utils import counters
 
-    config = EngineConfig(trajectory={"name": "raster"}, cache={"name": name, "options": {"budget": 0.3}},
+    config = EngineConfig(trajectory={"name": "raster"}, cache={"name": "h2o", "options": {"budget": 0.3}},
                           device="cpu", progress=False)
     eager = Pipeline.from_config(config)
     compiled = Pipeline.from_config(config.model_copy(update={"compile": True}))
-    fresh = compiled.components.cache
+    model = eager.engine.model
     torch._dynamo.reset()
     counters.clear()
     for labels in ([1, 7], [2, 3]):
-        want_cache, got_cache = type(fresh)(fresh.options), type(fresh)(fresh.options)
+        want_cache, got_cache = _budgeted(name, model.num_layers, model.num_heads), _budgeted(name, model.num_layers,
+                                                                                               model.num_heads)
+        assert got_cache.static_decoding
         want, got = _greedy(eager, labels, 4.0, want_cache), _greedy(compiled, labels, 4.0, got_cache)
         assert torch.equal(got.tokens, want.tokens)
         torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(got_cache.kept_positions(0), want_cache.kept_positions(0))
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    if name == "sink":
-        monkeypatch.setattr(type(fresh), "static_victim", lambda self, layer, store, position: torch.zeros(1, dtype=torch.long))
+    if name in ("sink", "h2o"):
+        cache = _budgeted(name, model.num_layers, model.num_heads)
+        monkeypatch.setattr(type(cache), "static_victim", lambda self, layer, store, position: torch.zeros(1, dtype=torch.long))
         torch._dynamo.reset()
-        assert not torch.equal(_greedy(compiled, [1, 7], 4.0, type(fresh)(fresh.options)).tokens,
-                               _greedy(eager, [1, 7], 4.0, type(fresh)(fresh.options)).tokens)
+        assert not torch.equal(_greedy(compiled, [1, 7], 4.0, cache).tokens,
+                               _greedy(eager, [1, 7], 4.0, _budgeted(name, model.num_layers, model.num_heads)).tokens)
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--trajectory", "raster", "--cache", "h2o", "--cache-budget", "0.3"], "cache 'h2o' keeps no fixed-shape"),
+    (["--trajectory", "raster", "--cache", "h2o", "--cache-budget", "0.3", "--cache-buffer", "4"],
+     "cache 'h2o' keeps no fixed-shape storage with these options"),
     (["--trajectory", "raster", "--cache", "sink", "--cache-budget", "0.3", "--cache-buffer", "4"],
      "cache 'sink' keeps no fixed-shape"),
     (["--trajectory", "markov"], "trajectory 'markov' has none"),
