@@ -554,3 +554,17 @@ def test_a_resize_beyond_the_machine_is_refused_before_any_allocation(argv, need
 def test_a_sample_job_beyond_memory_is_refused_before_anything_is_planned(refused, tmp_cwd):
     refused(["sample", "--per-class", "99999999999", "--labels", "0", "--output-dir", "s"],
             "--per-class 99999999999 x 1 classes: 99999999999 images; listing them alone needs")
+
+
+@pytest.mark.parametrize("command", [["bench", "matrix"], ["bench", "cache"], ["bench", "capacity"]])
+def test_a_report_output_that_is_a_folder_is_refused(command, refused, tmp_cwd):
+    (tmp_cwd / "odir").mkdir()
+    refused(command + ["--output", "odir"], "--output odir")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--labels", "0", "--output", "/dev/full"], "--output /dev/full: exists and is not a regular file"),
+    (["sample", "--per-class", "1e12", "--output-dir", "s"], "--per-class '1e12': give a whole number"),
+])
+def test_device_outputs_and_float_counts_are_refused(argv, needle, refused, tmp_cwd):
+    refused(argv, needle)
