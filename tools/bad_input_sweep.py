@@ -507,9 +507,10 @@ def build_cases() -> list[Case]:
     bad("output-is-dir", gen("--output", "somedir"), mkdir("somedir"), why="a directory")
     bad("output-parent-is-file", gen("--output", "somefile/x.png"), write("somefile", "x"), why="parent is a file")
     bad("output-proc", gen("--output", "/proc/x.png"), why="not writable")
-    bad("output-jpg", gen("--output", "x.jpg"), why="--output is a PNG grid path (.png)")
-    bad("output-foo", gen("--output", "x.foo"), why="--output is a PNG grid path (.png)")
-    bad("output-no-suffix", gen("--output", "x"), why="--output is a PNG grid path (.png)")
+    ok("valid-output-jpg", gen("--output", "x.jpg"), why="the grid's format follows the suffix (.png, .jpg, .jpeg, .webp)")
+    bad("output-gif", gen("--output", "x.gif"), why="the grid is .png, .jpg, .jpeg or .webp")
+    bad("output-foo", gen("--output", "x.foo"), why="the grid is .png, .jpg, .jpeg or .webp")
+    bad("output-no-suffix", gen("--output", "x"), why="the grid is .png, .jpg, .jpeg or .webp")
     bad("per-image-folder-is-file", gen("--output", "g.png", "--per-image"), write("g", "x"),
         why="--per-image writes into g/, a file")
     bad("per-image-devnull", gen("--output", "/dev/null", "--per-image"), why="no folder beside /dev/null")
@@ -1077,6 +1078,14 @@ def main(argv: list[str] | None = None) -> int:
         first = next((l for l in pre.stderr.splitlines()[::-1] if l.strip()), "")
         print(f"# WARNING: '{' '.join(command)} --help' exits {pre.returncode} ({first}): every case may fail",
               flush=True)
+
+    if any(case.argv[:1] == ("evaluate",) for case in cases):  # train evaluate's cached classifier once, untimed
+        began = time.perf_counter()
+        warm = subprocess.run([*command, "evaluate", "--samples-per-class", "1", "--compare", "m=--trajectory markov",
+                               "--no-table", "--output", str(root / "warm-up.json")], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=10 * KILL_S)
+        print(f"# evaluate's classifier trained for the session (exit {warm.returncode}, "
+              f"{time.perf_counter() - began:.0f} s, not a case)", flush=True)
 
     results: list[Result | None] = [None] * len(cases)
     started = time.perf_counter()
