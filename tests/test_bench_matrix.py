@@ -430,8 +430,9 @@ def test_compile_is_a_configuration_suffix_beside_the_dtype():
 
 
 def test_compile_rows_a_configuration_cannot_run_are_refused_in_the_parent(refused):
-    refused(["bench", "matrix", "--cells", "raster-tiny:1", "--configs", "raster/dense/full,raster/dense/sink:budget=5@compile"],
-            "cache 'sink' keeps no fixed-shape storage yet")
+    refused(["bench", "matrix", "--cells", "raster-tiny:1", "--configs",
+             "raster/dense/full,raster/dense/sink:budget=5:buffer=2@compile"],
+            "cache 'sink' keeps no fixed-shape storage with these options")
 
 
 def test_raster_cells_count_calls_and_syncs_and_compiled_rows_run():
