@@ -21,7 +21,7 @@ from ..core.errors import CheckpointError, UsageError
 from ..models.checkpoint import check_finite, load_into, read_state_dict, read_state_shapes, save_state_dict, weights_fingerprint
 from ..models.default_models import available_defaults, weights_metadata
 from ..models.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig, infer_llamagen_vq_config, is_llamagen_vq_state
-from ..models.raster_gpt import RasterGPT, RasterGPTConfig, infer_raster_config
+from ..models.raster_gpt import DERIVED_RASTER_BUFFERS, RasterGPT, RasterGPTConfig, infer_raster_config
 from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
 from ..models.var import VAR, VARConfig, infer_var_config
 from .cli_helpers import architecture_error
@@ -30,9 +30,6 @@ from .memory_fit import FLOAT32_BYTES, available_bytes, format_bytes, refuse_unf
 
 DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 """VAR buffers recomputed from the config, never read."""
-
-DERIVED_RASTER_BUFFERS = ("freqs_cis",)
-"""Raster GPT buffers recomputed from the config, never read (LlamaGen's checkpoints lack them too)."""
 
 DERIVED_TOKENIZER_BUFFERS = ("quantize.ema_vocab_hit_SV",)
 

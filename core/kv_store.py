@@ -36,6 +36,8 @@ class BoundedKV:
         # ``scatter_`` along the slot dimension is 7x slower in float32 and ~90x in bfloat16)
         self.row_index = torch.arange(rows, device=device)[:, None]
         self.head_index = torch.arange(heads, device=device)[None, :]
+        self.slot_rows, self.slot_heads = self.row_index[..., None], self.head_index[..., None]  # for [rows, heads, 1]
+        self.zero = torch.zeros((), device=device)  # the score of a new entry, as a tensor: no scalar to lift per write
 
     @property
     def capacity(self) -> int:
@@ -60,35 +62,45 @@ class BoundedKV:
         end = start + n
         self.k[:, :, start:end].copy_(k)
         self.v[:, :, start:end].copy_(v)
-        self.positions[:, :, start:end] = spans_to_positions(spans).to(self.positions.device, torch.int32)
+        if n == 1:  # a raster step: a scalar fill, no position tensor to build
+            self.positions.select(2, start).fill_(spans[0][0])
+        else:
+            self.positions[:, :, start:end] = spans_to_positions(spans).to(self.positions.device, torch.int32)
         if self.scores is not None:
-            self.scores[:, :, start:end] = 0
+            self.scores[:, :, start:end].zero_()
         self.filled = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.filled_kv()
 
     def replace(self, slots: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int):
         """Write one token (``k, v: [rows, heads, 1, D]`` at ``position``) over the slot ``slots``
         (one int for every row and head, or ``LongTensor [rows, heads]``); return all keys/values."""
         if isinstance(slots, int):
-            self.k[:, :, slots] = k[:, :, 0]
-            self.v[:, :, slots] = v[:, :, 0]
-            self.positions[:, :, slots] = position
+            self.k[:, :, slots:slots + 1].copy_(k)
+            self.v[:, :, slots:slots + 1].copy_(v)
+            self.positions.select(2, slots).fill_(position)
             if self.scores is not None:
-                self.scores[:, :, slots] = 0
-        else:
-            at = (self.row_index, self.head_index, slots.to(self.k.device))
-            self.k[at] = k[:, :, 0].to(self.k.dtype)
-            self.v[at] = v[:, :, 0].to(self.v.dtype)
+                self.scores.select(2, slots).zero_()
+        else:  # indexed [rows, heads, 1]: the token's k and v are written as they come, [rows, heads, 1, D]
+            at = (self.slot_rows, self.slot_heads, slots.to(self.k.device)[..., None])
+            self.k[at] = k.to(self.k.dtype)
+            self.v[at] = v.to(self.v.dtype)
             self.positions[at] = position
             if self.scores is not None:
-                self.scores[at] = 0.0
+                self.scores[at] = self.zero
         self.ordered = False
+        return self.filled_kv()
+
+    def filled_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the ``filled`` keys and values (the buffers themselves when full)."""
+        if self.filled == self.capacity:
+            return self.k, self.v
         return self.k[:, :, :self.filled], self.v[:, :, :self.filled]
 
     def add_scores(self, received: torch.Tensor) -> None:
-        """Accumulate ``received: [rows, heads, filled]`` (attention each slot received this step)."""
+        """Accumulate ``received: float32 [rows, heads, filled]`` (attention each slot received this step)."""
         if self.scores is not None:
-            self.scores[:, :, :received.shape[-1]] += received.float()
+            n = received.shape[-1]
+            (self.scores if n == self.capacity else self.scores[:, :, :n]).add_(received)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the slots ``index: LongTensor [n]`` (the same for every row and head) or

@@ -67,10 +67,16 @@ def sample_tokens(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
     rows = max(1, SAMPLING_CHUNK_BYTES // (4 * vocab))
     if per_sample:  # whole samples per chunk: sample b's rows draw from generator[b] alone
         rows = max(1, rows // length) * length
+    filtering = 0 < top_k < vocab or 0 < top_p < 1
+    if not per_sample and flat.shape[0] <= rows:  # one chunk (a raster step): no output buffer to fill
+        chunk = flat.float()
+        probs = (filter_top_k_top_p(chunk, top_k, top_p) if filtering else chunk).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
     out = torch.empty(flat.shape[0], 1, dtype=torch.long, device=logits.device)
     for start in range(0, flat.shape[0], rows):
         # the filters and the softmax work row by row, so a row's probabilities do not depend on its chunk
-        probs = filter_top_k_top_p(flat[start:start + rows].float(), top_k, top_p).softmax(dim=-1)
+        chunk = flat[start:start + rows].float()
+        probs = (filter_top_k_top_p(chunk, top_k, top_p) if filtering else chunk).softmax(dim=-1)
         if not per_sample:
             out[start:start + rows] = torch.multinomial(probs, 1, generator=generator)
             continue

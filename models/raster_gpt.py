@@ -38,6 +38,9 @@ from ..core.layout import SequenceLayout
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
+DERIVED_RASTER_BUFFERS = ("freqs_cis",)
+"""Buffers recomputed from the config, never read from a file (LlamaGen's checkpoints lack them too)."""
+
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
@@ -130,23 +133,28 @@ def precompute_freqs_cis_2d(grid: tuple[int, int], head_dim: int, base: float = 
     return torch.cat([torch.zeros(cls_token_num, half, 2), table])
 
 
-def rotary_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``freqs: [l, D/2, 2]`` (cos, sin per pair) -> ``(cos, sin)``, each float32 ``[l, D]``: cos
-    repeated for both elements of a pair, sin negated for the first (see :func:`rotate`)."""
+RotaryTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(cos, sin, swap)`` of :func:`rotary_tables`."""
+
+
+def rotary_tables(freqs: torch.Tensor) -> RotaryTables:
+    """``freqs: [l, D/2, 2]`` (cos, sin per pair) -> ``(cos, sin, swap)``: ``cos, sin`` float32
+    ``[l, D]``, cos repeated for both elements of a pair, sin negated for the first; ``swap``
+    ``LongTensor[D]``, the index that exchanges the two elements of every pair (see :func:`rotate`)."""
     cos, sin = freqs[..., 0].float(), freqs[..., 1].float()
-    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+    swap = torch.arange(cos.shape[-1] * 2, device=freqs.device).view(-1, 2).flip(-1).flatten()
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2), swap
 
 
-def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``x: [B, H, l, D]`` rotated pairwise by :func:`rotary_tables`, in float32, cast back: pair
-    ``(x0, x1)`` -> ``(x0 cos - x1 sin, x1 cos + x0 sin)``, bit for bit LlamaGen's complex product
-    (``x1 * -sin`` is ``-(x1 * sin)`` exactly) in three whole-tensor operations instead of strided
-    ones per element (a decoding step of 66 rows and 12 heads in bf16 on a 2-core CPU: 79 against
-    243 microseconds a call)."""
-    cos, sin = (t.to(x.device) for t in tables)
+def rotate(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """``x: [..., l, D]`` rotated pairwise by :func:`rotary_tables` (``cos, sin: [l, D]``), in
+    float32, cast back: pair ``(x0, x1)`` -> ``(x0 cos - x1 sin, x1 cos + x0 sin)``, bit for bit
+    LlamaGen's complex product (``x1 * -sin`` is ``-(x1 * sin)`` exactly) in four whole-tensor
+    operations (a gather of the swapped pairs, two products, a sum) instead of strided ones per
+    element."""
+    cos, sin, swap = (t.to(x.device) for t in tables)
     xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
-    return (xf * cos + swapped * sin).type_as(x)
+    return (xf * cos + xf.index_select(-1, swap) * sin).type_as(x)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -154,15 +162,49 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return rotate(x, rotary_tables(freqs))
 
 
+FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
+"""torch's one-call RMSNorm (a fused kernel on CUDA), where this torch has it: bit for bit
+``x * rsqrt(mean(x^2) + eps) * weight`` in float32 (checked by the tests), one aten call instead
+of six."""
+
+
+def rms_normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2, -1) + eps)`` of a float32 ``x``."""
+    if FUSED_RMS_NORM is not None:
+        return FUSED_RMS_NORM(x, [x.shape[-1]], None, eps)[0]
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
+    """LlamaGen's RMSNorm: normalised in float32, cast back to the input's dtype, times ``weight``."""
+
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        if FUSED_RMS_NORM is not None and x.dtype == self.weight.dtype == torch.float32:
+            return FUSED_RMS_NORM(x, [x.shape[-1]], self.weight, self.eps)[0]  # the same bits in one call
+        return rms_normalized(x.float(), self.eps).type_as(x) * self.weight
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose inference calls on 2-D rows (no autograd, no autocast, not traced) multiply
+    by a transposed view of the weight kept between calls: one aten call (``mm``) instead of two
+    (``t``, ``mm``), the same bits. The view is rebuilt when the weight's storage changes
+    (``module.to``); in-place writes (``load_state_dict``, an optimizer step) reach it."""
+
+    weight_t: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() != 2 or self.bias is not None or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(x.device.type)):
+            return F.linear(x, self.weight, self.bias)
+        if self.weight_t is None or self.weight_t.data_ptr() != self.weight.data_ptr() \
+                or self.weight_t.dtype != self.weight.dtype:
+            self.weight_t = self.weight.detach().t()
+        return torch.mm(x, self.weight_t)
 
 
 class LabelEmbedder(nn.Module):
@@ -174,9 +216,9 @@ class LabelEmbedder(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(width, hidden, bias=False)
-        self.w3 = nn.Linear(width, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, width, bias=False)
+        self.w1 = Linear(width, hidden, bias=False)
+        self.w3 = Linear(width, hidden, bias=False)
+        self.w2 = Linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -187,10 +229,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.width = heads, width // heads, width
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.wqkv = nn.Linear(width, 3 * width, bias=False)
-        self.wo = nn.Linear(width, width, bias=False)
+        self.wqkv = Linear(width, 3 * width, bias=False)
+        self.wo = Linear(width, width, bias=False)
 
-    def forward(self, x: torch.Tensor, shape: tuple[int, int], rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, shape: tuple[int, int], rope: RotaryTables,
                 attend: Callable) -> torch.Tensor:
         """``x: [B * l, C]`` (token-major rows of ``shape = (B, l)``); ``rope``: :func:`rotary_tables`
         at the tokens' positions. q and k are rotated together (one elementwise pass, the same bits
@@ -198,8 +240,8 @@ class Attention(nn.Module):
         b, l = shape
         qkv = self.wqkv(x).view(b, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, l, D]
         q, k = rotate(qkv[:2], rope).unbind(0)
-        o = attend(q, k, qkv[2], self.scale)
-        return self.wo(o.transpose(1, 2).reshape(b * l, self.width))
+        o = attend(q, k, qkv[2], self.scale)  # [B, H, l, D]
+        return self.wo(o.reshape(b, self.width) if l == 1 else o.transpose(1, 2).reshape(b * l, self.width))
 
 
 class TransformerBlock(nn.Module):
@@ -210,7 +252,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.width, config.norm_eps)
         self.ffn_norm = RMSNorm(config.width, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, shape: tuple[int, int], rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, shape: tuple[int, int], rope: RotaryTables,
                 attend: Callable) -> torch.Tensor:
         """``x: [B * l, C]`` token-major rows of ``shape = (B, l)`` (2-D, so each linear layer is one
         matrix product: the same bits as on ``[B, l, C]``, fewer operations a step)."""
@@ -232,12 +274,13 @@ class RasterGPT(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.width)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.depth))
         self.norm = RMSNorm(config.width, config.norm_eps)
-        self.output = nn.Linear(config.width, config.vocab_size, bias=False)
+        self.output = Linear(config.width, config.vocab_size, bias=False)
         self.register_buffer("freqs_cis", precompute_freqs_cis_2d(config.grid, config.head_dim, config.rope_base,
                                                                   config.cls_token_num), persistent=False)
-        rope_cos, rope_sin = rotary_tables(self.freqs_cis)  # [P + h*w, D] each, built once (a step only indexes)
+        rope_cos, rope_sin, rope_swap = rotary_tables(self.freqs_cis)  # [P + h*w, D], built once (a step indexes)
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.register_buffer("rope_swap", rope_swap, persistent=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -267,7 +310,7 @@ class RasterGPT(nn.Module):
         """Every block on ``x: [B, l, C]`` at sequence ``positions: LongTensor[l]``; q and k are rotated
         at their positions before ``attend(layer, q, k, v, scale)``."""
         positions = positions.to(self.rope_cos.device)
-        rope = (self.rope_cos[positions].float(), self.rope_sin[positions].float())
+        rope = (self.rope_cos[positions].float(), self.rope_sin[positions].float(), self.rope_swap)
         b, l, width = x.shape
         rows = x.reshape(b * l, width)
         for layer, block in enumerate(self.layers):
@@ -276,7 +319,8 @@ class RasterGPT(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden: [B, l, C]`` -> float32 logits ``[B, l, V]``."""
-        return self.output(self.norm(hidden)).float()
+        b, l, width = hidden.shape
+        return self.output(self.norm(hidden.reshape(b * l, width))).float().view(b, l, -1)
 
 
 LLAMAGEN_GPT_HEADS: dict[tuple[int, int], tuple[str, int]] = {

@@ -107,6 +107,8 @@ class BudgetedCache(CachePolicy):
         self.budget = self.prefix = self.rows = self.heads = self.buffer = 0
         self.guided = False
         self._positions: list[list[int]] = []  # shared policies: kept positions per layer (host side)
+        self._guards: dict[int, torch.Tensor] = {}  # prefix_guard by capacity
+        self._ranges: dict[tuple[int, ...], torch.Tensor] = {}  # slot_range by (start, stop, rows, heads)
         self._host_stale = False  # compiled steps wrote positions the host list does not hold yet
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -124,6 +126,10 @@ class BudgetedCache(CachePolicy):
         self._positions = [[] for _ in range(num_layers)]
         self._host_stale = False
         self.slots = torch.arange(capacity, device=device)
+        self._guards: dict[int, torch.Tensor] = {}
+        self._ranges: dict[tuple[int, ...], torch.Tensor] = {}
+        if self.layers:
+            self.prefix_guard(self.layers[0], capacity)
         self.prepare(num_layers=num_layers, num_heads=num_heads)
 
     def check_layout(self, layout: SequenceLayout, *, num_layers: int, num_heads: int,
@@ -303,8 +309,9 @@ class BudgetedCache(CachePolicy):
         """``(positions, scores)`` per group ``[groups, heads, n]`` (default: the filled slots): cond
         and uncond rows of a sample share positions; their scores are summed under CFG."""
         n = store.filled if n is None else n
-        positions = store.positions[:, :, :n]
-        scores = store.scores[:, :, :n] if store.scores is not None else None
+        whole = n == store.capacity  # no slicing: fewer calls a step
+        positions = store.positions if whole else store.positions[:, :, :n]
+        scores = store.scores if whole or store.scores is None else store.scores[:, :, :n]
         if self.guided:
             half = positions.shape[0] // 2
             positions = positions[:half]
@@ -319,26 +326,48 @@ class BudgetedCache(CachePolicy):
         """A per-group index ``[groups, heads, ...]`` -> per row (both CFG rows of a sample alike)."""
         return torch.cat([index, index]) if self.guided else index
 
+    def prefix_guard(self, store: BoundedKV, n: int) -> torch.Tensor:
+        """``float32 [n]``: ``inf`` at the class prefix's slots, 0 elsewhere; added to an eviction key
+        (lowest evicted) it keeps the prefix. The prefix holds slots ``0 .. prefix - 1`` of every row
+        and head: the first tokens stored, kept first by every selection (slots in position order)
+        and never a victim."""
+        guard = self._guards.get(store.capacity)
+        if guard is None:  # built once per capacity (in begin for the usual one)
+            guard = self._guards[store.capacity] = torch.zeros(store.capacity, device=store.k.device)
+            guard[:self.prefix] = float("inf")
+        return guard if n == store.capacity else guard[:n]
+
     def heavy_victim(self, store: BoundedKV, position: int | torch.Tensor, recent: int,
                      n: int | None = None) -> torch.Tensor:
         """``[rows, heads]``: the least attended slot outside the class prefix and the ``recent``
-        newest positions (before ``position``); the oldest such slot when the window covers all.
-        ``n``: the slots considered (default: the filled ones; a compiled step passes the capacity)."""
+        newest positions (before ``position``) of a full layer; the oldest such slot when the window
+        covers all. ``n``: the slots considered (default: the filled ones; a compiled step passes
+        the capacity)."""
         positions, scores = self._group_view(store, n)
-        movable = positions >= self.prefix
-        candidates = movable & (positions < position - recent)
+        n = positions.shape[-1]
+        if recent < n - self.prefix:
+            # the n - prefix movable positions are distinct and before ``position``: at most
+            # ``recent`` of them are in the window, so a candidate always exists
+            key = scores.masked_fill(positions >= position - recent, float("inf")) + self.prefix_guard(store, n)
+            return self.unpair(key.argmin(dim=-1))
+        candidates = (positions >= self.prefix) & (positions < position - recent)
         by_score = scores.masked_fill(~candidates, float("inf")).argmin(dim=-1)
-        big = torch.iinfo(positions.dtype).max
-        oldest = torch.where(movable, positions, torch.full_like(positions, big)).argmin(dim=-1)
+        oldest = (positions + self.prefix_guard(store, n)).argmin(dim=-1)
         return self.unpair(torch.where(candidates.any(dim=-1), by_score, oldest))
 
     def oldest_victim(self, store: BoundedKV, n: int | None = None) -> torch.Tensor:
         """``[rows, heads]``: the slot of the oldest position outside the class prefix (``n``: as
         :meth:`heavy_victim`)."""
         positions, _ = self._group_view(store, n)
-        big = torch.iinfo(positions.dtype).max
-        return self.unpair(torch.where(positions >= self.prefix, positions, torch.full_like(positions, big))
-                           .argmin(dim=-1))
+        return self.unpair((positions + self.prefix_guard(store, positions.shape[-1])).argmin(dim=-1))
+
+    def heavy_or_oldest_victim(self, store: BoundedKV, heavy_heads: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """``[rows, heads]``: per head, :meth:`heavy_victim` with ``recent = 0`` where ``heavy_heads``
+        (``BoolTensor[1, heads, 1]``) is True, else :meth:`oldest_victim`, as one selection (every
+        kept position precedes the new token, so with no window every movable slot is a candidate)."""
+        positions, scores = self._group_view(store, n)
+        key = torch.where(heavy_heads, scores, positions) + self.prefix_guard(store, positions.shape[-1])
+        return self.unpair(key.argmin(dim=-1))
 
     def heavy_index(self, store: BoundedKV, retain: int, recent: int) -> torch.Tensor:
         """``[rows, heads, retain]`` of a layer in position order: the class prefix, the ``recent``
@@ -348,15 +377,23 @@ class BudgetedCache(CachePolicy):
         heavy = retain - protected - recent
         scores = self.pair_scores(store)
         groups, heads = scores.shape[:2]
-        device = scores.device
-        parts = [torch.arange(protected, device=device).expand(groups, heads, -1)]
+        parts = [self.slot_range(store, 0, protected, groups)]
         if heavy:
             middle = scores[:, :, protected:n - recent]
             top = torch.topk(middle, heavy, dim=-1, sorted=False).indices + protected
             parts.append(top.sort(dim=-1).values)
         if recent:
-            parts.append(torch.arange(n - recent, n, device=device).expand(groups, heads, -1))
+            parts.append(self.slot_range(store, n - recent, n, groups))
         return self.unpair(torch.cat(parts, dim=-1))
+
+    def slot_range(self, store: BoundedKV, start: int, stop: int, rows: int) -> torch.Tensor:
+        """``LongTensor[rows, heads, stop - start]``: slots ``start .. stop - 1`` for every row and
+        head (built once a generation: a buffered compaction asks for the same ranges each time)."""
+        key = (start, stop, rows, store.k.shape[1])
+        found = self._ranges.get(key)
+        if found is None:
+            found = self._ranges[key] = torch.arange(start, stop, device=store.k.device).expand(rows, store.k.shape[1], -1)
+        return found
 
     # -- inspection -------------------------------------------------------------------------------
     def kept_positions(self, layer: int = 0) -> torch.Tensor:
@@ -412,6 +449,10 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, sc
     """``[B, H, n]``: the softmax attention mass each of the ``n`` keys receives, summed over the
     ``l`` queries (``q: [B, H, l, D]``, ``k: [B, H, n, D]``, float32), chunked as
     :func:`attention_probabilities` (and ``key_buffer`` as there)."""
+    if q.shape[2] == 1 and q.dtype == k.dtype == torch.float32 and spec.mask(1, k.shape[2], q.device) is None:
+        # one query seeing every key (a raster step): the logits as a product summed over D, no
+        # batched matrix product and its reshapes (4 calls instead of 16 a layer)
+        return torch.softmax((k * q).sum(dim=-1) * scale, dim=-1)
     total = torch.zeros(q.shape[0], q.shape[1], k.shape[2], device=q.device, dtype=torch.float32)
     for _, probs in attention_probabilities(q, k, spec, scale, key_buffer=key_buffer):
         total += probs.sum(dim=2)

@@ -63,20 +63,21 @@ class SSDCache(BudgetedCache):
 
     def select(self, layer, store, retain):
         sink = self._sink_heads[layer]  # [1, H, 1] True for semantic-sink heads
-        local = self.window_index(store, retain).to(store.k.device).expand(store.k.shape[0], store.k.shape[1], -1)
+        protected = min(self.prefix, retain)
+        rows = store.k.shape[0]
+        window = torch.cat([self.slot_range(store, 0, protected, rows),
+                            self.slot_range(store, store.filled - (retain - protected), store.filled, rows)], dim=-1)
         if not self._any_sink[layer]:
-            return local
+            return window
         heavy = self.heavy_index(store, retain, recent=0)
-        return torch.where(sink, heavy, local)
+        return torch.where(sink, heavy, window)
 
     def victim(self, layer, store, position, n=None):
         """Locality heads: the oldest movable slot; sink heads: the least attended (``n``: the slots
         considered, default the filled ones)."""
-        sink = self._sink_heads[layer][..., 0]  # [1, H]
-        oldest = self.oldest_victim(store, n)
         if not self._any_sink[layer]:
-            return oldest
-        return torch.where(sink, self.heavy_victim(store, position, recent=0, n=n), oldest)
+            return self.oldest_victim(store, n)
+        return self.heavy_or_oldest_victim(store, self._sink_heads[layer], n)
 
     def static_victim(self, layer, store, position):
         return self.victim(layer, store, position, n=store.capacity)

@@ -23,17 +23,20 @@ from mvar_engine.plugins.ssd_cache import SSDCache, SSDOptions
 
 from test_compressed_caches import head_map_for
 
-# (cache, options, most aten calls per layer per step): the figures of main at the time of writing,
-# a ratchet (lower them as steps get leaner); the goal is 45 with the full cache, 60 with the others
+# (cache, options, most aten calls per layer in any steady step, most on average over the steady
+# steps): the goal is 45 with the full cache, 60 with the others. A --cache-buffer policy compacts
+# once every `buffer` steps (a sort-free selection and a gather of every kept entry): its compaction
+# steps are a ratchet at the figures of main when written (lower them as they get leaner), its
+# average meets the goal.
 POLICIES = [
-    ("full", {}, 54),
-    ("window", {"budget": 12}, 60),
-    ("sink", {"budget": 12}, 60),
-    ("h2o", {"budget": 12}, 94),
-    ("ssd", {"budget": 12}, 107),
-    ("sink", {"budget": 12, "buffer": 4}, 70),
-    ("h2o", {"budget": 12, "buffer": 4}, 112),
-    ("ssd", {"budget": 12, "buffer": 4}, 113),
+    ("full", {}, 45, 45),
+    ("window", {"budget": 12}, 47, 60),
+    ("sink", {"budget": 12}, 47, 60),
+    ("h2o", {"budget": 12}, 59, 60),
+    ("ssd", {"budget": 12}, 58, 60),
+    ("sink", {"budget": 12, "buffer": 4}, 57, 60),
+    ("h2o", {"budget": 12, "buffer": 4}, 80, 60),
+    ("ssd", {"budget": 12, "buffer": 4}, 82, 60),
 ]
 
 
@@ -62,18 +65,20 @@ def _counted_steps(pipeline, cache, cfg=4.0, top_k=0):
     return counter.steps
 
 
-@pytest.mark.parametrize("name,options,ceiling", POLICIES, ids=[f"{n}-{o}" for n, o, _ in POLICIES])
-def test_steady_raster_steps_sync_nothing_and_stay_lean(raster_pipeline, name, options, ceiling):
+@pytest.mark.parametrize("name,options,ceiling,mean_ceiling", POLICIES, ids=[f"{n}-{o}" for n, o, _, _ in POLICIES])
+def test_steady_raster_steps_sync_nothing_and_stay_lean(raster_pipeline, name, options, ceiling, mean_ceiling):
     """Steps 3 onward (eviction included: the budget is well below the 65 positions): no call that
-    reads a tensor's value on the host, and at most ``ceiling`` aten calls per layer per step
-    (sampling and the next input included)."""
+    reads a tensor's value on the host, at most ``ceiling`` aten calls per layer in any step and
+    ``mean_ceiling`` on average (sampling and the next input included)."""
     steps = _counted_steps(raster_pipeline, _cache(raster_pipeline, name, options))
     layers = raster_pipeline.adapter.num_layers
     assert len(steps) == raster_pipeline.adapter.num_tokens
     syncs = {index: dict(step.syncs) for index, step in enumerate(steps) if index >= 3 and step.syncs}
     assert not syncs, f"{name} {options}: host syncs in steady steps: {syncs}"
-    worst = max(step.aten_total for step in steps[3:]) / layers
-    assert worst <= ceiling, f"{name} {options}: {worst:.1f} aten calls per layer per step (ceiling {ceiling})"
+    per_layer = [step.aten_total / layers for step in steps[3:]]
+    assert max(per_layer) <= ceiling, f"{name} {options}: {max(per_layer):.1f} aten calls per layer in a step (ceiling {ceiling})"
+    mean = sum(per_layer) / len(per_layer)
+    assert mean <= mean_ceiling, f"{name} {options}: {mean:.1f} aten calls per layer per step on average (ceiling {mean_ceiling})"
 
 
 def test_the_counter_sees_a_sync_where_a_step_has_one(raster_pipeline, monkeypatch):

@@ -36,7 +36,7 @@ from ...core.errors import ConfigError, UsageError
 from ...core.registry import get_registry
 from ...models.checkpoint import load_into, read_state_dict, read_weights_metadata
 from ...models.raster_adapter import RasterEngine
-from ...models.raster_gpt import RasterGPT, RasterGPTConfig
+from ...models.raster_gpt import DERIVED_RASTER_BUFFERS, RasterGPT, RasterGPTConfig
 from ..cli_helpers import architecture_error
 from ..config import EngineConfig
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
@@ -53,8 +53,6 @@ from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
 WEIGHTS_NAME = "model.safetensors"
 KIND = "raster"
 FORMAT = "mvar-engine/raster"
-DERIVED_RASTER_BUFFERS = ("freqs_cis",)
-"""Recomputed from the config, never read (LlamaGen's checkpoints do not hold it either)."""
 
 
 @dataclass
