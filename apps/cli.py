@@ -122,8 +122,9 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     o.add_argument("--dtype", help="float32 (default), bfloat16 or float16 autocast (CUDA; bfloat16 also on a CPU with "
                    "native bf16: avx512_bf16, amx_bf16)")
     o.add_argument("--compile", action="store_true",
-                   help="compile the one-token decoding steps (raster, --cache full): one torch.compile graph, "
-                   "CUDA graphs on CUDA; the first step compiles (tens of seconds)")
+                   help="compile the decoding steps: raster one-token steps as one torch.compile graph, next-scale "
+                   "steps one graph per scale (--cache full, or markov with --cache none); CUDA graphs on CUDA; "
+                   "the first generation compiles (tens of seconds)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
     return p

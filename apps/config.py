@@ -250,7 +250,8 @@ class EngineConfig(SettingsModel):
     labels: list[int] | None = Field(None, description="class labels, one grid row each (default: up to 10 classes)")
     samples_per_label: int = Field(8, ge=1, le=INT64_MAX)
     batch_size: int = Field(16, ge=1, le=INT64_MAX, description="images per forward pass")
-    compile: bool = Field(False, description="compile the one-token decoding steps (torch.compile; CUDA graphs on CUDA)")
+    compile: bool = Field(False, description="compile the decoding steps: raster one-token steps, next-scale steps "
+                                             "one graph per scale (torch.compile; CUDA graphs on CUDA)")
     progress: bool = True
     sampling: SamplingConfig = SamplingConfig()
     model: ModelConfig = ModelConfig()

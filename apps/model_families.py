@@ -37,6 +37,9 @@ class BuiltinFamily(ModelFamily):
     def compiles_token_steps(self) -> bool:
         return self.adapter_type.compiles_token_steps
 
+    def compiles_scale_steps(self) -> bool:
+        return self.adapter_type.compiles_scale_steps
+
 
 class VarFamily(BuiltinFamily):
     """VAR/MVAR transformers with their multi-scale tokenizer (VAR's and MVAR's released files, ours)."""

@@ -260,6 +260,7 @@ def check_compile(config: EngineConfig, components: Components, device: torch.de
     """``--compile`` where it cannot run: a one-line ``UsageError`` before any model is built."""
     problem = compile_problem(trajectory=components.trajectory, pattern=components.pattern, cache=components.cache,
                               compiles_token_steps=components.model.compiles_token_steps(),
+                              compiles_scale_steps=components.model.compiles_scale_steps(),
                               backend=config.backend.name, device=device, names=components.names)
     if problem is not None:
         raise UsageError(problem)

@@ -76,6 +76,10 @@ class ModelFamily(ABC):
         """Does this family's adapter set ``compiles_token_steps`` (``--compile`` is checked before a build)?"""
         return False
 
+    def compiles_scale_steps(self) -> bool:
+        """Does this family's adapter set ``compiles_scale_steps``?"""
+        return False
+
     def inspect(self, settings: Any) -> ModelFacts | None:
         """The :class:`ModelFacts` of the model ``build(settings)`` would return, without building it
         or reading its weights; bad settings raise the one-line ``UsageError`` that ``build`` would.
@@ -93,6 +97,8 @@ class ModelAdapter(ABC):
     family: ClassVar[str] = "next-scale"
     compiles_token_steps: ClassVar[bool] = False
     """Trait: implements :meth:`fed_tokens` and :meth:`run_token` (compiled decoding, ``--compile``)."""
+    compiles_scale_steps: ClassVar[bool] = False
+    """Trait: implements :meth:`scale_inputs` and :meth:`run_scale` (compiled next-scale steps)."""
     layout: SequenceLayout
     num_layers: int
     num_heads: int
@@ -122,6 +128,15 @@ class ModelAdapter(ABC):
         """:meth:`run` of one token per row as pure tensor code (it is traced into a graph): ``tokens:
         LongTensor[rows, 1]`` at ``position: LongTensor[1]`` -> hidden ``[rows, 1, C]``."""
         raise NotImplementedError(f"model adapter '{self.name}' has no compiled decoding step")
+
+    def scale_inputs(self, state: GenerationState, step: Step) -> tuple[torch.Tensor, ...]:
+        """The tensors a next-scale ``step``'s forward reads (for :meth:`run_scale`)."""
+        raise NotImplementedError(f"model adapter '{self.name}' has no compiled next-scale step")
+
+    def run_scale(self, index: int, inputs: tuple[torch.Tensor, ...], attend: AttendFn) -> torch.Tensor:
+        """:meth:`run` of the one scale ``index`` as pure tensor code (it is traced into a graph):
+        ``inputs`` from :meth:`scale_inputs` -> hidden ``[rows, l, C]``."""
+        raise NotImplementedError(f"model adapter '{self.name}' has no compiled next-scale step")
 
     @abstractmethod
     def logits(self, state: GenerationState, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

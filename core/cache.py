@@ -24,6 +24,9 @@ Traits, declared on the class and checked by the engine before a generation:
 - ``track_scores``: the storage keeps a float32 score per slot (scoring policies);
 - ``static_decoding``: implements :meth:`~CachePolicy.update_static` and
   :meth:`~CachePolicy.static_buffers`, the fixed-shape form compiled decoding (``--compile``) runs.
+- ``static_scale_decoding``: implements :meth:`~CachePolicy.update_static_scale` and
+  :meth:`~CachePolicy.static_scale_done` (compiled next-scale steps: every earlier scale kept in
+  position order, slot = position).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class CachePolicy(ABC):
     headwise: ClassVar[bool] = False
     track_scores: ClassVar[bool] = False
     static_decoding: ClassVar[bool] = False
+    static_scale_decoding: ClassVar[bool] = False
 
     @abstractmethod
     def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,
@@ -94,6 +98,18 @@ class CachePolicy(ABC):
     def static_step_done(self, position: int) -> None:
         """Called on the host after each compiled step (the step that stored ``position``), before
         :meth:`end_step`: bring host-side bookkeeping the graph cannot touch up to date. Default: nothing."""
+
+    def update_static_scale(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                            start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The :meth:`update` of a next-scale step inside its compiled graph (no host state changes):
+        store ``k, v: [rows, H, l, D]`` at slots ``start .. start + l - 1`` (the step's positions);
+        return the keys and values of slots ``0 .. start + l - 1`` (positions in order). Only for
+        policies that set ``static_scale_decoding``."""
+        raise NotImplementedError(f"cache '{self.name}' has no compiled next-scale step")
+
+    def static_scale_done(self, spans: Spans) -> None:
+        """On the host after a compiled next-scale step that stored ``spans``: the bookkeeping
+        :meth:`update` would have done. Default: nothing."""
 
     def end_step(self) -> None:
         """Called once after every layer of a step has been updated; evict here."""

@@ -1,4 +1,5 @@
-"""Compiled one-token decoding steps (``--compile``), as gpt-fast's ``decode_one_token``.
+"""Compiled decoding steps (``--compile``): one-token steps as gpt-fast's ``decode_one_token``, and
+next-scale steps one graph per scale.
 
 Every one-token step of a ``token_causal`` trajectory after the prefill runs one graph,
 ``torch.compile(fullgraph=True, dynamic=False)``: the fed tokens and the position are tensor
@@ -7,6 +8,14 @@ attention covers the cache's whole fixed-capacity buffers under its mask of vali
 every step has the same shapes and no host read: the graph compiles once (per batch shape) and
 on CUDA it replays as a CUDA graph (``mode="reduce-overhead"``). The prefill, sampling and the
 next input stay eager (per-sample generators cannot enter a graph).
+
+A next-scale step (:class:`CompiledScaleSteps`) runs its scale's tokens through one graph per
+scale, ``fullgraph=True`` with that scale's static shapes: over a cache that keeps every earlier
+scale in position order (``full``: the step's keys and values are written at their positions and it
+attends to every slot before its end) or over its own tokens alone (``none`` where a scale sees only
+itself: ``markov``); the pattern's mask of the step is built once per scale on the host and enters
+the graph as an input. Each scale is compiled once: a second generation of the same shapes reuses
+every graph.
 
 Attention in the graph is torch's ``scaled_dot_product_attention`` with a boolean mask, the
 kernel ``torch.compile`` traces on every device; a run that names another backend is refused.
@@ -22,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import GenerationState, ModelAdapter
-from .attention import AttentionPattern
+from .attention import AttentionPattern, AttentionSpec
 from .cache import CachePolicy
+from .layout import Spans
 from .trajectory import Step, Trajectory
 
 COMPILED_BACKENDS = ("auto", "sdpa")
@@ -37,22 +47,36 @@ def cpu_compiler() -> str | None:
 
 
 def compile_problem(*, trajectory: Trajectory, pattern: AttentionPattern, cache: CachePolicy, compiles_token_steps: bool,
-                    backend: str, device: torch.device | None = None, names: dict[str, str] | None = None) -> str | None:
+                    backend: str, device: torch.device | None = None, names: dict[str, str] | None = None,
+                    compiles_scale_steps: bool = False) -> str | None:
     """Why ``--compile`` cannot run this combination (one line naming the fix), or None (``device``
     None: the C++ compiler a CPU run needs is not checked)."""
     names = names or {}
-    if trajectory.family != "next-token" or not trajectory.token_causal:
+    cache_name = names.get("cache", cache.name)
+    if trajectory.family == "next-scale":
+        if not compiles_scale_steps:
+            return "--compile: this model family has no compiled next-scale step (leave --compile off)"
+        if cache.stores_history and not cache.static_scale_decoding:
+            return (f"--compile: cache '{cache_name}' does not keep every earlier scale in place, which a "
+                    f"per-scale graph needs (use --cache full, or --cache none under --trajectory markov, or leave "
+                    f"--compile off)")
+        if not cache.stores_history and len(trajectory.history(1)) > 1:
+            return (f"--compile: without a cache every step of trajectory "
+                    f"'{names.get('trajectory', trajectory.name)}' recomputes earlier scales (use --cache full, or "
+                    f"leave --compile off)")
+    elif not trajectory.token_causal:
         return (f"--compile compiles one-token decoding steps; trajectory '{names.get('trajectory', trajectory.name)}' "
                 f"has none (use --trajectory raster, or leave --compile off)")
-    if not compiles_token_steps:
-        return "--compile: this model family has no compiled decoding step (leave --compile off)"
-    if not pattern.sees_every_visible_key:
-        return (f"--compile: pattern '{names.get('attention', pattern.name)}' chooses keys per step, which a "
-                f"fixed-shape step cannot (use --attention causal, or leave --compile off)")
-    if not cache.static_decoding:
-        return (f"--compile: cache '{names.get('cache', cache.name)}' keeps no fixed-shape storage with these options "
-                f"(a --cache-buffer variant, or a policy without a device-side victim: drop --cache-buffer, use a "
-                f"built-in cache, or leave --compile off)")
+    else:
+        if not compiles_token_steps:
+            return "--compile: this model family has no compiled decoding step (leave --compile off)"
+        if not pattern.sees_every_visible_key:
+            return (f"--compile: pattern '{names.get('attention', pattern.name)}' chooses keys per step, which a "
+                    f"fixed-shape step cannot (use --attention causal, or leave --compile off)")
+        if not cache.static_decoding:
+            return (f"--compile: cache '{cache_name}' keeps no fixed-shape storage with these options "
+                    f"(a --cache-buffer variant, or a policy without a device-side victim: drop --cache-buffer, use a "
+                    f"built-in cache, or leave --compile off)")
     if backend not in COMPILED_BACKENDS:
         return (f"--compile attends with torch SDPA inside the compiled step; --backend {backend} cannot be traced "
                 f"(use --backend sdpa or auto, or leave --compile off)")
@@ -111,4 +135,61 @@ class CompiledTokenStep:
         self.position.fill_(step.spans[0][0])
         hidden = self.compiled(self.model.fed_tokens(state, step), self.position)
         self.cache.static_step_done(step.spans[0][0])
+        return hidden
+
+
+class CompiledScaleSteps:
+    """One compiled graph per next-scale step: ``model.run_scale`` over ``model.scale_inputs`` of the
+    step, its keys and values written into ``cache``'s storage (``update_static_scale``) or, for a
+    cache that keeps nothing, its own; the attention mask of the step (``spec_for(step, key_spans)``,
+    built once per scale) is a graph input. :meth:`begin` once a generation, then :meth:`run` for
+    every step it :meth:`serves`."""
+
+    def __init__(self, model: ModelAdapter, cache: CachePolicy, device: torch.device,
+                 autocast: Callable[[], object], spec_for: Callable[[Step, Spans], AttentionSpec]) -> None:
+        self.model, self.cache, self.device, self.autocast, self.spec_for = model, cache, device, autocast, spec_for
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.compiled = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode)
+        self.masks: dict[int, torch.Tensor | None] = {}
+        # every scale is a graph of its own shapes, entries of the same code: room for all of them
+        self.recompile_limit = max(torch._dynamo.config.recompile_limit, model.layout.num_scales + 1)
+
+    def _step(self, index: int, start: int, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> torch.Tensor:
+        cache = self.cache
+
+        def attend(layer, q, k, v, scale):
+            if cache.stores_history:
+                k, v = cache.update_static_scale(layer, k, v, start)
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+        with self.autocast():
+            return self.model.run_scale(index, inputs, attend)
+
+    def begin(self) -> None:
+        """Before a generation's first step: on CUDA the cache's buffers keep their addresses (they
+        are written in place inside the graphs)."""
+        if self.device.type == "cuda":
+            for buffer in self.cache.static_buffers():
+                torch._dynamo.mark_static_address(buffer)
+
+    def serves(self, step: Step) -> bool:
+        """Every step of a next-scale trajectory over one span (each scale is one)."""
+        return len(step.spans) == 1
+
+    def mask(self, step: Step) -> torch.Tensor | None:
+        """The step's ``BoolTensor[l, keys]`` (None: every key), built on its first use."""
+        if step.index not in self.masks:
+            (start, end), = step.spans
+            keys = ((0, end),) if self.cache.stores_history else step.spans
+            self.masks[step.index] = self.spec_for(step, keys).mask(end - start, keys[-1][1] - keys[0][0], self.device)
+        return self.masks[step.index]
+
+    def run(self, state: GenerationState, step: Step) -> torch.Tensor:
+        """Hidden states ``[rows, l, C]`` of ``step`` (:meth:`serves`)."""
+        start = step.spans[0][0]
+        with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+            hidden = self.compiled(step.index, start, self.model.scale_inputs(state, step), self.mask(step))
+        if self.cache.stores_history:
+            self.cache.static_scale_done(step.spans)
         return hidden

@@ -22,7 +22,7 @@ from .attention import AttentionPattern, AttentionSpec
 from .backend_selection import BackendSelector
 from .cache import CachePolicy
 from .compatibility import check_compatible
-from .compiled_decoding import CompiledTokenStep, compile_problem
+from .compiled_decoding import CompiledScaleSteps, CompiledTokenStep, compile_problem
 from .errors import UsageError
 from .layout import Spans, merge_spans
 from .sampling import Generators, sample_tokens
@@ -94,7 +94,7 @@ class Engine:
         self.layout = model.layout
         self.autocast_dtype = autocast_dtype
         self.compile = compile
-        self.compiled: CompiledTokenStep | None = None
+        self.compiled: CompiledTokenStep | CompiledScaleSteps | None = None
         self.visibility = Visibility(trajectory)
         self.steps = trajectory.steps(self.layout)
 
@@ -167,20 +167,26 @@ class Engine:
         if self.compile:
             problem = compile_problem(trajectory=self.trajectory, pattern=self.pattern, cache=cache,
                                       compiles_token_steps=self.model.compiles_token_steps,
+                                      compiles_scale_steps=self.model.compiles_scale_steps,
                                       backend=self.backends.choice, names=names)
             if problem is not None:
                 raise UsageError(problem)
 
-    def compiled_step(self, cache: CachePolicy, device: torch.device) -> CompiledTokenStep:
-        """The compiled one-token step, over ``cache`` now (one per engine and device: a new cache of
-        the same shapes reuses its graph)."""
+    def compiled_step(self, cache: CachePolicy, device: torch.device) -> CompiledTokenStep | CompiledScaleSteps:
+        """The compiled steps (one-token, or one graph per scale under a next-scale trajectory), over
+        ``cache`` now (one per engine and device: a new cache of the same shapes reuses the graphs)."""
         if self.compiled is None or self.compiled.device != device:
-            self.compiled = CompiledTokenStep(self.model, cache, device, lambda: self.autocast(device))
+            autocast = lambda: self.autocast(device)  # noqa: E731
+            if self.trajectory.family == "next-scale":
+                self.compiled = CompiledScaleSteps(self.model, cache, device, autocast,
+                                                   lambda step, keys: self.spec(step.spans, keys))
+            else:
+                self.compiled = CompiledTokenStep(self.model, cache, device, autocast)
         self.compiled.cache = cache
         return self.compiled
 
-    def run_step(self, state: GenerationState, step: Step, cache: CachePolicy, compiled: CompiledTokenStep | None,
-                 device: torch.device) -> torch.Tensor:
+    def run_step(self, state: GenerationState, step: Step, cache: CachePolicy,
+                 compiled: CompiledTokenStep | CompiledScaleSteps | None, device: torch.device) -> torch.Tensor:
         """Hidden states ``[rows, n, C]`` of ``step``: compiled for a one-token step after the
         prefill when ``compiled``; else the step's tokens over the cache, or its history recomputed."""
         if compiled is not None and compiled.serves(step):

@@ -47,6 +47,7 @@ class VarAdapter(ModelAdapter):
 
     name = "var"
     family = "next-scale"
+    compiles_scale_steps = True
 
     def __init__(self, model: VAR, tokenizer: MultiScaleVQVAE) -> None:
         self.net, self.tokenizer = model, tokenizer
@@ -82,6 +83,15 @@ class VarAdapter(ModelAdapter):
         scales = [step.index for step in steps]
         return self.net.backbone(self.net.embed_scales(scales, state.cond, [state.var_inputs[j] for j in scales]),
                                  state.cond, attend)
+
+    def scale_inputs(self, state: NextScaleState, step: Step) -> tuple[torch.Tensor, ...]:
+        """``(cond,)`` for scale 0, ``(cond, var_input)`` after it."""
+        var_input = state.var_inputs[step.index]
+        return (state.cond,) if var_input is None else (state.cond, var_input)
+
+    def run_scale(self, index: int, inputs: tuple[torch.Tensor, ...], attend: AttendFn) -> torch.Tensor:
+        cond = inputs[0]
+        return self.net.backbone(self.net.embed_scale(index, cond, inputs[1] if len(inputs) > 1 else None), cond, attend)
 
     def logits(self, state: NextScaleState, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.net.logits(hidden, state.cond if rows is None else state.cond[rows])

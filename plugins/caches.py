@@ -59,10 +59,16 @@ class SegmentStore:
             raise RuntimeError(f"cache overflow: {self.filled} + {n} > capacity {self.k.shape[2]}")
         self.k[:, :, self.filled:self.filled + n].copy_(k)
         self.v[:, :, self.filled:self.filled + n].copy_(v)
-        self.filled += n
-        self.segments.append((spans, n))
-        self.merged = merge_spans((*self.merged, *spans))  # O(kept spans), not O(segments): raster appends 1 token a step
+        self.record(spans, n)
         return self.k[:, :, :self.filled], self.v[:, :, :self.filled], self.merged
+
+    def record(self, spans: Spans, count: int | None = None) -> None:
+        """The bookkeeping of a step of ``count`` tokens at ``spans`` whose keys and values were
+        written at the end of the filled slots (by :meth:`append`, or by a compiled step)."""
+        count = spans_length(spans) if count is None else count
+        self.filled += count
+        self.segments.append((spans, count))
+        self.merged = merge_spans((*self.merged, *spans))  # O(kept spans), not O(segments): raster appends 1 token a step
 
     def keep_segments(self, first: int, last: int) -> None:
         """Keep the oldest ``first`` and the newest ``last`` segments; the newest move down over the
@@ -167,6 +173,7 @@ class FullCache(WindowCache):
     name = "full"
     families = ("next-scale", "next-token")
     static_decoding = True
+    static_scale_decoding = True
 
     def __init__(self, options: NoOptions | None = None) -> None:
         self.options = options or NoOptions()
@@ -187,6 +194,17 @@ class FullCache(WindowCache):
 
     def static_buffers(self):
         return [t for store in self.layers for t in (store.k, store.v)]
+
+    def update_static_scale(self, layer, k, v, start):
+        store = self.layers[layer]
+        end = start + k.shape[2]
+        store.k[:, :, start:end] = k
+        store.v[:, :, start:end] = v
+        return store.k[:, :, :end], store.v[:, :, :end]
+
+    def static_scale_done(self, spans):
+        for store in self.layers:
+            store.record(spans)
 
 
 __all__ = ["NoCache", "FullCache", "WindowCache", "WindowOptions", "make_window", "spans_length"]

@@ -105,12 +105,49 @@ def test_compiled_budgeted_steps_equal_eager(name, monkeypatch):
                                _greedy(eager, [1, 7], 4.0, _budgeted(name, model.num_layers, model.num_heads)).tokens)
 
 
+NEXT_SCALE_COMPILED = [("full", "dense", "full"), ("markov", "neighborhood", "none")]
+
+
+@pytest.mark.skipif(default_checkpoints("markov") is None, reason="the default next-scale weights are not installed")
+@pytest.mark.parametrize("trajectory,attention,cache", NEXT_SCALE_COMPILED, ids=["/".join(c) for c in NEXT_SCALE_COMPILED])
+def test_compiled_next_scale_steps_equal_eager_one_graph_per_scale(trajectory, attention, cache, monkeypatch):
+    """Next-scale under --compile: every scale runs its own graph (fullgraph, no graph break, one
+    graph per scale and none more for a second generation), never the eager forward, with the
+    greedy tokens of the eager engine on the shipped digits model."""
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(trajectory={"name": trajectory}, attention={"name": attention}, cache={"name": cache},
+                          device="cpu", progress=False)
+    eager = Pipeline.from_config(config)
+    compiled = Pipeline.from_config(config.model_copy(update={"compile": True}))
+    adapter = compiled.engine.model
+
+    def refuse_eager(*args, **kwargs):
+        raise AssertionError("a compiled next-scale step ran the eager forward")
+
+    monkeypatch.setattr(adapter, "run", refuse_eager)
+    torch._dynamo.reset()
+    counters.clear()
+    for labels in ([1, 7], [2, 3]):
+        want = eager.engine.generate(torch.tensor(labels), eager.components.cache, cfg=1.5, top_k=1, top_p=0.0,
+                                     return_logits=True)
+        got = compiled.engine.generate(torch.tensor(labels), compiled.components.cache, cfg=1.5, top_k=1, top_p=0.0,
+                                       return_logits=True)
+        for scale, (a, b) in enumerate(zip(want.tokens, got.tokens)):
+            assert torch.equal(a, b), f"scale {scale}"
+        for a, b in zip(want.logits, got.logits):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == adapter.layout.num_scales, dict(counters["stats"])
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--trajectory", "raster", "--cache", "h2o", "--cache-budget", "0.3", "--cache-buffer", "4"],
      "cache 'h2o' keeps no fixed-shape storage with these options"),
     (["--trajectory", "raster", "--cache", "sink", "--cache-budget", "0.3", "--cache-buffer", "4"],
      "cache 'sink' keeps no fixed-shape"),
-    (["--trajectory", "markov"], "trajectory 'markov' has none"),
+    (["--trajectory", "full", "--cache", "window"], "cache 'window' does not keep every earlier scale in place"),
+    (["--trajectory", "full", "--cache", "none"], "without a cache every step of trajectory 'full' recomputes"),
     (["--trajectory", "raster", "--backend", "reference"], "--backend reference cannot be traced"),
 ])
 def test_compile_where_it_cannot_run_is_one_line(refused, flags, needle):

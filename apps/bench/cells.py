@@ -235,7 +235,8 @@ def check_combo(combo: Combo, backend: str, specs: Sequence[ModelSpec] = ()) -> 
         if combo.compile:
             compiles = resolved.model.compiles_token_steps() and not any(spec.id in JANUS_MODELS for spec in specs)
             problem = compile_problem(trajectory=resolved.trajectory, pattern=resolved.pattern, cache=resolved.cache,
-                                      compiles_token_steps=compiles, backend=backend)
+                                      compiles_token_steps=compiles,
+                                      compiles_scale_steps=resolved.model.compiles_scale_steps(), backend=backend)
             if problem is not None:
                 raise UsageError(problem)
     except ConfigError as error:
