@@ -95,6 +95,11 @@ class CachePolicy(ABC):
         ``track_scores``: ``probabilities: float32 [B, H, 1, capacity]``, the step's attention over
         the returned buffers (0 at the slots it does not see). Default: nothing."""
 
+    def static_step_begin(self, position: int) -> None:
+        """Called on the host before each compiled step (the step that stores ``position``): Python
+        state the graph specialises on may change here (one graph per value it reads, e.g. whether a
+        buffered cache compacts this step). Default: nothing."""
+
     def static_step_done(self, position: int) -> None:
         """Called on the host after each compiled step (the step that stored ``position``), before
         :meth:`end_step`: bring host-side bookkeeping the graph cannot touch up to date. Default: nothing."""

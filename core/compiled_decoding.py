@@ -74,9 +74,8 @@ def compile_problem(*, trajectory: Trajectory, pattern: AttentionPattern, cache:
             return (f"--compile: pattern '{names.get('attention', pattern.name)}' chooses keys per step, which a "
                     f"fixed-shape step cannot (use --attention causal, or leave --compile off)")
         if not cache.static_decoding:
-            return (f"--compile: cache '{cache_name}' keeps no fixed-shape storage with these options "
-                    f"(a --cache-buffer variant, or a policy without a device-side victim: drop --cache-buffer, use a "
-                    f"built-in cache, or leave --compile off)")
+            return (f"--compile: cache '{cache_name}' keeps no fixed-shape storage (a policy without a device-side "
+                    f"victim, static_victim: use a built-in cache, or leave --compile off)")
     if backend not in COMPILED_BACKENDS:
         return (f"--compile attends with torch SDPA inside the compiled step; --backend {backend} cannot be traced "
                 f"(use --backend sdpa or auto, or leave --compile off)")
@@ -133,6 +132,7 @@ class CompiledTokenStep:
     def run(self, state: GenerationState, step: Step) -> torch.Tensor:
         """Hidden states ``[rows, 1, C]`` of ``step`` (:meth:`serves`), valid until the next call."""
         self.position.fill_(step.spans[0][0])
+        self.cache.static_step_begin(step.spans[0][0])
         hidden = self.compiled(self.model.fed_tokens(state, step), self.position)
         self.cache.static_step_done(step.spans[0][0])
         return hidden

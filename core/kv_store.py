@@ -105,6 +105,12 @@ class BoundedKV:
     def keep(self, index: torch.Tensor) -> None:
         """Keep the slots ``index: LongTensor [n]`` (the same for every row and head) or
         ``[rows, heads, n]`` in that order, moved to the front; everything else is dropped."""
+        self.gather_front(index)
+        self.filled = index.shape[-1]
+
+    def gather_front(self, index: torch.Tensor) -> None:
+        """The tensor work of :meth:`keep`: the entries at ``index`` moved to the first slots (the
+        host's ``filled`` is the caller's to set: a compiled step changes no Python state)."""
         n = index.shape[-1]
         index = index.to(self.k.device)
         if index.dim() == 1:
@@ -120,7 +126,6 @@ class BoundedKV:
             self.positions[:, :, :n] = self.positions.gather(2, index)
             if self.scores is not None:
                 self.scores[:, :, :n] = self.scores.gather(2, index)
-        self.filled = n
 
     def sort_by_position(self) -> None:
         """Restore ascending positions in every (row, head) after :meth:`replace` calls."""

@@ -108,6 +108,7 @@ class BudgetedCache(CachePolicy):
         self.guided = False
         self._positions: list[list[int]] = []  # shared policies: kept positions per layer (host side)
         self._guards: dict[int, torch.Tensor] = {}  # prefix_guard by capacity
+        self.static_compacts = False  # the compiled step now compacts (static_step_begin)
         self._ranges: dict[tuple[int, ...], torch.Tensor] = {}  # slot_range by (start, stop, rows, heads)
         self._host_stale = False  # compiled steps wrote positions the host list does not hold yet
 
@@ -146,9 +147,22 @@ class BudgetedCache(CachePolicy):
     # -- fixed-shape decoding (--compile) -----------------------------------------------------------
     @property
     def static_decoding(self) -> bool:  # type: ignore[override]
-        """Policies that name their victim on the device (:meth:`static_victim`), without a
-        ``buffer`` (a buffered compaction changes the kept count)."""
-        return not self.options.buffer and type(self).static_victim is not BudgetedCache.static_victim
+        """Policies that name their victim on the device (:meth:`static_victim`); with a ``buffer``
+        their :meth:`select` runs inside the compacting step's graph too (the built-in ones select
+        on the device or from the slot count alone)."""
+        return type(self).static_victim is not BudgetedCache.static_victim
+
+    def static_step_begin(self, position: int) -> None:
+        """With a ``buffer``: whether the step storing ``position`` compacts (the layers are full,
+        as :meth:`update` finds them) or appends; the compiled step has one graph for each."""
+        self.static_compacts = bool(self.buffer) and self.buffered_compacts(position)
+
+    def buffered_compacts(self, position: int) -> bool:
+        """A buffered layer of capacity ``C = budget - 1 + buffer`` fills at positions ``0 .. C - 1``;
+        the one-token steps at ``C``, ``C + buffer``, ... find it full and compact it to
+        ``budget - 1`` before storing (as :meth:`update`)."""
+        capacity = self.layers[0].capacity
+        return position >= capacity and (position - capacity) % self.buffer == 0
 
     def static_victim(self, layer: int, store: BoundedKV, position: torch.Tensor) -> torch.Tensor:
         """The slot a one-token step at ``position`` overwrites in a full layer, as :meth:`victim`
@@ -163,6 +177,8 @@ class BudgetedCache(CachePolicy):
         kept key precedes the new token and carries its position in its rotation, so slot order
         does not matter."""
         store = self.layers[layer]
+        if self.buffer:
+            return self._update_buffered_static(layer, store, k, v, position)
         full = position >= store.capacity
         slot = torch.where(full, self.static_victim(layer, store, position), position)
         at = (store.row_index, store.head_index, slot.expand(store.k.shape[0], store.k.shape[1]))
@@ -173,6 +189,26 @@ class BudgetedCache(CachePolicy):
             store.scores[at] = 0.0
         valid = (self.slots <= position) | full
         return store.k, store.v, valid[None, None, None, :]
+
+    def _update_buffered_static(self, layer: int, store: BoundedKV, k: torch.Tensor, v: torch.Tensor,
+                                position: torch.Tensor):
+        """:meth:`update_static` with a ``buffer``: while a layer fills, slot ``p`` holds position
+        ``p``; a compacting step (:meth:`static_step_begin`) keeps the policy's :meth:`select` of
+        ``budget - 1`` slots at the front (slots stay in position order) and stores the token after
+        them; the steps between append after the last stored token."""
+        capacity, kept = store.capacity, self.budget - 1
+        if self.static_compacts:
+            index = self.select(layer, store, kept)  # store.filled is the capacity (static_step_done)
+            store.gather_front(torch.tensor(index, device=store.k.device) if isinstance(index, list) else index)
+            slot = torch.full_like(position, kept)
+        else:
+            slot = torch.where(position < capacity, position, kept + (position - capacity) % self.buffer)
+        store.k.index_copy_(2, slot, k.to(store.k.dtype))
+        store.v.index_copy_(2, slot, v.to(store.v.dtype))
+        store.positions.index_copy_(2, slot, position.to(store.positions.dtype).expand(*store.positions.shape[:2], 1))
+        if store.scores is not None:
+            store.scores.index_fill_(2, slot, 0.0)
+        return store.k, store.v, (self.slots <= slot)[None, None, None, :]
 
     def observe_static(self, layer, probabilities):
         """Scoring policies: ``probabilities: float32 [rows, H, 1, capacity]`` of the compiled step
@@ -189,8 +225,12 @@ class BudgetedCache(CachePolicy):
         """The kept count; the host list of kept positions is read back from the device only when an
         eager step or an inspection needs it (:meth:`host_positions`), so compiled steps never sync."""
         for store in self.layers:
-            store.filled = min(store.capacity, position + 1)
-            store.ordered = False
+            if self.buffer:  # appends and compactions keep slots in position order
+                capacity = store.capacity
+                store.filled = position + 1 if position < capacity else self.budget + (position - capacity) % self.buffer
+            else:
+                store.filled = min(store.capacity, position + 1)
+                store.ordered = False
         self._host_stale = True
 
     def host_positions(self, layer: int) -> list[int]:
@@ -389,6 +429,8 @@ class BudgetedCache(CachePolicy):
     def slot_range(self, store: BoundedKV, start: int, stop: int, rows: int) -> torch.Tensor:
         """``LongTensor[rows, heads, stop - start]``: slots ``start .. stop - 1`` for every row and
         head (built once a generation: a buffered compaction asks for the same ranges each time)."""
+        if torch.compiler.is_compiling():  # a constant of the graph: no Python state to guard on
+            return torch.arange(start, stop, device=store.k.device).expand(rows, store.k.shape[1], -1)
         key = (start, stop, rows, store.k.shape[1])
         found = self._ranges.get(key)
         if found is None:

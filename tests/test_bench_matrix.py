@@ -430,9 +430,8 @@ def test_compile_is_a_configuration_suffix_beside_the_dtype():
 
 
 def test_compile_rows_a_configuration_cannot_run_are_refused_in_the_parent(refused):
-    refused(["bench", "matrix", "--cells", "raster-tiny:1", "--configs",
-             "raster/dense/full,raster/dense/sink:budget=5:buffer=2@compile"],
-            "cache 'sink' keeps no fixed-shape storage with these options")
+    refused(["bench", "matrix", "--cells", "tiny:1", "--configs", "full/dense/full,full/dense/window@compile"],
+            "cache 'window' does not keep every earlier scale in place")
 
 
 def test_raster_cells_count_calls_and_syncs_and_compiled_rows_run():

@@ -56,8 +56,9 @@ def test_the_compiled_step_is_not_vacuous(monkeypatch):
     assert not torch.equal(_greedy(pipeline, [1, 7], 4.0).tokens, eager.tokens)
 
 
-def _budgeted(name, layers, heads):
-    """A fresh budgeted cache (budget 0.3 of the shipped raster model's 65 tokens: 20 slots)."""
+def _budgeted(name, layers, heads, buffer=0):
+    """A fresh budgeted cache (budget 0.3 of the shipped raster model's 65 tokens: 20 slots; ``buffer``
+    slots beside them)."""
     from mvar_engine.plugins.budget_cache import BudgetOptions, TokenWindowCache
     from mvar_engine.plugins.h2o_cache import H2OCache, H2OOptions
     from mvar_engine.plugins.head_map import classify
@@ -66,9 +67,10 @@ def _budgeted(name, layers, heads):
 
     if name == "ssd":  # half the heads semantic-sink, half spatial-locality, drawn once
         scores = torch.rand(layers, heads, generator=torch.Generator().manual_seed(0)).tolist()
-        return SSDCache(SSDOptions(budget=0.3), head_map=classify(scores, 0.5))
-    return {"sink": lambda: SinkCache(SinkOptions(budget=0.3)), "window": lambda: TokenWindowCache(BudgetOptions(budget=0.3)),
-            "h2o": lambda: H2OCache(H2OOptions(budget=0.3))}[name]()
+        return SSDCache(SSDOptions(budget=0.3, buffer=buffer), head_map=classify(scores, 0.5))
+    return {"sink": lambda: SinkCache(SinkOptions(budget=0.3, buffer=buffer)),
+            "window": lambda: TokenWindowCache(BudgetOptions(budget=0.3, buffer=buffer)),
+            "h2o": lambda: H2OCache(H2OOptions(budget=0.3, buffer=buffer))}[name]()
 
 
 @pytest.mark.parametrize("name", ["sink", "window", "h2o", "ssd"])
@@ -103,6 +105,46 @@ def test_compiled_budgeted_steps_equal_eager(name, monkeypatch):
         torch._dynamo.reset()
         assert not torch.equal(_greedy(compiled, [1, 7], 4.0, cache).tokens,
                                _greedy(eager, [1, 7], 4.0, _budgeted(name, model.num_layers, model.num_heads)).tokens)
+
+
+@pytest.mark.parametrize("name", ["sink", "ssd"])
+def test_compiled_buffered_steps_equal_eager(name):
+    """A --cache-buffer variant under --compile: appends after the kept set, and every ``buffer``
+    steps a compacting step (the policy's selection inside the graph) keeps ``budget - 1``; two
+    graphs (appending, compacting), none more for a second generation; the greedy tokens and kept
+    positions of eager decoding (ssd: device-side top-k per sink head beside windowed locality heads)."""
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(trajectory={"name": "raster"}, device="cpu", progress=False)
+    eager = Pipeline.from_config(config)
+    compiled = Pipeline.from_config(config.model_copy(update={"compile": True}))
+    model = eager.engine.model
+    torch._dynamo.reset()
+    counters.clear()
+    for labels in ([1, 7], [2, 3]):
+        want_cache = _budgeted(name, model.num_layers, model.num_heads, buffer=4)
+        got_cache = _budgeted(name, model.num_layers, model.num_heads, buffer=4)
+        want, got = _greedy(eager, labels, 4.0, want_cache), _greedy(compiled, labels, 4.0, got_cache)
+        assert torch.equal(got.tokens, want.tokens)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+        for layer in range(model.num_layers):
+            assert torch.equal(got_cache.kept_positions(layer), want_cache.kept_positions(layer))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_a_budgeted_cache_without_a_device_side_victim_is_refused():
+    from mvar_engine.plugins.budget_cache import BudgetedCache
+    from mvar_engine.plugins.patterns import CausalPattern
+    from mvar_engine.plugins.raster import RasterTrajectory
+
+    class HostOnly(BudgetedCache):
+        name = "host-only"
+
+    problem = compiled_decoding.compile_problem(trajectory=RasterTrajectory(), pattern=CausalPattern(), cache=HostOnly(),
+                                                compiles_token_steps=True, backend="sdpa")
+    assert "cache 'host-only' keeps no fixed-shape storage" in problem
+    assert BudgetedCache.static_decoding.fget(_budgeted("sink", 1, 1, buffer=4))
 
 
 NEXT_SCALE_COMPILED = [("full", "dense", "full"), ("markov", "neighborhood", "none")]
@@ -142,10 +184,6 @@ def test_compiled_next_scale_steps_equal_eager_one_graph_per_scale(trajectory, a
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--trajectory", "raster", "--cache", "h2o", "--cache-budget", "0.3", "--cache-buffer", "4"],
-     "cache 'h2o' keeps no fixed-shape storage with these options"),
-    (["--trajectory", "raster", "--cache", "sink", "--cache-budget", "0.3", "--cache-buffer", "4"],
-     "cache 'sink' keeps no fixed-shape"),
     (["--trajectory", "full", "--cache", "window"], "cache 'window' does not keep every earlier scale in place"),
     (["--trajectory", "full", "--cache", "none"], "without a cache every step of trajectory 'full' recomputes"),
     (["--trajectory", "raster", "--backend", "reference"], "--backend reference cannot be traced"),

@@ -266,7 +266,8 @@ def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:
     combo = parse_combo(cell["config"])
     run = CellRun(cell, lambda device: EngineConfig(**combo.engine_components(), backend=cell["backend"],
                                                     device=str(device), dtype=cell["dtype"],
-                                                    sampling={"cfg": cell["cfg"], "seed": cell["seed"]}),
+                                                    sampling={"cfg": cell["cfg"], "seed": cell["seed"]},
+                                                    compile=combo.compile),
                   lambda: bench_next_scale_models(model_spec(cell["model"]), cell))
     model, engine = run.model, run.engine
     block = model.blocks[0].attn
