@@ -190,21 +190,29 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose inference calls on 2-D rows (no autograd, no autocast, not traced) multiply
-    by a transposed view of the weight kept between calls: one aten call (``mm``) instead of two
-    (``t``, ``mm``), the same bits. The view is rebuilt when the weight's storage changes
-    (``module.to``); in-place writes (``load_state_dict``, an optimizer step) reach it."""
+    """``nn.Linear`` (no bias) whose inference calls on 2-D rows (no autograd, no autocast, not
+    traced) multiply by a transposed view of the weight kept between calls: one aten call (``mm``)
+    instead of two (``t``, ``mm``), the same bits, and less host time than ``F.linear``. The view
+    is dropped when the module moves or changes dtype (``_apply``) or the parameter is replaced;
+    in-place writes (``load_state_dict``, an optimizer step) reach it."""
 
     weight_t: torch.Tensor | None = None
 
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() != 2 or self.bias is not None or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled(x.device.type)):
-            return F.linear(x, self.weight, self.bias)
-        if self.weight_t is None or self.weight_t.data_ptr() != self.weight.data_ptr() \
-                or self.weight_t.dtype != self.weight.dtype:
-            self.weight_t = self.weight.detach().t()
-        return torch.mm(x, self.weight_t)
+        if torch.is_grad_enabled() or x.dim() != 2 or torch.compiler.is_compiling() \
+                or torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight)
+        weight_t = self.weight_t
+        if weight_t is None or weight_t._base is not self.weight:
+            weight_t = self.weight_t = self.weight.t()  # under no_grad: a plain view
+        return torch.mm(x, weight_t)
+
+    def _apply(self, fn, recurse=True):
+        self.weight_t = None
+        return super()._apply(fn, recurse)
 
 
 class LabelEmbedder(nn.Module):
@@ -216,9 +224,9 @@ class LabelEmbedder(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = Linear(width, hidden, bias=False)
-        self.w3 = Linear(width, hidden, bias=False)
-        self.w2 = Linear(hidden, width, bias=False)
+        self.w1 = Linear(width, hidden)
+        self.w3 = Linear(width, hidden)
+        self.w2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -229,8 +237,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.width = heads, width // heads, width
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.wqkv = Linear(width, 3 * width, bias=False)
-        self.wo = Linear(width, width, bias=False)
+        self.wqkv = Linear(width, 3 * width)
+        self.wo = Linear(width, width)
 
     def forward(self, x: torch.Tensor, shape: tuple[int, int], rope: RotaryTables,
                 attend: Callable) -> torch.Tensor:
@@ -274,7 +282,7 @@ class RasterGPT(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.width)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.depth))
         self.norm = RMSNorm(config.width, config.norm_eps)
-        self.output = Linear(config.width, config.vocab_size, bias=False)
+        self.output = Linear(config.width, config.vocab_size)
         self.register_buffer("freqs_cis", precompute_freqs_cis_2d(config.grid, config.head_dim, config.rope_base,
                                                                   config.cls_token_num), persistent=False)
         rope_cos, rope_sin, rope_swap = rotary_tables(self.freqs_cis)  # [P + h*w, D], built once (a step indexes)

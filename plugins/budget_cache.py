@@ -127,8 +127,7 @@ class BudgetedCache(CachePolicy):
         self._positions = [[] for _ in range(num_layers)]
         self._host_stale = False
         self.slots = torch.arange(capacity, device=device)
-        self._guards: dict[int, torch.Tensor] = {}
-        self._ranges: dict[tuple[int, ...], torch.Tensor] = {}
+        self._guards, self._ranges = {}, {}
         if self.layers:
             self.prefix_guard(self.layers[0], capacity)
         self.prepare(num_layers=num_layers, num_heads=num_heads)

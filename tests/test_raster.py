@@ -304,3 +304,37 @@ def test_decode_is_the_tokenizers_one_scale_reconstruction(quant_resi):
     with torch.no_grad():
         expected = tok.indices_to_img([tokens], ((2, 3),))
     torch.testing.assert_close(eng.decode(tokens), expected)
+
+
+@given(rows=st.integers(1, 40), width=st.integers(1, 300), log_scale=st.floats(-3, 3), seed=st.integers(0, 10**6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_rms_norm_is_llamagen_s_formula_bit_for_bit(rows, width, log_scale, seed, dtype):
+    """The RMSNorm (one fused call where torch has it) equals LlamaGen's ``RMSNorm.forward`` to the bit."""
+    from mvar_engine.models.raster_gpt import RMSNorm
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, width, generator=g) * 10 ** log_scale).to(dtype)
+    norm = RMSNorm(width).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=g))
+        xf = x.float()
+        want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).type_as(x) * norm.weight
+        assert torch.equal(norm(x), want)
+
+
+def test_inference_linear_keeps_a_transposed_view_that_follows_the_weights():
+    """``Linear``'s inference path (one ``mm`` on a kept transposed view) equals ``F.linear`` to the
+    bit, sees in-place weight updates, and rebuilds the view when the weights move (``.to``)."""
+    import torch.nn.functional as F
+    from mvar_engine.models.raster_gpt import Linear
+
+    layer, x = Linear(8, 5), torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight)) and layer.weight_t is not None
+        layer.weight.mul_(2)  # an optimizer step, load_state_dict: the same storage
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+        layer.to(torch.float64)
+        assert torch.equal(layer(x.double()), F.linear(x.double(), layer.weight))
+    y = layer(x.double())  # with autograd: F.linear, gradients reach the weight
+    y.sum().backward()
+    assert layer.weight.grad is not None

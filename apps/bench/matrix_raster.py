@@ -102,14 +102,10 @@ class FlopCounter:
         return call
 
 
-COUNTED_STEPS = 12
-"""Steps of one untimed generation whose aten calls and host syncs ``--count-calls`` counts."""
-
-
 def count_step_calls(engine, cache, labels: torch.Tensor, cfg: float, generator) -> dict[str, float]:
-    """Aten calls and host syncs per steady step (3 onward) of the first :data:`COUNTED_STEPS`
-    steps of one more, untimed generation (:class:`StepCallCounter`), and per layer."""
-    counter = StepCallCounter(limit=COUNTED_STEPS)
+    """Aten calls and host syncs per steady step (3 onward: eviction included wherever the budget is
+    below the sequence) of one more, untimed generation (:class:`StepCallCounter`), and per layer."""
+    counter = StepCallCounter()
     with counter:
         engine.generate(labels, cache, cfg=cfg, top_k=2000, top_p=1.0, generator=generator, progress=counter.end_step)
     figures = counter.steady()
