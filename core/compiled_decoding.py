@@ -152,7 +152,9 @@ class CompiledScaleSteps:
         self.compiled = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode)
         self.masks: dict[int, torch.Tensor | None] = {}
         # every scale is a graph of its own shapes, entries of the same code: room for all of them
-        self.recompile_limit = max(torch._dynamo.config.recompile_limit, model.layout.num_scales + 1)
+        # (the setting is ``recompile_limit`` from torch 2.7, ``cache_size_limit`` before)
+        self.limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        self.recompile_limit = max(getattr(torch._dynamo.config, self.limit_name), model.layout.num_scales + 1)
 
     def _step(self, index: int, start: int, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> torch.Tensor:
         cache = self.cache
@@ -188,7 +190,7 @@ class CompiledScaleSteps:
     def run(self, state: GenerationState, step: Step) -> torch.Tensor:
         """Hidden states ``[rows, l, C]`` of ``step`` (:meth:`serves`)."""
         start = step.spans[0][0]
-        with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+        with torch._dynamo.config.patch(**{self.limit_name: self.recompile_limit}):
             hidden = self.compiled(step.index, start, self.model.scale_inputs(state, step), self.mask(step))
         if self.cache.stores_history:
             self.cache.static_scale_done(step.spans)
