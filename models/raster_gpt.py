@@ -163,9 +163,10 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
-"""torch's one-call RMSNorm (a fused kernel on CUDA), where this torch has it: bit for bit
-``x * rsqrt(mean(x^2) + eps) * weight`` in float32 (checked by the tests), one aten call instead
-of six."""
+"""torch's one-call RMSNorm, where this torch has it: on the CPU a composite of the same six
+calls, bit for bit ``x * rsqrt(mean(x^2) + eps) * weight`` in float32 (checked by the tests); on
+CUDA one fused kernel (one launch instead of six; its bits against the formula are not checked
+on a CPU machine)."""
 
 
 def rms_normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
