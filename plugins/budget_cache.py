@@ -325,16 +325,27 @@ class BudgetedCache(CachePolicy):
         raise NotImplementedError
 
     # -- helpers for subclasses -------------------------------------------------------------------
+    def window_bounds(self, store: BoundedKV, retain: int, protected: int | None = None) -> tuple[int, int]:
+        """``(kept, start)`` of :meth:`window_slots`: slots ``0 .. kept - 1`` and ``start .. filled - 1``."""
+        protected = min(self.prefix if protected is None else protected, retain)
+        return protected, store.filled - (retain - protected)
+
     def window_slots(self, store: BoundedKV, retain: int, protected: int | None = None) -> list[int]:
         """The first ``protected`` slots (default: the class prefix) and the most recent rest of a
         layer in position order (``retain`` slots)."""
-        protected = min(self.prefix if protected is None else protected, retain)
-        n = store.filled
-        return [*range(protected), *range(n - (retain - protected), n)]
+        kept, start = self.window_bounds(store, retain, protected)
+        return [*range(kept), *range(start, store.filled)]
 
     def window_index(self, store: BoundedKV, retain: int, protected: int | None = None) -> torch.Tensor:
         """:meth:`window_slots` as ``LongTensor [retain]`` on the CPU."""
         return torch.tensor(self.window_slots(store, retain, protected), dtype=torch.long)
+
+    def window_rows(self, store: BoundedKV, retain: int, rows: int) -> torch.Tensor:
+        """:meth:`window_slots` for every row and head, ``LongTensor [rows, heads, retain]`` on the
+        device (from :meth:`slot_range`, built once a generation)."""
+        kept, start = self.window_bounds(store, retain)
+        return torch.cat([self.slot_range(store, 0, kept, rows), self.slot_range(store, start, store.filled, rows)],
+                         dim=-1)
 
     def oldest_slot(self, layer: int, protected: int | None = None) -> int:
         """Shared policies: the slot holding the oldest position at or after ``protected`` (the

@@ -63,10 +63,7 @@ class SSDCache(BudgetedCache):
 
     def select(self, layer, store, retain):
         sink = self._sink_heads[layer]  # [1, H, 1] True for semantic-sink heads
-        protected = min(self.prefix, retain)
-        rows = store.k.shape[0]
-        window = torch.cat([self.slot_range(store, 0, protected, rows),
-                            self.slot_range(store, store.filled - (retain - protected), store.filled, rows)], dim=-1)
+        window = self.window_rows(store, retain, store.k.shape[0])
         if not self._any_sink[layer]:
             return window
         heavy = self.heavy_index(store, retain, recent=0)
