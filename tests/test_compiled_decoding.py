@@ -73,13 +73,21 @@ def _budgeted(name, layers, heads, buffer=0):
             "h2o": lambda: H2OCache(H2OOptions(budget=0.3, buffer=buffer))}[name]()
 
 
-@pytest.mark.parametrize("name", ["sink", "window", "h2o", "ssd"])
-def test_compiled_budgeted_steps_equal_eager(name, monkeypatch):
+# (cache, --cache-buffer, graphs): one graph without a buffer; an appending and a compacting one with it
+BUDGETED_COMPILED = [("sink", 0, 1), ("window", 0, 1), ("h2o", 0, 1), ("ssd", 0, 1), ("sink", 4, 2), ("ssd", 4, 2)]
+
+
+@pytest.mark.parametrize("name,buffer,graphs", BUDGETED_COMPILED,
+                         ids=[f"{n}-buffer{b}" for n, b, _ in BUDGETED_COMPILED])
+def test_compiled_budgeted_steps_equal_eager(name, buffer, graphs, monkeypatch):
     """A budgeted cache under --compile: slot = position while a layer fills, then the policy's
     victim chosen on the device (oldest movable slot; least attended for h2o and ssd's sink heads,
-    from probabilities the graph materialises); the greedy tokens and kept positions of eager
-    decoding, one graph for two generations. A wrong victim (the class prefix's slot) changes the
-    tokens: the graph really evicts."""
+    from probabilities the graph materialises). With a buffer it appends after the kept set, and
+    every ``buffer`` steps a compacting step (the policy's selection inside the graph) keeps
+    ``budget - 1`` (ssd: device-side top-k per sink head beside windowed locality heads). The
+    greedy tokens and kept positions (every layer) of eager decoding; no graph break and no graph
+    more for a second generation. A wrong victim (the class prefix's slot) changes the tokens: the
+    graph really evicts."""
     from torch._dynamo.utils import counters
 
     config = EngineConfig(trajectory={"name": "raster"}, cache={"name": "h2o", "options": {"budget": 0.3}},
@@ -90,47 +98,22 @@ def test_compiled_budgeted_steps_equal_eager(name, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     for labels in ([1, 7], [2, 3]):
-        want_cache, got_cache = _budgeted(name, model.num_layers, model.num_heads), _budgeted(name, model.num_layers,
-                                                                                               model.num_heads)
+        want_cache = _budgeted(name, model.num_layers, model.num_heads, buffer=buffer)
+        got_cache = _budgeted(name, model.num_layers, model.num_heads, buffer=buffer)
         assert got_cache.static_decoding
-        want, got = _greedy(eager, labels, 4.0, want_cache), _greedy(compiled, labels, 4.0, got_cache)
-        assert torch.equal(got.tokens, want.tokens)
-        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
-        assert torch.equal(got_cache.kept_positions(0), want_cache.kept_positions(0))
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    if name in ("sink", "h2o"):
-        cache = _budgeted(name, model.num_layers, model.num_heads)
-        monkeypatch.setattr(type(cache), "static_victim", lambda self, layer, store, position: torch.zeros(1, dtype=torch.long))
-        torch._dynamo.reset()
-        assert not torch.equal(_greedy(compiled, [1, 7], 4.0, cache).tokens,
-                               _greedy(eager, [1, 7], 4.0, _budgeted(name, model.num_layers, model.num_heads)).tokens)
-
-
-@pytest.mark.parametrize("name", ["sink", "ssd"])
-def test_compiled_buffered_steps_equal_eager(name):
-    """A --cache-buffer variant under --compile: appends after the kept set, and every ``buffer``
-    steps a compacting step (the policy's selection inside the graph) keeps ``budget - 1``; two
-    graphs (appending, compacting), none more for a second generation; the greedy tokens and kept
-    positions of eager decoding (ssd: device-side top-k per sink head beside windowed locality heads)."""
-    from torch._dynamo.utils import counters
-
-    config = EngineConfig(trajectory={"name": "raster"}, device="cpu", progress=False)
-    eager = Pipeline.from_config(config)
-    compiled = Pipeline.from_config(config.model_copy(update={"compile": True}))
-    model = eager.engine.model
-    torch._dynamo.reset()
-    counters.clear()
-    for labels in ([1, 7], [2, 3]):
-        want_cache = _budgeted(name, model.num_layers, model.num_heads, buffer=4)
-        got_cache = _budgeted(name, model.num_layers, model.num_heads, buffer=4)
         want, got = _greedy(eager, labels, 4.0, want_cache), _greedy(compiled, labels, 4.0, got_cache)
         assert torch.equal(got.tokens, want.tokens)
         torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
         for layer in range(model.num_layers):
             assert torch.equal(got_cache.kept_positions(layer), want_cache.kept_positions(layer))
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+    if name in ("sink", "h2o") and not buffer:
+        cache = _budgeted(name, model.num_layers, model.num_heads)
+        monkeypatch.setattr(type(cache), "static_victim", lambda self, layer, store, position: torch.zeros(1, dtype=torch.long))
+        torch._dynamo.reset()
+        assert not torch.equal(_greedy(compiled, [1, 7], 4.0, cache).tokens,
+                               _greedy(eager, [1, 7], 4.0, _budgeted(name, model.num_layers, model.num_heads)).tokens)
 
 
 def test_a_budgeted_cache_without_a_device_side_victim_is_refused():
