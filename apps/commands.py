@@ -65,6 +65,8 @@ def mvar_engine_register_commands(commands: Commands) -> None:
         "throughput at a memory budget: each configuration's largest batch that fits, and its images/s", group="bench")
     add("train-tokenizer", lazy_command(TRAINING, "cmd_train_tokenizer"), "train the multi-scale VQ-VAE tokenizer")
     add("train", lazy_command(TRAINING, "cmd_train"), "train a VAR/MVAR transformer or a raster GPT")
+    add("cache-codes", lazy_command("mvar_engine.apps.training.cache_codes", "cmd_cache_codes"),
+        "encode an image folder with a tokenizer into sharded codes to train from (centre crop + flipped twin)")
     add("sample", lazy_command("mvar_engine.apps.sampler.cli", "cmd_sample"),
         "sample N images per class into PNGs and an ADM-style .npz (shards under torchrun, --resume)")
     add("evaluate", lazy_command(EVALUATION, "cmd_evaluate"), "sample quality of generation configurations")

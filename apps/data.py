@@ -93,31 +93,58 @@ def load_digits_set(resolution: int = 32, split: Split = "train", *, heldout_fra
     return ImageSet(images.contiguous(), torch.from_numpy(labels[index]), tuple(str(d) for d in range(10)), "digits")
 
 
-def read_square_image(file: Path, resolution: int) -> torch.Tensor:
-    """``file`` centre-cropped to a square and resized: ``[3, R, R]`` float32 in [-1, 1]. An unreadable
-    file or one beyond pillow's decompression-bomb limit is a one-line :class:`DataError` naming it."""
+def open_rgb(file: Path):
+    """``file`` decoded as an RGB ``PIL.Image``. An unreadable file or one beyond pillow's
+    decompression-bomb limit is a one-line :class:`DataError` naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as im:
-                im = im.convert("RGB")
+                return im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"--data: image {file} is too large to decode safely ({exc.__class__.__name__}: more than "
                         f"{Image.MAX_IMAGE_PIXELS} pixels); shrink it or remove it") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"--data: cannot read image {file}: {exc.__class__.__name__} (remove or fix the file)") from None
-    side = min(im.size)
-    left, top = (im.width - side) // 2, (im.height - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+
+
+def pil_to_tensor(im) -> torch.Tensor:
+    """An RGB ``PIL.Image`` as ``[3, H, W]`` float32 in [-1, 1]."""
     return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
 
 
-def load_image_folder(path: str | Path, resolution: int, split: Split = "all", *, heldout_fraction: float = 0.2,
-                      seed: int = 0) -> ImageSet:
-    """A folder with one subfolder of images per class (class names = subfolder names, sorted)."""
-    _check_resolution(resolution)
+def read_square_image(file: Path, resolution: int) -> torch.Tensor:
+    """``file`` centre-cropped to a square and resized bicubically: ``[3, R, R]`` float32 in [-1, 1]
+    (errors as :func:`open_rgb`)."""
+    from PIL import Image
+
+    im = open_rgb(file)
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return pil_to_tensor(im)
+
+
+@dataclass(frozen=True)
+class ImageFolderListing:
+    """A class-per-subfolder image folder's files, not yet read: ``files[i]`` has label ``labels[i]``
+    (int64 ``[N]``, the index of its subfolder in ``class_names``, sorted by name)."""
+
+    root: Path
+    files: tuple[Path, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def list_image_folder(path: str | Path) -> ImageFolderListing:
+    """The files of a folder with one subfolder of images per class (class names = subfolder names,
+    sorted; files sorted within a class). Reads no image; a missing folder, a folder without class
+    subfolders or images, or an empty class is a one-line :class:`DataError`."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"--data {path}: not a folder (give a folder with one subfolder of images per class, or 'digits')")
@@ -125,17 +152,28 @@ def load_image_folder(path: str | Path, resolution: int, split: Split = "all", *
     members = {folder: [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
                for folder in classes}
     if not any(members.values()):
-        raise DataError(f"--data {path}: no images found (expected {path}/<class>/<image>{IMAGE_SUFFIXES[0]}, "
+        loose = any(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir())
+        where = " (its images lie directly in it: move them into one subfolder per class)" if loose else ""
+        raise DataError(f"--data {path}: no images found{where} (expected {path}/<class>/<image>{IMAGE_SUFFIXES[0]}, "
                         f"suffixes {', '.join(IMAGE_SUFFIXES)})")
     empty = [folder.name for folder in classes if not members[folder]]
     if empty:
         raise DataError(f"--data {path}: class folder {empty[0]!r} holds no images (every subfolder is a class; "
                         f"add images to it or remove it)")
-    files = [(c, f) for c, folder in enumerate(classes) for f in members[folder]]
-    labels = np.array([c for c, _ in files], dtype=np.int64)
-    index = split_indices(labels, split, heldout_fraction, seed)
-    images = [read_square_image(files[i][1], resolution) for i in index]
-    return ImageSet(torch.stack(images), torch.from_numpy(labels[index]), tuple(c.name for c in classes), str(root))
+    files = tuple(f for folder in classes for f in members[folder])
+    labels = np.array([c for c, folder in enumerate(classes) for _ in members[folder]], dtype=np.int64)
+    return ImageFolderListing(root, files, labels, tuple(c.name for c in classes))
+
+
+def load_image_folder(path: str | Path, resolution: int, split: Split = "all", *, heldout_fraction: float = 0.2,
+                      seed: int = 0) -> ImageSet:
+    """A folder with one subfolder of images per class, read into memory (evaluation's real images;
+    training streams folders instead, :mod:`mvar_engine.apps.training.image_stream`)."""
+    _check_resolution(resolution)
+    listing = list_image_folder(path)
+    index = split_indices(listing.labels, split, heldout_fraction, seed)
+    images = [read_square_image(listing.files[i], resolution) for i in index]
+    return ImageSet(torch.stack(images), torch.from_numpy(listing.labels[index]), listing.class_names, str(listing.root))
 
 
 def load_dataset(data: str | None, resolution: int, split: Split = "train", *, heldout_fraction: float = 0.2,

@@ -92,15 +92,30 @@ def test_an_empty_class_folder(refused, tmp_cwd):
     refused(["train-tokenizer", "--data", "data", "--resolution", "16", "--patch-nums", "1,2,4"], "class folder 'dog' holds no images")
 
 
-def test_an_image_beyond_the_decompression_bomb_limit(refused, tmp_cwd, monkeypatch):
+def stopped_at_bad_image(capsys, argv, needle: str) -> None:
+    """``--on-bad-image fail``: the run stops at the step that meets the file, exit 2, one line naming it."""
+    from mvar_engine.apps.cli import main
+
+    capsys.readouterr()
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("mvar-engine: error: ") and needle in err[0], err
+    assert "(step 1; --on-bad-image skip trains on without it)" in err[0]
+
+
+TOKENIZER_ON_TWO = ["train-tokenizer", "--data", "data", "--resolution", "16", "--patch-nums", "1,2,4", "--split", "all",
+                    "--batch-size", "2", "--steps", "1", "--workers", "0", "--no-progress", "--on-bad-image", "fail"]
+
+
+def test_an_image_beyond_the_decompression_bomb_limit(capsys, tmp_cwd, monkeypatch):
     from PIL import Image
 
     _png(tmp_cwd / "data" / "cat" / "a.png", (8, 8))
     _png(tmp_cwd / "data" / "dog" / "huge.png", (64, 64))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)  # 64x64 is more than twice the limit
-    refused(["train-tokenizer", "--data", "data", "--resolution", "16", "--patch-nums", "1,2,4"], "huge.png is too large to decode safely")
+    stopped_at_bad_image(capsys, TOKENIZER_ON_TWO, "huge.png is too large to decode safely")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # above the limit: pillow only warns
-    refused(["train-tokenizer", "--data", "data", "--resolution", "16", "--patch-nums", "1,2,4"], "huge.png is too large to decode safely")
+    stopped_at_bad_image(capsys, TOKENIZER_ON_TWO + ["--overwrite"], "huge.png is too large to decode safely")
 
 
 @pytest.mark.parametrize("data, needle", [("", "--data is empty"), ("  ", "--data is empty"),
@@ -110,10 +125,10 @@ def test_bad_data_folders(data, needle, refused, tmp_cwd):
     refused(["train-tokenizer", "--data", data], needle)
 
 
-def test_an_unreadable_image(refused, tmp_cwd):
+def test_an_unreadable_image(capsys, tmp_cwd):
     _png(tmp_cwd / "data" / "cat" / "a.png")
     (tmp_cwd / "data" / "cat" / "b.png").write_bytes(b"not a png")
-    refused(["train-tokenizer", "--data", "data", "--resolution", "16", "--patch-nums", "1,2,4"], "cannot read image data/cat/b.png")
+    stopped_at_bad_image(capsys, TOKENIZER_ON_TWO, "cannot read image data/cat/b.png")
 
 
 # -------------------------------------------------------------------------- signals and temp files

@@ -290,7 +290,7 @@ def test_init_from_other_architecture_is_one_line(tokenizer_run, tmp_path, capsy
 
 
 @pytest.mark.parametrize("case", ["resume-missing", "parallel-full", "bad-ratio", "existing-run", "empty-folder",
-                                  "resolution", "unreadable-image"])
+                                  "resolution", "unreadable-image", "no-image-readable"])
 def test_bad_input_is_one_line(tokenizer_run, tmp_path, capsys, case):
     tok = str(tokenizer_run[0] / "tokenizer.safetensors")
     base = ["train", "--tokenizer", tok, "--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--steps", "1",
@@ -305,7 +305,9 @@ def test_bad_input_is_one_line(tokenizer_run, tmp_path, capsys, case):
         "existing-run": ([], "already holds a run"),
         "empty-folder": (["--data", str(tmp_path / "empty")], "no images found"),
         "resolution": (["--resolution", "32"], "does not match the tokenizer"),
-        "unreadable-image": (["--data", str(tmp_path / "bad")], "cannot read image"),
+        "unreadable-image": (["--data", str(tmp_path / "bad"), "--batch-size", "1", "--on-bad-image", "fail"],
+                             "cannot read image"),
+        "no-image-readable": (["--data", str(tmp_path / "bad"), "--batch-size", "1"], "no image of step 1's batch"),
     }[case]
     if case == "existing-run":
         assert main(base) == 0

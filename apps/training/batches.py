@@ -19,6 +19,12 @@ from ...core.errors import UsageError
 from ..data import ImageSet, load_dataset
 
 
+DROPOUT_STREAM, FLIP_STREAM, CROP_STREAM, CODEBOOK_STREAM = 1, 2, 3, 7
+"""The random streams of a step: class dropout and flips (per item of the global batch, through
+:meth:`ShardedBatches.uniform`), random crops (per item, ``rank`` = the item's slot in the global
+batch) and the tokenizer's codebook initialisation."""
+
+
 def stream_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (``numpy.random.SeedSequence``)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
@@ -70,10 +76,14 @@ class ShardedBatches:
         """LongTensor[G / W]: this rank's disjoint shard of :meth:`global_indices`."""
         return self.shard(self.global_indices(step))
 
+    def global_uniform(self, step: int, stream: int) -> torch.Tensor:
+        """``G`` uniform [0, 1) draws private to (seed, step, stream), one per item of the global batch."""
+        return torch.rand(self.global_batch, generator=step_generator(self.seed, step, 0, stream))
+
     def uniform(self, step: int, stream: int) -> torch.Tensor:
-        """This rank's shard of ``G`` uniform [0, 1) draws private to (seed, step, stream): per-item
-        randomness (class dropout) that does not depend on how the batch is split over ranks."""
-        return self.shard(torch.rand(self.global_batch, generator=step_generator(self.seed, step, 0, stream)))
+        """This rank's shard of :meth:`global_uniform`: per-item randomness (class dropout, flips)
+        that does not depend on how the batch is split over ranks."""
+        return self.shard(self.global_uniform(step, stream))
 
 
 def load_images(data: str, resolution: int, split: str, max_images: int | None) -> ImageSet:

@@ -45,6 +45,16 @@ def _common_run_flags(p: argparse.ArgumentParser, d: Any, default_output: str) -
     data.add_argument("--split", choices=("train", "all"), default=d.split,
                       help="'train' (default) keeps the stratified held-out fifth for evaluation; 'all' uses every image")
     data.add_argument("--max-images", type=int, default=None, metavar="N", help="train on the first N images only")
+    data.add_argument("--workers", type=int, default=d.workers, metavar="N",
+                      help=f"DataLoader processes decoding an image folder (default {d.workers}; 0: the main process)")
+    data.add_argument("--crop", choices=("random", "center"), default=None,
+                      help="image folder: VAR's random R x R crop after resizing the shorter side to 1.125 R (default), "
+                           "or the centre crop (cache-codes' crop)")
+    data.add_argument("--hflip", action="store_true",
+                      help="flip half the images horizontally (a folder's images, or a codes folder's flipped twins)")
+    data.add_argument("--on-bad-image", choices=("skip", "fail"), default=d.on_bad_image,
+                      help="an unreadable image mid-epoch: skip it, name it on stderr and in metrics.jsonl and count "
+                           "it (default), or stop the run naming it")
     r = p.add_argument_group("run")
     r.add_argument("--output", default=default_output, metavar="DIR",
                    help=f"run directory: checkpoint.pt, weights, metrics.jsonl, config.json (default {default_output})")
@@ -57,6 +67,11 @@ def _common_run_flags(p: argparse.ArgumentParser, d: Any, default_output: str) -
     r.add_argument("--device", default=d.device, help="auto (default: each rank's CUDA device if any), cpu, cuda")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def data_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The data-streaming settings of :func:`_common_run_flags`' data group."""
+    return {"workers": args.workers, "crop": args.crop, "hflip": args.hflip, "on_bad_image": args.on_bad_image}
 
 
 def tokenizer_parser() -> Parser:
@@ -95,7 +110,7 @@ def cmd_train_tokenizer(argv: Sequence[str]) -> int:
     """``mvar-engine train-tokenizer [flags]``; returns the exit status."""
     args = tokenizer_parser().parse_args(list(argv))
     settings = TokenizerTrainSettings(
-        data=args.data, split=args.split, max_images=args.max_images, resolution=args.resolution,
+        data=args.data, split=args.split, max_images=args.max_images, **data_flags(args), resolution=args.resolution,
         patch_nums=args.patch_nums, vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch,
         ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks, self_attention=args.self_attention, beta=args.beta,
         quant_resi=args.quant_resi, share_quant_resi=args.share_quant_resi, codebook_init=args.codebook_init,
@@ -184,7 +199,7 @@ def parse_var_args(argv: Sequence[str]) -> VarTrainSettings:
             options[kind][opt] = value
     return VarTrainSettings(
         tokenizer=args.tokenizer, tokenizer_patch_nums=args.tokenizer_patch_nums, data=args.data, split=args.split,
-        max_images=args.max_images, resolution=args.resolution, trajectory=args.trajectory,
+        max_images=args.max_images, **data_flags(args), resolution=args.resolution, trajectory=args.trajectory,
         trajectory_options=options["trajectory"], attention=args.attention, attention_options=options["attention"],
         backend=args.backend, strategy=args.strategy, ratio=args.ratio, parallel_split=args.parallel_split,
         depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
@@ -251,7 +266,7 @@ def parse_raster_args(argv: Sequence[str]) -> RasterTrainSettings:
             raise UsageError(f"{flag} does not apply to --trajectory {args.trajectory}: {reason} (drop {flag})")
     return RasterTrainSettings(
         tokenizer=args.tokenizer, tokenizer_patch_nums=args.tokenizer_patch_nums, data=args.data, split=args.split,
-        max_images=args.max_images, resolution=args.resolution, trajectory=args.trajectory, backend=args.backend,
+        max_images=args.max_images, **data_flags(args), resolution=args.resolution, trajectory=args.trajectory, backend=args.backend,
         depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads, cls_token_num=args.cls_token_num,
         multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,

@@ -16,18 +16,24 @@ from torch import nn
 from ...core.errors import UsageError
 from ...models.checkpoint import check_finite
 from .. import distributed as D
-from .batches import ShardedBatches
+from .batches import DROPOUT_STREAM, ShardedBatches
 from .checkpointing import checkpoint_path, load_training_checkpoint, restore_training_state
 from .rundir import fresh_start, remove_run_temps
 
 
 @dataclass
 class DataSettings:
-    """The training images every trainer reads (``--data``, ``--split``, ``--max-images``)."""
+    """The training data every trainer reads (``--data``, ``--split``, ``--max-images``) and how an
+    image folder is streamed (``--workers``, ``--crop``, ``--hflip``, ``--on-bad-image``; see
+    :mod:`.data_sources`). ``crop`` None: ``random`` for an image folder, ``center`` for codes."""
 
     data: str = "digits"
     split: Literal["train", "all"] = "train"
     max_images: int | None = None
+    workers: int = 2
+    crop: Literal["random", "center"] | None = None
+    hflip: bool = False
+    on_bad_image: Literal["skip", "fail"] = "skip"
 
 
 @dataclass
@@ -73,7 +79,7 @@ class TransformerSettings(DataSettings, LoopSettings):
 NUMBER_RULES: dict[str, tuple[float, bool, float | None] | tuple[float, bool, float, bool]] = {
     # field: (lower bound, lower bound allowed, upper bound or None[, upper bound allowed: default no])
     "steps": (1, True, None), "batch_size": (1, True, None), "save_every": (1, True, None),
-    "log_every": (1, True, None), "max_images": (1, True, None),
+    "log_every": (1, True, None), "max_images": (1, True, None), "workers": (0, True, None),
     "lr": (0.0, False, None), "weight_decay": (0.0, True, None), "warmup_steps": (0, True, None),
     "grad_clip": (0.0, True, None), "class_dropout": (0.0, True, 1.0), "mlp_ratio": (0.0, False, None),
     "ffn_dim_multiplier": (0.0, False, None), "beta": (0.0, True, None), "l1_weight": (0.0, True, None),
@@ -115,12 +121,15 @@ def check_loop_settings(s: Any) -> None:
 
 
 def drop_classes(labels: torch.Tensor, batches: ShardedBatches, step: int, probability: float,
-                 null_class: int) -> torch.Tensor:
+                 null_class: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``labels`` with each replaced by ``null_class`` with ``probability`` (CFG training); the draws
-    are private to (seed, step), so they do not depend on the world size or on a resume."""
+    are private to (seed, step), so they do not depend on the world size or on a resume. ``rows``:
+    the labels' positions in the rank's local batch when some of its images were skipped."""
     if probability <= 0:
         return labels
-    drop = batches.uniform(step, stream=1) < probability
+    drop = batches.uniform(step, stream=DROPOUT_STREAM) < probability
+    if rows is not None and len(rows) != len(drop):
+        drop = drop[rows]
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 

@@ -96,3 +96,23 @@ def tokenize(tokenizer: MultiScaleVQVAE, images: torch.Tensor, device: torch.dev
         if var_input is not None:
             inputs.append(var_input.float().cpu())
     return torch.cat(targets), (torch.cat(inputs) if inputs else None)
+
+
+@torch.no_grad()
+def step_tokens(tokenizer: MultiScaleVQVAE, batch, device: torch.device,
+                patch_nums: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A :class:`~.data_sources.StepBatch` -> (targets ``LongTensor[b, L]``, var_input ``[b, L - l_0,
+    Cvae]`` float32 or None) on ``device``: the images encoded, or the cached tokens with their
+    teacher-forcing input rebuilt. ``patch_nums``: None (the tokenizer's schedule) or one scale."""
+    if batch.targets is None:
+        indices = tokenizer.img_to_indices(batch.images.to(device), patch_nums)
+    else:
+        targets = batch.targets.to(device)
+        if batch.var_input is not None:
+            return targets, batch.var_input.to(device)
+        if patch_nums is not None and len(patch_nums) == 1:
+            indices = [targets]
+        else:
+            indices = list(targets.split([h * w for h, w in tokenizer.config.scale_hws()], dim=1))
+    var_input = tokenizer.indices_to_var_input(indices, patch_nums)
+    return torch.cat(indices, dim=1), (var_input.float() if var_input is not None else None)

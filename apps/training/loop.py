@@ -128,10 +128,15 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+SUMMED_METRICS = ("skipped_images",)
+"""Counts whose run-wide value is the sum over ranks, not the mean."""
+
+
 def global_metrics(metrics: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
-    """Numeric entries averaged over ranks (collective), labels kept as they are."""
+    """Numeric entries averaged over ranks (:data:`SUMMED_METRICS` summed; collective), labels kept as they are."""
     averaged = D.mean_over_ranks(_numeric(metrics), device)
-    return {**metrics, **averaged}
+    summed = {k: round(v * D.world_size()) for k, v in averaged.items() if k in SUMMED_METRICS}
+    return {**metrics, **averaged, **summed}
 
 
 def _finite_loss(metrics: dict[str, Any]) -> bool:

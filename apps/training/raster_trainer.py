@@ -42,10 +42,12 @@ from ..config import EngineConfig
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
 from .. import distributed as D
-from .batches import ShardedBatches, load_images
+from .batches import ShardedBatches
+from .code_cache import CodesData
+from .data_sources import MemoryData, SkippedImages, TrainingData, open_training_data
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
 from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp
-from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize
+from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer, clip_gradients
 from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
@@ -162,13 +164,19 @@ def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -
 def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, info: D.DistInfo,
            callbacks: tuple[Callback, ...]) -> TrainSummary:
     device = info.device
-    images = load_images(s.data, tok.resolution, s.split, s.max_images)
-    config = raster_config(s, tok, images.num_classes)
-    batches = ShardedBatches(len(images), s.batch_size, s.seed, info.rank, info.world_size)
+    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
+                              workers=s.workers, seed=s.seed)
+    patch_nums = (tok.latent_grid,)
+    if isinstance(data, CodesData):
+        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="raster",
+                          patch_nums=patch_nums)
+    config = raster_config(s, tok, len(data.class_names))
+    batches = ShardedBatches(data.num_items, s.batch_size, s.seed, info.rank, info.world_size)
     architecture = architecture_of(config, tok)
 
-    targets_all, _ = tokenize(tok.model.to(device), images.images, device, patch_nums=(tok.latent_grid,))
-    labels_all = images.labels
+    tokenizer = tok.model.to(device)
+    if isinstance(data, MemoryData):  # the digits: tokenized once, up front
+        data = data.with_tokens(tokenize(tokenizer, data.images.images, device, patch_nums=patch_nums)[0], None)
 
     torch.manual_seed(s.seed)
     model = RasterGPT(config)
@@ -181,7 +189,7 @@ def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, 
     schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
     optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
     metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
-    start, elapsed, previous, _ = start_or_resume(run, s, kind=KIND, architecture=architecture, model=model,
+    start, elapsed, previous, extra = start_or_resume(run, s, kind=KIND, architecture=architecture, model=model,
                                                   optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log,
                                                   info=info, weights_name=WEIGHTS_NAME)
     settings = settings_dict(s)
@@ -190,39 +198,46 @@ def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, 
         write_settings(run, {"command": "train", "world_size": info.world_size, "grid": list(config.grid), **settings})
     null_class = config.num_classes
 
+    skipped = SkippedImages(s.on_bad_image, start=int(extra.get("skipped_images", 0)))
+
     def step_fn(step: int) -> dict[str, Any]:
-        idx = batches.indices(step)
-        labels = drop_classes(labels_all[idx], batches, step, s.class_dropout, null_class)
+        batch = next(steps)
+        skipped.note(step, batch.skipped, len(batch.labels))
+        targets, _ = step_tokens(tokenizer, batch, device, patch_nums)
+        labels = drop_classes(batch.labels, batches, step, s.class_dropout, null_class, batch.rows)
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc = wrapped(labels.to(device), targets_all[idx].to(device))
+        loss, acc = wrapped(labels.to(device), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_gradients(model.parameters(), s.grad_clip)
         optimizer.step()
         scheduler.step()
-        return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": grad_norm}
+        return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": grad_norm,
+                "skipped_images": skipped.count}
 
     def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
         metrics = metrics or previous
+        total_skipped = skipped.flush(metrics_log)
         if info.is_main:
             export_weights(run / WEIGHTS_NAME, model.state_dict(),
-                           weights_metadata(s, config, tok, components, images, step, metrics, seconds,
+                           weights_metadata(s, config, tok, components, data, step, metrics, seconds,
                                             info.world_size))
         save_training_checkpoint(run, kind=KIND, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                                  architecture=architecture, config=settings,
-                                 extra={"elapsed": seconds,
+                                 extra={"elapsed": seconds, "skipped_images": total_skipped,
                                         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
 
-    result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
-                                  checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
-                                  save_every=s.save_every, progress=s.progress, desc="train raster",
-                                  elapsed_before=elapsed, callbacks=callbacks, device=device, postfix=("loss", "acc"))
+    with data.stream(batches, start, s.steps) as steps:
+        result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
+                                      checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
+                                      save_every=s.save_every, progress=s.progress, desc="train raster",
+                                      elapsed_before=elapsed, callbacks=callbacks, device=device, postfix=("loss", "acc"))
     hashes = D.all_gather_object(state_sha256(model))
     finish(metrics_log, result, hashes)
     return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
 
 
-def weights_metadata(s: RasterTrainSettings, config: RasterGPTConfig, tok: FrozenTokenizer, components, images,
+def weights_metadata(s: RasterTrainSettings, config: RasterGPTConfig, tok: FrozenTokenizer, components, data: TrainingData,
                      step: int, metrics: dict[str, Any], seconds: float, world_size: int) -> dict[str, Any]:
     """The ``mvar_engine`` metadata of a raster ``model.safetensors``: the architecture (every
     :class:`RasterGPTConfig` field), the token grid and the one-scale schedule it was trained on,
@@ -239,13 +254,13 @@ def weights_metadata(s: RasterTrainSettings, config: RasterGPTConfig, tok: Froze
         "num_classes": config.num_classes,
         "vocab_size": config.vocab_size,
         "resolution": tok.resolution,
-        "class_names": list(images.class_names),
+        "class_names": list(data.class_names),
         "trajectory": {"name": components.names["trajectory"], "options": {}},
         "cache": components.names["cache"],
         "tokenizer": {"path": str(tok.path), "sha256": tok.sha256, "patch_nums": [side], "grid": list(config.grid),
                       "file_patch_nums": list(tok.patch_nums),
                       "architecture": tok.model.config.model_dump(mode="json")},
-        "data": {"source": images.source, "split": s.split, "num_images": len(images)},
+        "data": {**data.describe(), "split": s.split},
         "training": training_record(s, step=step, metrics=metrics, seconds=seconds, world_size=world_size,
                                     objective="mean token cross-entropy"),
     }

@@ -29,10 +29,10 @@ from torch import nn
 
 from ...core.errors import UsageError
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig, phi_index
-from ..data import ImageSet
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from .. import distributed as D
-from .batches import ShardedBatches, load_images, step_generator
+from .batches import CODEBOOK_STREAM, ShardedBatches, step_generator
+from .data_sources import SkippedImages, TrainingData, open_training_data
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
 from .common import DataSettings, LoopSettings, check_loop_settings, start_or_resume
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
@@ -178,15 +178,19 @@ def train_tokenizer(s: TokenizerTrainSettings, callbacks: tuple[Callback, ...] =
 def _train(s: TokenizerTrainSettings, config: TokenizerConfig, run: Path, info: D.DistInfo,
            callbacks: tuple[Callback, ...]) -> TrainSummary:
     device = info.device
-    images = load_images(s.data, s.resolution, s.split, s.max_images)
-    batches = ShardedBatches(len(images), s.batch_size, s.seed, info.rank, info.world_size)
+    data = open_training_data(s.data, s.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
+                              workers=s.workers, seed=s.seed)
+    if data.kind != "images":
+        raise UsageError(f"--data {s.data} holds codes; train-tokenizer trains on images (give the image folder the "
+                         f"codes were made from)")
+    batches = ShardedBatches(data.num_items, s.batch_size, s.seed, info.rank, info.world_size)
     architecture = architecture_of(config, s.resolution)
 
     torch.manual_seed(s.seed)
     tokenizer = MultiScaleVQVAE(config)
     if s.codebook_init == "data" and not s.resume:
-        init_codebook_from_data(tokenizer, images.images[batches.global_indices(0)],
-                                step_generator(s.seed, 0, 0, stream=7))
+        init_codebook_from_data(tokenizer, data.global_images(batches, 0),
+                                step_generator(s.seed, 0, 0, stream=CODEBOOK_STREAM))
     tokenizer.to(device).train()
     module = TokenizerTrainingModule(tokenizer, s.l1_weight, s.mse_weight, s.vq_weight)
     unused = module.unused_parameters()
@@ -207,10 +211,12 @@ def _train(s: TokenizerTrainSettings, config: TokenizerConfig, run: Path, info: 
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         write_settings(run, {"command": "train-tokenizer", "world_size": info.world_size, **settings})
-    all_images = images.images
+    skipped = SkippedImages(s.on_bad_image, start=int(extra.get("skipped_images", 0)))
 
     def step_fn(step: int) -> dict[str, Any]:
-        x = all_images[batches.indices(step)].to(device, non_blocking=True)
+        batch = next(steps)
+        skipped.note(step, batch.skipped, len(batch.labels))
+        x = batch.images.to(device, non_blocking=True)
         lr = optimizer.param_groups[0]["lr"]
         loss, l1, mse, vq, usage = wrapped(x)
         optimizer.zero_grad(set_to_none=True)
@@ -222,29 +228,33 @@ def _train(s: TokenizerTrainSettings, config: TokenizerConfig, run: Path, info: 
         scheduler.step()
         mse_f = float(mse)
         return {"loss": float(loss.detach()), "l1": float(l1), "mse": mse_f, "vq": float(vq), "usage": float(usage),
-                "psnr": 10 * math.log10(4.0 / max(mse_f, 1e-12)), "lr": lr, "grad_norm": grad_norm}
+                "psnr": 10 * math.log10(4.0 / max(mse_f, 1e-12)), "lr": lr, "grad_norm": grad_norm,
+                "skipped_images": skipped.count}
 
     def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
         metrics = metrics or previous
+        total_skipped = skipped.flush(metrics_log)
         if info.is_main:
-            export_weights(run / WEIGHTS_NAME, tokenizer.state_dict(), weights_metadata(s, config, images, step, metrics,
+            export_weights(run / WEIGHTS_NAME, tokenizer.state_dict(), weights_metadata(s, config, data, step, metrics,
                                                                                       seconds, info.world_size))
         save_training_checkpoint(run, kind=KIND, step=step, model=tokenizer, optimizer=optimizer, scheduler=scheduler,
                                  architecture=architecture, config=settings,
                                  extra={"record_hit": tokenizer.quantize.record_hit, "elapsed": seconds,
+                                        "skipped_images": total_skipped,
                                         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
 
-    result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
-                                  checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
-                                  save_every=s.save_every, progress=s.progress, desc="train-tokenizer",
-                                  elapsed_before=elapsed, callbacks=callbacks, device=device,
-                                  postfix=("loss", "psnr", "usage"))
+    with data.stream(batches, start, s.steps) as steps:
+        result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
+                                      checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
+                                      save_every=s.save_every, progress=s.progress, desc="train-tokenizer",
+                                      elapsed_before=elapsed, callbacks=callbacks, device=device,
+                                      postfix=("loss", "psnr", "usage"))
     hashes = D.all_gather_object(state_sha256(tokenizer))
     finish(metrics_log, result, hashes)
     return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
 
 
-def weights_metadata(s: TokenizerTrainSettings, config: TokenizerConfig, images: ImageSet, step: int,
+def weights_metadata(s: TokenizerTrainSettings, config: TokenizerConfig, data: TrainingData, step: int,
                      metrics: dict[str, Any], seconds: float, world_size: int) -> dict[str, Any]:
     """The ``mvar_engine`` metadata of ``tokenizer.safetensors``."""
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
@@ -256,8 +266,8 @@ def weights_metadata(s: TokenizerTrainSettings, config: TokenizerConfig, images:
         "patch_nums": list(config.patch_nums),
         "resolution": s.resolution,
         "downsample": config.downsample,
-        "class_names": list(images.class_names),
-        "data": {"source": images.source, "split": s.split, "num_images": len(images)},
+        "class_names": list(data.class_names),
+        "data": {**data.describe(), "split": s.split},
         "training": {"steps": step, "total_steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
                      "seed": s.seed, "world_size": world_size, "seconds": round(seconds, 2),
                      "loss_weights": {"l1": s.l1_weight, "mse": s.mse_weight, "vq": s.vq_weight},

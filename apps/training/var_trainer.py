@@ -39,10 +39,12 @@ from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..model_loading import DERIVED_VAR_BUFFERS
 from ..pipeline import resolve_components
 from .. import distributed as D
-from .batches import ShardedBatches, load_images
+from .batches import ShardedBatches
+from .code_cache import CodesData
+from .data_sources import MemoryData, SkippedImages, TrainingData, open_training_data
 from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
 from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp
-from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, tokenize  # noqa: F401 (also imported from here)
+from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize  # noqa: F401 (also imported from here)
 from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
                               scales_isolated)
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
@@ -175,14 +177,18 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
 def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, groups: list[tuple[int, ...]],
            cycle: tuple[int, ...], info: D.DistInfo, callbacks: tuple[Callback, ...]) -> TrainSummary:
     device = info.device
-    images = load_images(s.data, tok.resolution, s.split, s.max_images)
-    config = var_config(s, tok, images.num_classes)
-    batches = ShardedBatches(len(images), s.batch_size, s.seed, info.rank, info.world_size)
+    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
+                              workers=s.workers, seed=s.seed)
+    if isinstance(data, CodesData):
+        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="next-scale",
+                          patch_nums=tok.patch_nums)
+    config = var_config(s, tok, len(data.class_names))
+    batches = ShardedBatches(data.num_items, s.batch_size, s.seed, info.rank, info.world_size)
     architecture = architecture_of(config, tok)
 
     tokenizer = tok.model.to(device)
-    targets_all, var_input_all = tokenize(tokenizer, images.images, device)
-    labels_all = images.labels
+    if isinstance(data, MemoryData):  # the digits: tokenized once, up front
+        data = data.with_tokens(*tokenize(tokenizer, data.images.images, device))
 
     torch.manual_seed(s.seed)
     model = VAR(config)
@@ -197,7 +203,7 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
     schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
     optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
     metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
-    start, elapsed, previous, _ = start_or_resume(run, s, kind=KIND, architecture=architecture, model=model,
+    start, elapsed, previous, extra = start_or_resume(run, s, kind=KIND, architecture=architecture, model=model,
                                                   optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log,
                                                   info=info, weights_name=WEIGHTS_NAME)
     settings = settings_dict(s)
@@ -208,13 +214,16 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
     null_class = config.num_classes
     unused = {g: module.unused_parameters(groups[g]) for g in set(cycle)}
 
+    skipped = SkippedImages(s.on_bad_image, start=int(extra.get("skipped_images", 0)))
+
     def step_fn(step: int) -> dict[str, Any]:
         g = cycle[step % len(cycle)]
-        idx = batches.indices(step)
-        labels = drop_classes(labels_all[idx], batches, step, s.class_dropout, null_class)
-        var_input = var_input_all[idx].to(device) if var_input_all is not None else None
+        batch = next(steps)
+        skipped.note(step, batch.skipped, len(batch.labels))
+        targets, var_input = step_tokens(tokenizer, batch, device)
+        labels = drop_classes(batch.labels, batches, step, s.class_dropout, null_class, batch.rows)
         lr = optimizer.param_groups[0]["lr"]
-        loss, ce, acc = wrapped(labels.to(device), var_input, targets_all[idx].to(device), groups[g])
+        loss, ce, acc = wrapped(labels.to(device), var_input, targets, groups[g])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for p in unused[g]:
@@ -223,29 +232,31 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
         optimizer.step()
         scheduler.step()
         return {"loss": float(loss.detach()), "ce": float(ce), "acc": float(acc), "lr": lr, "grad_norm": grad_norm,
-                "group": describe_group(groups[g])}
+                "group": describe_group(groups[g]), "skipped_images": skipped.count}
 
     def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
         metrics = metrics or previous
+        total_skipped = skipped.flush(metrics_log)
         if info.is_main:
             export_weights(run / WEIGHTS_NAME, model.state_dict(),
-                           weights_metadata(s, config, tok, components, images, groups, cycle, step, metrics, seconds,
+                           weights_metadata(s, config, tok, components, data, groups, cycle, step, metrics, seconds,
                                             info.world_size))
         save_training_checkpoint(run, kind=KIND, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                                  architecture=architecture, config=settings,
-                                 extra={"elapsed": seconds,
+                                 extra={"elapsed": seconds, "skipped_images": total_skipped,
                                         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
 
-    result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
-                                  checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
-                                  save_every=s.save_every, progress=s.progress, desc="train", elapsed_before=elapsed,
-                                  callbacks=callbacks, device=device, postfix=("loss", "acc"))
+    with data.stream(batches, start, s.steps) as steps:
+        result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
+                                      checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
+                                      save_every=s.save_every, progress=s.progress, desc="train", elapsed_before=elapsed,
+                                      callbacks=callbacks, device=device, postfix=("loss", "acc"))
     hashes = D.all_gather_object(state_sha256(model))
     finish(metrics_log, result, hashes)
     return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
 
 
-def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenizer, components, images,
+def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenizer, components, data: TrainingData,
                      groups: list[tuple[int, ...]], cycle: tuple[int, ...], step: int, metrics: dict[str, Any],
                      seconds: float, world_size: int) -> dict[str, Any]:
     """The ``mvar_engine`` metadata of ``model.safetensors``: everything needed to rebuild and run
@@ -266,13 +277,13 @@ def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenize
         "vocab_size": config.vocab_size,
         "z_channels": config.z_channels,
         "resolution": tok.resolution,
-        "class_names": list(images.class_names),
+        "class_names": list(data.class_names),
         "trajectory": choice("trajectory", components.trajectory),
         "attention": choice("attention", components.pattern),
         "cache": components.names["cache"],
         "tokenizer": {"path": str(tok.path), "sha256": tok.sha256,
                       "architecture": tok.model.config.model_dump(mode="json")},
-        "data": {"source": images.source, "split": s.split, "num_images": len(images)},
+        "data": {**data.describe(), "split": s.split},
         "training": training_record(s, step=step, metrics=metrics, seconds=seconds, world_size=world_size,
                                     strategy=s.strategy, groups=[list(g) for g in groups],
                                     ratio=[cycle.count(g) for g in range(len(groups))]),
