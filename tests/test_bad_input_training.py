@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -182,3 +183,77 @@ def test_resume_removes_the_temp_files_of_interrupted_saves(tmp_cwd, capsys):
 def test_bad_run_directories(output, needle, refused, tmp_cwd):
     (tmp_cwd / "somefile").write_text("x")
     refused(["train-tokenizer", "--output", output], needle)
+
+
+# ------------------------------------------------------------------------------- codes (issue 29)
+WEIGHTS = Path(__import__("mvar_engine").__file__).parent / "models" / "weights"
+
+
+@pytest.fixture(scope="module")
+def codes_folders(tmp_path_factory):
+    """An image folder, its next-scale codes with twins (shipped tokenizer) and codes without twins."""
+    from mvar_engine.apps.training.cache_codes import CacheCodesSettings, cache_codes
+
+    root = tmp_path_factory.mktemp("codes")
+    for c in ("cat", "dog"):
+        for i in range(4):
+            _png(root / "images" / c / f"{i}.png", (20 + 3 * i, 17))
+    tok = str(WEIGHTS / "tokenizer-digits.safetensors")
+    for name, twin in (("codes", True), ("single", False)):
+        cache_codes(CacheCodesSettings(data=str(root / "images"), tokenizer=tok, output=str(root / name),
+                                       flip_twin=twin, workers=0, progress=False))
+    return root
+
+
+TRAIN_FROM = ["train", "--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--batch-size", "2", "--steps", "1"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--trajectory", "full", "--tokenizer", "{w}/tokenizer-raster-digits.safetensors"], "were made by another tokenizer"),
+    (["--trajectory", "raster"], "this trainer needs raster codes"),
+    (["--crop", "random"], "were cut with a center crop"),
+    (["--workers", "-1"], "--workers must be at least 0"),
+])
+def test_training_from_unfit_codes(extra, needle, codes_folders, refused):
+    extra = [e.format(w=WEIGHTS) for e in extra]
+    tok = ["--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors")]
+    refused(TRAIN_FROM + tok + ["--data", codes_folders / "codes"] + extra, needle)
+
+
+def test_codes_without_twins_refuse_hflip_and_the_tokenizer_trainer_refuses_codes(codes_folders, refused):
+    tok = ["--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors")]
+    refused(TRAIN_FROM + tok + ["--data", codes_folders / "single", "--hflip"], "have no flipped twin")
+    refused(["train-tokenizer", "--data", codes_folders / "codes"], "train-tokenizer trains on images")
+    refused(TRAIN_FROM + tok + ["--hflip"], "--crop and --hflip apply to an image folder")
+
+
+def test_unfinished_or_unreadable_codes_folders(codes_folders, refused, tmp_cwd):
+    import shutil
+
+    tok = ["--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors")]
+    shutil.copytree(codes_folders / "codes", "unfinished")
+    Path("unfinished/manifest.json").unlink()
+    shutil.copytree(codes_folders / "codes", "broken")
+    Path("broken/manifest.json").write_text("{not json")
+    refused(TRAIN_FROM + tok + ["--data", "unfinished"], "cache-codes has not finished there")
+    refused(TRAIN_FROM + tok + ["--data", "broken"], "is unreadable")
+
+
+def test_cache_codes_bad_input(codes_folders, refused, tmp_cwd):
+    import shutil
+
+    images = codes_folders / "images"
+    tok = ["--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors")]
+    base = ["cache-codes", "--data", images, *tok, "--no-progress", "--workers", "0"]
+    Path("busy").mkdir()
+    Path("busy/notes.txt").write_text("mine")
+    shutil.copytree(codes_folders / "codes", "done")
+    refused(base + ["--output", "busy"], "is not empty and holds no codes")
+    refused(base + ["--output", images / "codes"], "lies inside --data")
+    refused(base + ["--output", "fresh", "--resume"], "holds no unfinished codes job")
+    refused(base + ["--output", "done"], "already holds codes; pass --resume")
+    refused(base + ["--output", "done", "--resume", "--batch-size", "7"], "was started with other settings or data")
+    refused(base + ["--output", "new", "--batch-size", "0"], "--batch-size must be at least 1")
+    refused(base + ["--output", "new", "--shard-size", "0"], "--shard-size must be at least 1")
+    refused(["cache-codes", "--data", codes_folders / "codes", *tok, "--output", "new"], "holds codes; cache-codes reads")
+    refused(["cache-codes", "--data", "nowhere", *tok, "--output", "new"], "not a folder")
