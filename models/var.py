@@ -106,7 +106,8 @@ class SelfAttention(nn.Module):
         if self.attn_l2_norm:
             scale_mul = self.scale_mul_1H11[:, first:stop].clamp_max(self.max_scale_mul).exp()
             if torch.is_grad_enabled():
-                q, k = F.normalize(q, dim=-1).mul(scale_mul), F.normalize(k, dim=-1)
+                # the float32 scale would promote a 16-bit q under autocast: keep q in k and v's dtype
+                q, k = F.normalize(q, dim=-1).mul(scale_mul).to(v.dtype), F.normalize(k, dim=-1)
             else:
                 q = q.div_(q.norm(dim=-1, keepdim=True).clamp_min_(1e-12)).mul_(scale_mul)
                 k = k.div_(k.norm(dim=-1, keepdim=True).clamp_min_(1e-12))

@@ -145,9 +145,9 @@ def test_sigterm_exits_143_and_sigint_130(tmp_path):
 def test_a_sigterm_during_training_is_exit_143(monkeypatch, tmp_cwd, capsys):
     """The whole path: a SIGTERM arrives mid-run, the loop saves and the command exits 143."""
     from mvar_engine.apps.cli import main
-    from mvar_engine.apps.training import tokenizer_trainer
+    from mvar_engine.apps.training import job
 
-    real = tokenizer_trainer.run_loop
+    real = job.run_loop
 
     def signalled(*, step_fn, **kwargs):
         def step(i):
@@ -157,7 +157,7 @@ def test_a_sigterm_during_training_is_exit_143(monkeypatch, tmp_cwd, capsys):
 
         return real(step_fn=step, **kwargs)
 
-    monkeypatch.setattr(tokenizer_trainer, "run_loop", signalled)
+    monkeypatch.setattr(job, "run_loop", signalled)
     status = main(["train-tokenizer", "--steps", "5", "--batch-size", "2", "--max-images", "4", "--resolution", "16",
                    "--patch-nums", "1,2,4", "--save-every", "100", "--no-progress", "--output", "run"])
     assert status == 143, capsys.readouterr().err

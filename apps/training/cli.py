@@ -32,7 +32,18 @@ def _common_run_flags(p: argparse.ArgumentParser, d: Any, default_output: str) -
                    "a resumed run continues up to this count")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global batch, split evenly over torchrun ranks (default {d.batch_size})")
-    o.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    rate = o.add_mutually_exclusive_group()
+    rate.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    rate.add_argument("--base-lr", type=float, default=None, metavar="LR",
+                      help="VAR's tblr instead of --lr: peak lr = base-lr x batch-size x grad-accum / 256 (VAR: 1e-4)")
+    o.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
+                   help=f"micro-batches of --batch-size per optimizer step (default {d.grad_accum}); a step trains on "
+                        f"batch-size x N images")
+    o.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
+                   help="autocast of the forward: fp32 (default); bf16 (CUDA, or a CPU with native bf16); fp16 "
+                        "(CUDA, with a gradient scaler). Weights and optimizer state stay float32")
+    o.add_argument("--betas", type=float_pair, default=d.betas, metavar="B1,B2",
+                   help=f"AdamW betas (default {d.betas[0]:g},{d.betas[1]:g}, VAR's)")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay on matrices "
                    f"(default {d.weight_decay:g})")
     o.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear warm-up steps (default {d.warmup_steps})")
@@ -69,9 +80,35 @@ def _common_run_flags(p: argparse.ArgumentParser, d: Any, default_output: str) -
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def float_pair(text: str) -> tuple[float, float]:
+    """argparse type: two comma-separated numbers (``0.9,0.95``)."""
+    parts = text.split(",")
+    try:
+        values = tuple(float(x) for x in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers such as 0.9,0.95, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def data_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The data-streaming settings of :func:`_common_run_flags`' data group."""
-    return {"workers": args.workers, "crop": args.crop, "hflip": args.hflip, "on_bad_image": args.on_bad_image}
+    """The settings of :func:`_common_run_flags` beyond the basic loop: data streaming and the step's recipe."""
+    return {"workers": args.workers, "crop": args.crop, "hflip": args.hflip, "on_bad_image": args.on_bad_image,
+            "grad_accum": args.grad_accum, "precision": args.precision, "betas": args.betas, "base_lr": args.base_lr}
+
+
+def transformer_flags(m: argparse._ArgumentGroup, d: Any) -> None:
+    """Flags both transformer trainers add to their model group."""
+    m.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help=f"cross-entropy label smoothing (VAR's --ls; default {d.label_smoothing:g})")
+    m.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each block's activations in backward instead of storing them (less memory, "
+                        "about a third more compute)")
+
+
+def transformer_values(args: argparse.Namespace) -> dict[str, Any]:
+    return {"label_smoothing": args.label_smoothing, "checkpoint_activations": args.checkpoint_activations}
 
 
 def tokenizer_parser() -> Parser:
@@ -174,6 +211,9 @@ def var_parser(trajectory: str | None = None, attention: str | None = None, add_
                    help=f"probability of the null class (CFG training; default {d.class_dropout:g})")
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from VAR/MVAR weights of the same architecture (.pth, .safetensors, checkpoint.pt)")
+    m.add_argument("--adaln-gamma-init", type=float, default=d.adaln_gamma_init, metavar="G",
+                   help=f"scale of the AdaLN gamma weights at initialisation (VAR's --alng; default {d.adaln_gamma_init:g})")
+    transformer_flags(m, d)
     _common_run_flags(p, d, d.output)
     dests: dict[str, tuple[str, str]] = {}
     if trajectory is not None:
@@ -207,7 +247,8 @@ def parse_var_args(argv: Sequence[str]) -> VarTrainSettings:
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
         class_dropout=args.class_dropout, init_from=args.init_from, seed=args.seed, output=args.output,
         save_every=args.save_every, log_every=args.log_every, resume=args.resume, overwrite=args.overwrite,
-        device=args.device, progress=not args.no_progress)
+        device=args.device, progress=not args.no_progress, adaln_gamma_init=args.adaln_gamma_init,
+        **transformer_values(args))
 
 
 NEXT_SCALE_ONLY: dict[str, str] = {
@@ -253,6 +294,7 @@ def raster_parser() -> Parser:
                    help=f"probability of the null class (CFG training; default {d.class_dropout:g})")
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from raster weights of the same architecture (.pth, .safetensors, checkpoint.pt)")
+    transformer_flags(m, d)
     for flag in NEXT_SCALE_ONLY:  # accepted by the parser only to refuse them with the reason
         p.add_argument(flag, dest=f"refused__{flag[2:].replace('-', '_')}", default=None, help=argparse.SUPPRESS)
     _common_run_flags(p, d, d.output)
@@ -273,7 +315,7 @@ def parse_raster_args(argv: Sequence[str]) -> RasterTrainSettings:
         lr_schedule=args.lr_schedule, grad_clip=args.grad_clip, class_dropout=args.class_dropout,
         init_from=args.init_from, seed=args.seed, output=args.output, save_every=args.save_every,
         log_every=args.log_every, resume=args.resume, overwrite=args.overwrite, device=args.device,
-        progress=not args.no_progress)
+        progress=not args.no_progress, **transformer_values(args))
 
 
 def trajectory_family(argv: Sequence[str]) -> str:

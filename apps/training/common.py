@@ -56,6 +56,18 @@ class LoopSettings:
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    betas: tuple[float, float] = (0.9, 0.95)
+    base_lr: float | None = None
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate: ``lr``, or VAR's scaling ``base_lr x batch_size x grad_accum / 256``
+        (``tlr = ac * tblr * bs / 256``) when ``base_lr`` is given."""
+        if self.base_lr is None:
+            return self.lr
+        return self.base_lr * self.batch_size * self.grad_accum / 256
 
 
 @dataclass
@@ -73,6 +85,8 @@ class TransformerSettings(DataSettings, LoopSettings):
     num_heads: int = 4
     class_dropout: float = 0.1
     init_from: str | None = None
+    label_smoothing: float = 0.0
+    checkpoint_activations: bool = False
 
 
 
@@ -85,6 +99,8 @@ NUMBER_RULES: dict[str, tuple[float, bool, float | None] | tuple[float, bool, fl
     "ffn_dim_multiplier": (0.0, False, None), "beta": (0.0, True, None), "l1_weight": (0.0, True, None),
     "mse_weight": (0.0, True, None), "vq_weight": (0.0, True, None), "share_quant_resi": (0, True, None),
     "seed": (-(2**63), True, 2**64), "quant_resi": (0.0, True, 1.0, True),
+    "grad_accum": (1, True, None), "base_lr": (0.0, False, None), "label_smoothing": (0.0, True, 1.0),
+    "adaln_gamma_init": (0.0, True, None),
 }
 """The range of each numeric training setting (``--grad-clip 0`` is off, ``--warmup-steps 0`` none)."""
 
@@ -114,10 +130,26 @@ def check_loop_settings(s: Any) -> None:
         above = high is not None and (value > high if high_inclusive else value >= high)
         if value < low or (value == low and not inclusive) or above:
             raise UsageError(f"{flag} must {_range_text(low, inclusive, high, high_inclusive)}, got {value:g}")
+    betas = getattr(s, "betas", (0.9, 0.95))
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise UsageError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.95, got {','.join(map(str, betas))}")
     weights = [getattr(s, name) for name in ("l1_weight", "mse_weight", "vq_weight") if hasattr(s, name)]
     if weights and not any(weights):
         raise UsageError("--l1-weight, --mse-weight and --vq-weight are all 0: nothing would be trained "
                          "(give one a positive weight)")
+
+
+def step_batches(s: LoopSettings, num_items: int, info: D.DistInfo) -> ShardedBatches:
+    """The items of every optimizer step: ``batch_size x grad_accum`` per step, each rank its shard
+    (one-line errors naming the flags when they do not fit the ranks or the data)."""
+    if s.batch_size % info.world_size:
+        raise UsageError(f"--batch-size {s.batch_size} is not divisible by the {info.world_size} processes "
+                         f"(torchrun --nproc_per_node); use a multiple of {info.world_size}")
+    per_step = s.batch_size * s.grad_accum
+    if num_items < per_step:
+        what = f"--batch-size {s.batch_size} x --grad-accum {s.grad_accum}" if s.grad_accum > 1 else f"--batch-size {s.batch_size}"
+        raise UsageError(f"{what} exceeds the {num_items} training images (lower it or use more data)")
+    return ShardedBatches(num_items, per_step, s.seed, info.rank, info.world_size)
 
 
 def drop_classes(labels: torch.Tensor, batches: ShardedBatches, step: int, probability: float,

@@ -114,20 +114,22 @@ class VarTrainingModule(nn.Module):
     ``forward(labels, var_input, targets, scales) -> (loss, ce, acc)``: logits of ``scales``
     (:func:`grouped_logits`), ``loss = sum of the group's token cross-entropies / (B * L)``
     (VAR's per-token weight 1/L, ``L`` the schedule's token count), ``ce`` the mean cross-entropy
-    per token of the group and ``acc`` its token accuracy (both detached). ``targets: [B, L]`` are
+    per token of the group (with ``label_smoothing``, VAR's ``--ls``) and ``acc`` its token accuracy (both detached). ``targets: [B, L]`` are
     the token indices of the whole schedule; ``var_input: [B, L - l_0, Cvae]``."""
 
-    def __init__(self, model: VAR, trajectory, pattern, backends) -> None:
+    def __init__(self, model: VAR, trajectory, pattern, backends, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.trajectory, self.pattern, self.backends = trajectory, pattern, backends
+        self.label_smoothing = label_smoothing
 
     def forward(self, labels: torch.Tensor, var_input: torch.Tensor | None, targets: torch.Tensor,
                 scales: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layout = self.model.layout
         logits = grouped_logits(self.model, self.trajectory, self.pattern, self.backends, labels, var_input, scales)
         group_targets = targets[:, token_positions(layout, scales, targets.device)]
-        ce = F.cross_entropy(logits.flatten(0, 1), group_targets.flatten(), reduction="none")
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), group_targets.flatten(), reduction="none",
+                             label_smoothing=self.label_smoothing)
         loss = ce.sum() / (targets.shape[0] * layout.length)
         acc = (logits.detach().argmax(-1) == group_targets).float().mean()
         return loss, ce.detach().mean(), acc

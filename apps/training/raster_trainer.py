@@ -42,15 +42,14 @@ from ..config import EngineConfig
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
 from .. import distributed as D
-from .batches import ShardedBatches
 from .code_cache import CodesData
-from .data_sources import MemoryData, SkippedImages, TrainingData, open_training_data
-from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
-from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp
+from .data_sources import MemoryData, TrainingData, open_training_data
+from .common import TransformerSettings, check_loop_settings, drop_classes, step_batches, training_record
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize
-from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
-from .optim import LRSchedule, build_optimizer, clip_gradients
-from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
+from .job import TrainingJob, run_job
+from .loop import Callback, TrainSummary
+from .rundir import check_run_dir
+from .stepper import check_precision, checkpoint_blocks
 
 WEIGHTS_NAME = "model.safetensors"
 KIND = "raster"
@@ -111,16 +110,15 @@ class RasterTrainingModule(nn.Module):
     """The DDP unit: ``forward(labels, tokens) -> (loss, token accuracy)`` through the engine's
     differentiable teacher-forcing path."""
 
-    def __init__(self, model: RasterGPT, components) -> None:
+    def __init__(self, model: RasterGPT, components, label_smoothing: float = 0.0) -> None:
         super().__init__()
-
-        self.model = model
+        self.model, self.label_smoothing = model, label_smoothing
         self.engine = RasterEngine(model, None, components.trajectory, components.cache, components.backends,
                                    pattern=components.pattern)
 
     def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.engine.teacher_forced_logits(labels, tokens)  # [B, n, V]
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), label_smoothing=self.label_smoothing)
         acc = (logits.detach().argmax(-1) == tokens).float().mean()
         return loss, acc
 
@@ -152,9 +150,15 @@ def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -
                      "--ffn-dim-multiplier", copies=TRAINING_COPIES)
     components = build_components(s)
     components.pattern.check_layout(sized.layout)
+    check_precision(s.precision, D.worker_device(s.device))
+    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
+                              workers=s.workers, seed=s.seed)
+    if isinstance(data, CodesData):
+        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="raster",
+                          patch_nums=(tok.latent_grid,))
     info = D.setup(s.device)
     try:
-        summary = _train(s, run, tok, components, info, callbacks)
+        summary = _train(s, run, tok, components, info, data, callbacks)
         D.barrier()  # no rank tears the group down while another is still in a collective
         return summary
     finally:
@@ -162,18 +166,11 @@ def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -
 
 
 def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, info: D.DistInfo,
-           callbacks: tuple[Callback, ...]) -> TrainSummary:
+           data: TrainingData, callbacks: tuple[Callback, ...]) -> TrainSummary:
     device = info.device
-    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
-                              workers=s.workers, seed=s.seed)
     patch_nums = (tok.latent_grid,)
-    if isinstance(data, CodesData):
-        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="raster",
-                          patch_nums=patch_nums)
     config = raster_config(s, tok, len(data.class_names))
-    batches = ShardedBatches(data.num_items, s.batch_size, s.seed, info.rank, info.world_size)
-    architecture = architecture_of(config, tok)
-
+    batches = step_batches(s, data.num_items, info)
     tokenizer = tok.model.to(device)
     if isinstance(data, MemoryData):  # the digits: tokenized once, up front
         data = data.with_tokens(tokenize(tokenizer, data.images.images, device, patch_nums=patch_nums)[0], None)
@@ -183,58 +180,27 @@ def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, 
     init_raster_weights(model)
     if s.init_from:
         load_init(model, s.init_from)
-    model.to(device).train()
-    module = RasterTrainingModule(model, components)
-    wrapped = wrap_ddp(module, info)
-    schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
-    optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
-    metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
-    start, elapsed, previous, extra = start_or_resume(run, s, kind=KIND, architecture=architecture, model=model,
-                                                  optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log,
-                                                  info=info, weights_name=WEIGHTS_NAME)
-    settings = settings_dict(s)
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        write_settings(run, {"command": "train", "world_size": info.world_size, "grid": list(config.grid), **settings})
+    if s.checkpoint_activations:
+        checkpoint_blocks(model.layers)
+    module = RasterTrainingModule(model, components, label_smoothing=s.label_smoothing)
     null_class = config.num_classes
 
-    skipped = SkippedImages(s.on_bad_image, start=int(extra.get("skipped_images", 0)))
-
-    def step_fn(step: int) -> dict[str, Any]:
-        batch = next(steps)
-        skipped.note(step, batch.skipped, len(batch.labels))
+    def prepare(batch, step: int):
         targets, _ = step_tokens(tokenizer, batch, device, patch_nums)
         labels = drop_classes(batch.labels, batches, step, s.class_dropout, null_class, batch.rows)
-        lr = optimizer.param_groups[0]["lr"]
-        loss, acc = wrapped(labels.to(device), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = clip_gradients(model.parameters(), s.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": grad_norm,
-                "skipped_images": skipped.count}
+        return labels.to(device), targets
 
-    def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
-        metrics = metrics or previous
-        total_skipped = skipped.flush(metrics_log)
-        if info.is_main:
-            export_weights(run / WEIGHTS_NAME, model.state_dict(),
-                           weights_metadata(s, config, tok, components, data, step, metrics, seconds,
-                                            info.world_size))
-        save_training_checkpoint(run, kind=KIND, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 architecture=architecture, config=settings,
-                                 extra={"elapsed": seconds, "skipped_images": total_skipped,
-                                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+    def loss(wrapped, part, step: int):
+        value, acc = wrapped(*part)
+        return value, {"acc": float(acc)}
 
-    with data.stream(batches, start, s.steps) as steps:
-        result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
-                                      checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
-                                      save_every=s.save_every, progress=s.progress, desc="train raster",
-                                      elapsed_before=elapsed, callbacks=callbacks, device=device, postfix=("loss", "acc"))
-    hashes = D.all_gather_object(state_sha256(model))
-    finish(metrics_log, result, hashes)
-    return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
+    job = TrainingJob(
+        kind=KIND, command="train", weights_name=WEIGHTS_NAME, desc="train raster", model=model, module=module,
+        architecture=architecture_of(config, tok), prepare=prepare, loss=loss,
+        metadata=lambda step, metrics, seconds, world: weights_metadata(s, config, tok, components, data, step, metrics,
+                                                                       seconds, world),
+        settings_record={"grid": list(config.grid)}, postfix=("loss", "acc"))
+    return run_job(s, job, data, batches, run, info, callbacks)
 
 
 def weights_metadata(s: RasterTrainSettings, config: RasterGPTConfig, tok: FrozenTokenizer, components, data: TrainingData,

@@ -31,13 +31,13 @@ from ...core.errors import UsageError
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig, phi_index
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from .. import distributed as D
-from .batches import CODEBOOK_STREAM, ShardedBatches, step_generator
-from .data_sources import SkippedImages, TrainingData, open_training_data
-from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
-from .common import DataSettings, LoopSettings, check_loop_settings, start_or_resume
-from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
-from .optim import LRSchedule, build_optimizer, clip_gradients
-from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
+from .batches import CODEBOOK_STREAM, step_generator
+from .common import DataSettings, LoopSettings, check_loop_settings, step_batches
+from .data_sources import TrainingData, open_training_data
+from .job import TrainingJob, run_job
+from .loop import Callback, TrainSummary
+from .rundir import check_run_dir
+from .stepper import check_precision
 
 WEIGHTS_NAME = "tokenizer.safetensors"
 KIND = "tokenizer"
@@ -166,92 +166,54 @@ def train_tokenizer(s: TokenizerTrainSettings, callbacks: tuple[Callback, ...] =
                      copies=TRAINING_COPIES)
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite, kind=KIND, weights_name=WEIGHTS_NAME,
                         inputs={})
+    check_precision(s.precision, D.worker_device(s.device))
+    data = open_training_data(s.data, s.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
+                              workers=s.workers, seed=s.seed)
+    if data.kind != "images":
+        raise UsageError(f"--data {s.data} holds codes; train-tokenizer trains on images (give the image folder the "
+                         f"codes were made from)")
     info = D.setup(s.device)
     try:
-        summary = _train(s, config, run, info, callbacks)
+        summary = _train(s, config, run, info, data, callbacks)
         D.barrier()  # no rank tears the group down while another is still in a collective
         return summary
     finally:
         D.cleanup()
 
 
-def _train(s: TokenizerTrainSettings, config: TokenizerConfig, run: Path, info: D.DistInfo,
+def _train(s: TokenizerTrainSettings, config: TokenizerConfig, run: Path, info: D.DistInfo, data: TrainingData,
            callbacks: tuple[Callback, ...]) -> TrainSummary:
     device = info.device
-    data = open_training_data(s.data, s.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
-                              workers=s.workers, seed=s.seed)
-    if data.kind != "images":
-        raise UsageError(f"--data {s.data} holds codes; train-tokenizer trains on images (give the image folder the "
-                         f"codes were made from)")
-    batches = ShardedBatches(data.num_items, s.batch_size, s.seed, info.rank, info.world_size)
-    architecture = architecture_of(config, s.resolution)
-
+    batches = step_batches(s, data.num_items, info)
     torch.manual_seed(s.seed)
     tokenizer = MultiScaleVQVAE(config)
     if s.codebook_init == "data" and not s.resume:
         init_codebook_from_data(tokenizer, data.global_images(batches, 0),
                                 step_generator(s.seed, 0, 0, stream=CODEBOOK_STREAM))
-    tokenizer.to(device).train()
     module = TokenizerTrainingModule(tokenizer, s.l1_weight, s.mse_weight, s.vq_weight)
     unused = module.unused_parameters()
-    wrapped: nn.Module = module
-    if info.distributed:
-        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                                      find_unused_parameters=bool(unused))
-    schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
-    optimizer, scheduler = build_optimizer(tokenizer, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95),
-                                           schedule=schedule)
-    metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
-    start, elapsed, previous, extra = start_or_resume(run, s, kind=KIND, architecture=architecture, model=tokenizer,
-                                                      optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log,
-                                                      info=info, weights_name=WEIGHTS_NAME)
-    if s.resume:
-        tokenizer.quantize.record_hit = int(extra.get("record_hit", 0))
-    settings = settings_dict(s)
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        write_settings(run, {"command": "train-tokenizer", "world_size": info.world_size, **settings})
-    skipped = SkippedImages(s.on_bad_image, start=int(extra.get("skipped_images", 0)))
 
-    def step_fn(step: int) -> dict[str, Any]:
-        batch = next(steps)
-        skipped.note(step, batch.skipped, len(batch.labels))
-        x = batch.images.to(device, non_blocking=True)
-        lr = optimizer.param_groups[0]["lr"]
-        loss, l1, mse, vq, usage = wrapped(x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def loss(wrapped, part, step: int):
+        value, l1, mse, vq, usage = wrapped(part[0])
+        return value, {"l1": float(l1), "mse": float(mse), "vq": float(vq), "usage": float(usage)}
+
+    def drop_unreachable(step: int) -> None:
         for p in unused:
             p.grad = None
-        grad_norm = clip_gradients(tokenizer.parameters(), s.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        mse_f = float(mse)
-        return {"loss": float(loss.detach()), "l1": float(l1), "mse": mse_f, "vq": float(vq), "usage": float(usage),
-                "psnr": 10 * math.log10(4.0 / max(mse_f, 1e-12)), "lr": lr, "grad_norm": grad_norm,
-                "skipped_images": skipped.count}
 
-    def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
-        metrics = metrics or previous
-        total_skipped = skipped.flush(metrics_log)
-        if info.is_main:
-            export_weights(run / WEIGHTS_NAME, tokenizer.state_dict(), weights_metadata(s, config, data, step, metrics,
-                                                                                      seconds, info.world_size))
-        save_training_checkpoint(run, kind=KIND, step=step, model=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                                 architecture=architecture, config=settings,
-                                 extra={"record_hit": tokenizer.quantize.record_hit, "elapsed": seconds,
-                                        "skipped_images": total_skipped,
-                                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+    def restore(extra: dict[str, Any]) -> None:
+        tokenizer.quantize.record_hit = int(extra.get("record_hit", 0))
 
-    with data.stream(batches, start, s.steps) as steps:
-        result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
-                                      checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
-                                      save_every=s.save_every, progress=s.progress, desc="train-tokenizer",
-                                      elapsed_before=elapsed, callbacks=callbacks, device=device,
-                                      postfix=("loss", "psnr", "usage"))
-    hashes = D.all_gather_object(state_sha256(tokenizer))
-    finish(metrics_log, result, hashes)
-    return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
+    job = TrainingJob(
+        kind=KIND, command="train-tokenizer", weights_name=WEIGHTS_NAME, desc="train-tokenizer", model=tokenizer,
+        module=module, architecture=architecture_of(config, s.resolution),
+        prepare=lambda batch, step: (batch.images.to(device, non_blocking=True),), loss=loss,
+        derive=lambda numbers: {"psnr": 10 * math.log10(4.0 / max(numbers["mse"], 1e-12))},
+        after_backward=drop_unreachable, find_unused_parameters=bool(unused),
+        metadata=lambda step, metrics, seconds, world: weights_metadata(s, config, data, step, metrics, seconds, world),
+        extra_state=lambda: {"record_hit": tokenizer.quantize.record_hit}, restore_extra=restore,
+        postfix=("loss", "psnr", "usage"))
+    return run_job(s, job, data, batches, run, info, callbacks)
 
 
 def weights_metadata(s: TokenizerTrainSettings, config: TokenizerConfig, data: TrainingData, step: int,

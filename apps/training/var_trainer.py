@@ -39,17 +39,16 @@ from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..model_loading import DERIVED_VAR_BUFFERS
 from ..pipeline import resolve_components
 from .. import distributed as D
-from .batches import ShardedBatches
 from .code_cache import CodesData
-from .data_sources import MemoryData, SkippedImages, TrainingData, open_training_data
-from .checkpointing import checkpoint_path, export_weights, save_training_checkpoint, state_sha256
-from .common import TransformerSettings, check_loop_settings, drop_classes, start_or_resume, training_record, wrap_ddp
+from .data_sources import MemoryData, TrainingData, open_training_data
+from .common import TransformerSettings, check_loop_settings, drop_classes, step_batches, training_record
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize  # noqa: F401 (also imported from here)
 from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
                               scales_isolated)
-from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
-from .optim import LRSchedule, build_optimizer, clip_gradients
-from .rundir import METRICS_NAME, check_run_dir, settings_dict, write_settings
+from .job import TrainingJob, run_job
+from .loop import Callback, TrainSummary
+from .rundir import check_run_dir
+from .stepper import check_precision, checkpoint_blocks
 
 WEIGHTS_NAME = "model.safetensors"
 KIND = "var"
@@ -67,6 +66,7 @@ class VarTrainSettings(TransformerSettings):
     ratio: str | None = None
     parallel_split: int | None = None
     mlp_ratio: float = 4.0
+    adaln_gamma_init: float = 1e-5
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -165,9 +165,15 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     layout = SequenceLayout.from_patch_nums(tok.patch_nums)
     components.pattern.check_layout(layout)  # e.g. --attention-apply-from names one of the tokenizer's scales
     groups, cycle = plan_groups(s, components, layout)
+    check_precision(s.precision, D.worker_device(s.device))
+    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
+                              workers=s.workers, seed=s.seed)
+    if isinstance(data, CodesData):
+        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="next-scale",
+                          patch_nums=tok.patch_nums)
     info = D.setup(s.device)
     try:
-        summary = _train(s, run, tok, components, groups, cycle, info, callbacks)
+        summary = _train(s, run, tok, components, groups, cycle, info, data, callbacks)
         D.barrier()  # no rank tears the group down while another is still in a collective
         return summary
     finally:
@@ -175,85 +181,51 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
 
 
 def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, groups: list[tuple[int, ...]],
-           cycle: tuple[int, ...], info: D.DistInfo, callbacks: tuple[Callback, ...]) -> TrainSummary:
+           cycle: tuple[int, ...], info: D.DistInfo, data: TrainingData, callbacks: tuple[Callback, ...]) -> TrainSummary:
     device = info.device
-    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
-                              workers=s.workers, seed=s.seed)
-    if isinstance(data, CodesData):
-        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="next-scale",
-                          patch_nums=tok.patch_nums)
     config = var_config(s, tok, len(data.class_names))
-    batches = ShardedBatches(data.num_items, s.batch_size, s.seed, info.rank, info.world_size)
-    architecture = architecture_of(config, tok)
-
+    batches = step_batches(s, data.num_items, info)
     tokenizer = tok.model.to(device)
     if isinstance(data, MemoryData):  # the digits: tokenized once, up front
         data = data.with_tokens(*tokenize(tokenizer, data.images.images, device))
 
     torch.manual_seed(s.seed)
     model = VAR(config)
-    init_var_weights(model)
+    init_var_weights(model, init_adaln_gamma=s.adaln_gamma_init)
     if s.init_from:
         load_into(model, read_state_dict(s.init_from), source=f"--init-from {s.init_from}", strict=True,
                   derived=DERIVED_VAR_BUFFERS)
-    model.to(device).train()
-    module = VarTrainingModule(model, components.trajectory, components.pattern, components.backends)
-    # Groups that leave out scale 0 (or every later scale) do not reach pos_start (word_embed).
-    wrapped = wrap_ddp(module, info, find_unused_parameters=s.strategy == "parallel" or config.layout.num_scales == 1)
-    schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
-    optimizer, scheduler = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, schedule=schedule)
-    metrics_log = MetricsLog(run / METRICS_NAME, enabled=info.is_main)
-    start, elapsed, previous, extra = start_or_resume(run, s, kind=KIND, architecture=architecture, model=model,
-                                                  optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log,
-                                                  info=info, weights_name=WEIGHTS_NAME)
-    settings = settings_dict(s)
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        write_settings(run, {"command": "train", "world_size": info.world_size, "groups": [list(g) for g in groups],
-                             "cycle": list(cycle), **settings})
+    if s.checkpoint_activations:
+        checkpoint_blocks(model.blocks)
+    module = VarTrainingModule(model, components.trajectory, components.pattern, components.backends,
+                               label_smoothing=s.label_smoothing)
     null_class = config.num_classes
     unused = {g: module.unused_parameters(groups[g]) for g in set(cycle)}
 
-    skipped = SkippedImages(s.on_bad_image, start=int(extra.get("skipped_images", 0)))
-
-    def step_fn(step: int) -> dict[str, Any]:
-        g = cycle[step % len(cycle)]
-        batch = next(steps)
-        skipped.note(step, batch.skipped, len(batch.labels))
+    def prepare(batch, step: int):
         targets, var_input = step_tokens(tokenizer, batch, device)
         labels = drop_classes(batch.labels, batches, step, s.class_dropout, null_class, batch.rows)
-        lr = optimizer.param_groups[0]["lr"]
-        loss, ce, acc = wrapped(labels.to(device), var_input, targets, groups[g])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in unused[g]:
+        return labels.to(device), var_input, targets
+
+    def loss(wrapped, part, step: int):
+        labels, var_input, targets = part
+        value, ce, acc = wrapped(labels, var_input, targets, groups[cycle[step % len(cycle)]])
+        return value, {"ce": float(ce), "acc": float(acc)}
+
+    def drop_unreachable(step: int) -> None:
+        for p in unused[cycle[step % len(cycle)]]:
             p.grad = None
-        grad_norm = clip_gradients(model.parameters(), s.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        return {"loss": float(loss.detach()), "ce": float(ce), "acc": float(acc), "lr": lr, "grad_norm": grad_norm,
-                "group": describe_group(groups[g]), "skipped_images": skipped.count}
 
-    def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
-        metrics = metrics or previous
-        total_skipped = skipped.flush(metrics_log)
-        if info.is_main:
-            export_weights(run / WEIGHTS_NAME, model.state_dict(),
-                           weights_metadata(s, config, tok, components, data, groups, cycle, step, metrics, seconds,
-                                            info.world_size))
-        save_training_checkpoint(run, kind=KIND, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 architecture=architecture, config=settings,
-                                 extra={"elapsed": seconds, "skipped_images": total_skipped,
-                                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
-
-    with data.stream(batches, start, s.steps) as steps:
-        result: LoopResult = run_loop(start_step=start, total_steps=s.steps, step_fn=step_fn, save_fn=save_fn,
-                                      checkpoint=checkpoint_path(run), metrics_log=metrics_log, log_every=s.log_every,
-                                      save_every=s.save_every, progress=s.progress, desc="train", elapsed_before=elapsed,
-                                      callbacks=callbacks, device=device, postfix=("loss", "acc"))
-    hashes = D.all_gather_object(state_sha256(model))
-    finish(metrics_log, result, hashes)
-    return TrainSummary(run, result.step, result.metrics or previous, result.seconds, run / WEIGHTS_NAME, hashes)
+    job = TrainingJob(
+        kind=KIND, command="train", weights_name=WEIGHTS_NAME, desc="train", model=model, module=module,
+        architecture=architecture_of(config, tok), prepare=prepare, loss=loss, after_backward=drop_unreachable,
+        labels=lambda step: {"group": describe_group(groups[cycle[step % len(cycle)]])},
+        metadata=lambda step, metrics, seconds, world: weights_metadata(s, config, tok, components, data, groups, cycle,
+                                                                       step, metrics, seconds, world),
+        # Groups that leave out scale 0 (or every later scale) do not reach pos_start (word_embed).
+        find_unused_parameters=s.strategy == "parallel" or config.layout.num_scales == 1,
+        settings_record={"groups": [list(g) for g in groups], "cycle": list(cycle)}, postfix=("loss", "acc"))
+    return run_job(s, job, data, batches, run, info, callbacks)
 
 
 def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenizer, components, data: TrainingData,
