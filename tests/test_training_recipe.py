@@ -22,8 +22,9 @@ COMMON = dict(max_images=64, lr_schedule="constant", warmup_steps=0, lr=3e-3, pr
 
 
 def var_run(out: Path, **kw):
-    s = VarTrainSettings(tokenizer=str(WEIGHTS / "tokenizer-digits.safetensors"), depth=1, embed_dim=32, num_heads=2,
-                         attention_options={"kernel_size": 3}, output=str(out), **{**COMMON, **kw})
+    tiny = dict(depth=1, embed_dim=32, num_heads=2, attention_options={"kernel_size": 3})
+    s = VarTrainSettings(tokenizer=str(WEIGHTS / "tokenizer-digits.safetensors"), output=str(out),
+                         **{**tiny, **COMMON, **kw})
     return train_var(s)
 
 
@@ -136,3 +137,55 @@ def test_recipe_bad_input(argv, needle, refused):
 def test_bf16_refused_without_native_bf16(refused, monkeypatch):
     monkeypatch.setenv("MVAR_ENGINE_CPU_BF16", "0")
     refused(["train-tokenizer", "--precision", "bf16", "--device", "cpu"], "--precision bf16 on this CPU")
+
+
+# -- --finetune-from --------------------------------------------------------------------------------
+def official_layout_checkpoint(path: Path, depth: int, num_classes: int = 10) -> Path:
+    """A random VAR in the official code's training-checkpoint layout (``['trainer']['var_wo_ddp']``,
+    DDP's ``module.`` prefix) for the shipped digits tokenizer's schedule."""
+    from mvar_engine.models.var import VAR, VARConfig
+
+    torch.manual_seed(3)
+    model = VAR(VARConfig(depth=depth, embed_dim=64, num_heads=4, num_classes=num_classes, vocab_size=512,
+                          z_channels=16, patch_nums=(1, 2, 3, 4, 6, 8)))
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"trainer": {"var_wo_ddp": state, "optimizer": {}}, "epoch": 3}, path)
+    return path
+
+
+def test_finetune_from_an_official_var_checkpoint_into_mvar(tmp_path):
+    """A random d4 VAR in the official layout loads strictly into markov/neighborhood, trains with the
+    parallel strategy, and the result generates."""
+    from mvar_engine.apps.cli import main
+
+    source = official_layout_checkpoint(tmp_path / "var_d4.pth", depth=4)
+    summary = var_run(tmp_path / "mvar", steps=3, batch_size=8, depth=4, embed_dim=64, num_heads=4,
+                      trajectory="markov", strategy="parallel", finetune_from=str(source))
+    from mvar_engine.models.checkpoint import read_state_dict
+
+    start = read_state_dict(source)
+    tuned = weights(summary)
+    assert tuned["head.weight"].shape == start["head.weight"].shape
+    unchanged = [k for k in start if k in tuned and start[k].dtype.is_floating_point and torch.equal(start[k], tuned[k])]
+    assert "blocks.0.attn.mat_qkv.weight" not in unchanged  # it trained from the loaded weights
+    assert float((tuned["blocks.0.ffn.fc1.weight"] - start["blocks.0.ffn.fc1.weight"]).abs().max()) < 0.05  # near them
+    assert main(["--trajectory", "markov", "--var-checkpoint", str(summary.weights), "--vae-checkpoint",
+                 str(WEIGHTS / "tokenizer-digits.safetensors"), "--labels", "0,1", "--output",
+                 str(tmp_path / "out.png"), "--seed", "0"]) == 0
+    assert (tmp_path / "out.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--depth", "2"], "is a VAR of --depth 4 --embed-dim 64 --num-heads 4 --mlp-ratio 4, the model here has --depth 2"),
+    (["--depth", "4", "--init-from", "{src}"], "--init-from and --finetune-from both name starting weights"),
+])
+def test_finetune_from_another_size_is_refused(extra, needle, refused, tmp_path_factory):
+    source = official_layout_checkpoint(tmp_path_factory.mktemp("ft") / "var_d4.pth", depth=4)
+    extra = [e.format(src=source) for e in extra]
+    refused(["train", "--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors"), "--embed-dim", "64",
+             "--num-heads", "4", "--finetune-from", str(source), *extra], needle)
+
+
+def test_finetune_from_another_family_is_refused(refused):
+    refused(["train", "--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors"), "--finetune-from",
+             str(WEIGHTS / "raster-digits.safetensors")], "holds raster weights")

@@ -211,6 +211,10 @@ def var_parser(trajectory: str | None = None, attention: str | None = None, add_
                    help=f"probability of the null class (CFG training; default {d.class_dropout:g})")
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from VAR/MVAR weights of the same architecture (.pth, .safetensors, checkpoint.pt)")
+    m.add_argument("--finetune-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune an official VAR or MVAR checkpoint (var_d16.pth, mvar-d16.pth, a training "
+                        "checkpoint of either) into this trajectory, e.g. --trajectory markov --strategy parallel; "
+                        "the size flags must match it")
     m.add_argument("--adaln-gamma-init", type=float, default=d.adaln_gamma_init, metavar="G",
                    help=f"scale of the AdaLN gamma weights at initialisation (VAR's --alng; default {d.adaln_gamma_init:g})")
     transformer_flags(m, d)
@@ -248,6 +252,7 @@ def parse_var_args(argv: Sequence[str]) -> VarTrainSettings:
         class_dropout=args.class_dropout, init_from=args.init_from, seed=args.seed, output=args.output,
         save_every=args.save_every, log_every=args.log_every, resume=args.resume, overwrite=args.overwrite,
         device=args.device, progress=not args.no_progress, adaln_gamma_init=args.adaln_gamma_init,
+        finetune_from=args.finetune_from,
         **transformer_values(args))
 
 

@@ -180,7 +180,9 @@ def training_record(s: Any, *, step: int, metrics: dict[str, Any], seconds: floa
     it got, its last logged numbers (``final_loss``, ``final``) and ``extra`` trainer-specific keys."""
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
     return {"steps": step, "total_steps": s.steps, **extra,
-            "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay,
+            "batch_size": s.batch_size, "grad_accum": s.grad_accum, "lr": s.peak_lr, "base_lr": s.base_lr,
+            "betas": list(s.betas), "precision": s.precision, "weight_decay": s.weight_decay,
+            "label_smoothing": s.label_smoothing, "finetune_from": getattr(s, "finetune_from", None),
             "warmup_steps": s.warmup_steps, "lr_schedule": s.lr_schedule, "grad_clip": s.grad_clip,
             "class_dropout": s.class_dropout, "init_from": s.init_from, "backend": s.backend,
             "seed": s.seed, "world_size": world_size, "seconds": round(seconds, 2),

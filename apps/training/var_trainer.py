@@ -36,7 +36,7 @@ from ...models.var import VAR, VARConfig
 from ..cli_helpers import architecture_error
 from ..config import EngineConfig
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
-from ..model_loading import DERIVED_VAR_BUFFERS
+from ..model_loading import DERIVED_VAR_BUFFERS, var_architecture
 from ..pipeline import resolve_components
 from .. import distributed as D
 from .code_cache import CodesData
@@ -67,6 +67,7 @@ class VarTrainSettings(TransformerSettings):
     parallel_split: int | None = None
     mlp_ratio: float = 4.0
     adaln_gamma_init: float = 1e-5
+    finetune_from: str | None = None
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -101,6 +102,30 @@ def init_var_weights(model: VAR, init_adaln: float = 0.5, init_adaln_gamma: floa
             lin.weight[:2 * c].mul_(init_adaln_gamma)
         model.head_nm.ada_lin[-1].weight.mul_(init_adaln)
         model.head.weight.mul_(init_head)
+
+
+ARCHITECTURE_FLAGS = {"depth": "--depth", "width": "--embed-dim", "heads": "--num-heads", "mlp_ratio": "--mlp-ratio"}
+"""The model's size as flags, in the order a fix names them."""
+
+
+def check_finetune_source(path: str, config: VARConfig) -> None:
+    """``--finetune-from``: an official VAR or MVAR checkpoint in any of their layouts (a flat state
+    dict, ``['trainer']['var_wo_ddp']``, ``['mvar_wo_ddp']``, DDP prefixes) or our weights, whose
+    architecture is this model's: another family or size is a one-line error naming the flags
+    that would match it, before any model is built."""
+    found = var_architecture(path, patch_nums=config.patch_nums)
+    sizes = [(flag, getattr(found, name), getattr(config, name)) for name, flag in ARCHITECTURE_FLAGS.items()]
+    if any(held != ours for _, held, ours in sizes):
+        held = " ".join(f"{flag} {value:g}" for flag, value, _ in sizes)
+        ours = " ".join(f"{flag} {value:g}" for flag, _, value in sizes)
+        raise UsageError(f"--finetune-from {path} is a VAR of {held}, the model here has {ours}: give {held}")
+    if found.num_classes != config.num_classes:
+        raise UsageError(f"--finetune-from {path} has {found.num_classes} classes, --data has {config.num_classes} "
+                         f"(fine-tune on data with its classes)")
+    if (found.vocab_size, found.z_channels) != (config.vocab_size, config.z_channels):
+        raise UsageError(f"--finetune-from {path} predicts {found.vocab_size} codes of {found.z_channels} channels, "
+                         f"--tokenizer has {config.vocab_size} of {config.z_channels} (give the tokenizer it was "
+                         f"trained with)")
 
 
 def architecture_of(config: VARConfig, tok: FrozenTokenizer) -> dict[str, Any]:
@@ -156,8 +181,11 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     """Train (or resume) a VAR/MVAR transformer per ``s``; see the module docstring. Under torchrun
     every rank calls this; files are written by rank 0."""
     check_loop_settings(s)
+    if s.init_from and s.finetune_from:
+        raise UsageError("--init-from and --finetune-from both name starting weights (give one)")
     run = check_run_dir(s.output, resume=s.resume, overwrite=s.overwrite, kind=KIND, weights_name=WEIGHTS_NAME,
-                        inputs={"--tokenizer": s.tokenizer, "--init-from": s.init_from})
+                        inputs={"--tokenizer": s.tokenizer, "--init-from": s.init_from,
+                                "--finetune-from": s.finetune_from})
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
     refuse_unfitting({"transformer": var_config(s, tok, num_classes=1)}, torch.device("cpu"),
                      "--depth, --embed-dim, --num-heads, --mlp-ratio", copies=TRAINING_COPIES)
@@ -171,6 +199,8 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     if isinstance(data, CodesData):
         data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="next-scale",
                           patch_nums=tok.patch_nums)
+    if s.finetune_from:
+        check_finetune_source(s.finetune_from, var_config(s, tok, len(data.class_names)))
     info = D.setup(s.device)
     try:
         summary = _train(s, run, tok, components, groups, cycle, info, data, callbacks)
@@ -192,9 +222,9 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
     torch.manual_seed(s.seed)
     model = VAR(config)
     init_var_weights(model, init_adaln_gamma=s.adaln_gamma_init)
-    if s.init_from:
-        load_into(model, read_state_dict(s.init_from), source=f"--init-from {s.init_from}", strict=True,
-                  derived=DERIVED_VAR_BUFFERS)
+    for flag, source in (("--init-from", s.init_from), ("--finetune-from", s.finetune_from)):
+        if source:
+            load_into(model, read_state_dict(source), source=f"{flag} {source}", strict=True, derived=DERIVED_VAR_BUFFERS)
     if s.checkpoint_activations:
         checkpoint_blocks(model.blocks)
     module = VarTrainingModule(model, components.trajectory, components.pattern, components.backends,
