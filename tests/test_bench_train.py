@@ -46,3 +46,27 @@ def test_bad_input_is_one_line(tmp_cwd, argv, needle, capsys):
     assert main(["bench", "train"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_throughput_rows_run_real_training_steps(tmp_cwd, capsys):
+    """--throughput: VAR and MVAR from codes and from images, each a real training run in a fresh
+    process; the parallel row weighs its groups by the ratio; shares are fractions of the step."""
+    argv = ["bench", "train", "--throughput", "--depth", "1", "--patch-nums", "1,2,4", "--batch-size", "2",
+            "--images", "4", "--cycles", "1", "--precisions", "fp32,fp16", "--workers", "0", "--output", "t.json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((tmp_cwd / "t.json").read_text())
+    rows = {(r["model"], r["precision"], r["source"]): r for r in data["results"]}
+    assert set(rows) == {(m, p, s) for m in ("VAR", "MVAR") for p in ("fp32", "fp16") for s in ("codes", "images")}
+    assert all("CUDA only" in rows[m, "fp16", s]["skipped"] for m in ("VAR", "MVAR") for s in ("codes", "images"))
+    for (model, precision, source), row in rows.items():
+        if precision == "fp16":
+            continue
+        assert row["images_per_s"] == pytest.approx(2 / row["step_s"]) and 0 <= row["data_wait_share"] < 1
+        groups = {r["group"] for r in row["steps"]}
+        assert len(groups) == (3 if model == "MVAR" else 1) and len(row["steps"]) == 2 * len(groups)
+    mvar = rows["MVAR", "fp32", "codes"]["median_step_s_per_group"]
+    assert list(mvar) == ["0", "1", "2"]  # the parallel groups: one scale each at this schedule
+    assert rows["MVAR", "fp32", "codes"]["step_s"] == pytest.approx((8 * mvar["0"] + mvar["1"] + mvar["2"]) / 10)
+    # encoding the images each step is work the codes spare
+    assert rows["VAR", "fp32", "images"]["prepare_share"] > rows["VAR", "fp32", "codes"]["prepare_share"]
+    assert data["cache_codes"]["images_per_s"] > 0 and "cache-codes:" in capsys.readouterr().out

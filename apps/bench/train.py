@@ -33,6 +33,7 @@ from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
 from ..training.grouped_forward import grouped_logits, parallel_groups, parse_ratio
 from .report import format_table, machine_info, peak_rss_bytes, reset_peak_rss, rss_bytes, worker_env, write_json
+from .train_throughput import ThroughputConfig, run_throughput
 
 STRATEGIES = ("sequence", "parallel")
 
@@ -230,11 +231,37 @@ def cmd_bench_train(argv: Sequence[str]) -> int:
                    help=f"default {','.join(STRATEGIES)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--seed", type=seed_int, default=d.seed)
-    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
+    p.add_argument("--output", metavar="PATH", default=None,
+                   help=f"JSON report (default {d.output}; with --throughput {ThroughputConfig.output})")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    t = p.add_argument_group("throughput (--throughput: images/s of real training steps, VAR vs MVAR, per precision "
+                             "and data source; module docs in apps/bench/train_throughput.py)")
+    t.add_argument("--throughput", action="store_true", help="measure throughput instead of memory")
+    t.add_argument("--cycles", type=int, default=ThroughputConfig.cycles,
+                   help=f"timed steps (sequence) or group cycles (parallel) after one untimed (default {ThroughputConfig.cycles})")
+    t.add_argument("--precisions", type=name_list, default=ThroughputConfig.precisions, metavar="P,...",
+                   help="default fp32,bf16 (bf16 rows are skipped with the reason where the device lacks it)")
+    t.add_argument("--sources", type=name_list, default=ThroughputConfig.sources, metavar="S,...",
+                   help="codes (cache-codes, memory-mapped) and/or images (decoded by workers, encoded each step)")
+    t.add_argument("--images", type=int, default=ThroughputConfig.images, help="synthetic images written for the "
+                   f"run (default {ThroughputConfig.images})")
+    t.add_argument("--workers", type=int, default=ThroughputConfig.workers, help="DataLoader workers "
+                   f"(default {ThroughputConfig.workers})")
+    t.add_argument("--workdir", default=None, metavar="DIR", help="where the temporary inputs go (default: the "
+                   "system's temp folder)")
     add_overwrite_flag(p)
     args = p.parse_args(argv)
+    if args.throughput:
+        output = args.output or ThroughputConfig.output
+        check_outputs({"--output": output}, args.overwrite)  # before any work
+        run_throughput(ThroughputConfig(
+            depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size if "--batch-size" in argv
+            else ThroughputConfig.batch_size, cycles=args.cycles, ratio=args.ratio, strategies=args.strategies,
+            precisions=args.precisions, sources=args.sources, images=args.images, workers=args.workers,
+            device=args.device, seed=args.seed, output=output, workdir=args.workdir, table=not args.no_table))
+        return 0
+    args.output = args.output or d.output
     check_outputs({"--output": args.output}, args.overwrite)  # before any work
     run_bench_train(BenchTrainConfig(depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size,
                                      steps=args.steps, ratio=args.ratio, kernel_size=args.kernel_size,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ...core.errors import UsageError
 from ...core.files import WRITTEN_BY, atomic_write, remove_orphan_temps, writer
 from .. import distributed as D
-from ..cli_helpers import check_output_path
+from ..cli_helpers import PROG, Parser, check_output_path, int_list
 from ..data import list_image_folder
 from .code_cache import (FORMAT, LABELS_NAME, MANIFEST_NAME, PLAN_NAME, VERSION, is_codes_folder, read_json,
                          scale_hws, shard_stem)
@@ -234,8 +234,6 @@ def summary_line(manifest_path: Path) -> str:
 
 
 def parse_cache_codes(argv: Sequence[str]) -> CacheCodesSettings:
-    from ..cli_helpers import PROG, Parser, int_list
-
     d = CacheCodesSettings()
     p = Parser(prog=f"{PROG} cache-codes", allow_abbrev=False,
                description="Encode a class-per-subfolder image folder with a frozen tokenizer into sharded, "

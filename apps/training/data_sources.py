@@ -1,5 +1,5 @@
-"""Where a trainer's steps come from: one :class:`TrainingData` per ``--data`` kind, each yielding a
-:class:`StepBatch` per step.
+"""Where a trainer's steps come from: one :class:`TrainingData` per ``--data`` kind (chosen by
+:func:`.training_data.open_training_data`), each yielding a :class:`StepBatch` per step.
 
 - ``digits`` (:class:`MemoryData`): the small built-in set, held in memory (its tokens computed
   once up front by the transformer trainers);
@@ -22,10 +22,9 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-from ...core.errors import UsageError
 from .. import distributed as D
 from ..data import DataError, ImageSet, list_image_folder, split_indices
-from .batches import ShardedBatches, load_images
+from .batches import ShardedBatches
 from .image_stream import Crop, FolderItems, Skip, StepRequests, folder_loader
 
 OnBadImage = Literal["skip", "fail"]
@@ -128,28 +127,6 @@ class FolderData(TrainingData):
         if not images:
             raise DataError(f"--data {self.source}: no image of the first batch could be read")
         return torch.stack(images)
-
-
-def open_training_data(data: str, resolution: int, split: str, max_images: int | None, *, crop: Crop | None,
-                       hflip: bool, workers: int, seed: int) -> TrainingData:
-    """The source ``--data`` names: ``digits``, an image folder, or a ``cache-codes`` folder (see
-    :mod:`.code_cache`); flags a source cannot honour are one-line :class:`UsageError` s."""
-    if workers < 0:
-        raise UsageError(f"--workers must be at least 0 (0 reads in the main process), got {workers}")
-    if max_images is not None and max_images < 1:
-        raise UsageError(f"--max-images must be at least 1, got {max_images}")
-    if data is not None and not str(data).strip():
-        raise DataError("--data is empty: give 'digits' or a folder with one subfolder of images per class")
-    if data in (None, "digits"):
-        if crop is not None or hflip:
-            raise UsageError("--crop and --hflip apply to an image folder or a codes folder; the digits are used as "
-                             "they are (drop the flags, or give --data FOLDER)")
-        return MemoryData(load_images("digits", resolution, split, max_images))
-    from .code_cache import CodesData, is_codes_folder
-
-    if is_codes_folder(data):
-        return CodesData(data, split, max_images, crop=crop, hflip=hflip)
-    return FolderData(data, resolution, split, max_images, crop=crop or "random", hflip=hflip, workers=workers, seed=seed)
 
 
 class SkippedImages:

@@ -3,10 +3,15 @@ resume, settings record, data stream, optimizer steps (:mod:`.stepper`: micro-ba
 clipping), skipped-image accounting, checkpoints and weights exports, metrics, signals and progress
 (:func:`.loop.run_loop`). A trainer builds its model and describes itself as a :class:`TrainingJob`:
 how a step's batch becomes tensors, the loss of a micro-batch, and its weights' metadata.
+
+Each step's metrics carry ``data_wait_s`` (time blocked on the data stream: workers behind) and
+``prepare_s`` (turning the batch into tensors: tokenizing images, rebuilding the next-scale input;
+host time, so on CUDA it counts launches until something synchronises).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -88,12 +93,17 @@ def run_job(s: LoopSettings, job: TrainingJob, data: TrainingData, batches: Shar
     skipped = SkippedImages(getattr(s, "on_bad_image", "skip"), start=int(extra.get("skipped_images", 0)))
 
     def step_fn(step: int) -> dict[str, Any]:
+        started = time.perf_counter()
         batch = next(steps)
+        waited = time.perf_counter()
         skipped.note(step, batch.skipped, len(batch.labels))
-        parts = micro_batches(job.prepare(batch, step), s.grad_accum)
+        tensors = job.prepare(batch, step)
+        prepared = time.perf_counter()
         after = (lambda: job.after_backward(step)) if job.after_backward is not None else None
-        numbers = stepper(parts, lambda part: job.loss(wrapped, part, step), after_backward=after)
-        return {**numbers, **job.derive(numbers), **job.labels(step), "skipped_images": skipped.count}
+        numbers = stepper(micro_batches(tensors, s.grad_accum), lambda part: job.loss(wrapped, part, step),
+                          after_backward=after)
+        return {**numbers, **job.derive(numbers), **job.labels(step), "skipped_images": skipped.count,
+                "data_wait_s": waited - started, "prepare_s": prepared - waited}
 
     def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
         metrics = metrics or previous

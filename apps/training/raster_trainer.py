@@ -43,7 +43,8 @@ from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
 from .. import distributed as D
 from .code_cache import CodesData
-from .data_sources import MemoryData, TrainingData, open_training_data
+from .data_sources import MemoryData, TrainingData
+from .training_data import open_training_data
 from .common import TransformerSettings, check_loop_settings, drop_classes, step_batches, training_record
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize
 from .job import TrainingJob, run_job

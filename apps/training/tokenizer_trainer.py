@@ -33,7 +33,8 @@ from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from .. import distributed as D
 from .batches import CODEBOOK_STREAM, step_generator
 from .common import DataSettings, LoopSettings, check_loop_settings, step_batches
-from .data_sources import TrainingData, open_training_data
+from .data_sources import TrainingData
+from .training_data import open_training_data
 from .job import TrainingJob, run_job
 from .loop import Callback, TrainSummary
 from .rundir import check_run_dir

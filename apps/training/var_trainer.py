@@ -40,7 +40,8 @@ from ..model_loading import DERIVED_VAR_BUFFERS, var_architecture
 from ..pipeline import resolve_components
 from .. import distributed as D
 from .code_cache import CodesData
-from .data_sources import MemoryData, TrainingData, open_training_data
+from .data_sources import MemoryData, TrainingData
+from .training_data import open_training_data
 from .common import TransformerSettings, check_loop_settings, drop_classes, step_batches, training_record
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize  # noqa: F401 (also imported from here)
 from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
