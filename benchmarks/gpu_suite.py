@@ -19,6 +19,8 @@ Steps, in order (each with its own time limit, skipped with the reason once the 
 5. ``matrix-raster``: LlamaGen-B (576 tokens), batch 32 and 128, bf16: full vs ssd at 20%, eager and
    compiled (CUDA graphs), and ssd's buffer variant (``buffer=row``: SSD's 10.7x setting).
 6. ``capacity``: ``bench capacity`` at a 40 GiB budget (largest batch and throughput per policy).
+7. ``train-throughput``: ``bench train --throughput`` at VAR-d16 256px, batch 16, bf16: VAR's sequence
+   vs MVAR's parallel strategy, from codes and from images (images/s, data-wait share).
 
 Written under ``OUT_DIR``: ``suite.json`` (rewritten atomically after every step: command, status,
 exit code, seconds, the files the step wrote), one ``NAME.log`` per step and each benchmark's own
@@ -87,11 +89,14 @@ def steps(out: Path) -> list[Step]:
                                                        "raster/dense/ssd:budget=0.2,raster/dense/ssd:budget=0.2@compile,"
                                                        "raster/dense/ssd:budget=0.2:buffer=row",
                                           "--dtype", "bfloat16", "--repeats", "1", "--warmup", "1", *common,
-                                          "--output", o("matrix-raster.json")), 120,
+                                          "--output", o("matrix-raster.json")), 90,
              ["matrix-raster.json", "matrix-raster.md"]),
         Step("capacity", mvar_engine("bench", "capacity", "--memory-budget", "40GiB", "--dtype", "bfloat16",
-                                     "--repeats", "2", *common, "--output", o("capacity.json")), 90,
+                                     "--repeats", "2", *common, "--output", o("capacity.json")), 60,
              ["capacity.json", "capacity.md"]),
+        Step("train-throughput", mvar_engine("bench", "train", "--throughput", "--precisions", "bf16", "--batch-size",
+                                             "16", "--images", "64", "--cycles", "1", *common,
+                                             "--output", o("train-throughput.json")), 60, ["train-throughput.json"]),
     ]
 
 

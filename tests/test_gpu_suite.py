@@ -26,7 +26,7 @@ def test_dry_run_resolves_every_step(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "out" / "suite.json").read_text())
     names = [s["name"] for s in report["steps"]]
-    assert names == ["pytest-cuda", "bench-attention", "matrix-d16", "matrix-raster", "capacity"]
+    assert names == ["pytest-cuda", "bench-attention", "matrix-d16", "matrix-raster", "capacity", "train-throughput"]
     assert all(s["status"] == "resolved" for s in report["steps"]), report["steps"]
     assert report["dry_run"] and report["setup"]["torch"]
     assert sum(s["timeout_s"] for s in report["steps"]) <= 480  # the 8-minute budget

@@ -189,3 +189,41 @@ def test_finetune_from_another_size_is_refused(extra, needle, refused, tmp_path_
 def test_finetune_from_another_family_is_refused(refused):
     refused(["train", "--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors"), "--finetune-from",
              str(WEIGHTS / "raster-digits.safetensors")], "holds raster weights")
+
+
+# -- --shard (FSDP2) --------------------------------------------------------------------------------
+def test_shard_under_torchrun_trains_as_one_process_and_resumes_exactly(tmp_path):
+    """torchrun, 2 CPU processes (gloo), --shard: FSDP2 units per block; 4 steps land on the single
+    process's weights (float tolerance: reduce-scatter sums in another order), and a run saved at
+    step 2 and resumed (--shard) ends on the uninterrupted sharded run's exact weights."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, torchrun_env
+
+    flags = ["train", "--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors"), "--depth", "2", "--embed-dim", "32",
+             "--num-heads", "2", "--attention-kernel-size", "3", "--max-images", "64", "--split", "all",
+             "--batch-size", "8", "--grad-accum", "2", "--lr", "3e-3", "--lr-schedule", "constant", "--warmup-steps",
+             "0", "--save-every", "2", "--log-every", "1", "--no-progress", "--shard"]
+
+    def torchrun(output: str, steps: int, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "mvar_engine.apps.cli", *flags, "--output", output, "--steps", str(steps), *extra]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+
+    torchrun("whole", 4)
+    torchrun("cut", 2)
+    torchrun("cut", 4, "--resume")
+    single = var_run(tmp_path / "single", steps=4, batch_size=8, grad_accum=2, depth=2, max_images=64, save_every=2)
+    sharded, resumed = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert all(torch.equal(sharded[k], resumed[k]) for k in sharded)
+    assert_close_weights(weights(single), sharded, atol=1e-5)
+    import json
+
+    ends = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [e for e in ends if e.get("event") == "end"][-1]["world_size"] == 2
+
+
+def test_shard_needs_torchrun(refused):
+    refused(["train", "--tokenizer", str(WEIGHTS / "tokenizer-digits.safetensors"), "--shard"], "--shard splits the model")

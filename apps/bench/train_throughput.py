@@ -173,19 +173,22 @@ def run_row(settings: dict[str, Any], steps: int) -> dict[str, Any]:
 
 
 def summarise(config: ThroughputConfig, strategy: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean step (ratio-weighted over the parallel groups), images/s and the data shares, from the
-    timed steps (after the untimed first step or cycle)."""
+    """Mean step (ratio-weighted over the parallel groups), images/s and the data shares (of the
+    same weighted step), from the timed steps (after the untimed first step or cycle)."""
     groups = sorted({r["group"] for r in records}, key=[r["group"] for r in records].index)
     timed = records[len(groups):]
-    per_group = {g: median(r["seconds"] for r in timed if r["group"] == g) for g in groups}
     weights = list(config.ratio) if strategy == "parallel" else [1]
     if strategy == "parallel" and len(weights) != len(groups):
         weights = [1] * len(groups)
-    step = sum(w * per_group[g] for w, g in zip(weights, groups)) / sum(weights)
-    total = sum(r["seconds"] for r in timed)
+
+    def weighted(key: str) -> tuple[float, dict[str, float]]:
+        """The ratio-weighted mean of the per-group medians of ``key``, and those medians."""
+        medians = {g: median(r[key] for r in timed if r["group"] == g) for g in groups}
+        return sum(w * medians[g] for w, g in zip(weights, groups)) / sum(weights), medians
+
+    (step, per_group), (wait, _), (prepare, _) = weighted("seconds"), weighted("data_wait_s"), weighted("prepare_s")
     return {"step_s": step, "images_per_s": config.batch_size / step, "median_step_s_per_group": per_group,
-            "data_wait_share": sum(r["data_wait_s"] for r in timed) / total,
-            "prepare_share": sum(r["prepare_s"] for r in timed) / total, "steps": records}
+            "data_wait_share": wait / step, "prepare_share": prepare / step, "steps": records}
 
 
 def run_throughput(config: ThroughputConfig, out=None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from torch import nn
 from ...core.errors import CheckpointError
 from ...models.checkpoint import METADATA_KEY, atomic_write, save_state_dict
 from .. import distributed as D
+from .sharding import full_model_state, full_optimizer_state, is_sharded, load_full_state
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mvar-engine/training-checkpoint"
@@ -89,10 +90,12 @@ def save_training_checkpoint(run_dir: str | Path, *, kind: str, step: int, model
                              config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path | None:
     """Write ``<run_dir>/checkpoint.pt`` atomically; returns its path on rank 0, None elsewhere.
 
-    Collective under torchrun: every rank must call it (each contributes its RNG state; rank 0
-    writes; all ranks leave together). ``model`` is the bare module (not the DDP wrapper).
+    Collective under torchrun: every rank must call it (each contributes its RNG state and, when
+    sharded, its shards; rank 0 writes; all ranks leave together). ``model`` is the bare module (not
+    the DDP wrapper), possibly sharded by ``--shard`` (:mod:`.sharding`).
     """
     rng_per_rank = D.all_gather_object(capture_rng())
+    model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)  # collective
     path = None
     if D.is_main():
         payload = {
@@ -100,8 +103,9 @@ def save_training_checkpoint(run_dir: str | Path, *, kind: str, step: int, model
             "version": CHECKPOINT_VERSION,
             "kind": kind,
             "step": int(step),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "sharded": is_sharded(model),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_per_rank,
             "world_size": D.world_size(),
@@ -146,8 +150,11 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
     A checkpoint written with another world size restores rank 0's RNG state on every rank (the
     trainers draw their batches and dropout from per-step seeded generators, so only the global
     generators, which they do not consume, are affected)."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if bool(ckpt.get("sharded", False)) != is_sharded(model):
+        saved = "with" if ckpt.get("sharded") else "without"
+        raise CheckpointError(f"--resume: the checkpoint was saved {saved} --shard, whose optimizer state has another "
+                              f"layout; resume {saved} --shard")
+    load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
     rngs = ckpt.get("rng") or []
@@ -168,7 +175,7 @@ def state_sha256(module: nn.Module) -> str:
     """Hex SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in key order);
     equal on two ranks exactly when their weights and buffers are bit-identical."""
     h = hashlib.sha256()
-    for key, value in module.state_dict().items():
+    for key, value in full_model_state(module, everywhere=True).items():
         t = value.detach().cpu().contiguous().reshape(-1)
         h.update(f"{key}:{t.dtype}:{tuple(value.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

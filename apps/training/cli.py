@@ -105,10 +105,14 @@ def transformer_flags(m: argparse._ArgumentGroup, d: Any) -> None:
     m.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute each block's activations in backward instead of storing them (less memory, "
                         "about a third more compute)")
+    m.add_argument("--shard", action="store_true",
+                   help="under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer state "
+                        "(models whose optimizer state does not fit one GPU: d24, d30); default DDP")
 
 
 def transformer_values(args: argparse.Namespace) -> dict[str, Any]:
-    return {"label_smoothing": args.label_smoothing, "checkpoint_activations": args.checkpoint_activations}
+    return {"label_smoothing": args.label_smoothing, "checkpoint_activations": args.checkpoint_activations,
+            "shard": args.shard}
 
 
 def tokenizer_parser() -> Parser:

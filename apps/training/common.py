@@ -16,6 +16,7 @@ from torch import nn
 from ...core.errors import UsageError
 from ...models.checkpoint import check_finite
 from .. import distributed as D
+from ..cli_helpers import under_torchrun
 from .batches import DROPOUT_STREAM, ShardedBatches
 from .checkpointing import checkpoint_path, load_training_checkpoint, restore_training_state
 from .rundir import fresh_start, remove_run_temps
@@ -87,6 +88,7 @@ class TransformerSettings(DataSettings, LoopSettings):
     init_from: str | None = None
     label_smoothing: float = 0.0
     checkpoint_activations: bool = False
+    shard: bool = False
 
 
 
@@ -137,6 +139,13 @@ def check_loop_settings(s: Any) -> None:
     if weights and not any(weights):
         raise UsageError("--l1-weight, --mse-weight and --vq-weight are all 0: nothing would be trained "
                          "(give one a positive weight)")
+
+
+def check_shard(s: Any) -> None:
+    """``--shard`` (FSDP2) shards over torchrun's processes: refused in a single process."""
+    if getattr(s, "shard", False) and not under_torchrun():
+        raise UsageError("--shard splits the model over torchrun's processes; launch with torchrun --nproc_per_node N "
+                         "(N >= 2), or drop --shard")
 
 
 def step_batches(s: LoopSettings, num_items: int, info: D.DistInfo) -> ShardedBatches:

@@ -114,8 +114,9 @@ class VarTrainingModule(nn.Module):
     ``forward(labels, var_input, targets, scales) -> (loss, ce, acc)``: logits of ``scales``
     (:func:`grouped_logits`), ``loss = sum of the group's token cross-entropies / (B * L)``
     (VAR's per-token weight 1/L, ``L`` the schedule's token count), ``ce`` the mean cross-entropy
-    per token of the group (with ``label_smoothing``, VAR's ``--ls``) and ``acc`` its token accuracy (both detached). ``targets: [B, L]`` are
-    the token indices of the whole schedule; ``var_input: [B, L - l_0, Cvae]``."""
+    per token of the group (with ``label_smoothing``, VAR's ``--ls``) and ``acc`` its token
+    accuracy (both detached). ``targets: [B, L]`` are the token indices of the whole schedule;
+    ``var_input: [B, L - l_0, Cvae]``."""
 
     def __init__(self, model: VAR, trajectory, pattern, backends, label_smoothing: float = 0.0) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ from .data_sources import SkippedImages, StepBatch, TrainingData
 from .loop import Callback, LoopResult, MetricsLog, TrainSummary, finish, run_loop
 from .optim import LRSchedule, build_optimizer
 from .rundir import METRICS_NAME, settings_dict, write_settings
+from .sharding import full_model_state, shard_model
 from .stepper import OptimizerStep, micro_batches
 
 Tensors = tuple[torch.Tensor | None, ...]
@@ -44,7 +45,8 @@ class TrainingJob:
     - ``labels(step)``: non-numeric metrics of the step (the parallel strategy's group);
     - ``derive(numbers)``: numbers computed from the step's averaged ones (PSNR from the MSE);
     - ``after_backward(step)``: e.g. drop the gradients of parameters the step cannot reach;
-    - ``extra_state()`` / ``restore_extra(extra)``: trainer counters kept in the checkpoint.
+    - ``extra_state()`` / ``restore_extra(extra)``: trainer counters kept in the checkpoint;
+    - ``shard_units``: the modules ``--shard`` makes FSDP2 units (the transformer blocks).
     """
 
     kind: str
@@ -61,6 +63,7 @@ class TrainingJob:
     derive: Callable[[dict[str, float]], dict[str, float]] = lambda numbers: {}
     after_backward: Callable[[int], None] | None = None
     find_unused_parameters: bool = False
+    shard_units: tuple[nn.Module, ...] = ()
     settings_record: dict[str, Any] = field(default_factory=dict)
     extra_state: Callable[[], dict[str, Any]] = lambda: {}
     restore_extra: Callable[[dict[str, Any]], None] = lambda extra: None
@@ -73,7 +76,11 @@ def run_job(s: LoopSettings, job: TrainingJob, data: TrainingData, batches: Shar
     ``on_bad_image``, ``grad_accum``, ``precision``); every rank calls it, rank 0 writes."""
     device = info.device
     job.model.to(device).train()
-    wrapped = wrap_ddp(job.module, info, find_unused_parameters=job.find_unused_parameters)
+    if getattr(s, "shard", False):  # the training module is the root unit: its forward gathers the rest
+        shard_model(job.module, job.shard_units)
+        wrapped = job.module
+    else:
+        wrapped = wrap_ddp(job.module, info, find_unused_parameters=job.find_unused_parameters)
     schedule = LRSchedule(total=s.steps, warmup=s.warmup_steps, kind=s.lr_schedule)
     optimizer, scheduler = build_optimizer(job.model, lr=s.peak_lr, weight_decay=s.weight_decay,
                                            betas=tuple(s.betas), schedule=schedule)
@@ -108,9 +115,9 @@ def run_job(s: LoopSettings, job: TrainingJob, data: TrainingData, batches: Shar
     def save_fn(step: int, metrics: dict[str, Any], seconds: float) -> None:
         metrics = metrics or previous
         total_skipped = skipped.flush(metrics_log)
+        state = full_model_state(job.model)  # collective when sharded
         if info.is_main:
-            export_weights(run / job.weights_name, job.model.state_dict(),
-                           job.metadata(step, metrics, seconds, info.world_size))
+            export_weights(run / job.weights_name, state, job.metadata(step, metrics, seconds, info.world_size))
         save_training_checkpoint(run, kind=job.kind, step=step, model=job.model, optimizer=optimizer,
                                  scheduler=scheduler, architecture=job.architecture, config=settings,
                                  extra={"elapsed": seconds, "skipped_images": total_skipped,

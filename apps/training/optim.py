@@ -15,6 +15,8 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from .sharding import total_norm
+
 ScheduleName = Literal["cosine", "linear", "constant"]
 NO_DECAY_NAMES = ("pos_start", "pos_1LC", "class_emb", "lvl_embed", "scale_mul", "embedding")
 
@@ -69,10 +71,12 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
 
 
 def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip the global gradient norm to ``max_norm`` (<= 0: no clipping); returns the norm before."""
+    """Clip the global gradient norm to ``max_norm`` (<= 0: no clipping); returns the norm before
+    (sharded gradients included: the norm is over the whole model)."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return 0.0
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # clip_grad_norm_'s own two halves
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(total_norm(norm))

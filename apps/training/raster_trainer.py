@@ -45,7 +45,8 @@ from .. import distributed as D
 from .code_cache import CodesData
 from .data_sources import MemoryData, TrainingData
 from .training_data import open_training_data
-from .common import TransformerSettings, check_loop_settings, drop_classes, step_batches, training_record
+from .common import (TransformerSettings, check_loop_settings, check_shard, drop_classes, step_batches,
+                     training_record)
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize
 from .job import TrainingJob, run_job
 from .loop import Callback, TrainSummary
@@ -152,6 +153,7 @@ def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -
     components = build_components(s)
     components.pattern.check_layout(sized.layout)
     check_precision(s.precision, D.worker_device(s.device))
+    check_shard(s)
     data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
                               workers=s.workers, seed=s.seed)
     if isinstance(data, CodesData):
@@ -200,7 +202,7 @@ def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, 
         architecture=architecture_of(config, tok), prepare=prepare, loss=loss,
         metadata=lambda step, metrics, seconds, world: weights_metadata(s, config, tok, components, data, step, metrics,
                                                                        seconds, world),
-        settings_record={"grid": list(config.grid)}, postfix=("loss", "acc"))
+        shard_units=tuple(model.layers), settings_record={"grid": list(config.grid)}, postfix=("loss", "acc"))
     return run_job(s, job, data, batches, run, info, callbacks)
 
 

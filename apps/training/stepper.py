@@ -79,9 +79,7 @@ class OptimizerStep:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for i, (part, n) in enumerate(zip(parts, rows)):
-            last = i == len(parts) - 1
-            sync = nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
-            with sync:
+            with self.gradient_sync(i == len(parts) - 1):
                 with autocast(self.precision, self.device):
                     loss, numbers = loss_fn(part)
                 self.scaler.scale(loss.float() * (n / total)).backward()
@@ -95,6 +93,16 @@ class OptimizerStep:
         self.scaler.update()
         self.scheduler.step()
         return {**sums, "lr": lr, "grad_norm": grad_norm}
+
+    def gradient_sync(self, last: bool):
+        """Ranks exchange gradients on the last micro-batch only: DDP's ``no_sync`` before it, FSDP2's
+        ``set_requires_gradient_sync``."""
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):
+            self.wrapped.set_requires_gradient_sync(last)
+            return nullcontext()
+        if last or not hasattr(self.wrapped, "no_sync"):
+            return nullcontext()
+        return self.wrapped.no_sync()
 
     def state_dict(self) -> dict[str, Any]:
         """The gradient scaler's state (fp16), saved with the checkpoint."""

@@ -42,7 +42,8 @@ from .. import distributed as D
 from .code_cache import CodesData
 from .data_sources import MemoryData, TrainingData
 from .training_data import open_training_data
-from .common import TransformerSettings, check_loop_settings, drop_classes, step_batches, training_record
+from .common import (TransformerSettings, check_loop_settings, check_shard, drop_classes, step_batches,
+                     training_record)
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize  # noqa: F401 (also imported from here)
 from .grouped_forward import (VarTrainingModule, describe_group, group_cycle, parallel_groups, parse_ratio,
                               scales_isolated)
@@ -195,6 +196,7 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     components.pattern.check_layout(layout)  # e.g. --attention-apply-from names one of the tokenizer's scales
     groups, cycle = plan_groups(s, components, layout)
     check_precision(s.precision, D.worker_device(s.device))
+    check_shard(s)
     data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
                               workers=s.workers, seed=s.seed)
     if isinstance(data, CodesData):
@@ -255,7 +257,8 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
                                                                        step, metrics, seconds, world),
         # Groups that leave out scale 0 (or every later scale) do not reach pos_start (word_embed).
         find_unused_parameters=s.strategy == "parallel" or config.layout.num_scales == 1,
-        settings_record={"groups": [list(g) for g in groups], "cycle": list(cycle)}, postfix=("loss", "acc"))
+        shard_units=tuple(model.blocks), postfix=("loss", "acc"),
+        settings_record={"groups": [list(g) for g in groups], "cycle": list(cycle)})
     return run_job(s, job, data, batches, run, info, callbacks)
 
 
