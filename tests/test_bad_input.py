@@ -252,7 +252,8 @@ def test_empty_config_and_model_family(argv, needle, refused):
     refused(RANDOM + argv, needle)
 
 
-@pytest.mark.parametrize("command", [["bench", "attention"], ["bench", "train"], ["evaluate"]])
+@pytest.mark.parametrize("command", [["bench", "attention"], ["bench", "train"], ["bench", "train", "--throughput"],
+                                     ["evaluate"]])
 @pytest.mark.parametrize("output, needle", [("odir", "--output odir: is a directory"),
                                             ("/proc/e.json", "cannot write under /proc"), ("", "the path is empty")])
 def test_report_outputs_are_checked_first(command, output, needle, refused, tmp_cwd):

@@ -254,3 +254,51 @@ def test_torchrun_two_ranks_read_every_image_once_per_epoch(tmp_path):
         items = [item for rank in (0, 1) for step, item in reads[rank] if 3 * epoch <= step < 3 * epoch + 3]
         assert sorted(items) == list(range(48)), epoch
     assert set(i for s, i in reads[0] if s < 3).isdisjoint(i for s, i in reads[1] if s < 3)  # disjoint shards
+
+
+def test_cache_codes_under_torchrun_equals_one_process(image_folder, tmp_path):
+    """2 ranks encode alternate shards through their own workers; the shards, the skipped list and the
+    manifest's checksums equal a single process's."""
+    from conftest import free_port, torchrun_env
+
+    base = ["cache-codes", "--data", str(image_folder / "data"), "--tokenizer", str(TOKENIZER), "--shard-size", "20",
+            "--batch-size", "8", "--workers", "1", "--no-progress"]
+    assert run_cli(base + ["--output", "one"], tmp_path).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "mvar_engine.apps.cli", *base, "--output", "two"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    one, two = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert one["shards"] == two["shards"] and len(one["shards"]) == 5 and one["skipped"] == two["skipped"] == []
+    assert proc.stdout.count("wrote 96 images'") == 1  # rank 0 reports
+
+
+def test_llamagen_vq_codes_train_a_raster_gpt_as_its_images(image_folder, tmp_path):
+    """LlamaGen's VQ (a tiny random one in the released file's layout, ``{'model': ...}``) is a
+    one-scale tokenizer: cache-codes --target raster at --resolution, then one raster step from the
+    codes equals one from the images; next-scale uses of it are refused."""
+    from mvar_engine.apps.cli import main
+    from mvar_engine.models.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
+
+    torch.manual_seed(0)
+    vq = tmp_path / "vq_tiny.pt"
+    torch.save({"model": LlamaGenVQ(LlamaGenVQConfig.tiny()).state_dict()}, vq)
+    proc = run_cli(["cache-codes", "--data", image_folder / "data", "--tokenizer", vq, "--target", "raster",
+                    "--resolution", "16", "--output", "codes", "--workers", "0", "--no-progress"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
+    assert manifest["scale_hws"] == [[8, 8]] and manifest["vocab_size"] == 64
+    losses = []
+    for name, data in (("from-codes", tmp_path / "codes"), ("from-images", image_folder / "data")):
+        assert main(["train", "--trajectory", "raster", "--tokenizer", str(vq), "--resolution", "16", "--data",
+                     str(data), "--crop", "center", "--hflip", "--split", "all", "--depth", "1", "--embed-dim", "32",
+                     "--num-heads", "2", "--steps", "2", "--batch-size", "16", "--workers", "0", "--log-every", "1",
+                     "--no-progress", "--output", str(tmp_path / name)]) == 0
+        losses.append([r["loss"] for r in metrics(tmp_path / name) if "loss" in r])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0][0] != losses[0][1]
+    meta = json.loads(__import__("safetensors").safe_open(str(tmp_path / "from-codes" / "model.safetensors"), "pt")
+                      .metadata()["mvar_engine"])
+    assert meta["grid"] == [8, 8] and meta["tokenizer"]["architecture"]["family"] == "llamagen-vq"
+    refused = run_cli(["cache-codes", "--data", image_folder / "data", "--tokenizer", vq, "--resolution", "16",
+                       "--output", "x"], tmp_path)
+    assert refused.returncode == 2 and "give --target raster" in refused.stderr

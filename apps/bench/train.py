@@ -253,7 +253,7 @@ def cmd_bench_train(argv: Sequence[str]) -> int:
     add_overwrite_flag(p)
     args = p.parse_args(argv)
     if args.throughput:
-        output = args.output or ThroughputConfig.output
+        output = args.output if args.output is not None else ThroughputConfig.output
         check_outputs({"--output": output}, args.overwrite)  # before any work
         run_throughput(ThroughputConfig(
             depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size if "--batch-size" in argv
@@ -261,7 +261,7 @@ def cmd_bench_train(argv: Sequence[str]) -> int:
             precisions=args.precisions, sources=args.sources, images=args.images, workers=args.workers,
             device=args.device, seed=args.seed, output=output, workdir=args.workdir, table=not args.no_table))
         return 0
-    args.output = args.output or d.output
+    args.output = args.output if args.output is not None else d.output
     check_outputs({"--output": args.output}, args.overwrite)  # before any work
     run_bench_train(BenchTrainConfig(depth=args.depth, patch_nums=args.patch_nums, batch_size=args.batch_size,
                                      steps=args.steps, ratio=args.ratio, kernel_size=args.kernel_size,

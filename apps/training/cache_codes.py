@@ -63,7 +63,7 @@ def schedule_of(tok: FrozenTokenizer, target: str) -> tuple:
 def make_plan(s: CacheCodesSettings, tok: FrozenTokenizer, listing) -> dict[str, Any]:
     patch_nums = schedule_of(tok, s.target)
     hws = scale_hws(patch_nums)
-    vocab = tok.model.config.vocab_size
+    vocab = tok.vocab_size
     return {"format": FORMAT, "version": VERSION, "target": s.target, "scale_hws": hws,
             "seq_len": sum(h * w for h, w in hws), "dtype": "uint16" if vocab <= 2**16 else "int32",
             "vocab_size": vocab, "resolution": tok.resolution, "crop": "center",
@@ -144,7 +144,7 @@ def encode_shard(k: int, plan: dict[str, Any], tok: FrozenTokenizer, dataset: Fo
             x = batch.images
             if plan["variants"] == 2:
                 x = torch.cat([x, x.flip(-1)])
-            tokens = torch.cat(tok.model.img_to_indices(x.to(device), patch_nums), dim=1).cpu().numpy()
+            tokens = torch.cat(tok.encode(x.to(device), patch_nums), dim=1).cpu().numpy()
             rows = offset + batch.rows.numpy()
             for v in range(plan["variants"]):
                 codes[rows, v] = tokens[v * len(rows):(v + 1) * len(rows)]
@@ -177,6 +177,8 @@ def cache_codes(s: CacheCodesSettings) -> Path:
     """Run the job per ``s`` (module docstring); returns the manifest's path. Every rank calls it."""
     check_settings(s)
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
+    if s.target == "next-scale" and not tok.multi_scale:
+        raise UsageError(f"--tokenizer {s.tokenizer} is LlamaGen's VQ, one scale: give --target raster")
     if is_codes_folder(s.data):
         raise UsageError(f"--data {s.data} holds codes; cache-codes reads an image folder (one subfolder per class)")
     listing = list_image_folder(s.data)

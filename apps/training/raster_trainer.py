@@ -78,7 +78,7 @@ def raster_config(s: RasterTrainSettings, tok: FrozenTokenizer, num_classes: int
     """The GPT's architecture: the flags plus the tokenizer's vocabulary and latent grid."""
     try:
         return RasterGPTConfig(depth=s.depth, width=s.embed_dim, heads=s.num_heads, num_classes=num_classes,
-                               vocab_size=tok.model.config.vocab_size, grid=tok.latent_grid,
+                               vocab_size=tok.vocab_size, grid=tok.latent_grid,
                                cls_token_num=s.cls_token_num, class_dropout_prob=s.class_dropout,
                                multiple_of=s.multiple_of, ffn_dim_multiplier=s.ffn_dim_multiplier)
     except ValidationError as error:
@@ -174,9 +174,9 @@ def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, 
     patch_nums = (tok.latent_grid,)
     config = raster_config(s, tok, len(data.class_names))
     batches = step_batches(s, data.num_items, info)
-    tokenizer = tok.model.to(device)
+    tok.model.to(device)
     if isinstance(data, MemoryData):  # the digits: tokenized once, up front
-        data = data.with_tokens(tokenize(tokenizer, data.images.images, device, patch_nums=patch_nums)[0], None)
+        data = data.with_tokens(tokenize(tok, data.images.images, device, patch_nums=patch_nums)[0], None)
 
     torch.manual_seed(s.seed)
     model = RasterGPT(config)
@@ -189,7 +189,7 @@ def _train(s: RasterTrainSettings, run: Path, tok: FrozenTokenizer, components, 
     null_class = config.num_classes
 
     def prepare(batch, step: int):
-        targets, _ = step_tokens(tokenizer, batch, device, patch_nums)
+        targets, _ = step_tokens(tok, batch, device, patch_nums)
         labels = drop_classes(batch.labels, batches, step, s.class_dropout, null_class, batch.rows)
         return labels.to(device), targets
 
@@ -228,7 +228,7 @@ def weights_metadata(s: RasterTrainSettings, config: RasterGPTConfig, tok: Froze
         "cache": components.names["cache"],
         "tokenizer": {"path": str(tok.path), "sha256": tok.sha256, "patch_nums": [side], "grid": list(config.grid),
                       "file_patch_nums": list(tok.patch_nums),
-                      "architecture": tok.model.config.model_dump(mode="json")},
+                      "architecture": tok.architecture()},
         "data": {**data.describe(), "split": s.split},
         "training": training_record(s, step=step, metrics=metrics, seconds=seconds, world_size=world_size,
                                     objective="mean token cross-entropy"),

@@ -76,7 +76,7 @@ class VarTrainSettings(TransformerSettings):
 def var_config(s: VarTrainSettings, tok: FrozenTokenizer, num_classes: int) -> VARConfig:
     try:
         config = VARConfig(depth=s.depth, embed_dim=s.embed_dim, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio,
-                           num_classes=num_classes, vocab_size=tok.model.config.vocab_size,
+                           num_classes=num_classes, vocab_size=tok.vocab_size,
                            z_channels=tok.model.config.z_channels, patch_nums=tok.patch_nums)
     except ValidationError as error:
         raise architecture_error(error, "--depth, --embed-dim, --num-heads") from None
@@ -189,6 +189,9 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
                         inputs={"--tokenizer": s.tokenizer, "--init-from": s.init_from,
                                 "--finetune-from": s.finetune_from})
     tok = load_frozen_tokenizer(s.tokenizer, s.resolution, s.tokenizer_patch_nums)
+    if not tok.multi_scale:
+        raise UsageError(f"--tokenizer {s.tokenizer} is LlamaGen's VQ, one scale: next-scale models need a multi-scale "
+                         f"tokenizer (train a raster GPT on it with --trajectory raster)")
     refuse_unfitting({"transformer": var_config(s, tok, num_classes=1)}, torch.device("cpu"),
                      "--depth, --embed-dim, --num-heads, --mlp-ratio", copies=TRAINING_COPIES)
     components = build_components(s)
@@ -218,9 +221,9 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
     device = info.device
     config = var_config(s, tok, len(data.class_names))
     batches = step_batches(s, data.num_items, info)
-    tokenizer = tok.model.to(device)
+    tok.model.to(device)
     if isinstance(data, MemoryData):  # the digits: tokenized once, up front
-        data = data.with_tokens(*tokenize(tokenizer, data.images.images, device))
+        data = data.with_tokens(*tokenize(tok, data.images.images, device))
 
     torch.manual_seed(s.seed)
     model = VAR(config)
@@ -236,7 +239,7 @@ def _train(s: VarTrainSettings, run: Path, tok: FrozenTokenizer, components, gro
     unused = {g: module.unused_parameters(groups[g]) for g in set(cycle)}
 
     def prepare(batch, step: int):
-        targets, var_input = step_tokens(tokenizer, batch, device)
+        targets, var_input = step_tokens(tok, batch, device)
         labels = drop_classes(batch.labels, batches, step, s.class_dropout, null_class, batch.rows)
         return labels.to(device), var_input, targets
 
@@ -288,7 +291,7 @@ def weights_metadata(s: VarTrainSettings, config: VARConfig, tok: FrozenTokenize
         "attention": choice("attention", components.pattern),
         "cache": components.names["cache"],
         "tokenizer": {"path": str(tok.path), "sha256": tok.sha256,
-                      "architecture": tok.model.config.model_dump(mode="json")},
+                      "architecture": tok.architecture()},
         "data": {**data.describe(), "split": s.split},
         "training": training_record(s, step=step, metrics=metrics, seconds=seconds, world_size=world_size,
                                     strategy=s.strategy, groups=[list(g) for g in groups],
