@@ -1,7 +1,7 @@
 """End to end on CUDA (marked ``cuda``; skipped with the reason elsewhere): the shipped models on the
 GPU keep the CPU's greedy tokens (teacher-forced, float32 and bf16 autocast), a cached raster run
-equals its uncached replay there, one training step runs, and `sample` writes the same npz at
-any batch size there."""
+equals its uncached replay there, one training step runs (and bf16/fp16 mixed-precision ones),
+and `sample` writes the same npz at any batch size there."""
 
 from __future__ import annotations
 
@@ -56,6 +56,29 @@ def test_one_training_step_on_cuda(tmp_path, capsys):
             "--no-progress", "--output", str(tmp_path / "run")]
     assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda(precision, tmp_path, capsys):
+    """Autocast training on CUDA (fp16 with its gradient scaler, saved in the checkpoint) keeps
+    float32 weights, a finite loss and resumes."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mvar_engine.apps.cli import main
+    from mvar_engine.models.default_models import default_checkpoints
+
+    argv = ["train", "--tokenizer", str(default_checkpoints("markov")[1]), "--batch-size", "8", "--grad-accum", "2",
+            "--max-images", "32", "--depth", "2", "--embed-dim", "64", "--num-heads", "2", "--device", "cuda",
+            "--precision", precision, "--save-every", "2", "--log-every", "1", "--no-progress",
+            "--output", str(tmp_path / "run")]
+    assert main(argv + ["--steps", "2"]) == 0, capsys.readouterr().err
+    assert main(argv + ["--steps", "4", "--resume"]) == 0, capsys.readouterr().err
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    losses = [json.loads(line).get("loss") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(loss is None or loss == loss for loss in losses) and sum(loss is not None for loss in losses) == 4
 
 
 @pytest.mark.parametrize("trajectory", ["markov", "raster"])
