@@ -24,6 +24,8 @@ budgeted-cache base in ``mvar_engine.plugins.budget_cache``; those paths keep wo
   ``DuplicateComponentError``, ``ComponentFailedError``.
 
 The conformance kit for plugin packages is :mod:`mvar_engine.testing`.
+
+Generation: ``mvar_engine.Pipeline.from_pretrained("digits-mvar")(labels=[3])`` (:mod:`mvar_engine.apps.pipeline`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .plugins.budget_cache import BudgetedCache, BudgetOptions, attention_probab
 from .plugins.caches import SegmentCache, SegmentStore
 
 __all__ = [
-    "__version__", "hookimpl", "get_registry",
+    "__version__", "hookimpl", "get_registry", "Pipeline", "PipelineOutput",
     "AttentionBackendRecord", "AttentionPatternRecord", "Availability", "CachePolicyRecord", "NoOptions",
     "TrajectoryRecord", "ModelAdapterRecord",
     "Trajectory", "Step", "Visibility",
@@ -62,3 +64,6 @@ __all__ = [
     "MvarEngineError", "UsageError", "ConfigError", "IncompatibleComponentsError", "BackendUnsupportedError",
     "CheckpointError", "UnknownComponentError", "DuplicateComponentError", "ComponentFailedError",
 ]
+
+# The generation API last: apps/ reads the names above while it loads.
+from .apps.pipeline import Pipeline, PipelineOutput  # noqa: E402

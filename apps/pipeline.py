@@ -3,21 +3,27 @@ generate in batches, decode, write the grid (and per-image PNGs and tokens).
 
 Python API::
 
-    from mvar_engine.apps.config import EngineConfig
-    from mvar_engine.apps.pipeline import Pipeline
-    pipe = Pipeline.from_config(EngineConfig(trajectory="markov", model={"var_checkpoint": ..., "vae_checkpoint": ...}))
-    result = pipe.generate(labels=[1, 7], samples_per_label=4)   # result.images: [N, 3, H, W] in [0, 1]
+    import mvar_engine
+    pipe = mvar_engine.Pipeline.from_pretrained("digits-mvar")          # or a local file / model folder
+    out = pipe(labels=[1, 7], images_per_label=4, seed=0)               # out.images: PIL images
+    pipe.to("cuda", "bfloat16")
+
+    from mvar_engine.apps.config import EngineConfig                    # every setting the CLI has
+    pipe = mvar_engine.Pipeline.from_config(EngineConfig(trajectory="markov", model={"var_checkpoint": ...}))
+    result = pipe.generate(labels=[1, 7], samples_per_label=4)          # result.images: [N, 3, H, W] in [0, 1]
     pipe.save(result, "grid.png")
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.adapter import ModelFacts, ModelFamily
@@ -32,14 +38,15 @@ from ..core.registry import Registry, get_registry
 from ..models.checkpoint import save_state_dict
 from ..models.default_models import default_checkpoints, weights_metadata
 from .cli_helpers import PROG
-from .config import ComponentChoice, EngineConfig
+from .config import ComponentChoice, EngineConfig, SamplingConfig
 from .cpu_features import native_bf16
-from .images import save_grid, save_images
+from .images import save_grid, save_images, to_uint8
+from .pretrained import pretrained_config
 from .seeding import image_generators, numbered
 from .model_loading import (build_models, build_raster_models, infer_tokenizer_config, load_raster, load_tokenizer,
                             load_var, save_var)
 
-__all__ = ["Components", "GenerationResult", "Pipeline", "available_devices", "build_models", "build_raster_models",
+__all__ = ["Components", "GenerationResult", "Pipeline", "PipelineOutput", "available_devices", "build_models", "build_raster_models",
            "check_model_facts", "choose_model", "infer_tokenizer_config", "load_raster", "load_tokenizer", "load_var",
            "recommended_choices", "resolve_autocast", "resolve_components", "resolve_device", "save_tokens",
            "save_var", "with_weights"]
@@ -279,23 +286,104 @@ class GenerationResult:
     backends_used: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class PipelineOutput:
+    """What ``pipe(...)`` returns: ``images`` (a list of ``PIL.Image``, or ``[N, 3, H, W]`` in [0, 1]),
+    their ``labels``, the per-scale ``tokens`` (``LongTensor[N, h_s * w_s]``) and run ``facts``
+    (seconds, cache peak bytes, the backends used, the components, the seed)."""
+
+    images: Any
+    labels: list[int]
+    tokens: list[torch.Tensor]
+    facts: dict[str, Any]
+
+
 class Pipeline:
-    """A ready-to-run engine plus the run settings of an :class:`EngineConfig`."""
+    """A ready-to-run engine plus the run settings of an :class:`EngineConfig`.
+
+    ``Pipeline.from_pretrained("digits-mvar")(labels=[3], images_per_label=4)`` is the short way;
+    ``Pipeline.from_config(EngineConfig(...))`` takes every setting the CLI has."""
 
     def __init__(self, config: EngineConfig, model: Any, tokenizer: Any, components: Components,
                  device: torch.device, facts: ModelFacts | None = None) -> None:
         self.config, self.model, self.tokenizer, self.components, self.device = config, model, tokenizer, components, device
         self.facts = facts  # what the family told before the build (weights_id: the weights' fingerprint)
-        autocast = resolve_autocast(config.dtype, device)
         self.adapter = components.model.adapter(model, tokenizer)
-        self.engine = Engine(self.adapter, components.trajectory, components.pattern, components.backends,
-                             autocast_dtype=autocast, compile=config.compile)
-        self.engine.check(components.cache, components.names)
+        self.engine = self.make_engine()
+
+    def make_engine(self) -> Engine:
+        """The engine over the adapter, with the config's autocast dtype, checked against the cache."""
+        engine = Engine(self.adapter, self.components.trajectory, self.components.pattern, self.components.backends,
+                        autocast_dtype=resolve_autocast(self.config.dtype, self.device), compile=self.config.compile)
+        engine.check(self.components.cache, self.components.names)
+        return engine
 
     @classmethod
     def from_config(cls, config: EngineConfig, registry: Registry | None = None) -> "Pipeline":
         """Resolve, check (everything :func:`check_model_facts` can tell before a build), build."""
         return cls.build(prepare_run(config, registry))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: str | Path | None = None,
+                        trajectory: str | None = None, **settings: Any) -> "Pipeline":
+        """A shipped model by name (``"digits-mvar"``, ``"digits-var"``, ``"digits-raster"``), or a local
+        weights file or model folder of any family (:mod:`.pretrained`), with ``settings`` as
+        :class:`EngineConfig` fields (``attention``, ``cache``, ``device``, ``dtype``, ``batch_size``,
+        ``model={"patch_nums": (16,)}``, ...). Bad input is a one-line :class:`UsageError`."""
+        return cls.from_config(pretrained_config(name_or_path, tokenizer=tokenizer, trajectory=trajectory, **settings))
+
+    def to(self, device: str | torch.device | None = None, dtype: str | None = None) -> "Pipeline":
+        """Move the models to ``device`` and/or run in autocast ``dtype`` (``"float32"``, ``"bfloat16"``,
+        ``"float16"``); returns ``self``. An unsupported pair is a one-line :class:`UsageError`."""
+        update = {key: str(value) for key, value in (("device", device), ("dtype", dtype)) if value is not None}
+        config = self.config.model_copy(update=update)
+        target = resolve_device(config.device)
+        resolve_autocast(config.dtype, target)  # refuses before anything moves
+        self.model.to(target)
+        if self.tokenizer is not None:
+            self.tokenizer.to(target)
+        self.config, self.device = config, target
+        self.engine = self.make_engine()
+        return self
+
+    def __call__(self, labels: Sequence[int] | int | None = None, images_per_label: int = 1, *, seed: int | None = None,
+                 cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 cache: str | CachePolicy | None = None, cache_budget: float | None = None,
+                 output_type: str = "pil") -> "PipelineOutput":
+        """Generate ``images_per_label`` images of each label (image ``i`` of label ``c`` is the CLI's
+        image ``i`` of ``c`` at the same seed and sampling settings: the same pixels). ``cache``: a
+        policy name (with ``cache_budget``) or a :class:`CachePolicy`; ``output_type``: ``"pil"``
+        (a list of ``PIL.Image``) or ``"pt"`` (``[N, 3, H, W]`` in [0, 1])."""
+        if output_type not in ("pil", "pt"):
+            raise UsageError(f"output_type={output_type!r}: choose 'pil' or 'pt'")
+        labels = [labels] if isinstance(labels, int) else labels
+        sampling = self.config.sampling.model_copy(update={k: v for k, v in (("seed", seed), ("cfg", cfg),
+                                                                              ("top_k", top_k), ("top_p", top_p))
+                                                          if v is not None})
+        SamplingConfig.model_validate(sampling.model_dump())  # the CLI's ranges
+        started = time.perf_counter()
+        result = self.generate(labels, images_per_label, self.cache_for(cache, cache_budget), sampling=sampling)
+        images = result.images if output_type == "pt" else [Image.fromarray(a) for a in to_uint8(result.images)]
+        return PipelineOutput(images, result.labels.tolist(), result.tokens,
+                              {"seconds": time.perf_counter() - started, "cache_peak_bytes": result.cache_peak_bytes,
+                               "backends": result.backends_used, "components": dict(self.components.names),
+                               "seed": sampling.seed})
+
+    def cache_for(self, cache: str | CachePolicy | None, budget: float | None) -> CachePolicy | None:
+        """The policy of one call: the pipeline's (None), a given one, or one made by name."""
+        if cache is None or isinstance(cache, CachePolicy):
+            if budget is not None:
+                raise UsageError("cache_budget= needs cache= (a policy name such as 'ssd')")
+            policy = cache
+        else:
+            registry = get_registry()
+            policy = registry.create("cache", cache, {} if budget is None else {"budget": budget})
+            names = {**self.components.names, "cache": registry.get("cache", cache).name}
+            check_compatible(self.components.trajectory, self.components.pattern, policy,
+                             model_family=self.components.model.family, names=names)
+        if policy is not None:
+            self.engine.check(policy, {**self.components.names, "cache": getattr(policy, "name", str(cache))})
+        return policy
 
     @classmethod
     def build(cls, run: "PreparedRun") -> "Pipeline":
@@ -308,18 +396,20 @@ class Pipeline:
         return list(range(min(self.adapter.num_classes, 10)))
 
     def generate(self, labels: Sequence[int] | None = None, samples_per_label: int | None = None,
-                 cache: CachePolicy | None = None) -> GenerationResult:
+                 cache: CachePolicy | None = None, sampling: SamplingConfig | None = None) -> GenerationResult:
         """Images for ``labels`` (default: the config's), ``samples_per_label`` each (default: the
-        config's), with the config's cache or ``cache``: image ``i`` of label ``c`` is
-        :meth:`generate_items`' ``(c, i)`` (the same image whatever the batch size)."""
+        config's), with the config's cache or ``cache`` and sampling or ``sampling``: image ``i`` of
+        label ``c`` is :meth:`generate_items`' ``(c, i)`` (the same image whatever the batch size)."""
         cfg = self.config
         labels = list(labels if labels is not None else (cfg.labels if cfg.labels is not None else self.default_labels()))
-        result = self.generate_items(numbered(labels, samples_per_label or cfg.samples_per_label), cache)
+        result = self.generate_items(numbered(labels, samples_per_label or cfg.samples_per_label), cache,
+                                     sampling=sampling)
         result.rows = len(labels)
         return result
 
     def generate_items(self, items: Sequence[tuple[int, int]], cache: CachePolicy | None = None,
-                       progress: Callable[[int], None] | None = None, decode_chunk: int = 1) -> GenerationResult:
+                       progress: Callable[[int], None] | None = None, decode_chunk: int = 1,
+                       sampling: SamplingConfig | None = None) -> GenerationResult:
         """Image ``index`` of class ``label`` for every ``(label, index)`` item, in batches of the
         config's ``batch_size``; each image draws from its own generator seeded from (seed, label,
         index) (:mod:`.seeding`) and is decoded on its own, so its pixels do not depend on the batch
@@ -327,10 +417,11 @@ class Pipeline:
         depends on the chunk). ``progress(n)``: called with the number of images each batch
         finished (the default is a bar over the trajectory's steps)."""
         cfg = self.config
+        sampling = sampling or cfg.sampling
         cache = cache or self.components.cache
         check_labels((label for label, _ in items), self.adapter.num_classes)
         all_labels = torch.tensor([label for label, _ in items], dtype=torch.long)
-        generators = image_generators(cfg.sampling.seed, items, self.device)
+        generators = image_generators(sampling.seed, items, self.device)
         images, tokens, peak = [], [], 0
         steps, unit = len(self.engine.steps), self.components.trajectory.step_unit
         starts = range(0, len(items), cfg.batch_size)
@@ -338,8 +429,8 @@ class Pipeline:
                    disable=not cfg.progress or progress is not None, leave=False)
         for start in starts:
             chunk = all_labels[start:start + cfg.batch_size]
-            out = self.engine.generate(chunk.to(self.device), cache, cfg=cfg.sampling.cfg, top_k=cfg.sampling.top_k,
-                                       top_p=cfg.sampling.top_p, generator=generators[start:start + cfg.batch_size],
+            out = self.engine.generate(chunk.to(self.device), cache, cfg=sampling.cfg, top_k=sampling.top_k,
+                                       top_p=sampling.top_p, generator=generators[start:start + cfg.batch_size],
                                        progress=lambda s: bar.update(1))
             peak = max(peak, out.cache_peak_bytes)
             maps = self.adapter.token_maps(out)

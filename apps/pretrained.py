@@ -1,0 +1,93 @@
+"""What ``Pipeline.from_pretrained(name_or_path, ...)`` loads: a shipped model by name, or a local file
+or folder of any family, turned into the :class:`~.config.EngineConfig` the CLI would build.
+
+- ``digits-var``, ``digits-mvar``, ``digits-raster``: the weights that ship inside the package (VAR on
+  ``full``, MVAR on ``markov``, the raster GPT), with their tokenizers;
+- a weights file: ours (its metadata names its kind, trajectory and tokenizer file), VAR's or MVAR's
+  official ``.pth`` (any of their layouts; ``trajectory`` default ``full``, ``markov`` for MVAR's
+  nesting), LlamaGen's c2i ``.pt`` (raster; give its ``patch_nums``: 16 at 256 px, 24 at 384 px);
+  ``tokenizer=`` names the tokenizer file where the weights do not;
+- a folder: a Hugging Face model directory in transformers' layout (Janus-Pro), on ``raster``.
+
+Hub ids (``org/name``) are not loadable yet: a one-line :class:`UsageError` says to download the
+file and give its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import UsageError
+from ..models.checkpoint import read_state_shapes, read_weights_metadata
+from ..models.default_models import default_checkpoints
+from .config import EngineConfig
+
+SHIPPED = {"digits-var": "full", "digits-mvar": "markov", "digits-raster": "raster"}
+"""Shipped model name -> the trajectory whose default weights it is."""
+
+
+def shipped_names() -> str:
+    return ", ".join(sorted(SHIPPED))
+
+
+def official_trajectory(path: Path) -> str:
+    """The trajectory an official file runs on by default: ``raster`` for a LlamaGen GPT, ``markov``
+    for MVAR's ``mvar_wo_ddp`` nesting, else ``full`` (VAR). One-line error for anything else."""
+    keys = set(read_state_shapes(path))
+    if "tok_embeddings.weight" in keys or any(k.startswith("layers.") for k in keys):
+        return "raster"
+    if "pos_1LC" in keys or any(k.startswith("blocks.") for k in keys):
+        try:
+            top = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except Exception:  # a format torch.load refuses: the VAR family's default
+            top = {}
+        return "markov" if isinstance(top, dict) and "mvar_wo_ddp" in top else "full"
+    raise UsageError(f"{path} holds neither VAR/MVAR nor LlamaGen GPT weights (give one of those, a model folder, "
+                     f"or a shipped name: {shipped_names()})")
+
+
+def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None = None, trajectory: str | None = None,
+                      **settings: Any) -> EngineConfig:
+    """The run of ``name_or_path`` (module docstring) with ``settings`` (any :class:`EngineConfig`
+    field: ``attention``, ``cache``, ``backend``, ``device``, ``dtype``, ``batch_size``, ``sampling``,
+    ``model`` options such as ``patch_nums`` or ``num_heads``). One-line :class:`UsageError` for a name
+    or file it cannot load."""
+    text = str(name_or_path)
+    model: dict[str, Any] = dict(settings.pop("model", {}) or {})
+    if text in SHIPPED:
+        found = default_checkpoints(SHIPPED[text])
+        if tokenizer is not None:
+            raise UsageError(f"{text} ships with its tokenizer: drop tokenizer=")
+        model.update(var_checkpoint=str(found[0]), vae_checkpoint=str(found[1]))
+        trajectory = trajectory or SHIPPED[text]
+    else:
+        path = Path(text)
+        if path.is_dir():
+            model["model_dir"] = str(path)
+            trajectory = trajectory or "raster"
+        elif path.is_file():
+            meta = read_weights_metadata(path) if path.suffix == ".safetensors" else None
+            kind = (meta or {}).get("kind")
+            if kind == "tokenizer":
+                raise UsageError(f"{path} holds tokenizer weights: give the model's weights, and this file as tokenizer=")
+            if meta and kind in ("var", "raster"):
+                trajectory = trajectory or ("raster" if kind == "raster" else (meta.get("trajectory") or {}).get("name"))
+                recorded = Path(str((meta.get("tokenizer") or {}).get("path", "")))
+                if tokenizer is None and recorded.is_file():
+                    tokenizer = recorded
+            else:
+                trajectory = trajectory or official_trajectory(path)
+            if tokenizer is None:
+                raise UsageError(f"{path}: give its tokenizer file as tokenizer= (VAR's vae_ch160v4096z32.pth, "
+                                 f"LlamaGen's vq_ds16_c2i.pt, or a train-tokenizer run's tokenizer.safetensors)")
+            model.update(var_checkpoint=str(path), vae_checkpoint=str(tokenizer))
+        elif text.count("/") == 1 and not text.startswith((".", "/")):
+            raise UsageError(f"{text}: loading from the Hugging Face Hub is not built yet; download the file (e.g. "
+                             f"'hf download {text}') and give its local path, or a shipped name: {shipped_names()}")
+        else:
+            raise UsageError(f"{text}: no such file or folder, and not a shipped model ({shipped_names()})")
+    return EngineConfig.model_validate({**settings, "trajectory": trajectory or "markov", "model": model,
+                                        "progress": settings.get("progress", False)})
