@@ -324,13 +324,15 @@ class Pipeline:
         return cls.build(prepare_run(config, registry))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: str | Path | None = None,
+    def from_pretrained(cls, name_or_path: str | Path, *, variant: str | None = None, tokenizer: str | Path | None = None,
                         trajectory: str | None = None, **settings: Any) -> "Pipeline":
-        """A shipped model by name (``"digits-mvar"``, ``"digits-var"``, ``"digits-raster"``), or a local
-        weights file or model folder of any family (:mod:`.pretrained`), with ``settings`` as
-        :class:`EngineConfig` fields (``attention``, ``cache``, ``device``, ``dtype``, ``batch_size``,
+        """A shipped model by name (``"digits-mvar"``, ``"digits-var"``, ``"digits-raster"``), a local
+        weights file or model folder of any family, or a Hub id with its ``variant``
+        (``"FoundationVision/var", variant="d16"``; :mod:`.pretrained`, :mod:`.hub`), with ``settings``
+        as :class:`EngineConfig` fields (``attention``, ``cache``, ``device``, ``dtype``, ``batch_size``,
         ``model={"patch_nums": (16,)}``, ...). Bad input is a one-line :class:`UsageError`."""
-        return cls.from_config(pretrained_config(name_or_path, tokenizer=tokenizer, trajectory=trajectory, **settings))
+        return cls.from_config(pretrained_config(name_or_path, variant=variant, tokenizer=tokenizer,
+                                                 trajectory=trajectory, **settings))
 
     def to(self, device: str | torch.device | None = None, dtype: str | None = None) -> "Pipeline":
         """Move the models to ``device`` and/or run in autocast ``dtype`` (``"float32"``, ``"bfloat16"``,

@@ -9,8 +9,8 @@ or folder of any family, turned into the :class:`~.config.EngineConfig` the CLI 
   ``tokenizer=`` names the tokenizer file where the weights do not;
 - a folder: a Hugging Face model directory in transformers' layout (Janus-Pro), on ``raster``.
 
-Hub ids (``org/name``) are not loadable yet: a one-line :class:`UsageError` says to download the
-file and give its path.
+- a Hugging Face Hub id (``FoundationVision/var`` with ``variant="d16"``, ...: :mod:`.hub`), downloaded
+  into the user's cache.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..core.errors import UsageError
 from ..models.checkpoint import read_state_shapes, read_weights_metadata
 from ..models.default_models import default_checkpoints
 from .config import EngineConfig
+from .hub import looks_like_hub_id, pretrained_from_hub
 
 SHIPPED = {"digits-var": "full", "digits-mvar": "markov", "digits-raster": "raster"}
 """Shipped model name -> the trajectory whose default weights it is."""
@@ -50,13 +51,15 @@ def official_trajectory(path: Path) -> str:
 
 
 def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None = None, trajectory: str | None = None,
-                      **settings: Any) -> EngineConfig:
+                      variant: str | None = None, **settings: Any) -> EngineConfig:
     """The run of ``name_or_path`` (module docstring) with ``settings`` (any :class:`EngineConfig`
     field: ``attention``, ``cache``, ``backend``, ``device``, ``dtype``, ``batch_size``, ``sampling``,
     ``model`` options such as ``patch_nums`` or ``num_heads``). One-line :class:`UsageError` for a name
     or file it cannot load."""
     text = str(name_or_path)
     model: dict[str, Any] = dict(settings.pop("model", {}) or {})
+    if variant is not None and not looks_like_hub_id(text):
+        raise UsageError(f"variant={variant!r} picks a file of a Hub repository; {text} is not a Hub id")
     if text in SHIPPED:
         found = default_checkpoints(SHIPPED[text])
         if tokenizer is not None:
@@ -84,9 +87,12 @@ def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None 
                 raise UsageError(f"{path}: give its tokenizer file as tokenizer= (VAR's vae_ch160v4096z32.pth, "
                                  f"LlamaGen's vq_ds16_c2i.pt, or a train-tokenizer run's tokenizer.safetensors)")
             model.update(var_checkpoint=str(path), vae_checkpoint=str(tokenizer))
-        elif text.count("/") == 1 and not text.startswith((".", "/")):
-            raise UsageError(f"{text}: loading from the Hugging Face Hub is not built yet; download the file (e.g. "
-                             f"'hf download {text}') and give its local path, or a shipped name: {shipped_names()}")
+        elif looks_like_hub_id(text):
+            if tokenizer is not None:
+                raise UsageError(f"{text} brings its own tokenizer from the Hub: drop tokenizer=")
+            hub_trajectory, options = pretrained_from_hub(text, variant)
+            model = {**options, **model}
+            trajectory = trajectory or hub_trajectory
         else:
             raise UsageError(f"{text}: no such file or folder, and not a shipped model ({shipped_names()})")
     return EngineConfig.model_validate({**settings, "trajectory": trajectory or "markov", "model": model,

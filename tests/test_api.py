@@ -98,7 +98,10 @@ def test_our_own_run_finds_its_tokenizer_from_the_metadata():
 
 @pytest.mark.parametrize("args, kwargs, needle", [
     (("nothing-here",), {}, "not a shipped model (digits-mvar, digits-raster, digits-var)"),
-    (("FoundationVision/var",), {}, "loading from the Hugging Face Hub is not built yet"),
+    (("Someone/unknown-model",), {}, "not a Hub id this engine knows (known: CVLUESTC/MVAR"),
+    (("FoundationVision/var",), {"variant": "d99"}, "has no variant 'd99' (known: d16, d20, d24, d30, d36)"),
+    (("deepseek-ai/Janus-Pro-1B",), {}, "use deepseek-community/Janus-Pro-1B"),
+    (("digits-mvar",), {"variant": "d16"}, "is not a Hub id"),
     (("{w}/var-digits.safetensors",), {}, "give its tokenizer file as tokenizer="),
     (("{w}/var-digits.safetensors",), {"tokenizer": "{w}/tokenizer-digits.safetensors", "trajectory": "raster"},
      "holds var weights (next-scale), not raster weights"),
