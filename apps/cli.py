@@ -20,6 +20,7 @@ import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
@@ -32,6 +33,7 @@ from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config
 from .images import GRID_FORMATS, per_image_files
 from .output_files import check_replaceable
 from .pipeline import Pipeline, resolve_autocast, resolve_device
+from .pretrained import file_trajectory
 
 
 def _component_flag(kind: str, field: str) -> str:
@@ -84,10 +86,16 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     g.add_argument("--cache", metavar="NAME", help="KV-cache policy (default: the trajectory's: markov -> none, full -> full)")
     g.add_argument("--backend", metavar="NAME", help="attention backend, or auto (default: auto)")
     m = p.add_argument_group("model")
-    m.add_argument("--var-checkpoint", metavar="PATH", help="transformer weights (.pth, .pt or .safetensors): VAR/MVAR, "
-                   "or a raster GPT (LlamaGen's c2i_*.pt) under --trajectory raster")
-    m.add_argument("--vae-checkpoint", metavar="PATH", help="tokenizer weights: VAR's multi-scale VQVAE, ours, or "
-                   "LlamaGen's VQ-16 (vq_ds16_c2i.pt) for a raster GPT")
+    m.add_argument("--model", dest="model_name", metavar="NAME",
+                   help=f"which model: {', '.join(MODEL_NAMES)} or a plugin's family ('{PROG} plugins --kind model'); "
+                        f"without --trajectory it picks the model's (var: full, mvar: markov, llamagen and janus: "
+                        f"raster). Default: detected from --checkpoint")
+    m.add_argument("--checkpoint", metavar="PATH", help="the model's weights (.pth, .pt or .safetensors): VAR/MVAR, "
+                   "ours, or LlamaGen's c2i_*.pt; without --trajectory and --model, the file says which it is")
+    m.add_argument("--tokenizer", metavar="PATH", help="the tokenizer's weights: VAR's multi-scale VQVAE, ours, or "
+                   "LlamaGen's VQ-16 (vq_ds16_c2i.pt)")
+    m.add_argument("--var-checkpoint", metavar="PATH", help="deprecated: --checkpoint")
+    m.add_argument("--vae-checkpoint", metavar="PATH", help="deprecated: --tokenizer")
     m.add_argument("--model-dir", metavar="DIR", help="a local Hugging Face model directory (config.json, "
                    "*.safetensors, tokenizer files): Janus-Pro under --trajectory raster (never the network)")
     m.add_argument("--prompt", metavar="TEXT", help="what a text-to-image model (Janus-Pro) draws")
@@ -99,8 +107,7 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     m.add_argument("--num-heads", type=int, help="attention heads of a raster GPT file (LlamaGen's files do not store "
                    "it: read off the table of released sizes when omitted)")
     m.add_argument("--random-weights", action="store_true", help="randomly initialised model (time and memory only)")
-    m.add_argument("--model-adapter", dest="adapter", metavar="NAME",
-                   help="model family (default: the trajectory family's built-in: var, raster-gpt)")
+    m.add_argument("--model-adapter", dest="adapter", metavar="NAME", help="deprecated: --model")
     m.add_argument("--no-strict", action="store_true", help="load checkpoints that do not match exactly")
     s = p.add_argument_group("sampling")
     s.add_argument("--labels", metavar="L,L,...", help="class labels, one grid row each")
@@ -144,12 +151,54 @@ def _chosen_names(known: argparse.Namespace, file_data: dict[str, Any], registry
             raise UsageError(f"{where} is empty: give a {kind} name (`{PROG} plugins` lists them)")
         names[kind] = "auto" if kind == "backend" and normalize_name(given) == "auto" else \
             registry.get(kind, given).record.name  # the registered spelling: FULL -> full
-    names.setdefault("trajectory", "markov")
+    if "trajectory" not in names:
+        names["trajectory"] = model_trajectory(known, registry) or "markov"
     names.setdefault("backend", "auto")
     trajectory_cls = registry.get("trajectory", names["trajectory"]).record.factory
     names.setdefault("attention", getattr(trajectory_cls, "default_attention", "dense"))
     names.setdefault("cache", getattr(trajectory_cls, "default_cache", "none"))
     return names
+
+
+MODEL_NAMES = {"var": ("var", "full"), "mvar": ("var", "markov"), "llamagen": ("raster-gpt", "raster"),
+               "janus": ("janus", "raster")}
+"""``--model NAME`` -> (the registered model family, the trajectory it runs on by default); any other
+name is a registered family (``raster-gpt``, a plugin's), on its family's default trajectory."""
+RENAMED_FLAGS = {"var_checkpoint": ("--var-checkpoint", "--checkpoint", "checkpoint"),
+                 "vae_checkpoint": ("--vae-checkpoint", "--tokenizer", "tokenizer"),
+                 "adapter": ("--model-adapter", "--model", "model_name")}
+"""Old flags (dest -> old flag, new flag, new dest): they keep working for one release, with a note."""
+
+
+def model_family(name: str, registry: Registry) -> tuple[str, str]:
+    """``--model NAME`` -> (family, default trajectory); one-line error naming the known models."""
+    if not name.strip():
+        raise UsageError(f"--model is empty: give one of {', '.join(MODEL_NAMES)} or a family ('{PROG} plugins --kind model')")
+    if normalize_name(name) in MODEL_NAMES:
+        return MODEL_NAMES[normalize_name(name)]
+    entry = registry.get("model", name)  # unknown: one line listing the registered families
+    return entry.name, "raster" if entry.record.family == "next-token" else "markov"
+
+
+def model_trajectory(known: argparse.Namespace, registry: Registry) -> str | None:
+    """The trajectory a run gets when it names none: ``--model``'s, else the one ``--checkpoint``'s
+    file says (our metadata; LlamaGen's GPT -> raster, MVAR's nesting -> markov, VAR's -> full)."""
+    if getattr(known, "model_name", None) is not None:
+        return model_family(known.model_name, registry)[1]
+    checkpoint = getattr(known, "checkpoint", None)
+    if checkpoint and Path(checkpoint).is_file():
+        try:
+            return file_trajectory(Path(checkpoint))
+        except UsageError:
+            return None  # the loader names what is wrong with the file
+    return None
+
+
+def deprecated_flags(argv: Sequence[str]) -> list[str]:
+    """One note per old flag on the command line (printed after a successful run)."""
+    given = {token.split("=", 1)[0] for token in argv}
+    return [f"{PROG}: note: {old} is deprecated and goes in the next release; use {new}"
+            for old, new, _ in RENAMED_FLAGS.values() if old in given]
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, names: dict[str, str], registry: Registry) -> dict[str, tuple[str, str]]:
@@ -174,7 +223,13 @@ def _add_option_flags(parser: argparse.ArgumentParser, names: dict[str, str], re
 
 def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Command-line values shaped like the config file (only what was given)."""
-    given = vars(args)
+    given = dict(vars(args))
+    for dest, (old, new, new_dest) in RENAMED_FLAGS.items():
+        if dest in given and new_dest in given:
+            raise UsageError(f"{old} and {new} name the same thing: give {new} only")
+        if new_dest in given:
+            value = given.pop(new_dest)
+            given[dest] = model_family(value, get_registry())[0] if dest == "adapter" else value
     out: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}
     for dest, (kind, field_name) in dests.items():
@@ -234,8 +289,11 @@ def parse_generation_command(argv: Sequence[str], command: GenerationCommand | N
     parser, file_data, names, dests = _full_parser(argv, registry, command)
     args = parser.parse_args(argv)
     config = build_config(file_data, _overrides(args, names, dests))
-    # Fill the trajectory's defaults so that the config says what runs.
+    # Fill the trajectory's defaults so that the config says what runs (and the trajectory --model or
+    # --checkpoint chose, when neither a flag nor the file names one).
     updates = {kind: ComponentChoice(name=names[kind]) for kind in ("attention", "cache") if getattr(config, kind) is None}
+    if not hasattr(args, "trajectory") and "trajectory" not in file_data and config.trajectory.name != names["trajectory"]:
+        updates["trajectory"] = config.trajectory.model_copy(update={"name": names["trajectory"]})
     return config.model_copy(update=updates), args
 
 
@@ -265,8 +323,8 @@ def check_outputs_are_not_inputs(config: EngineConfig) -> None:
     """An output path that names one of the run's input files (a checkpoint, through any link) would
     overwrite it: a one-line ``UsageError`` naming both flags."""
     model = config.model
-    inputs = {flag: path for flag, path in (("--var-checkpoint", model.var_checkpoint),
-                                             ("--vae-checkpoint", model.vae_checkpoint)) if path is not None}
+    inputs = {flag: path for flag, path in (("--checkpoint", model.var_checkpoint),
+                                             ("--tokenizer", model.vae_checkpoint)) if path is not None}
     outputs = {"--output": config.output.output, "--save-tokens": config.output.save_tokens}
     for out_flag, out_path in outputs.items():
         if out_path is None or str(out_path) == os.devnull:
@@ -292,6 +350,8 @@ def cmd_generate(argv: Sequence[str]) -> int:
     for path in written[1:]:
         if path.suffix != ".png":
             print(f"wrote {path}")
+    for note in deprecated_flags(argv):
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -213,8 +213,8 @@ class ModelConfig(SettingsModel):
 
     @model_validator(mode="after")
     def _random_or_files(self) -> "ModelConfig":
-        files = [f"--{name.replace('_', '-')}" for name in ("var_checkpoint", "vae_checkpoint", "model_dir")
-                 if getattr(self, name) is not None]
+        files = [flag for name, flag in (("var_checkpoint", "--checkpoint"), ("vae_checkpoint", "--tokenizer"),
+                                         ("model_dir", "--model-dir")) if getattr(self, name) is not None]
         if self.random_weights and files:
             raise PydanticCustomError("random_and_files", f"--random-weights builds a freshly initialised model, so "
                                       f"{' and '.join(files)} would be ignored (drop one or the other)")

@@ -36,7 +36,7 @@ DERIVED_TOKENIZER_BUFFERS = ("quantize.ema_vocab_hit_SV",)
 VAR_USE = "next-scale trajectories (full, markov) run VAR/MVAR weights; run raster GPT weights with --trajectory raster"
 RASTER_USE = ("--trajectory raster runs raster GPT weights (mvar-engine train --trajectory raster, or LlamaGen's c2i "
               "GPT checkpoints); run next-scale weights with --trajectory full or markov")
-TOKENIZER_USE = ("--vae-checkpoint takes the tokenizer's weights (mvar-engine train-tokenizer, or VAR's "
+TOKENIZER_USE = ("--tokenizer takes the tokenizer's weights (mvar-engine train-tokenizer, or VAR's "
                  "vae_ch160v4096z32.pth)")
 
 
@@ -161,7 +161,7 @@ def tokenizer_architecture(path, patch_nums, *, strict: bool = True, model_path=
     shapes = read_state_shapes(path)
     if "tok_embeddings.weight" in shapes:
         raise CheckpointError(f"{path} holds a raster GPT (LlamaGen c2i keys), not a tokenizer: give it as "
-                              f"--var-checkpoint and the tokenizer (e.g. LlamaGen's vq_ds16_c2i.pt) as --vae-checkpoint")
+                              f"--checkpoint and the tokenizer (e.g. LlamaGen's vq_ds16_c2i.pt) as --tokenizer")
     try:
         return infer_tokenizer_config(shapes, patch_nums)
     except (KeyError, ValueError) as error:
@@ -196,7 +196,7 @@ def raster_architecture(path, *, grid: tuple[int, int] | None, depth: int | None
     shapes = read_state_shapes(path)
     if is_llamagen_vq_state(shapes):
         raise CheckpointError(f"{path} holds LlamaGen VQ tokenizer weights, not a raster GPT: give it as "
-                              f"--vae-checkpoint and the GPT (e.g. c2i_B_384.pt) as --var-checkpoint")
+                              f"--tokenizer and the GPT (e.g. c2i_B_384.pt) as --checkpoint")
     try:
         found = infer_raster_config(shapes, heads=num_heads)  # is it a LlamaGen c2i state dict?
         refuse_overrides(path, {"--depth": found.depth, "--num-classes": found.num_classes}, given, strict)
@@ -232,7 +232,7 @@ class ModelPlan:
 def _no_defaults(config: EngineConfig, random_hint: str) -> UsageError:
     have = ", ".join(available_defaults()) or "none in this installation"
     return UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); pass "
-                      f"--var-checkpoint and --vae-checkpoint, or --random-weights {random_hint}")
+                      f"--checkpoint and --tokenizer, or --random-weights {random_hint}")
 
 
 def _check_vocab(tokenizer: TokenizerConfig | LlamaGenVQConfig, vocab_size: int, z_channels: int | None, paths) -> None:
@@ -264,7 +264,7 @@ def plan_var_models(config: EngineConfig) -> ModelPlan:
                          "heads as its depth (drop --num-heads)")
     if m.var_checkpoint or m.vae_checkpoint:
         if not (m.var_checkpoint and m.vae_checkpoint):
-            raise UsageError("give both --var-checkpoint and --vae-checkpoint (the transformer and its tokenizer)")
+            raise UsageError("give both --checkpoint and --tokenizer (the transformer and its tokenizer)")
         var = var_architecture(m.var_checkpoint, depth=m.depth, patch_nums=m.patch_nums, num_classes=m.num_classes,
                                strict=m.strict)
         tok = tokenizer_architecture(m.vae_checkpoint, var.patch_nums, strict=m.strict, model_path=m.var_checkpoint)
@@ -289,7 +289,7 @@ def fitting(plan: ModelPlan, config: EngineConfig) -> ModelPlan:
     m = config.model
     given = [flag for flag, value in (("--depth", m.depth), ("--patch-nums", m.patch_nums),
                                       ("--num-classes", m.num_classes), ("--num-heads", m.num_heads)) if value]
-    source = [f"--var-checkpoint {plan.model_path}"] if plan.model_path else []
+    source = [f"--checkpoint {plan.model_path}"] if plan.model_path else []
     flags = ", ".join(source + given) or "the default size"
     refuse_unfitting({"transformer": plan.model, "tokenizer": plan.tokenizer}, torch.device("cpu"), flags)
     refuse_unfitting_images(plan, config)
@@ -320,8 +320,8 @@ def _raster_side(grid) -> object:
 
 
 def plan_raster_models(config: EngineConfig) -> ModelPlan:
-    """A raster GPT and its one-scale tokenizer: from ``--var-checkpoint`` (raster weights) and
-    ``--vae-checkpoint`` (a tokenizer, run with the one-scale schedule of the GPT's token grid); or,
+    """A raster GPT and its one-scale tokenizer: from ``--checkpoint`` (raster weights) and
+    ``--tokenizer`` (a tokenizer, run with the one-scale schedule of the GPT's token grid); or,
     with ``--random-weights``, LlamaGen-B's size (12 layers, width 768) at ``--patch-nums`` (one
     side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth, with a tokenizer of
     LlamaGen VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes)."""
@@ -333,7 +333,7 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
     grid = None if side is None else ((side, side) if isinstance(side, int) else tuple(side))
     if m.var_checkpoint or m.vae_checkpoint:
         if not (m.var_checkpoint and m.vae_checkpoint):
-            raise UsageError("give both --var-checkpoint (the raster GPT) and --vae-checkpoint (its tokenizer)")
+            raise UsageError("give both --checkpoint (the raster GPT) and --tokenizer (its tokenizer)")
         tok_meta = check_weights_kind(m.vae_checkpoint, "tokenizer", TOKENIZER_USE)
         if grid is None and tok_meta and tok_meta.get("patch_nums") and not weights_metadata(m.var_checkpoint):
             last = tok_meta["patch_nums"][-1]  # a LlamaGen file does not say its grid; our tokenizer's metadata does

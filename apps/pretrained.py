@@ -50,6 +50,20 @@ def official_trajectory(path: Path) -> str:
                      f"or a shipped name: {shipped_names()})")
 
 
+def file_trajectory(path: Path) -> str:
+    """The trajectory a weights file runs on unless told otherwise: the one our metadata records
+    (``raster`` for a raster GPT), else :func:`official_trajectory`."""
+    meta = read_weights_metadata(path) if path.suffix == ".safetensors" else None
+    kind = (meta or {}).get("kind")
+    if kind == "tokenizer":
+        raise UsageError(f"{path} holds tokenizer weights: give the model's weights, and this file as the tokenizer")
+    if meta and kind == "raster":
+        return "raster"
+    if meta and kind == "var":
+        return (meta.get("trajectory") or {}).get("name") or "markov"
+    return official_trajectory(path)
+
+
 def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None = None, trajectory: str | None = None,
                       variant: str | None = None, **settings: Any) -> EngineConfig:
     """The run of ``name_or_path`` (module docstring) with ``settings`` (any :class:`EngineConfig`
@@ -72,17 +86,11 @@ def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None 
             model["model_dir"] = str(path)
             trajectory = trajectory or "raster"
         elif path.is_file():
+            trajectory = trajectory or file_trajectory(path)
             meta = read_weights_metadata(path) if path.suffix == ".safetensors" else None
-            kind = (meta or {}).get("kind")
-            if kind == "tokenizer":
-                raise UsageError(f"{path} holds tokenizer weights: give the model's weights, and this file as tokenizer=")
-            if meta and kind in ("var", "raster"):
-                trajectory = trajectory or ("raster" if kind == "raster" else (meta.get("trajectory") or {}).get("name"))
-                recorded = Path(str((meta.get("tokenizer") or {}).get("path", "")))
-                if tokenizer is None and recorded.is_file():
-                    tokenizer = recorded
-            else:
-                trajectory = trajectory or official_trajectory(path)
+            recorded = Path(str(((meta or {}).get("tokenizer") or {}).get("path", "")))
+            if tokenizer is None and recorded.is_file():
+                tokenizer = recorded
             if tokenizer is None:
                 raise UsageError(f"{path}: give its tokenizer file as tokenizer= (VAR's vae_ch160v4096z32.pth, "
                                  f"LlamaGen's vq_ds16_c2i.pt, or a train-tokenizer run's tokenizer.safetensors)")

@@ -273,7 +273,7 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(output_flag, n
         (tmp_cwd / "link.safetensors").symlink_to(weights)
         output = "link.safetensors"
     refused(["--trajectory", "raster", "--var-checkpoint", name, output_flag, output],
-            f"the same file as --var-checkpoint {name}")
+            f"the same file as --checkpoint {name}")
     assert weights.read_bytes() == b"the weights"
 
 

@@ -72,7 +72,7 @@ def test_bad_config_file_is_one_line(tmp_path):
     (["--dtype", "float8"], "dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--backend", "nope"], "unknown attention backend 'nope'"),
-    (["--var-checkpoint", "x.pth"], "give both --var-checkpoint and --vae-checkpoint"),
+    (["--var-checkpoint", "x.pth"], "give both --checkpoint and --tokenizer"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv + ["--no-progress"]) == 2
@@ -179,7 +179,7 @@ def test_missing_default_weights_is_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(default_models, "WEIGHTS_DIR", tmp_path)
     assert main(["--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no default weights for trajectory 'markov'" in err[0] and "--var-checkpoint" in err[0]
+    assert len(err) == 1 and "no default weights for trajectory 'markov'" in err[0] and "--checkpoint" in err[0]
 
 
 def test_raster_trajectory_generates_with_random_weights(tmp_path, capsys):

@@ -91,9 +91,11 @@ def test_var_from_the_hub_equals_the_local_files_and_the_cache_serves_offline(re
         assert run(tmp_path, hub, VAR_D16, "hub")["ok"]
         fetched = [r for r in hub.requests if r.startswith("GET")]
         assert sorted(r.rsplit("/", 1)[1] for r in fetched) == ["vae_ch160v4096z32.pth", "var_d16.pth"]
-    local = mvar_engine.Pipeline.from_pretrained(released / "var_d16.pth", tokenizer=released / "vae_ch160v4096z32.pth",
-                                                 trajectory="markov", model={"patch_nums": SCHEDULE})
-    expected = local(labels=[3, 7], images_per_label=2, seed=0, output_type="pt").images
+    # the same files given as local paths, in the same kind of fresh interpreter (same threads, same sums)
+    assert run(tmp_path, None, {"name_or_path": str(released / "var_d16.pth"), "trajectory": "markov",
+                                "tokenizer": str(released / "vae_ch160v4096z32.pth"),
+                                "model": {"patch_nums": list(SCHEDULE)}}, "local", offline=True)["ok"]
+    expected = torch.load(tmp_path / "local.pt")
     assert torch.equal(torch.load(tmp_path / "hub.pt"), expected)
     # the Hub is gone: the cache answers (offline), with the same pixels
     assert run(tmp_path, None, VAR_D16, "offline", offline=True)["ok"]
@@ -135,9 +137,9 @@ def test_janus_pro_folder_from_the_hub(tmp_path):
         out = run(tmp_path, hub, {"name_or_path": "deepseek-community/Janus-Pro-1B", "model": {"prompt": "a cat"}},
                   "janus", call={"cfg": 5.0}, labels=[0])
     assert out["ok"] and out["model"] == "janus", out
-    local = mvar_engine.Pipeline.from_pretrained(folder, model={"prompt": "a cat"})
-    expected = local(labels=[0], images_per_label=2, seed=0, cfg=5.0, output_type="pt").images
-    assert torch.equal(torch.load(tmp_path / "janus.pt"), expected)
+    assert run(tmp_path, None, {"name_or_path": str(folder), "model": {"prompt": "a cat"}}, "local", offline=True,
+               call={"cfg": 5.0}, labels=[0])["ok"]
+    assert torch.equal(torch.load(tmp_path / "janus.pt"), torch.load(tmp_path / "local.pt"))
 
 
 def test_llamagen_from_the_hub(tmp_path):

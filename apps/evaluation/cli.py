@@ -89,7 +89,7 @@ def build_parser():
                             "time. A 'real' row scores the held-out split against the train split (the floor). "
                             "Writes a JSON report and prints a table.",
                 epilog="default comparison:\n" + "\n".join(f"  --compare \"{c}\"" for c in DEFAULT_COMPARE)
-                       + "\n\nexample:\n  mvar-engine evaluate --common \"--var-checkpoint var.pth --vae-checkpoint "
+                       + "\n\nexample:\n  mvar-engine evaluate --common \"--checkpoint var.pth --tokenizer "
                          "vae.pth\" \\\n      --compare \"var=--trajectory full\" --compare \"mvar=--trajectory markov "
                          "--attention-kernel-size 5\""
                          + "\n\nraster cache policies (the shipped raster GPT):\n  mvar-engine evaluate --compare "

@@ -17,8 +17,8 @@ linears and embeddings, a zero output layer.
 Everything else is the next-scale trainer's: deterministic sharded batches, AdamW with warm-up and
 cosine/linear decay, gradient clipping, torchrun DDP, atomic ``checkpoint.pt`` with exact
 ``--resume``, ``metrics.jsonl``, ``config.json`` and ``model.safetensors`` whose ``mvar_engine``
-metadata (:func:`weights_metadata`) lets ``mvar-engine --trajectory raster --var-checkpoint
-model.safetensors --vae-checkpoint TOKENIZER`` rebuild the model.
+metadata (:func:`weights_metadata`) lets ``mvar-engine --trajectory raster --checkpoint
+model.safetensors --tokenizer TOKENIZER`` rebuild the model.
 """
 
 from __future__ import annotations
