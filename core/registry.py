@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import math
 import os
 import re
@@ -43,8 +42,6 @@ ENTRY_POINT_GROUP = "mvar_engine"
 DISTRIBUTION = "mvar-engine"
 ENV_DISABLE_AUTOLOAD = "MVAR_ENGINE_DISABLE_PLUGIN_AUTOLOAD"
 ENV_ALLOW = "MVAR_ENGINE_PLUGINS"
-BUILTIN_MODULES = ("mvar_engine.plugins.builtin", "mvar_engine.backends.builtin", "mvar_engine.apps.model_families",
-                   "mvar_engine.apps.janus_family", "mvar_engine.apps.commands")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
@@ -419,12 +416,30 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, provider: Provid
             registry.broken.append(BrokenPlugin(provider.plugin, provider, f"unknown hook {attr} (hooks: {', '.join(sorted(known))})"))
 
 
+def builtin_entry_points() -> list[Any]:
+    """This distribution's own entry points in the group (its built-in components), from its
+    installed metadata; none when it is not installed."""
+    try:
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return []
+    return [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+
+
+def _package_of(ep: Any) -> str:
+    """The distribution an entry point comes from (its module's top package when it has none)."""
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else ep.value.split(":")[0].split(".")[0]
+
+
 def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points: Iterable[Any] | None = None) -> Registry:
     """Discover plugins and build a registry.
 
     ``extra_plugins``: ``(name, module_or_object)`` pairs registered after the entry points
-    (tests, notebooks). ``entry_points``: override discovery (defaults to the installed
-    ``mvar_engine`` group).
+    (tests, notebooks). ``entry_points``: the third-party entry points, overriding their discovery
+    (default: the installed ``mvar_engine`` group). The built-ins are always this distribution's
+    own entry points in that group, exactly as a plugin registers; when its metadata is missing
+    (a source tree never installed) the registry records that as a broken plugin with the fix.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
@@ -432,13 +447,18 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
     providers: dict[int, Provider] = {}
     autoload = not _env_flag(ENV_DISABLE_AUTOLOAD)
     allow = _allow_list()
-    found_builtin: set[str] = set()
-
-    eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP) if entry_points is None else entry_points)
+    own = builtin_entry_points()
+    own_keys = {(ep.name, ep.value) for ep in own}
+    others = list(entry_points) if entry_points is not None else list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    eps = own + [ep for ep in others if (ep.name, ep.value) not in own_keys]
+    if not own:
+        registry.broken.append(BrokenPlugin(DISTRIBUTION, Provider(DISTRIBUTION, __version__, DISTRIBUTION, True),
+                                            f"its built-in components' entry points are not installed (run pip install "
+                                            f"-e . in the source tree, or pip install {DISTRIBUTION})"))
     loadable = []  # (entry point, provider), built-ins first so they are the primary providers of their names
     for ep in eps:
         dist = getattr(ep, "dist", None)
-        package = dist.name if dist is not None else ep.value.split(":")[0].split(".")[0]
+        package = _package_of(ep)
         version = dist.version if dist is not None else None
         builtin = _normalize_dist(package) == DISTRIBUTION
         provider = Provider(package, version, ep.name, builtin)
@@ -449,8 +469,6 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
             if allow is not None and not {normalize_name(ep.name), normalize_name(package), _normalize_dist(package)} & allow:
                 registry.skipped.append(SkippedPlugin(ep.name, package, f"not in {ENV_ALLOW}"))
                 continue
-        if builtin and ep.value in BUILTIN_MODULES:
-            found_builtin.add(ep.value)
         loadable.append((ep, provider))
 
     def load_entry_point(ep, provider: Provider) -> None:
@@ -463,18 +481,6 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, entry_points
 
     for ep, provider in [item for item in loadable if item[1].builtin]:
         load_entry_point(ep, provider)
-
-    missing_builtins = [m for m in BUILTIN_MODULES if m not in found_builtin]
-    if missing_builtins:
-        # A source tree whose metadata is not installed (or is stale): load those built-ins directly.
-        for module_name in missing_builtins:
-            provider = Provider(DISTRIBUTION, f"{__version__} (source)", module_name, True)
-            try:
-                module = importlib.import_module(module_name)
-            except BaseException as error:  # plugin code: SystemExit and KeyboardInterrupt too
-                registry.broken.append(BrokenPlugin(module_name, provider, f"import failed: {_one_line(error)}"))
-                continue
-            _register(pm, module, module_name, provider, registry, providers)
 
     for ep, provider in [item for item in loadable if not item[1].builtin]:
         load_entry_point(ep, provider)

@@ -128,3 +128,11 @@ def test_no_import_cycle():
     for start in sorted(graph):
         if start not in state:
             visit(start, [start])
+
+
+def test_core_names_no_apps_module():
+    """Built-ins register through entry points only (their distribution's own, :func:`builtin_entry_points`):
+    core/ names no module of apps/, not even as a string."""
+    for path in sorted((ROOT / "core").glob("*.py")):
+        text = path.read_text()
+        assert "mvar_engine.apps" not in text and "apps." not in text, path.relative_to(ROOT)
