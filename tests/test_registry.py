@@ -615,3 +615,20 @@ def test_allow_list_matches_dotted_distribution_names(monkeypatch):
     monkeypatch.setenv(ENV_ALLOW, "acme-plugins")
     registry = load_registry(entry_points=[FakeEntryPoint("x", "acme.plugins", cache_plugin("x", "acme-cache"))])
     assert "acme-cache" in registry.names("cache") and registry.skipped == []
+
+
+def test_a_source_tree_never_installed_is_a_broken_entry_with_the_fix(monkeypatch):
+    """Without this distribution's metadata there are no built-ins (core/ names no module to fall
+    back on): the registry says so, with the fix, instead of failing on a missing component later."""
+    from importlib import metadata
+
+    from mvar_engine.core import registry as registry_module
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(registry_module.metadata, "distribution", missing)
+    registry = load_registry(entry_points=[])
+    assert registry.components("trajectory") == []
+    assert [b.plugin for b in registry.broken] == ["mvar-engine"]
+    assert "pip install -e ." in registry.broken[0].error
