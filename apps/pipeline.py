@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -32,7 +33,7 @@ from ..core.cache import CachePolicy
 from ..core.compatibility import check_compatible
 from ..core.compiled_decoding import compile_problem
 from ..core.engine import Engine
-from ..core.errors import IncompatibleComponentsError, UsageError
+from ..core.errors import IncompatibleComponentsError, MvarEngineError, UsageError
 from ..core.files import WRITTEN_BY, atomic_write, writer
 from ..core.registry import Registry, get_registry
 from ..models.checkpoint import save_state_dict
@@ -286,6 +287,16 @@ class GenerationResult:
     backends_used: dict[str, str] = field(default_factory=dict)
 
 
+@contextmanager
+def python_wording() -> Iterator[None]:
+    """Errors leaving the Python API name settings as arguments (``backend='sdpa'``), not flags."""
+    try:
+        yield
+    except MvarEngineError as error:
+        error.style = "python"
+        raise
+
+
 @dataclass
 class PipelineOutput:
     """What ``pipe(...)`` returns: ``images`` (a list of ``PIL.Image``, or ``[N, 3, H, W]`` in [0, 1]),
@@ -331,16 +342,18 @@ class Pipeline:
         (``"FoundationVision/var", variant="d16"``; :mod:`.pretrained`, :mod:`.hub`), with ``settings``
         as :class:`EngineConfig` fields (``attention``, ``cache``, ``device``, ``dtype``, ``batch_size``,
         ``model={"patch_nums": (16,)}``, ...). Bad input is a one-line :class:`UsageError`."""
-        return cls.from_config(pretrained_config(name_or_path, variant=variant, tokenizer=tokenizer,
-                                                 trajectory=trajectory, **settings))
+        with python_wording():
+            return cls.from_config(pretrained_config(name_or_path, variant=variant, tokenizer=tokenizer,
+                                                     trajectory=trajectory, **settings))
 
     def to(self, device: str | torch.device | None = None, dtype: str | None = None) -> "Pipeline":
         """Move the models to ``device`` and/or run in autocast ``dtype`` (``"float32"``, ``"bfloat16"``,
         ``"float16"``); returns ``self``. An unsupported pair is a one-line :class:`UsageError`."""
         update = {key: str(value) for key, value in (("device", device), ("dtype", dtype)) if value is not None}
         config = self.config.model_copy(update=update)
-        target = resolve_device(config.device)
-        resolve_autocast(config.dtype, target)  # refuses before anything moves
+        with python_wording():
+            target = resolve_device(config.device)
+            resolve_autocast(config.dtype, target)  # refuses before anything moves
         self.model.to(target)
         if self.tokenizer is not None:
             self.tokenizer.to(target)
@@ -364,7 +377,8 @@ class Pipeline:
                                                           if v is not None})
         SamplingConfig.model_validate(sampling.model_dump())  # the CLI's ranges
         started = time.perf_counter()
-        result = self.generate(labels, images_per_label, self.cache_for(cache, cache_budget), sampling=sampling)
+        with python_wording():
+            result = self.generate(labels, images_per_label, self.cache_for(cache, cache_budget), sampling=sampling)
         images = result.images if output_type == "pt" else [Image.fromarray(a) for a in to_uint8(result.images)]
         return PipelineOutput(images, result.labels.tolist(), result.tokens,
                               {"seconds": time.perf_counter() - started, "cache_peak_bytes": result.cache_peak_bytes,

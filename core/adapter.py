@@ -73,7 +73,7 @@ class ModelFamily(ABC):
         """The engine's adapter over a built ``(model, tokenizer)``."""
 
     def compiles_token_steps(self) -> bool:
-        """Does this family's adapter set ``compiles_token_steps`` (``--compile`` is checked before a build)?"""
+        """Does this family's adapter set ``compiles_token_steps`` (compiled decoding is checked before a build)?"""
         return False
 
     def compiles_scale_steps(self) -> bool:
@@ -96,7 +96,7 @@ class ModelAdapter(ABC):
     name: ClassVar[str] = "model"
     family: ClassVar[str] = "next-scale"
     compiles_token_steps: ClassVar[bool] = False
-    """Trait: implements :meth:`fed_tokens` and :meth:`run_token` (compiled decoding, ``--compile``)."""
+    """Trait: implements :meth:`fed_tokens` and :meth:`run_token` (compiled decoding)."""
     compiles_scale_steps: ClassVar[bool] = False
     """Trait: implements :meth:`scale_inputs` and :meth:`run_scale` (compiled next-scale steps)."""
     layout: SequenceLayout

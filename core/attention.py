@@ -30,6 +30,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from .errors import setting
 from .layout import SequenceLayout, Spans, spans_to_positions
 from .neighborhood import axis_allowed, neighborhood_mask_2d
 from .trajectory import Visibility
@@ -389,19 +390,23 @@ class BackendCapabilities:
         device_type = torch.device(device).type
         if self.kinds is not None and spec.kind not in self.kinds:
             return (f"{backend} computes {', '.join(sorted(self.kinds))} attention, not '{spec.kind}' "
-                    f"(use --backend auto or sdpa)")
+                    f"(use {setting('backend', 'auto')} or sdpa)")
         if device_type not in self.devices:
-            return f"{backend} runs on {'/'.join(sorted(self.devices))} only, not {device_type} (use --backend auto or sdpa)"
+            return (f"{backend} runs on {'/'.join(sorted(self.devices))} only, not {device_type} "
+                    f"(use {setting('backend', 'auto')} or sdpa)")
         if dtype not in self.dtypes:
             names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
-            return f"{backend} takes {names} inputs, not {str(dtype).removeprefix('torch.')} (change --dtype or use --backend sdpa)"
+            return (f"{backend} takes {names} inputs, not {str(dtype).removeprefix('torch.')} (change "
+                    f"{setting('dtype')} or use {setting('backend', 'sdpa')})")
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
-            return f"{backend} supports head_dim <= {self.max_head_dim}, got {head_dim} (use --backend sdpa)"
+            return f"{backend} supports head_dim <= {self.max_head_dim}, got {head_dim} (use {setting('backend', 'sdpa')})"
         if head_dim % self.head_dim_multiple:
-            return f"{backend} needs head_dim divisible by {self.head_dim_multiple}, got {head_dim} (use --backend sdpa)"
+            return (f"{backend} needs head_dim divisible by {self.head_dim_multiple}, got {head_dim} "
+                    f"(use {setting('backend', 'sdpa')})")
         if needs_grad and device_type not in self.backward:
             where = "/".join(sorted(self.backward)) or "no device"
-            return f"{backend} has no backward pass on {device_type} (it has one on {where}); use --backend sdpa for training"
+            return (f"{backend} has no backward pass on {device_type} (it has one on {where}); use "
+                    f"{setting('backend', 'sdpa')} for training")
         return None
 
     def summary(self) -> str:
@@ -445,7 +450,7 @@ class AttentionBackend(ABC):
         return None
 
     def preference(self, spec: AttentionSpec, device: torch.device) -> int | None:
-        """Rank for ``--backend auto`` on this spec and device (higher first); None = the record's priority."""
+        """Rank for the ``auto`` backend on this spec and device (higher first); None = the record's priority."""
         return None
 
     def workspace_bytes(self, spec: AttentionSpec, *, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,

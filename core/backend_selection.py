@@ -1,4 +1,4 @@
-"""Choosing the backend that computes a spec: ``--backend auto`` or a forced one.
+"""Choosing the backend that computes a spec: ``auto`` or a forced one.
 
 ``auto`` ranks every available backend by ``backend.preference(spec, device)`` (falling back to its
 record's ``priority``) and takes the first whose ``supports`` says yes; a forced backend either
@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .attention import AttentionBackend, AttentionSpec, check_inputs
-from .errors import BackendUnsupportedError, UsageError
+from .errors import BackendUnsupportedError, UsageError, setting
 from .registry import get_registry
 
 
@@ -118,13 +118,15 @@ def selector_for(name: str = "auto", options=None, registry=None) -> BackendSele
     registry = registry or get_registry()
     if name == "auto":
         if options:
-            raise UsageError("backend 'auto' takes no options (force a backend with --backend NAME to set its options)")
+            raise UsageError(f"backend 'auto' takes no options (force a backend with {setting('backend', 'NAME')} to set "
+                             f"its options)")
         entries = [e for e in registry.components("backend") if e.availability.ok]
         return BackendSelector([Candidate(e.name, registry.create("backend", e.name), getattr(e.record, "priority", 0))
                                 for e in entries], forced=False)
     entry = registry.get("backend", name)
     if not entry.availability.ok:
-        raise UsageError(f"backend '{entry.name}' is unavailable: {entry.availability.reason} (use --backend auto)")
+        raise UsageError(f"backend '{entry.name}' is unavailable: {entry.availability.reason} "
+                         f"(use {setting('backend', 'auto')})")
     return BackendSelector([Candidate(entry.name, registry.create("backend", name, options),
                                       getattr(entry.record, "priority", 0))], forced=True)
 

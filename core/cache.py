@@ -23,7 +23,7 @@ Traits, declared on the class and checked by the engine before a generation:
   history the trajectory requires, which makes it the exact oracle of cached runs;
 - ``track_scores``: the storage keeps a float32 score per slot (scoring policies);
 - ``static_decoding``: implements :meth:`~CachePolicy.update_static` and
-  :meth:`~CachePolicy.static_buffers`, the fixed-shape form compiled decoding (``--compile``) runs.
+  :meth:`~CachePolicy.static_buffers`, the fixed-shape form compiled decoding runs.
 - ``static_scale_decoding``: implements :meth:`~CachePolicy.update_static_scale` and
   :meth:`~CachePolicy.static_scale_done` (compiled next-scale steps: every earlier scale kept in
   position order, slot = position).

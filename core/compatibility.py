@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .attention import AttentionPattern
 from .cache import CachePolicy
-from .errors import IncompatibleComponentsError
+from .errors import IncompatibleComponentsError, setting
 from .trajectory import Trajectory
 
 
@@ -50,5 +50,5 @@ def check_compatible(trajectory: Trajectory, pattern: AttentionPattern, cache: C
         if missing:
             raise IncompatibleComponentsError(
                 f"cache '{c_name}' keeps different positions in each head, which needs every kept key visible to "
-                f"every query, but {' and '.join(missing)} (next-scale: --trajectory full --attention dense; raster: "
-                f"--attention causal)")
+                f"every query, but {' and '.join(missing)} (next-scale: {setting('trajectory', 'full')} "
+                f"{setting('attention', 'dense')}; raster: {setting('attention', 'causal')})")

@@ -1,4 +1,4 @@
-"""Compiled decoding steps (``--compile``): one-token steps as gpt-fast's ``decode_one_token``, and
+"""Compiled decoding steps (the ``compile`` setting): one-token steps as gpt-fast's ``decode_one_token``, and
 next-scale steps one graph per scale.
 
 Every one-token step of a ``token_causal`` trajectory after the prefill runs one graph,
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .adapter import GenerationState, ModelAdapter
 from .attention import AttentionPattern, AttentionSpec
 from .cache import CachePolicy
+from .errors import setting
 from .layout import Spans
 from .trajectory import Step, Trajectory
 
@@ -46,41 +47,47 @@ def cpu_compiler() -> str | None:
     return next((found for name in candidates if name and (found := shutil.which(name))), None)
 
 
+C, SDPA = setting("compile"), setting("backend", "sdpa")
+CACHE_FULL, CACHE_NONE = setting("cache", "full"), setting("cache", "none")
+MARKOV, RASTER, CAUSAL = setting("trajectory", "markov"), setting("trajectory", "raster"), setting("attention", "causal")
+"""The settings :func:`compile_problem` names (:func:`~mvar_engine.core.errors.setting`)."""
+
+
 def compile_problem(*, trajectory: Trajectory, pattern: AttentionPattern, cache: CachePolicy, compiles_token_steps: bool,
                     backend: str, device: torch.device | None = None, names: dict[str, str] | None = None,
                     compiles_scale_steps: bool = False) -> str | None:
-    """Why ``--compile`` cannot run this combination (one line naming the fix), or None (``device``
+    """Why compiled decoding cannot run this combination (one line naming the fix), or None (``device``
     None: the C++ compiler a CPU run needs is not checked)."""
     names = names or {}
     cache_name = names.get("cache", cache.name)
     if trajectory.family == "next-scale":
         if not compiles_scale_steps:
-            return "--compile: this model family has no compiled next-scale step (leave --compile off)"
+            return f"{C}: this model family has no compiled next-scale step (leave {C} off)"
         if cache.stores_history and not cache.static_scale_decoding:
-            return (f"--compile: cache '{cache_name}' does not keep every earlier scale in place, which a "
-                    f"per-scale graph needs (use --cache full, or --cache none under --trajectory markov, or leave "
-                    f"--compile off)")
+            return (f"{C}: cache '{cache_name}' does not keep every earlier scale in place, which a "
+                    f"per-scale graph needs (use {CACHE_FULL}, or {CACHE_NONE} under {MARKOV}, or leave "
+                    f"{C} off)")
         if not cache.stores_history and len(trajectory.history(1)) > 1:
-            return (f"--compile: without a cache every step of trajectory "
-                    f"'{names.get('trajectory', trajectory.name)}' recomputes earlier scales (use --cache full, or "
-                    f"leave --compile off)")
+            return (f"{C}: without a cache every step of trajectory "
+                    f"'{names.get('trajectory', trajectory.name)}' recomputes earlier scales (use {CACHE_FULL}, or "
+                    f"leave {C} off)")
     elif not trajectory.token_causal:
-        return (f"--compile compiles one-token decoding steps; trajectory '{names.get('trajectory', trajectory.name)}' "
-                f"has none (use --trajectory raster, or leave --compile off)")
+        return (f"{C} compiles one-token decoding steps; trajectory '{names.get('trajectory', trajectory.name)}' "
+                f"has none (use {RASTER}, or leave {C} off)")
     else:
         if not compiles_token_steps:
-            return "--compile: this model family has no compiled decoding step (leave --compile off)"
+            return f"{C}: this model family has no compiled decoding step (leave {C} off)"
         if not pattern.sees_every_visible_key:
-            return (f"--compile: pattern '{names.get('attention', pattern.name)}' chooses keys per step, which a "
-                    f"fixed-shape step cannot (use --attention causal, or leave --compile off)")
+            return (f"{C}: pattern '{names.get('attention', pattern.name)}' chooses keys per step, which a "
+                    f"fixed-shape step cannot (use {CAUSAL}, or leave {C} off)")
         if not cache.static_decoding:
-            return (f"--compile: cache '{cache_name}' keeps no fixed-shape storage (a policy without a device-side "
-                    f"victim, static_victim: use a built-in cache, or leave --compile off)")
+            return (f"{C}: cache '{cache_name}' keeps no fixed-shape storage (a policy without a device-side "
+                    f"victim, static_victim: use a built-in cache, or leave {C} off)")
     if backend not in COMPILED_BACKENDS:
-        return (f"--compile attends with torch SDPA inside the compiled step; --backend {backend} cannot be traced "
-                f"(use --backend sdpa or auto, or leave --compile off)")
+        return (f"{C} attends with torch SDPA inside the compiled step; {setting('backend', backend)} cannot be traced "
+                f"(use {SDPA} or auto, or leave {C} off)")
     if device is not None and device.type == "cpu" and cpu_compiler() is None:
-        return "--compile on the CPU needs a C++ compiler (install g++ or set CXX), or leave --compile off"
+        return f"{C} on the CPU needs a C++ compiler (install g++ or set CXX), or leave {C} off"
     return None
 
 

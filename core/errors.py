@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+import re
+from typing import Literal
+
+Style = Literal["cli", "python"]
+SETTING = re.compile(r"\[\[([a-z_]+)(?:=([^\]]*))?\]\]")
+
+
+def setting(name: str, value: object | None = None) -> str:
+    """A reference to the run setting ``name`` (with a value, or none) inside a message: core/ names
+    settings this way, never as a CLI flag; :func:`render_settings` words it for the reader."""
+    return f"[[{name}]]" if value is None else f"[[{name}={value}]]"
+
+
+def render_settings(text: str, style: Style = "cli") -> str:
+    """``text`` with its :func:`setting` references as the shell spells them (a flag, then its value)
+    or the Python API (``backend='sdpa'``)."""
+    def word(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if style == "cli":
+            flag = "--" + name.replace("_", "-")
+            return flag if value is None else f"{flag} {value}"
+        return name if value is None else f"{name}={value!r}"
+
+    return SETTING.sub(word, text)
+
 
 class MvarEngineError(Exception):
-    """Base class of the engine's own errors; the CLI prints ``str(error)`` without a traceback."""
+    """Base class of the engine's own errors; the CLI prints ``str(error)`` without a traceback.
+    Its text may name run settings (:func:`setting`): ``str`` words them for :attr:`style`, the
+    shell's by default (the Python API sets ``"python"``)."""
+
+    style: Style = "cli"
+
+    def __str__(self) -> str:
+        return render_settings(super().__str__(), self.style)
 
 
 class UsageError(MvarEngineError):

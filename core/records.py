@@ -93,7 +93,7 @@ class CachePolicyRecord(ComponentRecord):
 class AttentionBackendRecord(ComponentRecord):
     """An attention backend (``reference``, ``sdpa``, ...); factory returns an ``AttentionBackend``.
 
-    ``priority``: higher is preferred by ``--backend auto`` among backends that support a pattern.
+    ``priority``: higher is preferred by the ``auto`` backend among backends that support a pattern.
     """
 
     kind, hook = "backend", "mvar_engine_attention_backends"

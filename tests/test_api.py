@@ -141,3 +141,22 @@ def test_a_janus_model_folder_through_transformers(tmp_path):
     out = pipe(labels=[0], images_per_label=2, seed=0, cfg=5.0)
     assert pipe.components.names["model"] == "janus" and len(out.images) == 2
     assert pipe.components.names["trajectory"] == "raster"
+
+
+def test_core_errors_are_worded_for_the_reader(capsys, tmp_path):
+    """The same core error names ``--backend auto`` on the command line and ``backend='auto'`` from Python."""
+    pipe = mvar_engine.Pipeline.from_pretrained("digits-raster", backend="natten")
+    with pytest.raises(UsageError) as error:
+        pipe(labels=[1])
+    assert "(use backend='auto' or sdpa)" in str(error.value) and "--backend" not in str(error.value)
+    assert main(["--trajectory", "raster", "--backend", "natten", "--no-progress", "--output",
+                 str(tmp_path / "x.png")]) == 2
+    assert "(use --backend auto or sdpa)" in capsys.readouterr().err
+
+
+def test_render_settings_both_ways():
+    from mvar_engine.core.errors import render_settings, setting
+
+    text = f"use {setting('backend', 'sdpa')}, or leave {setting('compile')} off; {setting('top_k', 5)}"
+    assert render_settings(text) == "use --backend sdpa, or leave --compile off; --top-k 5"
+    assert render_settings(text, "python") == "use backend='sdpa', or leave compile off; top_k='5'"

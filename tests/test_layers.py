@@ -136,3 +136,13 @@ def test_core_names_no_apps_module():
     for path in sorted((ROOT / "core").glob("*.py")):
         text = path.read_text()
         assert "mvar_engine.apps" not in text and "apps." not in text, path.relative_to(ROOT)
+
+
+def test_core_words_no_cli_flag():
+    """core/ names run settings with ``setting(...)`` (errors.py), never as flags: the CLI words them
+    ``--backend sdpa``, the Python API ``backend='sdpa'``."""
+    import re
+
+    for path in sorted((ROOT / "core").glob("*.py")):
+        flags = re.findall(r"--[a-z][a-z-]*", path.read_text())
+        assert not flags, f"{path.relative_to(ROOT)} names flags {sorted(set(flags))}"

@@ -22,7 +22,7 @@ import torch
 from ...backends.reference import ReferenceBackend
 from ...backends.sdpa import SdpaBackend
 from ...core.attention import AttentionBackend, AttentionSpec, Dense, Neighborhood2D
-from ...core.errors import UsageError
+from ...core.errors import UsageError, render_settings
 from ...core.registry import get_registry
 from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, one_line, seed_int
 from ..output_files import add_overwrite_flag, check_outputs
@@ -269,6 +269,7 @@ class AttentionBench:
         if reason is None:
             status = "unsupported"
             reason = backend.supports(spec, device=self.device, dtype=self.dtype, head_dim=cell.q.shape[-1])
+            reason = reason and render_settings(reason)
         if reason is None:
             status = "skipped"
             reason = memory_reason(backend, spec, cell, self.device)
