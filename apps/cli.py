@@ -238,18 +238,14 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
     for kind in COMPONENT_KINDS:
         if kind in given or kind in options:
             out[kind] = {"name": names[kind], "options": options.get(kind, {})}
-    model_keys = {"var_checkpoint", "vae_checkpoint", "depth", "patch_nums", "num_classes", "num_heads", "random_weights",
-                  "adapter", "model_dir", "prompt", "chat_format"}
-    sampling_keys = {"cfg", "top_k", "top_p", "seed"}
-    output_keys = {"output", "per_image", "save_tokens", "overwrite"}
+    sections = {section: set(EngineConfig.model_fields[section].annotation.model_fields)
+                for section in ("model", "sampling", "output")}  # the config's own fields: no key set kept by hand
+    top_level = set(EngineConfig.model_fields) - set(sections) - set(COMPONENT_KINDS)
     for key, value in given.items():
-        if key in model_keys:
-            out.setdefault("model", {})[key] = value
-        elif key in sampling_keys:
-            out.setdefault("sampling", {})[key] = value
-        elif key in output_keys:
-            out.setdefault("output", {})[key] = value
-        elif key in ("labels", "samples_per_label", "batch_size", "device", "dtype", "compile"):
+        section = next((name for name, fields in sections.items() if key in fields), None)
+        if section is not None:
+            out.setdefault(section, {})[key] = value
+        elif key in top_level and key not in ("progress",):
             out[key] = value
     if given.get("no_strict"):
         out.setdefault("model", {})["strict"] = False
