@@ -21,7 +21,8 @@ budgeted-cache base in ``mvar_engine.plugins.budget_cache``; those paths keep wo
   ``Engine`` that drives them.
 - Errors: ``MvarEngineError``, ``UsageError``, ``ConfigError``, ``IncompatibleComponentsError``,
   ``BackendUnsupportedError``, ``CheckpointError``, ``UnknownComponentError``,
-  ``DuplicateComponentError``, ``ComponentFailedError``.
+  ``DuplicateComponentError``, ``ComponentFailedError``; ``setting(name, value)`` names a run setting
+  inside a message (the CLI shows ``--name value``, the Python API ``name='value'``).
 
 The conformance kit for plugin packages is :mod:`mvar_engine.testing`.
 
@@ -38,7 +39,7 @@ from .core.cache import CachePolicy
 from .core.engine import Engine
 from .core.errors import (BackendUnsupportedError, CheckpointError, ComponentFailedError, ConfigError,
                           DuplicateComponentError, IncompatibleComponentsError, MvarEngineError, UnknownComponentError,
-                          UsageError)
+                          UsageError, setting)
 from .core.hookspecs import hookimpl
 from .core.kv_store import BoundedKV
 from .core.layout import SequenceLayout, Spans, merge_spans, spans_length, spans_to_positions
@@ -62,7 +63,7 @@ __all__ = [
     "SequenceLayout", "Spans", "merge_spans", "spans_length", "spans_to_positions",
     "ModelAdapter", "ModelFamily", "GenerationState", "Engine",
     "MvarEngineError", "UsageError", "ConfigError", "IncompatibleComponentsError", "BackendUnsupportedError",
-    "CheckpointError", "UnknownComponentError", "DuplicateComponentError", "ComponentFailedError",
+    "CheckpointError", "UnknownComponentError", "DuplicateComponentError", "ComponentFailedError", "setting",
 ]
 
 # The generation API last: apps/ reads the names above while it loads.
