@@ -196,10 +196,11 @@ def test_sigkill_mid_training_with_workers_then_resume_is_exact(image_folder, tm
     kill_after = int(np.random.default_rng().integers(1, 7))
     proc = subprocess.Popen([sys.executable, "-m", "mvar_engine.apps.cli", *map(str, args), "--output", "cut"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    log = tmp_path / "cut" / "metrics.jsonl"
+    log, saved = tmp_path / "cut" / "metrics.jsonl", tmp_path / "cut" / "checkpoint.pt"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and sum('"loss"' in line for line in log.read_text().splitlines()) >= kill_after:
+    while time.monotonic() < deadline and proc.poll() is None:  # a step is logged just before it is saved:
+        logged = sum('"loss"' in line for line in log.read_text().splitlines()) if log.exists() else 0
+        if saved.exists() and logged >= kill_after:  # kill once something can be resumed
             break
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
