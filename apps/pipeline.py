@@ -33,7 +33,7 @@ from ..core.cache import CachePolicy
 from ..core.compatibility import check_compatible
 from ..core.compiled_decoding import compile_problem
 from ..core.engine import Engine
-from ..core.errors import IncompatibleComponentsError, MvarEngineError, UsageError
+from ..core.errors import IncompatibleComponentsError, MvarEngineError, UsageError, setting
 from ..core.files import WRITTEN_BY, atomic_write, writer
 from ..core.registry import Registry, get_registry
 from ..models.checkpoint import save_state_dict
@@ -135,17 +135,17 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r}: not a device name (available here: {', '.join(have)})") from None
+        raise UsageError(f"{setting('device', repr(name))}: not a device name (available here: {', '.join(have)})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available (available here: {', '.join(have)}; "
-                         f"use --device cpu)")
+        raise UsageError(f"{setting('device', name)}: no CUDA device is available (available here: {', '.join(have)}; "
+                         f"use {setting('device', 'cpu')})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+        raise UsageError(f"{setting('device', name)}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                          f"(available here: {', '.join(have)})")
     if device.type == "cpu" and device.index not in (None, 0):
-        raise UsageError(f"--device {name}: use --device cpu (available here: {', '.join(have)})")
+        raise UsageError(f"{setting('device', name)}: use {setting('device', 'cpu')} (available here: {', '.join(have)})")
     if device.type not in ("cpu", "cuda") and device.type not in have:
-        raise UsageError(f"--device {name}: unavailable on this machine (available here: {', '.join(have)})")
+        raise UsageError(f"{setting('device', name)}: unavailable on this machine (available here: {', '.join(have)})")
     return device
 
 
@@ -156,10 +156,13 @@ def autocast_problem(dtype: str, device: torch.device) -> str | None:
         return None
     if device.type == "cpu" and dtype == "bfloat16":
         supported, why = native_bf16()
-        return None if supported else f"--dtype bfloat16 on the CPU needs native bf16 and {why}; use --dtype float32"
+        return None if supported else (f"{setting('dtype', 'bfloat16')} on the CPU needs native bf16 and {why}; use "
+                                       f"{setting('dtype', 'float32')}")
     if device.type == "cpu":
-        return f"--dtype {dtype} autocast runs on CUDA only (the CPU takes --dtype bfloat16 where it has native bf16)"
-    return f"--dtype {dtype} (autocast) is supported on CUDA and the CPU only; use --dtype float32 on {device.type}"
+        return (f"{setting('dtype', dtype)} autocast runs on CUDA only (the CPU takes {setting('dtype', 'bfloat16')} "
+                f"where it has native bf16)")
+    return (f"{setting('dtype', dtype)} (autocast) is supported on CUDA and the CPU only; use "
+            f"{setting('dtype', 'float32')} on {device.type}")
 
 
 def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -176,7 +179,7 @@ def check_labels(labels: Iterable[int], num_classes: int) -> None:
     """Refuse (one line) labels outside ``0 .. num_classes - 1``."""
     bad = sorted({label for label in labels if not 0 <= label < num_classes})
     if bad:
-        raise UsageError(f"--labels {','.join(map(str, bad))}: this model has classes 0..{num_classes - 1}")
+        raise UsageError(f"{setting('labels', ','.join(map(str, bad)))}: this model has classes 0..{num_classes - 1}")
 
 
 def check_model_facts(config: EngineConfig, components: Components) -> ModelFacts | None:

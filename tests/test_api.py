@@ -118,7 +118,7 @@ def test_what_cannot_be_loaded_is_one_line(args, kwargs, needle):
 
 def test_bad_call_arguments_are_usage_errors():
     pipe = mvar_engine.Pipeline.from_pretrained("digits-raster")
-    for kwargs, needle in (({"labels": [99]}, "this model has classes 0..9"), ({"output_type": "np"}, "output_type"),
+    for kwargs, needle in (({"labels": [99]}, "labels='99': this model has classes 0..9"), ({"output_type": "np"}, "output_type"),
                            ({"cache_budget": 0.5}, "cache_budget= needs cache="), ({"top_p": 2.0}, "top_p")):
         with pytest.raises((UsageError, ValueError)) as error:
             pipe(**{"labels": [1], **kwargs})
@@ -160,3 +160,14 @@ def test_render_settings_both_ways():
     text = f"use {setting('backend', 'sdpa')}, or leave {setting('compile')} off; {setting('top_k', 5)}"
     assert render_settings(text) == "use --backend sdpa, or leave --compile off; --top-k 5"
     assert render_settings(text, "python") == "use backend='sdpa', or leave compile off; top_k='5'"
+
+
+def test_api_errors_name_arguments_not_flags(monkeypatch):
+    monkeypatch.setenv("MVAR_ENGINE_CPU_BF16", "0")
+    pipe = mvar_engine.Pipeline.from_pretrained("digits-mvar")
+    with pytest.raises(UsageError) as error:
+        pipe.to(dtype="bfloat16")
+    assert "dtype='bfloat16' on the CPU needs native bf16" in str(error.value) and "--" not in str(error.value)
+    with pytest.raises(UsageError) as error:
+        mvar_engine.Pipeline.from_pretrained("digits-mvar", device="cuda:7" if not torch.cuda.is_available() else "cuda:99")
+    assert str(error.value).startswith("device=") and "--device" not in str(error.value)
