@@ -150,8 +150,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_problem(dtype: str, device: torch.device) -> str | None:
-    """Why ``--dtype dtype`` cannot autocast on ``device`` (one line naming the fix), or None: 16-bit
-    runs on CUDA, and bfloat16 also on a CPU with native bf16 (:func:`cpu_features.native_bf16`)."""
+    """Why ``dtype`` cannot autocast on ``device`` (one line naming the fix, its settings marked by
+    :func:`~mvar_engine.core.errors.setting` for an error to word), or None: 16-bit runs on CUDA, and
+    bfloat16 also on a CPU with native bf16 (:func:`cpu_features.native_bf16`)."""
     if dtype == "float32" or device.type == "cuda":
         return None
     if device.type == "cpu" and dtype == "bfloat16":

@@ -9,7 +9,7 @@ import torch
 from mvar_engine.apps import cpu_features
 from mvar_engine.apps.config import EngineConfig
 from mvar_engine.apps.pipeline import Pipeline, autocast_problem, resolve_autocast
-from mvar_engine.core.errors import UsageError
+from mvar_engine.core.errors import UsageError, render_settings
 
 
 @pytest.fixture
@@ -53,7 +53,9 @@ def test_autocast_choices_per_device(monkeypatch):
     monkeypatch.setenv(cpu_features.OVERRIDE, "0")
     with pytest.raises(UsageError, match="needs native bf16"):
         resolve_autocast("bfloat16", cpu)
-    assert autocast_problem("bfloat16", torch.device("meta")).endswith("use --dtype float32 on meta")
+    problem = autocast_problem("bfloat16", torch.device("meta"))  # settings marked for the reader (core/errors.py)
+    assert render_settings(problem).endswith("use --dtype float32 on meta")
+    assert render_settings(problem, "python").endswith("use dtype='float32' on meta")
 
 
 @pytest.mark.parametrize("trajectory", ["markov", "full", "raster"])
