@@ -42,9 +42,8 @@ from ..config import EngineConfig
 from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..pipeline import resolve_components
 from .. import distributed as D
-from .code_cache import CodesData
 from .data_sources import MemoryData, TrainingData
-from .training_data import open_training_data
+from .training_data import open_token_data
 from .common import (TransformerSettings, check_loop_settings, check_shard, drop_classes, step_batches,
                      training_record)
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize
@@ -154,11 +153,7 @@ def train_raster(s: RasterTrainSettings, callbacks: tuple[Callback, ...] = ()) -
     components.pattern.check_layout(sized.layout)
     check_precision(s.precision, D.worker_device(s.device))
     check_shard(s)
-    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
-                              workers=s.workers, seed=s.seed)
-    if isinstance(data, CodesData):
-        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="raster",
-                          patch_nums=(tok.latent_grid,))
+    data = open_token_data(s, tok, "raster", (tok.latent_grid,))
     info = D.setup(s.device)
     try:
         summary = _train(s, run, tok, components, info, data, callbacks)

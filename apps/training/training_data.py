@@ -28,3 +28,14 @@ def open_training_data(data: str, resolution: int, split: str, max_images: int |
     if is_codes_folder(data):
         return CodesData(data, split, max_images, crop=crop, hflip=hflip)
     return FolderData(data, resolution, split, max_images, crop=crop or "random", hflip=hflip, workers=workers, seed=seed)
+
+
+def open_token_data(s, tok, target: str, patch_nums) -> TrainingData:
+    """A transformer trainer's data (``s``: its settings' data fields): :func:`open_training_data`,
+    and a codes folder checked against the tokenizer ``tok`` (a :class:`~.frozen_tokenizer.FrozenTokenizer`),
+    ``target`` (``next-scale`` or ``raster``) and the schedule ``patch_nums`` the model trains on."""
+    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
+                              workers=s.workers, seed=s.seed)
+    if isinstance(data, CodesData):
+        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target=target, patch_nums=patch_nums)
+    return data

@@ -39,9 +39,8 @@ from ..memory_fit import TRAINING_COPIES, refuse_unfitting
 from ..model_loading import DERIVED_VAR_BUFFERS, var_architecture
 from ..pipeline import resolve_components
 from .. import distributed as D
-from .code_cache import CodesData
 from .data_sources import MemoryData, TrainingData
-from .training_data import open_training_data
+from .training_data import open_token_data
 from .common import (TransformerSettings, check_loop_settings, check_shard, drop_classes, step_batches,
                      training_record)
 from .frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer, step_tokens, tokenize  # noqa: F401 (also imported from here)
@@ -200,11 +199,7 @@ def train_var(s: VarTrainSettings, callbacks: tuple[Callback, ...] = ()) -> Trai
     groups, cycle = plan_groups(s, components, layout)
     check_precision(s.precision, D.worker_device(s.device))
     check_shard(s)
-    data = open_training_data(s.data, tok.resolution, s.split, s.max_images, crop=s.crop, hflip=s.hflip,
-                              workers=s.workers, seed=s.seed)
-    if isinstance(data, CodesData):
-        data.check_tokens(tokenizer_sha256=tok.sha256, resolution=tok.resolution, target="next-scale",
-                          patch_nums=tok.patch_nums)
+    data = open_token_data(s, tok, "next-scale", tok.patch_nums)
     if s.finetune_from:
         check_finetune_source(s.finetune_from, var_config(s, tok, len(data.class_names)))
     info = D.setup(s.device)
