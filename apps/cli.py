@@ -23,16 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..core.errors import ComponentFailedError, MvarEngineError, UsageError
+from pydantic import ValidationError
+
+from ..core.errors import ComponentFailedError, ConfigError, MvarEngineError, UsageError
 from ..core.files import same_file, writing_as
 from ..core.records import KIND_LABELS, RECORD_TYPES
-from ..core.registry import Registry, failing_component, get_registry, normalize_name
+from ..core.registry import Registry, failing_component, format_validation_error, get_registry, normalize_name
 from .allocator import fix_mmap_threshold
 from .cli_helpers import PROG, Commands, ParsedOnly, Parser, check_output_path, under_torchrun
-from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, build_config, read_config_file
+from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, ModelChoice, build_config, read_config_file
 from .images import GRID_FORMATS, per_image_files
 from .output_files import check_replaceable
-from .pipeline import Pipeline, resolve_autocast, resolve_device
+from .pipeline import MODEL_NAMES, Pipeline, accepts, choose_model, model_family, resolve_autocast, resolve_device
 from .pretrained import file_trajectory
 
 
@@ -85,30 +87,14 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     g.add_argument("--attention", metavar="NAME", help="attention pattern (default: the trajectory's: markov -> neighborhood, full -> dense)")
     g.add_argument("--cache", metavar="NAME", help="KV-cache policy (default: the trajectory's: markov -> none, full -> full)")
     g.add_argument("--backend", metavar="NAME", help="attention backend, or auto (default: auto)")
-    m = p.add_argument_group("model")
+    m = p.add_argument_group("model (its options follow, under the model family's name)")
     m.add_argument("--model", dest="model_name", metavar="NAME",
                    help=f"which model: {', '.join(MODEL_NAMES)} or a plugin's family ('{PROG} plugins --kind model'); "
                         f"without --trajectory it picks the model's (var: full, mvar: markov, llamagen and janus: "
-                        f"raster). Default: detected from --checkpoint")
-    m.add_argument("--checkpoint", metavar="PATH", help="the model's weights (.pth, .pt or .safetensors): VAR/MVAR, "
-                   "ours, or LlamaGen's c2i_*.pt; without --trajectory and --model, the file says which it is")
-    m.add_argument("--tokenizer", metavar="PATH", help="the tokenizer's weights: VAR's multi-scale VQVAE, ours, or "
-                   "LlamaGen's VQ-16 (vq_ds16_c2i.pt)")
+                        f"raster). Default: detected from --checkpoint (or from the options given)")
     m.add_argument("--var-checkpoint", metavar="PATH", help="deprecated: --checkpoint")
     m.add_argument("--vae-checkpoint", metavar="PATH", help="deprecated: --tokenizer")
-    m.add_argument("--model-dir", metavar="DIR", help="a local Hugging Face model directory (config.json, "
-                   "*.safetensors, tokenizer files): Janus-Pro under --trajectory raster (never the network)")
-    m.add_argument("--prompt", metavar="TEXT", help="what a text-to-image model (Janus-Pro) draws")
-    m.add_argument("--no-chat-format", dest="chat_format", action="store_false",
-                   help="feed --prompt as written instead of in the model's chat format")
-    m.add_argument("--depth", type=int, help="transformer depth (read off the checkpoint when omitted)")
-    m.add_argument("--patch-nums", metavar="N,N,...", help="scale schedule (default: VAR's 256px 1,2,3,4,5,6,8,10,13,16)")
-    m.add_argument("--num-classes", type=int, help="number of classes (random weights)")
-    m.add_argument("--num-heads", type=int, help="attention heads of a raster GPT file (LlamaGen's files do not store "
-                   "it: read off the table of released sizes when omitted)")
-    m.add_argument("--random-weights", action="store_true", help="randomly initialised model (time and memory only)")
-    m.add_argument("--model-adapter", dest="adapter", metavar="NAME", help="deprecated: --model")
-    m.add_argument("--no-strict", action="store_true", help="load checkpoints that do not match exactly")
+    m.add_argument("--model-adapter", metavar="NAME", help="deprecated: --model")
     s = p.add_argument_group("sampling")
     s.add_argument("--labels", metavar="L,L,...", help="class labels, one grid row each")
     offer(s, "--samples-per-label", type=int, metavar="N", help="images per label (grid columns; default 8)")
@@ -138,7 +124,8 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
 
 
 def _chosen_names(known: argparse.Namespace, file_data: dict[str, Any], registry: Registry) -> dict[str, str]:
-    """Component names after file and flags, with the trajectory's defaults filled in."""
+    """Component names after file and flags, with the trajectory's defaults filled in, and the model
+    family (named, or the first serving the trajectory that takes the model options given)."""
     names: dict[str, str] = {}
     for kind in COMPONENT_KINDS:
         flag = getattr(known, kind, None)
@@ -151,47 +138,65 @@ def _chosen_names(known: argparse.Namespace, file_data: dict[str, Any], registry
             raise UsageError(f"{where} is empty: give a {kind} name (`{PROG} plugins` lists them)")
         names[kind] = "auto" if kind == "backend" and normalize_name(given) == "auto" else \
             registry.get(kind, given).record.name  # the registered spelling: FULL -> full
+    choice = model_choice(known, file_data)
     if "trajectory" not in names:
-        names["trajectory"] = model_trajectory(known, registry) or "markov"
+        names["trajectory"] = model_trajectory(choice, registry) or "markov"
     names.setdefault("backend", "auto")
     trajectory_cls = registry.get("trajectory", names["trajectory"]).record.factory
     names.setdefault("attention", getattr(trajectory_cls, "default_attention", "dense"))
     names.setdefault("cache", getattr(trajectory_cls, "default_cache", "none"))
+    names["model"] = choose_model(choice, getattr(trajectory_cls, "family", "next-scale"), registry)
     return names
 
 
-MODEL_NAMES = {"var": ("var", "full"), "mvar": ("var", "markov"), "llamagen": ("raster-gpt", "raster"),
-               "janus": ("janus", "raster")}
-"""``--model NAME`` -> (the registered model family, the trajectory it runs on by default); any other
-name is a registered family (``raster-gpt``, a plugin's), on its family's default trajectory."""
-RENAMED_FLAGS = {"var_checkpoint": ("--var-checkpoint", "--checkpoint", "checkpoint"),
-                 "vae_checkpoint": ("--vae-checkpoint", "--tokenizer", "tokenizer"),
-                 "adapter": ("--model-adapter", "--model", "model_name")}
+MODEL_OPTION = "opt__model__"
+"""The argparse dest prefix of a model option's flag."""
+
+RENAMED_FLAGS = {"var_checkpoint": ("--var-checkpoint", "--checkpoint", f"{MODEL_OPTION}checkpoint"),
+                 "vae_checkpoint": ("--vae-checkpoint", "--tokenizer", f"{MODEL_OPTION}tokenizer"),
+                 "model_adapter": ("--model-adapter", "--model", "model_name")}
 """Old flags (dest -> old flag, new flag, new dest): they keep working for one release, with a note."""
 
 
-def model_family(name: str, registry: Registry) -> tuple[str, str]:
-    """``--model NAME`` -> (family, default trajectory); one-line error naming the known models."""
-    if not name.strip():
-        raise UsageError(f"--model is empty: give one of {', '.join(MODEL_NAMES)} or a family ('{PROG} plugins --kind model')")
-    if normalize_name(name) in MODEL_NAMES:
-        return MODEL_NAMES[normalize_name(name)]
-    entry = registry.get("model", name)  # unknown: one line listing the registered families
-    return entry.name, "raster" if entry.record.family == "next-token" else "markov"
+def renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Parsed flags with the old flags' values under their new names (both given: one-line error)."""
+    values = dict(values)
+    for dest, (old, new, new_dest) in RENAMED_FLAGS.items():
+        if dest in values and new_dest in values:
+            raise UsageError(f"{old} and {new} name the same thing: give {new} only")
+        if dest in values:
+            values[new_dest] = values.pop(dest)
+    return values
 
 
-def model_trajectory(known: argparse.Namespace, registry: Registry) -> str | None:
-    """The trajectory a run gets when it names none: ``--model``'s, else the one ``--checkpoint``'s
-    file says (our metadata; LlamaGen's GPT -> raster, MVAR's nesting -> markov, VAR's -> full)."""
-    if getattr(known, "model_name", None) is not None:
-        return model_family(known.model_name, registry)[1]
-    checkpoint = getattr(known, "checkpoint", None)
-    if checkpoint and Path(checkpoint).is_file():
+def model_choice(known: argparse.Namespace, file_data: dict[str, Any]) -> ModelChoice:
+    """The model the flags and the config file name so far: ``--model`` (else the file's name) and
+    every model option given (the file's, then the flags')."""
+    given = renamed(vars(known))
+    try:
+        from_file = ModelChoice.model_validate(file_data.get("model") or {})
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, "the config file's model: ")) from None
+    options = {**from_file.options, **{dest.removeprefix(MODEL_OPTION): value for dest, value in given.items()
+                                       if dest.startswith(MODEL_OPTION)}}
+    return ModelChoice.model_construct(name=given.get("model_name", from_file.name), options=options)  # names: checked next
+
+
+def model_trajectory(choice: ModelChoice, registry: Registry) -> str | None:
+    """The trajectory a run gets when it names none: the named model's, else the one its
+    ``checkpoint`` file says (our metadata; LlamaGen's GPT -> raster, MVAR's nesting -> markov,
+    VAR's -> full), else that of the one family whose options take those given (``--model-dir``
+    and ``--prompt``: Janus, raster)."""
+    if choice.name is not None:
+        return model_family(choice.name, registry)[1]
+    checkpoint = choice.options.get("checkpoint")
+    if checkpoint and Path(str(checkpoint)).is_file():
         try:
-            return file_trajectory(Path(checkpoint))
+            return file_trajectory(Path(str(checkpoint)))
         except UsageError:
             return None  # the loader names what is wrong with the file
-    return None
+    takers = [c.name for c in registry.components("model") if choice.options and accepts(c.record, set(choice.options))]
+    return model_family(takers[0], registry)[1] if len(takers) == 1 else None
 
 
 def deprecated_flags(argv: Sequence[str]) -> list[str]:
@@ -201,8 +206,58 @@ def deprecated_flags(argv: Sequence[str]) -> list[str]:
             for old, new, _ in RENAMED_FLAGS.values() if old in given]
 
 
+def model_option_flag(record: Any, field_name: str, info: Any) -> tuple[str, dict[str, Any]]:
+    """A model option's flag and its argparse keywords: ``--checkpoint VALUE``; a boolean is a switch
+    that turns its default over (``random_weights`` -> ``--random-weights``, ``strict`` ->
+    ``--no-strict``)."""
+    flag = "--" + record.option_setting(field_name).replace("_", "-")
+    help_text = info.description or field_name
+    if info.annotation is bool:
+        if info.default is True:
+            return "--no-" + flag[2:], {"action": "store_false", "help": f"turns {field_name} off ({help_text})"}
+        return flag, {"action": "store_true", "help": help_text}
+    default = "" if info.is_required() or info.default is None else f" (default {info.default!r})"
+    kinds = str(info.annotation)
+    metavar = next((word for key, word in (("Path", "PATH"), ("tuple", "N,N,..."), ("int", "N"), ("float", "X"),
+                                            ("str", "TEXT")) if key in kinds), "VALUE")
+    return flag, {"metavar": metavar, "help": f"{help_text}{default}"}
+
+
+def add_model_flags(parser: argparse.ArgumentParser, records: Sequence[Any], *, strict: bool) -> dict[str, str]:
+    """The flags of the model options of ``records`` (dest -> option). ``strict``: an option whose
+    flag a generation flag already takes is a one-line error naming the family (else skipped)."""
+    dests: dict[str, str] = {}
+    taken = {flag for action in parser._actions for flag in action.option_strings}
+    for record in records:
+        group = parser.add_argument_group(f"model '{record.name}' options") if strict else parser
+        for field_name, info in record.options.model_fields.items():
+            flag, keywords = model_option_flag(record, field_name, info)
+            if flag in taken:
+                if strict:
+                    raise UsageError(f"model '{record.name}': its option {field_name!r} would be the flag {flag}, "
+                                     f"which the command already has (the family's author must rename it)")
+                continue
+            taken.add(flag)
+            dests[f"{MODEL_OPTION}{field_name}"] = field_name
+            group.add_argument(flag, dest=f"{MODEL_OPTION}{field_name}", **keywords)
+    return dests
+
+
+def refuse_foreign_model_options(known: argparse.Namespace, family: str, registry: Registry) -> None:
+    """A model option flag of another family than the run's: one line naming the family that takes it."""
+    record = registry.get("model", family).record
+    for dest in renamed(vars(known)):
+        option = dest.removeprefix(MODEL_OPTION)
+        if dest.startswith(MODEL_OPTION) and option not in record.options.model_fields:
+            takers = [c.name for c in registry.components("model") if option in c.record.options.model_fields]
+            flag = model_option_flag(registry.get("model", takers[0]).record, option,
+                                     registry.get("model", takers[0]).record.options.model_fields[option])[0]
+            raise UsageError(f"{flag}: model '{record.name}' has no such option (model '{takers[0]}' has: give "
+                             f"--model {takers[0]}; '{PROG} plugins --kind model' lists each family's options)")
+
+
 def _add_option_flags(parser: argparse.ArgumentParser, names: dict[str, str], registry: Registry) -> dict[str, tuple[str, str]]:
-    """Flags for the chosen components' options; returns dest -> (kind, option)."""
+    """Flags for the chosen components' options and the model's; returns dest -> (kind, option)."""
     dests: dict[str, tuple[str, str]] = {}
     for kind in COMPONENT_KINDS:
         if kind == "backend" and names[kind] == "auto":
@@ -218,18 +273,14 @@ def _add_option_flags(parser: argparse.ArgumentParser, names: dict[str, str], re
             group.add_argument(_component_flag(kind, field_name), dest=dest, metavar="VALUE",
                                help=f"{info.description or field_name}{default}")
             dests[dest] = (kind, field_name)
+    model = registry.get("model", names["model"]).record
+    dests.update({dest: ("model", option) for dest, option in add_model_flags(parser, [model], strict=True).items()})
     return dests
 
 
 def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Command-line values shaped like the config file (only what was given)."""
-    given = dict(vars(args))
-    for dest, (old, new, new_dest) in RENAMED_FLAGS.items():
-        if dest in given and new_dest in given:
-            raise UsageError(f"{old} and {new} name the same thing: give {new} only")
-        if new_dest in given:
-            value = given.pop(new_dest)
-            given[dest] = model_family(value, get_registry())[0] if dest == "adapter" else value
+    given = renamed(vars(args))
     out: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}
     for dest, (kind, field_name) in dests.items():
@@ -238,17 +289,17 @@ def _overrides(args: argparse.Namespace, names: dict[str, str], dests: dict[str,
     for kind in COMPONENT_KINDS:
         if kind in given or kind in options:
             out[kind] = {"name": names[kind], "options": options.get(kind, {})}
+    if "model_name" in given or "model" in options:
+        out["model"] = {**({"name": names["model"]} if "model_name" in given else {}), "options": options.get("model", {})}
     sections = {section: set(EngineConfig.model_fields[section].annotation.model_fields)
-                for section in ("model", "sampling", "output")}  # the config's own fields: no key set kept by hand
-    top_level = set(EngineConfig.model_fields) - set(sections) - set(COMPONENT_KINDS)
+                for section in ("sampling", "output")}  # the config's own fields: no key set kept by hand
+    top_level = set(EngineConfig.model_fields) - set(sections) - set(COMPONENT_KINDS) - {"model"}
     for key, value in given.items():
         section = next((name for name, fields in sections.items() if key in fields), None)
         if section is not None:
             out.setdefault(section, {})[key] = value
         elif key in top_level and key not in ("progress",):
             out[key] = value
-    if given.get("no_strict"):
-        out.setdefault("model", {})["strict"] = False
     if given.get("no_progress"):
         out["progress"] = False
     return out
@@ -262,11 +313,14 @@ def _full_parser(argv: Sequence[str], registry: Registry, command: GenerationCom
             flag = token.split("=", 1)[0]
             if flag in command.refused:
                 raise UsageError(f"{command.prog}: {flag} does not apply here; {command.refused[flag]}")
-    known, _ = _base_generate_parser(add_help=False, command=command).parse_known_args(argv)
+    first = _base_generate_parser(add_help=False, command=command)
+    add_model_flags(first, [c.record for c in registry.components("model")], strict=False)
+    known, _ = first.parse_known_args(argv)
     if hasattr(known, "config") and not str(known.config).strip():
         raise UsageError("--config is empty: give a .toml or .json file")
     file_data = read_config_file(known.config) if getattr(known, "config", None) else {}
     names = _chosen_names(known, file_data, registry)
+    refuse_foreign_model_options(known, names["model"], registry)
     parser = _base_generate_parser(command=command)
     dests = _add_option_flags(parser, names, registry)
     return parser, file_data, names, dests
@@ -284,16 +338,21 @@ def parse_generation_command(argv: Sequence[str], command: GenerationCommand | N
     registry = registry or get_registry()
     parser, file_data, names, dests = _full_parser(argv, registry, command)
     args = parser.parse_args(argv)
+    if isinstance(file_data.get("model"), dict) and isinstance(file_data["model"].get("name"), str):
+        # the file's model by its family's name ("mvar" -> "var"), so that --model's options merge with it
+        file_data = {**file_data, "model": {**file_data["model"], "name": model_family(file_data["model"]["name"], registry)[0]}}
     config = build_config(file_data, _overrides(args, names, dests))
     # Fill the trajectory's defaults so that the config says what runs (and the trajectory --model or
     # --checkpoint chose, when neither a flag nor the file names one).
-    updates = {kind: ComponentChoice(name=names[kind]) for kind in ("attention", "cache") if getattr(config, kind) is None}
+    updates: dict[str, Any] = {kind: ComponentChoice(name=names[kind]) for kind in ("attention", "cache")
+                               if getattr(config, kind) is None}
+    updates["model"] = config.model.model_copy(update={"name": names["model"]})
     if not hasattr(args, "trajectory") and "trajectory" not in file_data and config.trajectory.name != names["trajectory"]:
         updates["trajectory"] = config.trajectory.model_copy(update={"name": names["trajectory"]})
     return config.model_copy(update=updates), args
 
 
-def check_generate_inputs(config: EngineConfig) -> None:
+def check_generate_inputs(config: EngineConfig, registry: Registry | None = None) -> None:
     """Everything about a generation run that can be checked before a model is built: the device
     and autocast dtype, and every output path (nothing is created here). One-line ``UsageError``s."""
     device = resolve_device(config.device)
@@ -309,18 +368,17 @@ def check_generate_inputs(config: EngineConfig) -> None:
         tokens = check_output_path("--save-tokens", out.save_tokens, (".pt", ".safetensors"))
         if str(grid) != os.devnull and tokens.absolute() == grid.absolute():
             raise UsageError(f"--save-tokens {tokens}: the same path as --output (give another file)")
-    check_outputs_are_not_inputs(config)
+    check_outputs_are_not_inputs(config, registry)
     per_image = {f"--per-image ({grid.with_suffix('')})": path for path in per_image_files(grid.with_suffix(""))
                  } if out.per_image else {}
     check_replaceable({"--output": grid, "--save-tokens": out.save_tokens, **per_image}, out.overwrite)
 
 
-def check_outputs_are_not_inputs(config: EngineConfig) -> None:
+def check_outputs_are_not_inputs(config: EngineConfig, registry: Registry | None = None) -> None:
     """An output path that names one of the run's input files (a checkpoint, through any link) would
-    overwrite it: a one-line ``UsageError`` naming both flags."""
-    model = config.model
-    inputs = {flag: path for flag, path in (("--checkpoint", model.var_checkpoint),
-                                             ("--tokenizer", model.vae_checkpoint)) if path is not None}
+    overwrite it: a one-line ``UsageError`` naming both flags. ``config.model`` names its family."""
+    family = (registry or get_registry()).create("model", config.model.name, config.model.options)
+    inputs = {f"--{option.replace('_', '-')}": path for option, path in family.input_files().items()}
     outputs = {"--output": config.output.output, "--save-tokens": config.output.save_tokens}
     for out_flag, out_path in outputs.items():
         if out_path is None or str(out_path) == os.devnull:
@@ -331,11 +389,11 @@ def check_outputs_are_not_inputs(config: EngineConfig) -> None:
                                  f"(writing it would destroy it; give {out_flag} another path)")
 
 
-def cmd_generate(argv: Sequence[str]) -> int:
-    config = parse_generate_args(argv)
-    check_generate_inputs(config)
+def cmd_generate(argv: Sequence[str], registry: Registry | None = None) -> int:
+    config = parse_generate_args(argv, registry)
+    check_generate_inputs(config, registry)
     start = time.perf_counter()
-    pipe = Pipeline.from_config(config)
+    pipe = Pipeline.from_config(config, registry)
     result = pipe.generate()
     written = pipe.save(result)
     names = pipe.components.names
@@ -376,11 +434,26 @@ def cmd_plugins(argv: Sequence[str]) -> int:
         capabilities = backend_capabilities(component)
         if capabilities:
             print(f"    capabilities: {capabilities}")
+        for line in option_lines(component.record):
+            print(f"    {line}")
     for broken in registry.broken:
         print(f"broken plugin {broken.plugin} ({broken.provider}): {broken.error}")
     for skipped in registry.skipped:
         print(f"skipped plugin {skipped.plugin} ({skipped.package}): {skipped.reason}")
     return 0
+
+
+def option_lines(record: Any) -> list[str]:
+    """A component's options as ``mvar-engine plugins`` lists them: one line each, its flag (a model
+    family's boolean: the switch that turns it over), what it holds, its default."""
+    lines = []
+    for field_name, info in record.options.model_fields.items():
+        flag = (model_option_flag(record, field_name, info)[0] if record.kind == "model"
+                else _component_flag(record.kind, field_name))
+        default = ("required" if info.is_required() else "a switch" if info.annotation is bool and record.kind == "model"
+                   else f"default {info.default!r}")
+        lines.append(f"option {flag}: {info.description or field_name} ({default})")
+    return lines
 
 
 def backend_capabilities(component) -> str | None:
@@ -405,23 +478,24 @@ def _component_dict(component) -> dict[str, Any]:
 DEBUG_HINT = "(rerun with --debug for the traceback)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
     """Run one command; returns its exit status. Python warnings raised while it runs (torch's among
     them) are held back and shown after it, unless it ends in a usage error (exit 2): the error's
-    one line is then all there is (``--debug`` shows everything as it happens)."""
+    one line is then all there is (``--debug`` shows everything as it happens). ``registry``: the
+    components generation runs with (default: every installed plugin, :func:`get_registry`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
-        return _dispatch(argv, debug)
+        return _dispatch(argv, debug, registry)
     with warnings.catch_warnings(record=True) as held:
-        code = _dispatch(argv, debug)
+        code = _dispatch(argv, debug, registry)
     if code != 2:
         for item in held:
             warnings.showwarning(item.message, item.category, item.filename, item.lineno)
     return code
 
 
-def _dispatch(argv: list[str], debug: bool) -> int:
+def _dispatch(argv: list[str], debug: bool, registry: Registry | None = None) -> int:
     try:
         commands = load_commands() if argv and not argv[0].startswith("-") else None
         if commands is not None and argv[0] in commands.top:
@@ -433,7 +507,7 @@ def _dispatch(argv: list[str], debug: bool) -> int:
         if "-h" in argv or "--help" in argv:
             return _print_help(argv)
         with writing_as("generate"):
-            return cmd_generate(argv)
+            return cmd_generate(argv, registry)
     except ParsedOnly as parsed:
         print(json.dumps({"command": parsed.prog, "arguments": parsed.arguments}, default=str))
         return 0

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-import typing
 import stat
+import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -102,7 +103,7 @@ def _finite_number(value: Any, flag: str, allowed: str) -> Any:
     return value
 
 
-def _not_empty_path(value: Any, flag: str) -> Any:
+def not_empty_path(value: Any, flag: str) -> Any:
     """``value`` unless it is an empty (or blank) path, which ``Path`` would turn into ``.``."""
     if isinstance(value, str) and not value.strip():
         raise PydanticCustomError("empty_path", f"{flag} is empty: give a path")
@@ -170,55 +171,43 @@ class SamplingConfig(SettingsModel):
         return value
 
 
-class ModelConfig(SettingsModel):
-    """Which weights to run. Without checkpoints the embedded default model is used; with
-    ``random_weights`` a freshly initialised model of the given size (timing and memory only)."""
+DEPRECATED_MODEL_KEYS = {"var_checkpoint": "checkpoint", "vae_checkpoint": "tokenizer", "adapter": "name"}
+"""Model settings renamed in 0.x (old key -> new key): read for one more release, with a warning."""
+
+
+class ModelChoice(BaseModel):
+    """Which model: a family ``name`` (``mvar-engine plugins --kind model``; None: the first family
+    serving the trajectory whose options accept ``options``) and its options, validated against
+    that family's own options model when the run resolves (``checkpoint``, ``tokenizer``,
+    ``patch_nums``, ``model_dir``, ``prompt``...). Without files, the weights shipped for the
+    trajectory run (``digits-*``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    var_checkpoint: Path | None = None
-    vae_checkpoint: Path | None = None
-    depth: int | None = Field(None, ge=1, le=INT64_MAX, description="transformer depth (inferred from a checkpoint when omitted)")
-    patch_nums: tuple[int, ...] | None = Field(None, description="scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16")
-    num_classes: int | None = Field(None, ge=1, le=INT64_MAX)
-    num_heads: int | None = Field(None, ge=1, le=INT64_MAX, description="attention heads of a raster GPT (LlamaGen's "
-                                  "files do not store it; default: the released size's count)")
-    random_weights: bool = False
-    model_dir: Path | None = Field(None, description="a local Hugging Face model directory (config.json, *.safetensors, "
-                                   "tokenizer files): Janus-Pro")
-    prompt: str | None = Field(None, description="the text prompt of a text-to-image model (Janus-Pro)")
-    chat_format: bool | None = Field(None, description="put --prompt into the model's chat format (Janus: default "
-                                     "true; false feeds it as written)")
-    strict: bool = True
-    adapter: str | None = Field(None, description="model family (see 'mvar-engine plugins --kind model'); default: "
-                                                 "the first installed one that serves the trajectory's family")
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("var_checkpoint", "vae_checkpoint", "model_dir", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _no_empty_checkpoint(cls, value: Any, info) -> Any:
-        return _not_empty_path(value, f"--{info.field_name.replace('_', '-')}")
-
-    @field_validator("adapter", mode="before")
-    @classmethod
-    def _no_empty_adapter(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.strip():
-            raise PydanticCustomError("empty_name", "--model-adapter is empty: give a model family name "
+    def _from_table(cls, value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        if not isinstance(value, dict):
+            return value
+        value = dict(value)
+        for old, new in DEPRECATED_MODEL_KEYS.items():
+            if old in value:
+                warnings.warn(f"model setting {old!r} is deprecated and goes in the next release; use {new!r}",
+                              FutureWarning, stacklevel=2)
+                if new in value:
+                    raise PydanticCustomError("renamed_twice", f"{old} and {new} name the same setting: give {new} only")
+                value[new] = value.pop(old)
+        choice = _as_choice_dict(value) or {}
+        name = choice.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise PydanticCustomError("empty_name", "the model's name is empty: give a model family "
                                                     "(`mvar-engine plugins --kind model` lists them)")
-        return value
-
-    @field_validator("patch_nums", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        return split_int_list(value, "--patch-nums", minimum=1)
-
-    @model_validator(mode="after")
-    def _random_or_files(self) -> "ModelConfig":
-        files = [flag for name, flag in (("var_checkpoint", "--checkpoint"), ("vae_checkpoint", "--tokenizer"),
-                                         ("model_dir", "--model-dir")) if getattr(self, name) is not None]
-        if self.random_weights and files:
-            raise PydanticCustomError("random_and_files", f"--random-weights builds a freshly initialised model, so "
-                                      f"{' and '.join(files)} would be ignored (drop one or the other)")
-        return self
+        return choice
 
 
 class OutputConfig(SettingsModel):
@@ -232,7 +221,7 @@ class OutputConfig(SettingsModel):
     @field_validator("output", "save_tokens", mode="before")
     @classmethod
     def _no_empty_path(cls, value: Any, info) -> Any:
-        return _not_empty_path(value, f"--{info.field_name.replace('_', '-')}")
+        return not_empty_path(value, f"--{info.field_name.replace('_', '-')}")
 
 
 class EngineConfig(SettingsModel):
@@ -254,7 +243,7 @@ class EngineConfig(SettingsModel):
                                              "one graph per scale (torch.compile; CUDA graphs on CUDA)")
     progress: bool = True
     sampling: SamplingConfig = SamplingConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelChoice = ModelChoice()
     output: OutputConfig = OutputConfig()
 
     @field_validator("labels", mode="before")
@@ -303,10 +292,13 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
         old = out.get(key)
-        if key in COMPONENT_KINDS:
+        if key in COMPONENT_KINDS or key == "model":
             old_choice = _as_choice_dict(old)
             new_choice = _as_choice_dict(value)
-            if old_choice and new_choice and new_choice.get("name", old_choice.get("name")) == old_choice.get("name"):
+            old_name = old_choice.get("name") if old_choice else None
+            if key == "model" and old_choice and old_name is None:  # a model table naming no family: its options stay
+                old_name = new_choice.get("name") if new_choice else None
+            if old_choice and new_choice and new_choice.get("name", old_name) == old_name:
                 merged = {**old_choice, **new_choice}
                 merged["options"] = {**old_choice.get("options", {}), **new_choice.get("options", {})}
                 out[key] = merged

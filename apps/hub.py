@@ -100,9 +100,9 @@ def pretrained_from_hub(repo_id: str, variant: str | None) -> tuple[str, dict[st
     if model.folder:
         return model.trajectory, {"model_dir": str(download_folder(repo_id))}
     weights, tokenizer, options = model.variants[chosen]
-    paths = {"var_checkpoint": str(download_file(repo_id, weights))}
+    paths = {"checkpoint": str(download_file(repo_id, weights))}
     if tokenizer is not None:
-        paths["vae_checkpoint"] = str(download_file(*tokenizer))
+        paths["tokenizer"] = str(download_file(*tokenizer))
     return model.trajectory, {**options, **paths}
 
 

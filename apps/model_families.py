@@ -6,30 +6,31 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
+import torch
+
 from ..core.adapter import ModelAdapter, ModelFacts, ModelFamily
 from ..core.hookspecs import hookimpl
 from ..core.records import ModelAdapterRecord
 from ..models.raster_adapter import RasterAdapter
 from ..models.var_adapter import VarAdapter
 from .model_loading import ModelPlan, build_raster_plan, build_var_plan, plan_raster_models, plan_var_models
+from .model_options import RasterOptions, VarOptions
 
 
 class BuiltinFamily(ModelFamily):
-    """A built-in family: ``planner(settings) -> ModelPlan`` (every check, nothing built),
-    ``builder(plan) -> (model, tokenizer)`` and its ``adapter_type``."""
+    """A built-in family: ``planner(options) -> ModelPlan`` (every check, nothing built),
+    ``builder(plan) -> (model, tokenizer)`` and its ``adapter_type``. Weights stay float32 (the
+    engine autocasts); the pipeline moves them to the device."""
 
     planner: ClassVar[Callable[[Any], ModelPlan]]
     builder: ClassVar[Callable[[ModelPlan], tuple[Any, Any]]]
     adapter_type: ClassVar[type[ModelAdapter]]
 
-    def __init__(self, options: Any = None) -> None:
-        self.options = options
+    def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+        return type(self).builder(type(self).planner(self.options))
 
-    def build(self, settings):
-        return type(self).builder(type(self).planner(settings))
-
-    def inspect(self, settings) -> ModelFacts:
-        return type(self).planner(settings).facts()
+    def inspect(self) -> ModelFacts:
+        return type(self).planner(self.options).facts()
 
     def adapter(self, model, tokenizer) -> ModelAdapter:
         return self.adapter_type(model, tokenizer)
@@ -58,8 +59,8 @@ class RasterFamily(BuiltinFamily):
 @hookimpl
 def mvar_engine_model_adapters():
     return [
-        ModelAdapterRecord(name="var", factory=VarFamily, family="next-scale",
+        ModelAdapterRecord(name="var", factory=VarFamily, family="next-scale", options=VarOptions,
                            description="VAR/MVAR next-scale transformer and multi-scale tokenizer"),
-        ModelAdapterRecord(name="raster-gpt", factory=RasterFamily, family="next-token",
+        ModelAdapterRecord(name="raster-gpt", factory=RasterFamily, family="next-token", options=RasterOptions,
                            description="LlamaGen-style class-conditional raster GPT (next-token)"),
     ]

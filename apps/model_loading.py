@@ -3,7 +3,7 @@ files, read off metadata and tensor shapes, every check done: nothing is built a
 read), then the models it describes (random initialisation or the checkpoints loaded).
 
 The CLI plans first (``ModelFamily.inspect``), so a bad setting costs a second, not a model load;
-``build_models`` and ``build_raster_models`` plan and build. Checkpoints in any supported layout
+``build_models`` plans and builds. Checkpoints in any supported layout
 (:mod:`mvar_engine.models.checkpoint`); our own exports carry their architecture in metadata.
 """
 
@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from ..core.adapter import ModelFacts
-from ..core.errors import CheckpointError, UsageError
+from ..core.errors import CheckpointError, UsageError, setting
 from ..models.checkpoint import check_finite, load_into, read_state_dict, read_state_shapes, save_state_dict, weights_fingerprint
 from ..models.default_models import available_defaults, weights_metadata
 from ..models.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig, infer_llamagen_vq_config, is_llamagen_vq_state
@@ -25,18 +25,21 @@ from ..models.raster_gpt import DERIVED_RASTER_BUFFERS, RasterGPT, RasterGPTConf
 from ..models.tokenizer import MultiScaleVQVAE, TokenizerConfig, llamagen_vq16_sized
 from ..models.var import VAR, VARConfig, infer_var_config
 from .cli_helpers import architecture_error
-from .config import EngineConfig
-from .memory_fit import FLOAT32_BYTES, available_bytes, format_bytes, refuse_unfitting
+from .memory_fit import refuse_unfitting
+from .model_options import CheckpointModelOptions, RasterOptions, VarOptions
 
 DERIVED_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 """VAR buffers recomputed from the config, never read."""
 
 DERIVED_TOKENIZER_BUFFERS = ("quantize.ema_vocab_hit_SV",)
 
-VAR_USE = "next-scale trajectories (full, markov) run VAR/MVAR weights; run raster GPT weights with --trajectory raster"
-RASTER_USE = ("--trajectory raster runs raster GPT weights (mvar-engine train --trajectory raster, or LlamaGen's c2i "
-              "GPT checkpoints); run next-scale weights with --trajectory full or markov")
-TOKENIZER_USE = ("--tokenizer takes the tokenizer's weights (mvar-engine train-tokenizer, or VAR's "
+SIZE_SETTINGS = ", ".join(setting(name) for name in ("depth", "patch_nums", "num_classes"))
+
+VAR_USE = (f"next-scale trajectories (full, markov) run VAR/MVAR weights; run raster GPT weights with "
+           f"{setting('trajectory', 'raster')}")
+RASTER_USE = (f"{setting('trajectory', 'raster')} runs raster GPT weights (mvar-engine train --trajectory raster, or "
+              f"LlamaGen's c2i GPT checkpoints); run next-scale weights with {setting('trajectory', 'full')} or markov")
+TOKENIZER_USE = (f"{setting('tokenizer')} takes the tokenizer's weights (mvar-engine train-tokenizer, or VAR's "
                  "vae_ch160v4096z32.pth)")
 
 
@@ -69,16 +72,16 @@ def check_weights_kind(path, expected: str, use: str) -> dict | None:
 
 
 def refuse_overrides(path, held: dict[str, Any], given: dict[str, Any], strict: bool) -> None:
-    """Under strict loading a size flag (``given``: flag -> value or None) that contradicts what the
-    checkpoint holds (``held``: flag -> value) is an error: it would be ignored or fail to load."""
+    """Under strict loading a size setting (``given``: name -> value or None) that contradicts what
+    the checkpoint holds (``held``: name -> value) is an error: it would be ignored or fail to load."""
     if not strict:
         return
     for flag, value in given.items():
         if value is not None and held.get(flag) is not None and _same(value) != _same(held[flag]):
             shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             have = ",".join(map(str, held[flag])) if isinstance(held[flag], (list, tuple)) else held[flag]
-            raise UsageError(f"{flag} {shown}: {path} holds {flag} {have} (drop {flag}, or add --no-strict to load "
-                             f"what matches into the other size)")
+            raise UsageError(f"{setting(flag, shown)}: {path} holds {setting(flag, have)} (drop {setting(flag)}, or add "
+                             f"{setting('strict', False)} to load what matches into the other size)")
 
 
 def _same(value: Any) -> Any:
@@ -96,11 +99,11 @@ def var_architecture(path, *, depth: int | None = None, patch_nums=None, num_cla
                      strict: bool = True) -> VARConfig:
     """A VAR checkpoint's architecture: from its metadata (our exports) or its tensor shapes."""
     meta = check_weights_kind(path, "var", VAR_USE)
-    given = {"--depth": depth, "--patch-nums": patch_nums, "--num-classes": num_classes}
+    given = {"depth": depth, "patch_nums": patch_nums, "num_classes": num_classes}
     stored = stored_architecture(path, VARConfig, meta)
     if stored is not None:
-        refuse_overrides(path, {"--depth": stored.depth, "--patch-nums": stored.patch_nums,
-                                "--num-classes": stored.num_classes}, given, strict)
+        refuse_overrides(path, {"depth": stored.depth, "patch_nums": stored.patch_nums,
+                                "num_classes": stored.num_classes}, given, strict)
         updates = {k: v for k, v in (("depth", depth), ("patch_nums", patch_nums), ("num_classes", num_classes)) if v}
         return VARConfig(**{**stored.model_dump(), **updates}) if updates else stored
     shapes = read_state_shapes(path)
@@ -108,14 +111,15 @@ def var_architecture(path, *, depth: int | None = None, patch_nums=None, num_cla
         found = infer_var_config(shapes, **({"patch_nums": tuple(patch_nums)} if patch_nums else {}))
     except (KeyError, ValueError) as error:
         raise _shape_error(path, error) from None
-    refuse_overrides(path, {"--depth": found.depth, "--num-classes": found.num_classes}, given, strict)
+    refuse_overrides(path, {"depth": found.depth, "num_classes": found.num_classes}, given, strict)
     if strict and patch_nums and found.layout.length != shapes["pos_1LC"].shape[1]:
-        raise UsageError(f"--patch-nums {','.join(map(str, patch_nums))}: {found.layout.length} tokens, but {path} "
-                         f"has positions for {shapes['pos_1LC'].shape[1]} (give its schedule, or drop --patch-nums)")
+        raise UsageError(f"{setting('patch_nums', ','.join(map(str, patch_nums)))}: {found.layout.length} tokens, but "
+                         f"{path} has positions for {shapes['pos_1LC'].shape[1]} (give its schedule, or drop "
+                         f"{setting('patch_nums')})")
     try:
         return VARConfig(**{**found.model_dump(), **{k: v for k, v in (("depth", depth), ("num_classes", num_classes)) if v}})
     except ValidationError as error:
-        raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
+        raise architecture_error(error, SIZE_SETTINGS) from None
 
 
 def infer_tokenizer_config(state: dict[str, torch.Tensor], patch_nums) -> TokenizerConfig:
@@ -153,15 +157,17 @@ def tokenizer_architecture(path, patch_nums, *, strict: bool = True, model_path=
         if strict and compared(trained) != compared(patch_nums):
             raise UsageError(f"tokenizer {path} was trained on the schedule {','.join(map(str, trained))} but "
                              f"{model_path or 'the transformer'} runs {','.join(map(str, patch_nums))} (give the "
-                             f"tokenizer the transformer was trained with, or add --no-strict to run it anyway)")
+                             f"tokenizer the transformer was trained with, or add {setting('strict', False)} to run it "
+                             f"anyway)")
         try:
             return TokenizerConfig(**{**stored.model_dump(), "patch_nums": tuple(patch_nums)})
         except ValidationError as error:
-            raise architecture_error(error, "--patch-nums") from None
+            raise architecture_error(error, setting("patch_nums")) from None
     shapes = read_state_shapes(path)
     if "tok_embeddings.weight" in shapes:
         raise CheckpointError(f"{path} holds a raster GPT (LlamaGen c2i keys), not a tokenizer: give it as "
-                              f"--checkpoint and the tokenizer (e.g. LlamaGen's vq_ds16_c2i.pt) as --tokenizer")
+                              f"{setting('checkpoint')} and the tokenizer (e.g. LlamaGen's vq_ds16_c2i.pt) as "
+                              f"{setting('tokenizer')}")
     try:
         return infer_tokenizer_config(shapes, patch_nums)
     except (KeyError, ValueError) as error:
@@ -185,23 +191,23 @@ def raster_architecture(path, *, grid: tuple[int, int] | None, depth: int | None
     sizes unless ``num_heads`` gives it)."""
     meta = check_weights_kind(path, "raster", RASTER_USE)
     stored = stored_architecture(path, RasterGPTConfig, meta) if meta else None
-    given = {"--depth": depth, "--num-classes": num_classes, "--num-heads": num_heads}
+    given = {"depth": depth, "num_classes": num_classes, "num_heads": num_heads}
     if stored is not None:
         if grid is not None and tuple(grid) != tuple(stored.grid):
-            raise UsageError(f"--patch-nums {grid[0] if grid[0] == grid[1] else grid}: {path} was trained on a "
-                             f"{stored.grid[0]}x{stored.grid[1]} token grid (drop --patch-nums)")
-        refuse_overrides(path, {"--depth": stored.depth, "--num-classes": stored.num_classes,
-                                "--num-heads": stored.heads}, given, strict)
+            raise UsageError(f"{setting('patch_nums', grid[0] if grid[0] == grid[1] else grid)}: {path} was trained "
+                             f"on a {stored.grid[0]}x{stored.grid[1]} token grid (drop {setting('patch_nums')})")
+        refuse_overrides(path, {"depth": stored.depth, "num_classes": stored.num_classes,
+                                "num_heads": stored.heads}, given, strict)
         return stored
     shapes = read_state_shapes(path)
     if is_llamagen_vq_state(shapes):
         raise CheckpointError(f"{path} holds LlamaGen VQ tokenizer weights, not a raster GPT: give it as "
-                              f"--tokenizer and the GPT (e.g. c2i_B_384.pt) as --checkpoint")
+                              f"{setting('tokenizer')} and the GPT (e.g. c2i_B_384.pt) as {setting('checkpoint')}")
     try:
         found = infer_raster_config(shapes, heads=num_heads)  # is it a LlamaGen c2i state dict?
-        refuse_overrides(path, {"--depth": found.depth, "--num-classes": found.num_classes}, given, strict)
+        refuse_overrides(path, {"depth": found.depth, "num_classes": found.num_classes}, given, strict)
         if grid is None:
-            raise UsageError(f"{path} does not record its token grid: give it with --patch-nums SIDE (LlamaGen: "
+            raise UsageError(f"{path} does not record its token grid: give it with {setting('patch_nums', 'SIDE')} (LlamaGen: "
                              f"16 at 256px, 24 at 384px)")
         return infer_raster_config(shapes, grid=tuple(grid), depth=depth, num_classes=num_classes, heads=num_heads)
     except (KeyError, ValueError) as error:
@@ -226,13 +232,15 @@ class ModelPlan:
         heads = config.heads
         return ModelFacts(layout=config.layout, num_layers=config.depth, num_heads=heads,
                           num_classes=config.num_classes,
-                          weights_id=weights_fingerprint(self.model_path) if self.model_path else None)
+                          weights_id=weights_fingerprint(self.model_path) if self.model_path else None,
+                          pixels_per_token=self.tokenizer.downsample)
 
 
-def _no_defaults(config: EngineConfig, random_hint: str) -> UsageError:
+def _no_weights() -> UsageError:
     have = ", ".join(available_defaults()) or "none in this installation"
-    return UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); pass "
-                      f"--checkpoint and --tokenizer, or --random-weights {random_hint}")
+    return UsageError(f"no weights given, and none ship for this run's trajectory (shipped for: {have}); give "
+                      f"{setting('checkpoint')} and {setting('tokenizer')}, or {setting('random_weights')} to time a "
+                      f"random model")
 
 
 def _check_vocab(tokenizer: TokenizerConfig | LlamaGenVQConfig, vocab_size: int, z_channels: int | None, paths) -> None:
@@ -244,73 +252,42 @@ def _check_vocab(tokenizer: TokenizerConfig | LlamaGenVQConfig, vocab_size: int,
                               f"trained on)")
 
 
-def refuse_text_options(model: Any, kind: str) -> None:
-    """A class-conditional model draws ``--labels``: a text prompt would be ignored, so it is refused."""
-    given = [flag for flag, value in (("--prompt", model.prompt), ("--no-chat-format", model.chat_format))
-             if value is not None]
-    if given:
-        raise UsageError(f"{' and '.join(given)}: {kind} is class-conditional and takes no text (give --labels; "
-                         f"a prompt is for a text-to-image model such as Janus-Pro, --model-dir)")
+def _both_files(options: CheckpointModelOptions, what: str) -> None:
+    if not (options.checkpoint and options.tokenizer):
+        raise UsageError(f"give both {setting('checkpoint')} and {setting('tokenizer')} ({what} and its tokenizer)")
 
 
-def plan_var_models(config: EngineConfig) -> ModelPlan:
-    """The VAR/MVAR transformer and multi-scale tokenizer ``config`` asks for: checkpoints or random
-    weights of ``--depth`` at ``--patch-nums`` (the embedded defaults come in through
+def plan_var_models(options: VarOptions) -> ModelPlan:
+    """The VAR/MVAR transformer and multi-scale tokenizer ``options`` name: checkpoints, or random
+    weights of ``depth`` at ``patch_nums`` (the shipped defaults come in through the pipeline's
     ``with_weights``)."""
-    m = config.model
-    refuse_text_options(m, "a VAR/MVAR transformer")
-    if m.num_heads is not None:
-        raise UsageError("--num-heads is for raster GPT files (--trajectory raster); a VAR/MVAR transformer has as many "
-                         "heads as its depth (drop --num-heads)")
-    if m.var_checkpoint or m.vae_checkpoint:
-        if not (m.var_checkpoint and m.vae_checkpoint):
-            raise UsageError("give both --checkpoint and --tokenizer (the transformer and its tokenizer)")
-        var = var_architecture(m.var_checkpoint, depth=m.depth, patch_nums=m.patch_nums, num_classes=m.num_classes,
+    m = options
+    if m.checkpoint or m.tokenizer:
+        _both_files(m, "the transformer")
+        var = var_architecture(m.checkpoint, depth=m.depth, patch_nums=m.patch_nums, num_classes=m.num_classes,
                                strict=m.strict)
-        tok = tokenizer_architecture(m.vae_checkpoint, var.patch_nums, strict=m.strict, model_path=m.var_checkpoint)
-        _check_vocab(tok, var.vocab_size, var.z_channels, (m.vae_checkpoint, m.var_checkpoint))
-        return fitting(ModelPlan(var, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed),
-                       config)
+        tok = tokenizer_architecture(m.tokenizer, var.patch_nums, strict=m.strict, model_path=m.checkpoint)
+        _check_vocab(tok, var.vocab_size, var.z_channels, (m.tokenizer, m.checkpoint))
+        return fitting(ModelPlan(var, tok, Path(m.checkpoint), Path(m.tokenizer), m.strict), m)
     if not m.random_weights:
-        raise _no_defaults(config, "(with --depth) to time a random model")
+        raise _no_weights()
     patch_nums = m.patch_nums or VARConfig.model_fields["patch_nums"].default
     try:
         var = VARConfig(depth=m.depth or 16, num_classes=m.num_classes or 1000, patch_nums=patch_nums)
         tok = TokenizerConfig(patch_nums=tuple(patch_nums))
     except ValidationError as error:
-        raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
-    return fitting(ModelPlan(var, tok, seed=config.sampling.seed), config)
+        raise architecture_error(error, SIZE_SETTINGS) from None
+    return fitting(ModelPlan(var, tok, seed=m.init_seed), m)
 
 
-def fitting(plan: ModelPlan, config: EngineConfig) -> ModelPlan:
+def fitting(plan: ModelPlan, options: CheckpointModelOptions) -> ModelPlan:
     """``plan`` after checking that its two modules fit in this machine's free memory (where they are
-    built), before anything is allocated: else a one-line :class:`UsageError` naming the size flags
-    ``config`` sets (or the checkpoint) and the sizes."""
-    m = config.model
-    given = [flag for flag, value in (("--depth", m.depth), ("--patch-nums", m.patch_nums),
-                                      ("--num-classes", m.num_classes), ("--num-heads", m.num_heads)) if value]
-    source = [f"--checkpoint {plan.model_path}"] if plan.model_path else []
-    flags = ", ".join(source + given) or "the default size"
+    built), before anything is allocated: else a one-line :class:`UsageError` naming the size
+    settings ``options`` gives (or the checkpoint) and the sizes."""
+    source = [setting("checkpoint", plan.model_path)] if plan.model_path else []
+    flags = ", ".join(source + options.size_settings()) or "the default size"
     refuse_unfitting({"transformer": plan.model, "tokenizer": plan.tokenizer}, torch.device("cpu"), flags)
-    refuse_unfitting_images(plan, config)
     return plan
-
-
-def refuse_unfitting_images(plan: ModelPlan, config: EngineConfig, available: int | None = None) -> None:
-    """A generation holds every image it makes (float32 pixels, their uint8 copy, the tokens) until
-    it writes the grid: a one-line :class:`UsageError` when that alone exceeds the CPU's free memory
-    (``available`` overrides it, for tests), before any allocation."""
-    labels = len(config.labels) if config.labels is not None else min(plan.model.num_classes, 10)
-    count = labels * config.samples_per_label
-    (height, width), tokens = plan.model.layout.grids[-1], plan.model.layout.length
-    pixels = height * width * plan.tokenizer.downsample ** 2 * 3
-    need = count * (pixels * (FLOAT32_BYTES + 1) + tokens * 8)
-    free = available if available is not None else available_bytes(torch.device("cpu"))
-    if free is not None and need > free:
-        raise UsageError(f"--samples-per-label {config.samples_per_label} x {labels} labels: {count} images of "
-                         f"{height * plan.tokenizer.downsample}x{width * plan.tokenizer.downsample} need at least "
-                         f"{format_bytes(need)} in memory, more than the {format_bytes(free)} free (ask for fewer; "
-                         f"`mvar-engine sample` writes images as it goes)")
 
 
 def _raster_side(grid) -> object:
@@ -319,38 +296,36 @@ def _raster_side(grid) -> object:
     return h if h == w else (h, w)
 
 
-def plan_raster_models(config: EngineConfig) -> ModelPlan:
-    """A raster GPT and its one-scale tokenizer: from ``--checkpoint`` (raster weights) and
-    ``--tokenizer`` (a tokenizer, run with the one-scale schedule of the GPT's token grid); or,
-    with ``--random-weights``, LlamaGen-B's size (12 layers, width 768) at ``--patch-nums`` (one
-    side, default 24: 576 tokens, 384px), ``--depth`` overriding the depth, with a tokenizer of
-    LlamaGen VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes)."""
-    m = config.model
-    refuse_text_options(m, "a raster GPT (LlamaGen c2i)")
+def plan_raster_models(options: RasterOptions) -> ModelPlan:
+    """A raster GPT and its one-scale tokenizer: from ``checkpoint`` (raster weights) and
+    ``tokenizer`` (a tokenizer, run with the one-scale schedule of the GPT's token grid); or, with
+    ``random_weights``, LlamaGen-B's size (12 layers, width 768) at ``patch_nums`` (one side,
+    default 24: 576 tokens, 384px), ``depth`` overriding the depth, with a tokenizer of LlamaGen
+    VQ-16's size (:func:`llamagen_vq16_sized`: 16384 codes)."""
+    m = options
     if m.patch_nums and len(m.patch_nums) != 1:
-        raise UsageError(f"--patch-nums for a raster model is one grid side (e.g. 24), got {len(m.patch_nums)} scales")
+        raise UsageError(f"{setting('patch_nums')} for a raster model is one grid side (e.g. 24), got "
+                         f"{len(m.patch_nums)} scales")
     side = m.patch_nums[0] if m.patch_nums else None
     grid = None if side is None else ((side, side) if isinstance(side, int) else tuple(side))
-    if m.var_checkpoint or m.vae_checkpoint:
-        if not (m.var_checkpoint and m.vae_checkpoint):
-            raise UsageError("give both --checkpoint (the raster GPT) and --tokenizer (its tokenizer)")
-        tok_meta = check_weights_kind(m.vae_checkpoint, "tokenizer", TOKENIZER_USE)
-        if grid is None and tok_meta and tok_meta.get("patch_nums") and not weights_metadata(m.var_checkpoint):
+    if m.checkpoint or m.tokenizer:
+        _both_files(m, "the raster GPT")
+        tok_meta = check_weights_kind(m.tokenizer, "tokenizer", TOKENIZER_USE)
+        if grid is None and tok_meta and tok_meta.get("patch_nums") and not weights_metadata(m.checkpoint):
             last = tok_meta["patch_nums"][-1]  # a LlamaGen file does not say its grid; our tokenizer's metadata does
             grid = (last, last) if isinstance(last, int) else tuple(last)
-        gpt = raster_architecture(m.var_checkpoint, grid=grid, depth=m.depth, num_classes=m.num_classes,
+        gpt = raster_architecture(m.checkpoint, grid=grid, depth=m.depth, num_classes=m.num_classes,
                                   num_heads=m.num_heads, strict=m.strict)
-        vq_shapes = None if tok_meta else read_state_shapes(m.vae_checkpoint)
+        vq_shapes = None if tok_meta else read_state_shapes(m.tokenizer)
         if vq_shapes is not None and is_llamagen_vq_state(vq_shapes):
-            tok = llamagen_vq_architecture(m.vae_checkpoint, vq_shapes)
+            tok = llamagen_vq_architecture(m.tokenizer, vq_shapes)
         else:
-            tok = tokenizer_architecture(m.vae_checkpoint, (_raster_side(gpt.grid),), strict=m.strict,
-                                         final_only=True, model_path=m.var_checkpoint)
-        _check_vocab(tok, gpt.vocab_size, None, (m.vae_checkpoint, m.var_checkpoint))
-        return fitting(ModelPlan(gpt, tok, Path(m.var_checkpoint), Path(m.vae_checkpoint), m.strict, config.sampling.seed),
-                       config)
+            tok = tokenizer_architecture(m.tokenizer, (_raster_side(gpt.grid),), strict=m.strict,
+                                         final_only=True, model_path=m.checkpoint)
+        _check_vocab(tok, gpt.vocab_size, None, (m.tokenizer, m.checkpoint))
+        return fitting(ModelPlan(gpt, tok, Path(m.checkpoint), Path(m.tokenizer), m.strict), m)
     if not m.random_weights:
-        raise _no_defaults(config, "to time a random raster model")
+        raise _no_weights()
     grid = grid or (24, 24)
     try:
         tok = llamagen_vq16_sized(grid)
@@ -361,8 +336,8 @@ def plan_raster_models(config: EngineConfig) -> ModelPlan:
             overrides["heads"] = m.num_heads
         gpt = RasterGPTConfig.llamagen_b(**overrides)
     except ValidationError as error:
-        raise architecture_error(error, "--depth, --patch-nums, --num-classes") from None
-    return fitting(ModelPlan(gpt, tok, seed=config.sampling.seed), config)
+        raise architecture_error(error, SIZE_SETTINGS) from None
+    return fitting(ModelPlan(gpt, tok, seed=m.init_seed), m)
 
 
 # -- building --------------------------------------------------------------------------------------
@@ -400,16 +375,12 @@ def build_raster_plan(plan: ModelPlan) -> tuple[RasterGPT, MultiScaleVQVAE | Lla
             _load(lambda: make_tokenizer(plan.tokenizer), plan.tokenizer_path, plan.strict, derived))
 
 
-def build_models(config: EngineConfig, family: str = "next-scale") -> tuple[Any, MultiScaleVQVAE]:
-    """The VAR and tokenizer a config asks for (``family="next-token"``: a raster GPT and its tokenizer)."""
-    if family == "next-token":
-        return build_raster_models(config)
-    return build_var_plan(plan_var_models(config))
-
-
-def build_raster_models(config: EngineConfig) -> tuple[RasterGPT, MultiScaleVQVAE]:
-    """The raster GPT and tokenizer a config asks for (see :func:`plan_raster_models`)."""
-    return build_raster_plan(plan_raster_models(config))
+def build_models(options: VarOptions | RasterOptions) -> tuple[VAR | RasterGPT, MultiScaleVQVAE | LlamaGenVQ]:
+    """The models ``options`` name: a VAR and its tokenizer, or (:class:`RasterOptions`) a raster GPT
+    and its tokenizer."""
+    if isinstance(options, RasterOptions):
+        return build_raster_plan(plan_raster_models(options))
+    return build_var_plan(plan_var_models(options))
 
 
 def load_var(path: Path, *, depth: int | None = None, patch_nums=None, num_classes: int | None = None,

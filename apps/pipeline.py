@@ -9,7 +9,7 @@ Python API::
     pipe.to("cuda", "bfloat16")
 
     from mvar_engine.apps.config import EngineConfig                    # every setting the CLI has
-    pipe = mvar_engine.Pipeline.from_config(EngineConfig(trajectory="markov", model={"var_checkpoint": ...}))
+    pipe = mvar_engine.Pipeline.from_config(EngineConfig(trajectory="markov", model={"checkpoint": ..., "tokenizer": ...}))
     result = pipe.generate(labels=[1, 7], samples_per_label=4)          # result.images: [N, 3, H, W] in [0, 1]
     pipe.save(result, "grid.png")
 """
@@ -35,20 +35,22 @@ from ..core.compiled_decoding import compile_problem
 from ..core.engine import Engine
 from ..core.errors import IncompatibleComponentsError, MvarEngineError, UsageError, setting
 from ..core.files import WRITTEN_BY, atomic_write, writer
-from ..core.registry import Registry, get_registry
+from ..core.records import KIND_LABELS
+from ..core.registry import Registry, get_registry, normalize_name
 from ..models.checkpoint import save_state_dict
-from ..models.default_models import default_checkpoints, weights_metadata
+from ..models.default_models import available_defaults, default_checkpoints, weights_metadata
 from .cli_helpers import PROG
-from .config import ComponentChoice, EngineConfig, SamplingConfig
+from .config import ComponentChoice, EngineConfig, ModelChoice, SamplingConfig
 from .cpu_features import native_bf16
 from .images import save_grid, save_images, to_uint8
+from .memory_fit import FLOAT32_BYTES, available_bytes, format_bytes
+from .model_options import CheckpointModelOptions
 from .pretrained import pretrained_config
 from .seeding import image_generators, numbered
-from .model_loading import (build_models, build_raster_models, infer_tokenizer_config, load_raster, load_tokenizer,
-                            load_var, save_var)
+from .model_loading import build_models, infer_tokenizer_config, load_raster, load_tokenizer, load_var, save_var
 
-__all__ = ["Components", "GenerationResult", "Pipeline", "PipelineOutput", "available_devices", "build_models", "build_raster_models",
-           "check_model_facts", "choose_model", "infer_tokenizer_config", "load_raster", "load_tokenizer", "load_var",
+__all__ = ["Components", "GenerationResult", "Pipeline", "PipelineOutput", "MODEL_NAMES", "available_devices", "build_models",
+           "check_model_facts", "choose_model", "model_family", "infer_tokenizer_config", "load_raster", "load_tokenizer", "load_var",
            "recommended_choices", "resolve_autocast", "resolve_components", "resolve_device", "save_tokens",
            "save_var", "with_weights"]
 
@@ -78,32 +80,64 @@ def resolve_components(config: EngineConfig, registry: Registry | None = None) -
         raise IncompatibleComponentsError(f"trajectory '{names['trajectory']}' is a {trajectory.family} trajectory; "
                                           f"this command runs next-scale and next-token models")
     pattern = registry.create("attention", attention.name, attention.options)
-    names["model"] = choose_model(config, trajectory.family, registry)
-    model = registry.create("model", names["model"], {})
+    names["model"] = choose_model(config.model, trajectory.family, registry)
+    model = registry.create("model", names["model"], config.model.options)
     cache = registry.create("cache", cache_choice.name, cache_choice.options)
     check_compatible(trajectory, pattern, cache, model_family=model.family, names=names)
-    for kind, component in (("attention", pattern), ("cache", cache)):
+    for kind, component in (("attention", pattern), ("cache", cache), ("model", model)):
         availability = registry.get(kind, names[kind]).availability
         if not availability.ok:
-            raise UsageError(f"{kind} '{names[kind]}' is unavailable: {availability.reason}")
+            raise UsageError(f"{KIND_LABELS[kind]} '{names[kind]}' is unavailable: {availability.reason}")
     names["backend"] = config.backend.name
     return Components(names, trajectory, pattern, cache, build_backends(config, registry), model)
 
 
-def choose_model(config: EngineConfig, family: str, registry: Registry) -> str:
-    """The model family a run uses: ``--model-adapter NAME``; else, of the families serving the
-    trajectory's ``family`` (by name), the first that claims a model setting the run sets
-    (``--model-dir``: Janus), else the first that claims none."""
-    if config.model.adapter:
-        return registry.get("model", config.model.adapter).name
+MODEL_NAMES = {"var": ("var", "full"), "mvar": ("var", "markov"), "llamagen": ("raster-gpt", "raster"),
+               "janus": ("janus", "raster")}
+"""Model names a run may give (``--model mvar``, ``model={"name": "llamagen"}``) -> (the registered
+family, the trajectory it runs on by default); any other name is a registered family
+(``raster-gpt``, a plugin's), on its family's default trajectory."""
+
+
+def model_family(name: str, registry: Registry) -> tuple[str, str]:
+    """A model name -> (registered family, default trajectory); one-line error naming the known ones."""
+    if not name.strip():
+        raise UsageError(f"{setting('model')} is empty: give one of {', '.join(MODEL_NAMES)} or a family "
+                         f"('{PROG} plugins --kind model')")
+    if normalize_name(name) in MODEL_NAMES:
+        return MODEL_NAMES[normalize_name(name)]
+    entry = registry.get("model", name)  # unknown: one line listing the registered families
+    return entry.name, "raster" if entry.record.family == "next-token" else "markov"
+
+
+def accepts(record: Any, given: set[str]) -> bool:
+    """Does a model family's options model take every option in ``given`` and need no other?"""
+    fields = record.options.model_fields
+    return given <= set(fields) and all(name in given for name, info in fields.items() if info.is_required())
+
+
+def choose_model(choice: ModelChoice, family: str, registry: Registry) -> str:
+    """The model family a run uses: the one it names (:data:`MODEL_NAMES` or a registered family);
+    else, of the families serving the trajectory's ``family`` (in registration order), the first
+    whose options :func:`accepts` the model options given (``model_dir`` and ``prompt``: Janus)."""
+    if choice.name:
+        return model_family(choice.name, registry)[0]
     serving = [entry for entry in registry.components("model") if getattr(entry.record, "family", None) == family]
     if not serving:
         raise IncompatibleComponentsError(f"no installed model adapter generates {family} sequences "
                                           f"(see '{PROG} plugins --kind model')")
-    given = {name for name in type(config.model).model_fields if getattr(config.model, name, None) is not None}
-    claiming = [entry for entry in serving if given & set(getattr(entry.record, "claims", ()))]
-    plain = [entry for entry in serving if not getattr(entry.record, "claims", ())]
-    return (claiming or plain or serving)[0].name
+    given = set(choice.options)
+    fitting = [entry for entry in serving if accepts(entry.record, given)]
+    if fitting:
+        return fitting[0].name
+    takers = [entry for entry in registry.components("model") if given <= set(entry.record.options.model_fields)]
+    if not takers:  # no family knows them: the first serving family's options say what is wrong
+        return serving[0].name
+    shown = ", ".join(setting(name) for name in sorted(given)) or "no model settings"
+    hint = (f"model '{takers[0].name}' takes them: it generates {takers[0].record.family} sequences (give "
+            f"{setting('model', takers[0].name)} and a {takers[0].record.family} trajectory)") if takers else \
+        f"'{PROG} plugins --kind model' lists each family's options"
+    raise UsageError(f"no {family} model family takes {shown} ({hint})")
 
 
 def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
@@ -112,6 +146,10 @@ def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
 
 def _default_choice(name: str) -> ComponentChoice:
     return ComponentChoice(name=name)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``--dtype`` -> torch dtype."""
 
 
 def available_devices() -> list[str]:
@@ -173,7 +211,7 @@ def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
     problem = autocast_problem(dtype, device)
     if problem is not None:
         raise UsageError(problem)
-    return None if dtype == "float32" else {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return None if dtype == "float32" else TORCH_DTYPES[dtype]
 
 
 def check_labels(labels: Iterable[int], num_classes: int) -> None:
@@ -186,16 +224,35 @@ def check_labels(labels: Iterable[int], num_classes: int) -> None:
 def check_model_facts(config: EngineConfig, components: Components) -> ModelFacts | None:
     """Check the run against what its model family tells before building (``ModelFamily.inspect``):
     the labels against the classes, the attention pattern and the cache against the layout, layer
-    and head counts (and a head map against the weights). One-line ``UsageError``s; returns the
-    facts (None when the family tells nothing: the engine checks at ``generate``)."""
-    facts = components.model.inspect(config)
+    and head counts (and a head map against the weights), the images' memory. One-line
+    ``UsageError``s; returns the facts (None when the family tells nothing: the engine checks at
+    ``generate``)."""
+    facts = components.model.inspect()
     if facts is None:
         return None
     check_labels(config.labels or [], facts.num_classes)
     components.pattern.check_layout(facts.layout)
     components.cache.check_layout(facts.layout, num_layers=facts.num_layers, num_heads=facts.num_heads,
                                   weights_id=facts.weights_id)
+    refuse_unfitting_images(facts, config)
     return facts
+
+
+def refuse_unfitting_images(facts: ModelFacts, config: EngineConfig, available: int | None = None) -> None:
+    """A generation holds every image it makes (float32 pixels, their uint8 copy, the tokens) until
+    it writes the grid: a one-line :class:`UsageError` when that alone exceeds the CPU's free memory
+    (``available`` overrides it, for tests), before any allocation. Needs ``pixels_per_token``."""
+    if facts.pixels_per_token is None:
+        return
+    labels = len(config.labels) if config.labels is not None else min(facts.num_classes, 10)
+    count = labels * config.samples_per_label
+    (height, width), tokens, side = facts.layout.grids[-1], facts.layout.length, facts.pixels_per_token
+    need = count * (height * width * side ** 2 * 3 * (FLOAT32_BYTES + 1) + tokens * 8)
+    free = available if available is not None else available_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise UsageError(f"{setting('samples_per_label', config.samples_per_label)} x {labels} labels: {count} images "
+                         f"of {height * side}x{width * side} need at least {format_bytes(need)} in memory, more than "
+                         f"the {format_bytes(free)} free (ask for fewer; `{PROG} sample` writes images as it goes)")
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -227,21 +284,28 @@ def with_sampling_defaults(config: EngineConfig, defaults: dict[str, Any]) -> En
     return config.model_copy(update={"sampling": sampling})
 
 
-def with_weights(config: EngineConfig) -> EngineConfig:
-    """``config`` with the shipped default checkpoints of its trajectory filled in when it names none
-    (and asks for no random weights), and the pattern options the weights were trained with (from
-    their metadata) where the run sets none."""
-    m = config.model
-    if m.model_dir is not None:
-        return config  # a model directory (Janus): the shipped weights are not for it
-    if not (m.var_checkpoint or m.vae_checkpoint or m.random_weights):
+def with_weights(config: EngineConfig, registry: Registry | None = None) -> EngineConfig:
+    """``config`` with the shipped default checkpoints of its trajectory filled in when its model is
+    a built-in checkpoint family (:class:`CheckpointModelOptions`) that names no files (and asks for
+    no random weights), and the pattern options the weights were trained with (from their metadata)
+    where the run sets none."""
+    registry = registry or get_registry()
+    family = registry.create("trajectory", config.trajectory.name, config.trajectory.options).family
+    name = choose_model(config.model, family, registry)
+    if not issubclass(registry.get("model", name).record.options, CheckpointModelOptions):
+        return config  # a model directory (Janus), a plugin's family: the shipped weights are not for it
+    options = config.model.options
+    if not any(options.get(key) for key in ("checkpoint", "tokenizer", "random_weights")):
         found = default_checkpoints(config.trajectory.name)
         if found is None:
-            return config  # build_models explains
-        config = config.model_copy(update={"model": m.model_copy(update={"var_checkpoint": str(found[0]),
-                                                                          "vae_checkpoint": str(found[1])})})
-    if config.model.var_checkpoint and config.model.vae_checkpoint:
-        config = recommended_choices(config, weights_metadata(config.model.var_checkpoint))
+            have = ", ".join(available_defaults()) or "none in this installation"
+            raise UsageError(f"no default weights for trajectory '{config.trajectory.name}' (shipped for: {have}); give "
+                             f"{setting('checkpoint')} and {setting('tokenizer')}, or {setting('random_weights')} to "
+                             f"time a random model")
+        options = {**options, "checkpoint": str(found[0]), "tokenizer": str(found[1])}
+        config = config.model_copy(update={"model": config.model.model_copy(update={"options": options})})
+    if options.get("checkpoint") and options.get("tokenizer"):
+        config = recommended_choices(config, weights_metadata(options["checkpoint"]))
     return config
 
 
@@ -259,7 +323,7 @@ class PreparedRun:
 def prepare_run(config: EngineConfig, registry: Registry | None = None) -> PreparedRun:
     """Everything before a model is built: the shipped weights, the components, the family's sampling
     defaults, the device, and :func:`check_model_facts` (one-line ``UsageError`` on bad input)."""
-    config = with_weights(config)
+    config = with_weights(config, registry)
     components = resolve_components(config, registry)
     config = with_sampling_defaults(config, components.model.sampling_defaults)
     device = resolve_device(config.device)
@@ -408,7 +472,7 @@ class Pipeline:
     @classmethod
     def build(cls, run: "PreparedRun") -> "Pipeline":
         """Build the models of a :func:`prepare_run` result and the engine over them."""
-        model, tokenizer = run.components.model.build(run.config)
+        model, tokenizer = run.components.model.build(run.device, TORCH_DTYPES[run.config.dtype])
         tokenizer = None if tokenizer is None else tokenizer.to(run.device).eval()
         return cls(run.config, model.to(run.device).eval(), tokenizer, run.components, run.device, run.facts)
 

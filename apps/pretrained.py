@@ -68,7 +68,7 @@ def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None 
                       variant: str | None = None, **settings: Any) -> EngineConfig:
     """The run of ``name_or_path`` (module docstring) with ``settings`` (any :class:`EngineConfig`
     field: ``attention``, ``cache``, ``backend``, ``device``, ``dtype``, ``batch_size``, ``sampling``,
-    ``model`` options such as ``patch_nums`` or ``num_heads``). One-line :class:`UsageError` for a name
+    ``model`` options such as ``patch_nums`` or ``num_heads``, and its ``name``). One-line :class:`UsageError` for a name
     or file it cannot load."""
     text = str(name_or_path)
     model: dict[str, Any] = dict(settings.pop("model", {}) or {})
@@ -78,7 +78,7 @@ def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None 
         found = default_checkpoints(SHIPPED[text])
         if tokenizer is not None:
             raise UsageError(f"{text} ships with its tokenizer: drop tokenizer=")
-        model.update(var_checkpoint=str(found[0]), vae_checkpoint=str(found[1]))
+        model.update(checkpoint=str(found[0]), tokenizer=str(found[1]))
         trajectory = trajectory or SHIPPED[text]
     else:
         path = Path(text)
@@ -94,7 +94,7 @@ def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None 
             if tokenizer is None:
                 raise UsageError(f"{path}: give its tokenizer file as tokenizer= (VAR's vae_ch160v4096z32.pth, "
                                  f"LlamaGen's vq_ds16_c2i.pt, or a train-tokenizer run's tokenizer.safetensors)")
-            model.update(var_checkpoint=str(path), vae_checkpoint=str(tokenizer))
+            model.update(checkpoint=str(path), tokenizer=str(tokenizer))
         elif looks_like_hub_id(text):
             if tokenizer is not None:
                 raise UsageError(f"{text} brings its own tokenizer from the Hub: drop tokenizer=")

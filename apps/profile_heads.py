@@ -121,7 +121,8 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
     if trajectory.family != "next-token":
         raise UsageError(f"profile-heads classifies the heads of raster (next-token) models, not trajectory "
                          f"'{config.trajectory.name}': use --trajectory raster")
-    facts = check_model_facts(with_weights(config), resolve_components(config))
+    filled = with_weights(config)
+    facts = check_model_facts(filled, resolve_components(filled))
     grid = facts.layout.grids[-1] if facts else None
     if grid and max(grid) > 1 and args.neighborhood // 2 >= max(grid) - 1:
         raise UsageError(f"--neighborhood {args.neighborhood} covers the whole {grid[0]}x{grid[1]} token grid from "
@@ -132,7 +133,7 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
     result = pipe.generate(cache=profiler)
     calibration = {"images": len(result.labels), "labels": sorted(set(int(x) for x in result.labels)),
                    "cfg": config.sampling.cfg, "seed": config.sampling.seed, "grid": list(pipe.adapter.grid),
-                   "model": str(config.model.var_checkpoint or config.model.model_dir or "default weights")}
+                   "model": str(next(iter(pipe.components.model.input_files().values()), "default weights"))}
     weights_id = pipe.facts.weights_id if pipe.facts else None
     head_map = profiler.head_map(threshold, calibration, weights_id)
     json_path = write_head_map(head_map, json_target)

@@ -64,12 +64,12 @@ def build_official(repo: Path, depth: int):
 
 
 def engine_pipeline(trajectory: str, var_path: Path, vae_path: Path, dtype: str, batch: int):
-    from mvar_engine.apps.config import EngineConfig, ModelConfig, SamplingConfig
+    from mvar_engine.apps.config import EngineConfig, SamplingConfig
     from mvar_engine.apps.pipeline import Pipeline
 
     config = EngineConfig(trajectory={"name": trajectory}, device="cpu", dtype=dtype, batch_size=batch, progress=False,
                           sampling=SamplingConfig(seed=0, **SAMPLING),
-                          model=ModelConfig(var_checkpoint=var_path, vae_checkpoint=vae_path))
+                          model={"name": "var", "checkpoint": var_path, "tokenizer": vae_path})
     return Pipeline.from_config(config)
 
 

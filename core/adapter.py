@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -50,12 +51,17 @@ class ModelFacts:
     weights_id: str | None = None
     """A fingerprint of the weights (None: random or unknown); head maps record the one they were
     profiled on."""
+    pixels_per_token: int | None = None
+    """The side in pixels of the patch one token of the final grid decodes to (16 for VAR's and
+    LlamaGen's tokenizers); None: unknown. The pipeline sizes its images' memory from it."""
 
 
 class ModelFamily(ABC):
-    """A model family as a registered component (the ``mvar_engine_model_adapters`` hook): it builds
-    the models a run's settings ask for (checkpoints, random weights or shipped defaults) and wraps
-    them in its :class:`ModelAdapter`. ``family``: the trajectory family it generates under."""
+    """A model family as a registered component (the ``mvar_engine_model_adapters`` hook). The registry
+    makes it as every component, ``factory(options)``, with its validated options model (the record's
+    ``options``: checkpoint paths, sizes, a prompt...; each is a model setting, a CLI flag of its own
+    name and a key of the Python API's ``model={...}``); it builds the models those options name and wraps them
+    in its :class:`ModelAdapter`. ``family``: the trajectory family it generates under."""
 
     name: ClassVar[str] = "model"
     family: ClassVar[str] = "next-scale"
@@ -63,10 +69,15 @@ class ModelFamily(ABC):
     """Sampling settings (``cfg``, ``top_k``, ``top_p``) this family's models are run with when the
     run sets none (Janus-Pro: cfg 5, top-k 0, top-p 1); the CLI's defaults otherwise."""
 
+    def __init__(self, options: Any = None) -> None:
+        self.options = options
+
     @abstractmethod
-    def build(self, settings: Any) -> tuple[Any, Any]:
-        """``(model, tokenizer)`` for a run's settings (the CLI's ``EngineConfig``; ``settings.model``
-        holds the checkpoint paths and sizes). Bad settings raise a one-line ``UsageError``."""
+    def build(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` that :attr:`options` name, as ``nn.Module``s (the tokenizer may be
+        None); the pipeline moves them to ``device`` and puts them in eval mode. ``dtype``: the run's
+        compute dtype; a family may load its weights in it (Janus) or keep float32 weights and let
+        the engine autocast (VAR, LlamaGen). Bad options raise a one-line ``UsageError``."""
 
     @abstractmethod
     def adapter(self, model: Any, tokenizer: Any) -> "ModelAdapter":
@@ -80,11 +91,17 @@ class ModelFamily(ABC):
         """Does this family's adapter set ``compiles_scale_steps``?"""
         return False
 
-    def inspect(self, settings: Any) -> ModelFacts | None:
-        """The :class:`ModelFacts` of the model ``build(settings)`` would return, without building it
-        or reading its weights; bad settings raise the one-line ``UsageError`` that ``build`` would.
+    def inspect(self) -> ModelFacts | None:
+        """The :class:`ModelFacts` of the model :meth:`build` would return, without building it or
+        reading its weights; bad options raise the one-line ``UsageError`` that ``build`` would.
         Default: None (nothing is known before ``build``; the engine checks at ``generate``)."""
         return None
+
+    def input_files(self) -> dict[str, Path]:
+        """The files and folders :meth:`build` reads, by option name (a run never writes over them).
+        Default: every option that holds a ``Path``."""
+        fields = getattr(type(self.options), "model_fields", None) or {}
+        return {name: value for name in fields if isinstance(value := getattr(self.options, name), Path)}
 
 
 class ModelAdapter(ABC):

@@ -7,6 +7,7 @@ from typing import Literal
 
 Style = Literal["cli", "python"]
 SETTING = re.compile(r"\[\[([a-z_]+)(?:=([^\]]*))?\]\]")
+NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?")
 
 
 def setting(name: str, value: object | None = None) -> str:
@@ -16,14 +17,19 @@ def setting(name: str, value: object | None = None) -> str:
 
 
 def render_settings(text: str, style: Style = "cli") -> str:
-    """``text`` with its :func:`setting` references as the shell spells them (a flag, then its value)
-    or the Python API (``backend='sdpa'``)."""
+    """``text`` with its :func:`setting` references as the shell spells them (a flag, then its value;
+    a boolean as its switch, the negated flag for false) or the Python API (``backend='sdpa'``,
+    ``strict=False``)."""
     def word(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)
         if style == "cli":
             flag = "--" + name.replace("_", "-")
+            if value in ("True", "False"):  # a boolean is a switch: on as the flag, off as its negation
+                return flag if value == "True" else flag[:2] + "no-" + flag[2:]
             return flag if value is None else f"{flag} {value}"
-        return name if value is None else f"{name}={value!r}"
+        if value is None:
+            return name
+        return f"{name}={value}" if value in ("True", "False") or NUMBER.fullmatch(value) else f"{name}={value!r}"
 
     return SETTING.sub(word, text)
 

@@ -58,6 +58,11 @@ class ComponentRecord:
     description: str = ""
     availability: Callable[[], Availability] | None = field(default=None, compare=False)
 
+    def option_setting(self, option: str) -> str:
+        """The run setting (:func:`~mvar_engine.core.errors.setting`) that gives ``option``:
+        ``{kind}_{option}`` (a cache's ``budget`` is the run's ``cache_budget``)."""
+        return f"{self.kind}_{option}"
+
     def check_availability(self) -> Availability:
         if self.availability is None:
             return Availability.yes()
@@ -103,15 +108,18 @@ class AttentionBackendRecord(ComponentRecord):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelAdapterRecord(ComponentRecord):
-    """A model family (``var``, ``raster-gpt``, ...); factory returns a ``ModelFamily`` that builds
-    the models and their engine adapter. ``family``: the trajectory family it serves."""
+    """A model family (``var``, ``raster-gpt``, ``janus``, ...); ``factory(options)`` returns a
+    ``ModelFamily`` that builds the models its options name and their engine adapter. ``family``:
+    the trajectory family it serves. With no family named, a run takes the first one serving its
+    trajectory whose ``options`` accept the model settings it gives."""
 
     kind, hook = "model", "mvar_engine_model_adapters"
 
     family: str = "next-scale"
-    claims: tuple[str, ...] = ()
-    """Model settings only this family reads (``("model_dir",)`` for Janus): a run that sets one of
-    them picks this family; a run that sets none picks a family that claims nothing."""
+
+    def option_setting(self, option: str) -> str:
+        """A model's options are the run's model settings: ``checkpoint``, not ``model_checkpoint``."""
+        return option
 
 
 RECORD_TYPES: dict[str, type[ComponentRecord]] = {

@@ -35,7 +35,8 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from . import __version__, hookspecs
-from .errors import ComponentFailedError, ConfigError, DuplicateComponentError, MvarEngineError, UnknownComponentError
+from .errors import (ComponentFailedError, ConfigError, DuplicateComponentError, MvarEngineError, UnknownComponentError,
+                     setting)
 from .records import KIND_LABELS, RECORD_TYPES, Availability, ComponentRecord
 
 ENTRY_POINT_GROUP = "mvar_engine"
@@ -144,19 +145,19 @@ class RegisteredComponent:
         }
 
 
-def _check_numbers(kind: str, name: str, options: BaseModel) -> None:
+def _check_numbers(record: ComponentRecord, name: str, options: BaseModel) -> None:
     """Refuse, for every component (plugins too), option numbers torch cannot take: inf/nan floats
-    and integers beyond int64 (they overflow in C++ far from the flag that set them)."""
-    problems = []
+    and integers beyond int64 (they overflow in C++ far from the setting that gave them)."""
+    problems, kind = [], record.kind
     for option_name in type(options).model_fields:
         value = getattr(options, option_name, None)
-        flag = f"--{kind}-{option_name.replace('_', '-')}"
+        flag = f"set by {setting(record.option_setting(option_name))}"
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{KIND_LABELS[kind]} '{name}' option {option_name}: Input should be a finite number "
-                            f"(got {value!r}) (flag {flag})")
+                            f"(got {value!r}) ({flag})")
         elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
             problems.append(f"{KIND_LABELS[kind]} '{name}' option {option_name}: Input should be an integer of at most "
-                            f"63 bits (got {value!r}) (flag {flag})")
+                            f"63 bits (got {value!r}) ({flag})")
     if problems:
         raise ConfigError(problems)
 
@@ -171,10 +172,14 @@ def format_validation_error(error: ValidationError, prefix: str = "", allowed: I
             hint = f" (valid: {', '.join(allowed)})" if allowed else " (this component takes no options)"
             lines.append(f"{prefix}{where}: unknown option{hint}")
             continue
+        if problem["type"] == "missing":
+            lines.append(f"{prefix}{where}: required, and not given")
+            continue
         got = problem.get("input")
         shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
         message = problem["msg"]
-        lines.append(f"{prefix}{message}{shown}" if message.startswith("--") else f"{prefix}{where}: {message}{shown}")
+        named = message.startswith(("--", "[["))  # the message names its setting itself
+        lines.append(f"{prefix}{message}{shown}" if named else f"{prefix}{where}: {message}{shown}")
     return lines
 
 
@@ -249,12 +254,12 @@ class Registry:
         except ValidationError as error:
             prefix = f"{KIND_LABELS[kind]} '{entry.name}' option "
             lines = format_validation_error(error, prefix, model.model_fields)
-            for i, problem in enumerate(error.errors()):  # name the command-line flag of each known option
+            for i, problem in enumerate(error.errors()):  # name the setting that gives each known option
                 field = str(problem["loc"][0]) if problem["loc"] else ""
-                if field in model.model_fields and i < len(lines):
-                    lines[i] += f" (flag --{kind}-{field.replace('_', '-')})"
+                if field in model.model_fields and i < len(lines) and not problem["msg"].startswith("[["):
+                    lines[i] += f" (set by {setting(entry.record.option_setting(field))})"
             raise ConfigError(lines) from None
-        _check_numbers(kind, entry.name, validated)
+        _check_numbers(entry.record, entry.name, validated)
         return validated
 
     def create(self, kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> Any:

@@ -159,7 +159,19 @@ def test_render_settings_both_ways():
 
     text = f"use {setting('backend', 'sdpa')}, or leave {setting('compile')} off; {setting('top_k', 5)}"
     assert render_settings(text) == "use --backend sdpa, or leave --compile off; --top-k 5"
-    assert render_settings(text, "python") == "use backend='sdpa', or leave compile off; top_k='5'"
+    assert render_settings(text, "python") == "use backend='sdpa', or leave compile off; top_k=5"
+    switches = f"{setting('strict', False)}, {setting('random_weights', True)}"
+    assert render_settings(switches) == "--no-strict, --random-weights"
+    assert render_settings(switches, "python") == "strict=False, random_weights=True"
+
+
+def test_model_option_errors_name_the_python_arguments():
+    with pytest.raises(UsageError) as error:
+        mvar_engine.Pipeline.from_pretrained("digits-mvar", model={"depth": 3})
+    assert str(error.value).startswith("depth=3: ") and "(drop depth, or add strict=False" in str(error.value)
+    with pytest.raises(UsageError) as error:
+        mvar_engine.Pipeline.from_pretrained("digits-mvar", model={"prompt": "a cat"})
+    assert "model adapter 'var' option prompt: unknown option" in str(error.value) and "--" not in str(error.value)
 
 
 def test_api_errors_name_arguments_not_flags(monkeypatch):

@@ -40,9 +40,9 @@ RASTER = ["--trajectory", "raster", "--random-weights", "--depth", "1", "--patch
     (["--labels=-1"], "every entry must be >= 0"),
     (["--patch-nums", ""], "--patch-nums is empty"),
     (["--patch-nums", "1,0"], "every entry must be >= 1"),
-    (["--cache", "window", "--cache-budget", "inf"], "finite number (got 'inf') (flag --cache-budget)"),
+    (["--cache", "window", "--cache-budget", "inf"], "finite number (got 'inf') (set by --cache-budget)"),
     (["--attention-kernel-size", "99999999999999999999"], "at most 63 bits"),
-    (["--trajectory-order", "99999999999999999999"], "(flag --trajectory-order)"),
+    (["--trajectory-order", "99999999999999999999"], "(set by --trajectory-order)"),
 ])
 def test_bad_numbers_and_lists(argv, needle, refused, tmp_cwd):
     refused(RANDOM + argv, needle)  # the last of a repeated flag wins
@@ -50,8 +50,8 @@ def test_bad_numbers_and_lists(argv, needle, refused, tmp_cwd):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--cache", "sink", "--cache-budget", "inf"], "option budget: Input should be a finite number"),
-    (["--cache", "sink", "--cache-budget", "nan"], "(flag --cache-budget)"),
-    (["--cache", "h2o", "--cache-budget", "inf"], "(flag --cache-budget)"),
+    (["--cache", "sink", "--cache-budget", "nan"], "(set by --cache-budget)"),
+    (["--cache", "h2o", "--cache-budget", "inf"], "(set by --cache-budget)"),
     (["--cache", "sink", "--cache-sink", "99999999999999999999"], "at most 63 bits"),
 ])
 def test_bad_component_numbers(argv, needle, refused, tmp_cwd):
@@ -184,8 +184,8 @@ def test_names_ignore_case_for_the_default_weights(spelling, no_model_built):
     from mvar_engine.apps.pipeline import with_weights
 
     config = with_weights(parse_generate_args(["--trajectory", spelling]))
-    assert config.trajectory.name == "full" and config.model.var_checkpoint is not None
-    assert Path(config.model.var_checkpoint).name == "var-digits.safetensors"
+    assert config.trajectory.name == "full" and config.model.options["checkpoint"] is not None
+    assert Path(config.model.options["checkpoint"]).name == "var-digits.safetensors"
 
 
 # -------------------------------------------------------- numbers of every flag (property-based)
@@ -247,7 +247,7 @@ def test_component_options_refuse_inf_nan_and_overflow(prefix, flag, integer, va
 
 @pytest.mark.parametrize("argv, needle", [(["--config", ""], "--config is empty"),
                                           (["--config", "  "], "--config is empty"),
-                                          (["--model-adapter", ""], "--model-adapter is empty")])
+                                          (["--model-adapter", ""], "--model is empty")])
 def test_empty_config_and_model_family(argv, needle, refused):
     refused(RANDOM + argv, needle)
 
@@ -306,7 +306,7 @@ def test_an_oversized_config_file_is_refused(refused, tmp_cwd):
     ("batch_size = true\n", "batch_size: true is a boolean; give an integer"),
     ("[sampling]\ntop_k = false\n", "sampling.top_k: false is a boolean; give an integer"),
     ("[sampling]\ncfg = true\n", "sampling.cfg: true is a boolean; give a number"),
-    ("[model]\nnum_classes = true\n", "model.num_classes: true is a boolean; give an integer"),
+    ("[model]\nnum_classes = true\n", "model adapter 'var' option num_classes: true is a boolean; give an integer"),
 ])
 def test_a_boolean_where_a_number_is_due_is_refused(text, needle, refused, tmp_cwd):
     """pydantic's lax mode would read ``batch_size = true`` as 1."""
@@ -316,7 +316,7 @@ def test_a_boolean_where_a_number_is_due_is_refused(text, needle, refused, tmp_c
 
 @pytest.mark.parametrize("argv", [["--prompt", "a red bird"], ["--no-chat-format"]])
 def test_text_options_for_a_class_conditional_model_are_refused(argv, refused, tmp_cwd):
-    refused(["--labels", "0"] + argv, "a VAR/MVAR transformer is class-conditional and takes no text")
+    refused(["--labels", "0"] + argv, "(model 'janus' takes them: it generates next-token sequences (give --model janus")
 
 
 @pytest.mark.parametrize("value", ["2", "-0.5", "1.0001"])

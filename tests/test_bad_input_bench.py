@@ -75,7 +75,7 @@ def test_evaluate_classifier_directory_is_refused_before_training(refused, tmp_c
 def test_random_weights_beside_files(refused, tmp_cwd):
     refused(["--random-weights", "--var-checkpoint", "a.safetensors", "--vae-checkpoint", "b.safetensors"],
             "--checkpoint and --tokenizer would be ignored")
-    refused(["--random-weights", "--model-dir", "hf"], "--model-dir would be ignored")
+    refused(["--random-weights", "--model-dir", "hf"], "--model-dir: model 'var' has no such option (model 'janus' has")
 
 
 def test_an_empty_head_map_path(refused):

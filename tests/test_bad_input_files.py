@@ -34,7 +34,7 @@ def _copy_with(path, tmp, name, change):
     (b"\xff\xfe[sampling]\n", "not UTF-8 text"),
     (b"[sampling\n", "not valid TOML"),
     (b"bogus = 1\n", "unknown setting 'bogus' (valid top-level settings: trajectory"),
-    (b"[model]\nbogus = 1\n", "unknown setting 'model.bogus' (valid model settings: var_checkpoint"),
+    (b"[model]\nbogus = 1\n", "model adapter 'var' option bogus: unknown option (valid: checkpoint, tokenizer"),
     (b"[sampling]\ncfgg = 2\n", "valid sampling settings: cfg, top_k, top_p, seed"),
     (b"[cache]\nname = 'full'\nbogus = 1\n", "cache policy 'full' option bogus: unknown option"),
     (b"labels = '1,,2'\n", "--labels has an empty entry"),
@@ -170,9 +170,9 @@ def _noisy_checks(monkeypatch):
 
     real = cli.check_generate_inputs
 
-    def noisy(config):
+    def noisy(config, registry=None):
         warnings.warn("torch would say something here", UserWarning)
-        real(config)
+        real(config, registry)
 
     monkeypatch.setattr(cli, "check_generate_inputs", noisy)
 

@@ -193,10 +193,10 @@ def test_raster_trajectory_generates_with_random_weights(tmp_path, capsys):
 
 
 def test_random_raster_models_have_llamagen_b_and_vq16_sizes():
-    from mvar_engine.apps.config import EngineConfig
-    from mvar_engine.apps.pipeline import build_raster_models
+    from mvar_engine.apps.model_options import RasterOptions
+    from mvar_engine.apps.pipeline import build_models
 
-    model, tokenizer = build_raster_models(EngineConfig(trajectory="raster", model={"random_weights": True}))
+    model, tokenizer = build_models(RasterOptions(random_weights=True))
     c = model.config
     assert (c.depth, c.width, c.heads, tuple(c.grid)) == (12, 768, 12, (24, 24))
     assert model.vocab_size == tokenizer.vocab_size == 16384  # LlamaGen VQ-16's codebook
@@ -428,12 +428,14 @@ def test_a_plugin_model_family_runs_through_the_one_engine(install_plugins, caps
 
     from mvar_engine import ModelAdapterRecord
     from mvar_engine.apps.model_families import RasterFamily
+    from mvar_engine.apps.model_options import RasterOptions
 
     class MyRaster(RasterFamily):
         name = "my-raster"
 
     install_plugins(mine={"mvar_engine_model_adapters": lambda: [
-        ModelAdapterRecord(name="my-raster", factory=MyRaster, family="next-token", description="a plugin's family")]})
+        ModelAdapterRecord(name="my-raster", factory=MyRaster, family="next-token", options=RasterOptions,
+                           description="a plugin's family")]})
     assert main(["plugins", "--kind", "model"]) == 0
     assert "my-raster" in capsys.readouterr().out
     common = ["--trajectory", "raster", "--labels", "3", "--samples-per-label", "2", "--no-progress"]

@@ -272,12 +272,13 @@ def test_causal_local_runs_from_the_cli(example_plugin, tmp_path):
 
 def test_causal_local_equals_causal_over_a_cache_that_keeps_only_the_window(example_plugin):
     from mvar_engine.apps.config import EngineConfig
+    from mvar_engine.apps.model_options import RasterOptions
     from mvar_engine.apps.pipeline import build_models, with_weights
     from mvar_engine.core.backend_selection import selector_for
     from mvar_engine.models.raster_adapter import RasterEngine
     from mvar_engine.plugins.raster import RasterTrajectory
 
-    model, _ = build_models(with_weights(EngineConfig(trajectory="raster")), family="next-token")
+    model, _ = build_models(RasterOptions(**with_weights(EngineConfig(trajectory="raster")).model.options))
     model = model.eval()
     kernel_size = 3
     local = example_plugin.create("attention", "causal-local", {"kernel_size": kernel_size})

@@ -29,7 +29,7 @@ def test_defaults_carry_their_training_metadata(trajectory, kind, attention):
     assert meta["trajectory"]["name"] == trajectory and meta["attention"]["name"] == attention
     assert meta["class_names"] == [str(d) for d in range(10)]
     config = with_weights(EngineConfig(trajectory=trajectory))
-    assert config.model.var_checkpoint == str(var_path)
+    assert config.model.options["checkpoint"] == str(var_path)
     if kind == "neighborhood":  # the kernel the MVAR weights were trained with is applied
         assert config.attention.options == meta["attention"]["options"]
 
@@ -44,7 +44,7 @@ def test_raster_default_carries_its_metadata_and_one_scale_tokenizer():
     assert meta["class_names"] == [str(d) for d in range(10)] and meta["architecture"]["class_dropout_prob"] > 0
     assert gpt_path.stat().st_size < 2.6 * 2**20  # float16, a few MB at most
     config = with_weights(EngineConfig(trajectory="raster"))
-    assert config.model.var_checkpoint == str(gpt_path) and config.model.vae_checkpoint == str(tok_path)
+    assert config.model.options == {"checkpoint": str(gpt_path), "tokenizer": str(tok_path)}
 
 
 def test_explicit_options_and_other_patterns_win_over_the_metadata():

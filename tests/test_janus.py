@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mvar_engine.apps import janus_family  # noqa: E402
-from mvar_engine.apps.janus_family import JanusFamily  # noqa: E402
+from mvar_engine.apps.janus_family import JanusFamily, JanusOptions  # noqa: E402
 from mvar_engine.core.backend_selection import selector_for  # noqa: E402
 from mvar_engine.core.engine import Engine  # noqa: E402
 from mvar_engine.core.errors import UsageError  # noqa: E402
@@ -334,15 +334,14 @@ def test_text_prompt_through_the_tokenizer_equals_transformers(loaded):
 # ------------------------------------------------------------------------------------- the family
 
 
-def settings_for(path, prompt="a red cat", **model):
-    return SimpleNamespace(model=SimpleNamespace(model_dir=str(path), prompt=prompt, **model), dtype="float32")
+def family_for(path, prompt="a red cat", **options):
+    return JanusFamily(JanusOptions(model_dir=path, prompt=prompt, **options))
 
 
 def test_family_builds_inspects_and_registers(janus_dirs, loaded):
-    family = JanusFamily()
-    settings = settings_for(janus_dirs["mha"])
-    facts = family.inspect(settings)
-    model, tokenizer = family.build(settings)
+    family = family_for(janus_dirs["mha"])
+    facts = family.inspect()
+    model, tokenizer = family.build(torch.device("cpu"), torch.float32)
     assert isinstance(model, JanusPromptedModel) and tokenizer is None
     adapter = family.adapter(model.to("cpu").eval(), tokenizer)
     assert isinstance(adapter, JanusAdapter)
@@ -351,16 +350,17 @@ def test_family_builds_inspects_and_registers(janus_dirs, loaded):
     assert adapter.layout.grids == ((1, adapter.prefix), (GRID, GRID)) and adapter.grid == (GRID, GRID)
     assert facts.weights_id and len(facts.weights_id) == 64
     assert torch.equal(adapter.prompt_ids, encode_prompt(loaded["mha"][1], "a red cat"))
-    for bad, flag in [(settings_for(janus_dirs["mha"], prompt=" "), "--prompt"),
-                      (SimpleNamespace(model=SimpleNamespace(), dtype="float32"), "--model-dir")]:
+    for bad, options, flag in [(family_for(janus_dirs["mha"], prompt=" "), None, "--prompt"),
+                               (None, {"prompt": "a cat"}, "model_dir: required, and not given (set by --model-dir)")]:
+        registry = load_registry(entry_points=[], extra_plugins=[("builtin-janus", janus_family)])
         with pytest.raises(UsageError) as error:
-            family.build(bad)
+            bad.build(torch.device("cpu"), torch.float32) if bad else registry.create("model", "janus", options)
         assert flag in str(error.value) and "\n" not in str(error.value)
 
     registry = load_registry(entry_points=[], extra_plugins=[("builtin-janus", janus_family)])
     entry = registry.get("model", "janus")
     assert entry.record.family == "next-token" and entry.availability.ok
-    assert isinstance(registry.create("model", "janus"), JanusFamily)
+    assert isinstance(registry.create("model", "janus", {"model_dir": str(janus_dirs["mha"])}), JanusFamily)
 
 
 def test_pyproject_declares_the_entry_point_and_the_extra():
@@ -436,7 +436,7 @@ def test_the_cli_tokens_equal_transformers_generate(janus_cli_dir, tmp_cwd, caps
 @pytest.mark.parametrize("argv, needle", [
     (["--trajectory", "raster", "--model-dir", "missing-dir", "--prompt", "x"], "missing-dir"),
     (["--trajectory", "raster", "--model-dir", "notjanus", "--prompt", "x"], "notjanus"),
-    (["--trajectory", "raster", "--model-adapter", "janus", "--prompt", "x"], "needs --model-dir"),
+    (["--trajectory", "raster", "--model-adapter", "janus", "--prompt", "x"], "model_dir: required, and not given (set by --model-dir)"),
 ])
 def test_bad_janus_directories(argv, needle, refused, tmp_cwd):
     (tmp_cwd / "notjanus").mkdir()

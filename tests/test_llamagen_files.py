@@ -93,7 +93,7 @@ def test_num_heads_that_do_not_divide_the_width(tmp_path, refused):
     refused(["--trajectory", "raster", "--var-checkpoint", gpt, "--vae-checkpoint", vq, "--patch-nums", "24",
              "--num-heads", "33"], "width 3200 is not divisible by 33 heads")
     refused(["--var-checkpoint", gpt, "--vae-checkpoint", vq, "--num-heads", "4", "--trajectory", "full"],
-            "--num-heads is for raster GPT files")
+            "no next-scale model family takes --checkpoint, --num-heads, --tokenizer (model 'raster-gpt' takes them")
 
 
 # ------------------------------------------------------------------------- a released-layout pair

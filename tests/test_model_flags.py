@@ -63,7 +63,8 @@ def test_new_and_old_model_flags_give_the_same_tokens(llamagen_pair, tmp_cwd, ca
 ])
 def test_the_model_picks_the_trajectory(argv, trajectory, family):
     config = parse_generate_args([a.format(w=WEIGHTS) for a in argv])
-    assert config.trajectory.name == trajectory and config.model.adapter == family
+    assert config.trajectory.name == trajectory and config.model.name == (family or config.model.name)
+    assert config.model.name == ("raster-gpt" if trajectory == "raster" else "var")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -74,3 +75,92 @@ def test_the_model_picks_the_trajectory(argv, trajectory, family):
 ])
 def test_model_flag_mistakes_are_one_line(argv, needle, refused):
     refused(argv, needle)
+
+
+# ------------------------------------------------------------- model families are components
+def test_plugins_lists_each_familys_options(capsys):
+    assert main(["plugins", "--kind", "model"]) == 0
+    out = capsys.readouterr().out
+    blocks = {line.split()[1]: [] for line in out.splitlines() if line.startswith("model ")}
+    current = None
+    for line in out.splitlines():
+        current = line.split()[1] if line.startswith("model ") else current
+        if line.startswith("    option ") and current:
+            blocks[current].append(line.split()[1].rstrip(":"))
+    assert blocks["var"][:2] == ["--checkpoint", "--tokenizer"] and "--no-strict" in blocks["var"]
+    assert "--num-heads" in blocks["raster-gpt"] and "--num-heads" not in blocks["var"]
+    assert blocks["janus"] == ["--model-dir", "--prompt", "--no-chat-format"]
+
+
+def test_the_options_given_pick_family_and_trajectory(tmp_path):
+    config = parse_generate_args(["--model-dir", str(tmp_path), "--prompt", "a cat"])
+    assert (config.trajectory.name, config.model.name) == ("raster", "janus")
+    assert config.model.options == {"model_dir": str(tmp_path), "prompt": "a cat"}
+    config = parse_generate_args(["--trajectory", "raster", "--random-weights", "--no-strict"])
+    assert config.model.name == "raster-gpt" and config.model.options == {"random_weights": True, "strict": False}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "mvar", "--prompt", "x"], "--prompt: model 'var' has no such option (model 'janus' has: give --model janus"),
+    (["--trajectory", "markov", "--num-heads", "2"], "no next-scale model family takes --num-heads (model 'raster-gpt' takes them"),
+    (["--model", "janus", "--prompt", "x"], "model_dir: required, and not given (set by --model-dir)"),
+    (["--random-weights", "--checkpoint", "x.pth"], "--random-weights builds a freshly initialised model, so --checkpoint"),
+    (["--patch-nums", "1,,2"], "--patch-nums has an empty entry between commas"),
+])
+def test_model_option_mistakes_are_one_line(argv, needle, refused):
+    refused(argv, needle)
+
+
+def test_a_config_file_names_the_model_and_reads_the_old_keys(tmp_cwd, recwarn):
+    (tmp_cwd / "new.toml").write_text(f'[model]\nname = "mvar"\ncheckpoint = "{WEIGHTS}/mvar-digits.safetensors"\n'
+                                      f'tokenizer = "{WEIGHTS}/tokenizer-digits.safetensors"\n')
+    config = parse_generate_args(["--config", "new.toml"])
+    assert (config.trajectory.name, config.model.name) == ("markov", "var") and not recwarn.list
+    (tmp_cwd / "old.toml").write_text(f'[model]\nvar_checkpoint = "{WEIGHTS}/mvar-digits.safetensors"\n'
+                                      f'vae_checkpoint = "{WEIGHTS}/tokenizer-digits.safetensors"\n')
+    old = parse_generate_args(["--config", "old.toml"])
+    assert old.model.options == config.model.options
+    assert any("'var_checkpoint' is deprecated" in str(w.message) for w in recwarn.list)
+    # a flag adds to the file's model options, naming the family or not
+    assert parse_generate_args(["--config", "new.toml", "--depth", "2"]).model.options["depth"] == "2"
+    assert parse_generate_args(["--config", "new.toml", "--model", "mvar"]).model.options == config.model.options
+
+
+def test_a_plugin_family_option_that_takes_a_generation_flag_is_refused(capsys):
+    import types
+
+    from pydantic import BaseModel
+
+    from mvar_engine import ModelAdapterRecord, ModelFamily, hookimpl
+    from mvar_engine.core.registry import load_registry
+
+    class Seeded(BaseModel):
+        seed: int = 0
+
+    class Family(ModelFamily):
+        name, family = "seeded", "next-token"
+
+        def build(self, device, dtype):
+            raise AssertionError("never built")
+
+        def adapter(self, model, tokenizer):
+            raise AssertionError("never built")
+
+    hooks = types.SimpleNamespace(mvar_engine_model_adapters=hookimpl(lambda: [
+        ModelAdapterRecord(name="seeded", factory=Family, family="next-token", options=Seeded)]))
+    assert main(["--model", "seeded"], registry=load_registry([("seeded", hooks)])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mvar-engine: error: model 'seeded': its option 'seed' would be the flag --seed, which the command "
+                   "already has (the family's author must rename it)"]
+
+
+def test_the_layers_of_the_old_model_settings_are_gone():
+    import dataclasses
+
+    from mvar_engine.apps import cli, config
+    from mvar_engine.core.records import ModelAdapterRecord
+
+    assert not hasattr(config, "ModelConfig")
+    assert "claims" not in {f.name for f in dataclasses.fields(ModelAdapterRecord)}
+    source = Path(cli.__file__).read_text()
+    assert "model_keys" not in source and "sampling_keys" not in source

@@ -113,7 +113,7 @@ def test_export_then_load_gives_identical_logits(trained, tmp_path):
 def test_pipeline_generates_from_the_trained_run(trained, tokenizer_file, tmp_path, capsys):
     run, _ = trained
     config = EngineConfig(trajectory="raster", samples_per_label=2, progress=False,
-                          model={"var_checkpoint": str(run / "model.safetensors"), "vae_checkpoint": str(tokenizer_file)})
+                          model={"checkpoint": str(run / "model.safetensors"), "tokenizer": str(tokenizer_file)})
     pipe = Pipeline.from_config(config)
     result = pipe.generate(labels=[1, 7])
     assert result.images.shape == (4, 3, 16, 16) and result.tokens[0].shape == (4, 16)
@@ -200,7 +200,7 @@ def test_llamagen_state_dict_loads_and_generates(tokenizer_file, tmp_path):
     labels, tokens = torch.tensor([2, 5]), torch.randint(32, (2, 16), generator=torch.Generator().manual_seed(2))
     assert torch.equal(teacher_forced(loaded, labels, tokens), teacher_forced(model, labels, tokens))
     config = EngineConfig(trajectory="raster", samples_per_label=1, progress=False,
-                          model={"var_checkpoint": str(path), "vae_checkpoint": str(tokenizer_file), "num_heads": 1})
+                          model={"checkpoint": str(path), "tokenizer": str(tokenizer_file), "num_heads": 1})
     result = Pipeline.from_config(config).generate(labels=[0, 9])  # the grid comes from the tokenizer's metadata
     assert result.images.shape == (2, 3, 16, 16)
 
@@ -228,7 +228,7 @@ SHIPPED = pytest.mark.skipif(default_checkpoints("raster") is None, reason="the 
 def test_raster_trajectory_uses_the_shipped_weights(tmp_path, capsys):
     assert "raster" in DEFAULT_TRANSFORMERS
     pipe = Pipeline.from_config(EngineConfig(trajectory="raster", samples_per_label=1, progress=False))
-    assert str(pipe.config.model.var_checkpoint).endswith(DEFAULT_TRANSFORMERS["raster"])
+    assert str(pipe.config.model.options["checkpoint"]).endswith(DEFAULT_TRANSFORMERS["raster"])
     result = pipe.generate(labels=[0, 4])
     assert result.images.shape == (2, 3, 32, 32) and result.tokens[0].shape == (2, 64)
     out = tmp_path / "grid.png"

@@ -135,7 +135,7 @@ def test_sample_writes_pngs_npz_and_a_record(tmp_path, capsys):
     assert record["mvar_engine"] and record["npz"]["sha256"] == sha256(npz) and record["images"] == 9
     assert record["identity"]["labels"] == [1, 4, 7] and record["identity"]["per_class"] == 3
     assert record["identity"]["decode_chunk"] == 1 and record["identity"]["resize"] is None
-    assert set(record["identity"]["model_files"]) == {"var_checkpoint", "vae_checkpoint"}
+    assert set(record["identity"]["model_files"]) == {"checkpoint", "tokenizer"}
     assert record["config"]["sampling"]["seed"] == 0 and record["runs"][0]["batch_size"] == 4
 
 

@@ -550,7 +550,7 @@ def build_cases() -> list[Case]:
         "unknown-component-option": ("run.toml", "[attention]\nname = 'neighborhood'\nbogus = 1\n"),
         "empty-trajectory": ("run.toml", "trajectory = ''\n"),
         "labels-hole": ("run.toml", "labels = '1,,2'\n"),
-        "empty-var-checkpoint": ("run.toml", "[model]\nvar_checkpoint = ''\n"),
+        "empty-checkpoint": ("run.toml", "[model]\ncheckpoint = ''\n"),
     }
     for label, (name, text) in configs.items():  # flags override the file: the base's --labels goes for labels-hole
         bad(f"config-{label}", gen("--config", name, drop=("--labels",) if "labels" in label else ()),

@@ -277,7 +277,7 @@ def build_model(config: BenchCacheConfig, device: torch.device) -> BenchModel:
                     "raster finds none; expected core/weights/raster-digits*.safetensors): skipped") from error
             raise
         model, tokenizer = pipe.model, pipe.tokenizer
-        source = str(pipe.config.model.var_checkpoint)
+        source = str(pipe.components.model.input_files()["checkpoint"])
     else:
         torch.manual_seed(config.seed)
         arch = (RasterGPTConfig.llamagen_b(grid=LLAMAGEN_GRID) if config.model == "llamagen-b"

@@ -57,6 +57,7 @@ from ...models.var import VAR, VARConfig
 from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, seed_int
 from ..output_files import add_overwrite_flag, check_outputs, report_outputs
 from ..config import EngineConfig
+from ..model_options import VarOptions
 from ..pipeline import autocast_problem, build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
                     parse_cell, parse_combo, run_problems)
@@ -256,8 +257,8 @@ def bench_next_scale_models(spec: ModelSpec, cell: dict[str, Any]):
                                                     num_res_blocks=1, using_sa=False, using_mid_sa=False,
                                                     patch_nums=spec.patch_nums))
         return model, tokenizer
-    return build_models(EngineConfig(model={"random_weights": True, "depth": spec.depth,
-                                            "patch_nums": spec.patch_nums}, sampling={"seed": cell["seed"]}))
+    return build_models(VarOptions(random_weights=True, depth=spec.depth, patch_nums=spec.patch_nums,
+                                   init_seed=cell["seed"]))
 
 
 def run_next_scale_cell(cell: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ...plugins.budget_cache import budget_tokens
 from ..config import EngineConfig
-from ..pipeline import Pipeline, build_raster_models, resolve_components, resolve_device
+from ..model_options import RasterOptions
+from ..pipeline import Pipeline, build_models, resolve_components, resolve_device
 from .cache import cache_bytes, calibrate_head_map
 from .step_calls import StepCallCounter
 from .cells import (JANUS_MODELS, JANUS_PROMPT_TOKENS, RASTER_GRIDS, CellRun, model_spec, needs_calibration,
@@ -50,9 +51,7 @@ def bench_raster_models(spec, cell: dict[str, Any]):
                                                     using_sa=False, using_mid_sa=False, quant_resi=0.0,
                                                     patch_nums=(grid,)))
         return RasterGPT(RasterGPTConfig.tiny(grid=grid, vocab_size=16)), tokenizer
-    return build_raster_models(EngineConfig(trajectory="raster", model={"random_weights": True,
-                                                                        "patch_nums": (grid[0],)},
-                                            sampling={"seed": cell["seed"]}))
+    return build_models(RasterOptions(random_weights=True, patch_nums=(grid[0],), init_seed=cell["seed"]))
 
 
 def janus_bench_model(model_id: str, seed: int):
@@ -78,7 +77,9 @@ def engine_config(combo, cell: dict[str, Any]):
     components = combo.engine_components()
     if cell.get("head_map") and needs_calibration(combo):
         components["cache"]["options"] = {**components["cache"]["options"], "head_map": cell["head_map"]}
-    model = {"adapter": "janus"} if cell.get("model") in JANUS_MODELS else {}
+    # Janus cells build their random-weights model here (bench_raster_models): the family only wraps it in
+    # its adapter, and its required folder option names no folder, never read
+    model = {"name": "janus", "model_dir": "random-weights"} if cell.get("model") in JANUS_MODELS else {}
     return EngineConfig(**components, backend=cell["backend"], device=cell["device"], dtype=cell["dtype"],
                         sampling={"cfg": raster_cfg(cell["cfg"]), "seed": cell["seed"]}, model=model,
                         compile=combo.compile)

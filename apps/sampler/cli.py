@@ -192,7 +192,7 @@ def run_job(config: EngineConfig, args, folder: SampleFolder, npz: Path, info: D
     items = plan_items(labels, args.per_class)
 
     def check() -> tuple[dict, dict, dict | None]:  # rank 0: the folder may take this run (files hashed once, here)
-        files = model_files(run.config)
+        files = model_files(run.config, run.components.model)
         identity = sample_identity(run.config, info.device, labels, args.per_class, files, args.resize,
                                    args.decode_chunk)
         return files, identity, folder.check_start(identity, args.resume)
