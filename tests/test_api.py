@@ -118,7 +118,7 @@ def test_what_cannot_be_loaded_is_one_line(args, kwargs, needle):
 
 def test_bad_call_arguments_are_usage_errors():
     pipe = mvar_engine.Pipeline.from_pretrained("digits-raster")
-    for kwargs, needle in (({"labels": [99]}, "labels='99': this model has classes 0..9"), ({"output_type": "np"}, "output_type"),
+    for kwargs, needle in (({"labels": [99]}, "labels=99: this model has classes 0..9"), ({"output_type": "np"}, "output_type"),
                            ({"cache_budget": 0.5}, "cache_budget= needs cache="), ({"top_p": 2.0}, "top_p")):
         with pytest.raises((UsageError, ValueError)) as error:
             pipe(**{"labels": [1], **kwargs})
