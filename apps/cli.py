@@ -35,6 +35,7 @@ from .config import COMPONENT_KINDS, ComponentChoice, EngineConfig, ModelChoice,
 from .images import GRID_FORMATS, per_image_files
 from .output_files import check_replaceable
 from .pipeline import MODEL_NAMES, Pipeline, accepts, choose_model, model_family, resolve_autocast, resolve_device
+from .hub import hub_model, known_ids, looks_like_hub_id, pretrained_from_hub
 from .pretrained import file_trajectory
 
 
@@ -89,9 +90,13 @@ def _base_generate_parser(add_help: bool = True, command: GenerationCommand | No
     g.add_argument("--backend", metavar="NAME", help="attention backend, or auto (default: auto)")
     m = p.add_argument_group("model (its options follow, under the model family's name)")
     m.add_argument("--model", dest="model_name", metavar="NAME",
-                   help=f"which model: {', '.join(MODEL_NAMES)} or a plugin's family ('{PROG} plugins --kind model'); "
+                   help=f"which model: {', '.join(MODEL_NAMES)}, a plugin's family ('{PROG} plugins --kind model'), or a "
+                        f"Hub id (FoundationVision/var, CVLUESTC/MVAR, FoundationVision/LlamaGen, "
+                        f"deepseek-community/Janus-Pro-1B; downloaded into the Hugging Face cache); "
                         f"without --trajectory it picks the model's (var: full, mvar: markov, llamagen and janus: "
                         f"raster). Default: detected from --checkpoint (or from the options given)")
+    m.add_argument("--variant", metavar="NAME", help="with --model ORG/NAME (a Hub id): which of its models, e.g. d16 "
+                   "for FoundationVision/var (default: the repository's first)")
     m.add_argument("--var-checkpoint", metavar="PATH", help="deprecated: --checkpoint")
     m.add_argument("--vae-checkpoint", metavar="PATH", help="deprecated: --tokenizer")
     m.add_argument("--model-adapter", metavar="NAME", help="deprecated: --model")
@@ -138,7 +143,11 @@ def _chosen_names(known: argparse.Namespace, file_data: dict[str, Any], registry
             raise UsageError(f"{where} is empty: give a {kind} name (`{PROG} plugins` lists them)")
         names[kind] = "auto" if kind == "backend" and normalize_name(given) == "auto" else \
             registry.get(kind, given).record.name  # the registered spelling: FULL -> full
-    choice = model_choice(known, file_data)
+    choice, hub = model_choice(known, file_data), hub_request(known)
+    if hub is not None:  # a Hub id: its family and trajectory are known before anything is downloaded
+        known_model = hub_model(*hub)[0]
+        choice = ModelChoice.model_construct(name=known_model.family, options=choice.options)
+        names.setdefault("trajectory", known_model.trajectory)
     if "trajectory" not in names:
         names["trajectory"] = model_trajectory(choice, registry) or "markov"
     names.setdefault("backend", "auto")
@@ -180,6 +189,18 @@ def model_choice(known: argparse.Namespace, file_data: dict[str, Any]) -> ModelC
     options = {**from_file.options, **{dest.removeprefix(MODEL_OPTION): value for dest, value in given.items()
                                        if dest.startswith(MODEL_OPTION)}}
     return ModelChoice.model_construct(name=given.get("model_name", from_file.name), options=options)  # names: checked next
+
+
+def hub_request(known: argparse.Namespace) -> tuple[str, str | None] | None:
+    """``(repo id, variant)`` when ``--model`` names a Hub repository; ``--variant`` without one is a
+    one-line error."""
+    name, variant = renamed(vars(known)).get("model_name"), getattr(known, "variant", None)
+    if isinstance(name, str) and looks_like_hub_id(name):
+        return name, variant
+    if variant is not None:
+        raise UsageError(f"--variant picks a model of a Hub repository: give --model ORG/NAME with it (known: "
+                         f"{known_ids()})")
+    return None
 
 
 def model_trajectory(choice: ModelChoice, registry: Registry) -> str | None:
@@ -342,6 +363,10 @@ def parse_generation_command(argv: Sequence[str], command: GenerationCommand | N
         # the file's model by its family's name ("mvar" -> "var"), so that --model's options merge with it
         file_data = {**file_data, "model": {**file_data["model"], "name": model_family(file_data["model"]["name"], registry)[0]}}
     config = build_config(file_data, _overrides(args, names, dests))
+    hub = hub_request(args)
+    if hub is not None:  # the Hub's files under the options given (a flag still wins: --patch-nums)
+        options = {**pretrained_from_hub(*hub)[1], **config.model.options}
+        config = config.model_copy(update={"model": config.model.model_copy(update={"options": options})})
     # Fill the trajectory's defaults so that the config says what runs (and the trajectory --model or
     # --checkpoint chose, when neither a flag nor the file names one).
     updates: dict[str, Any] = {kind: ComponentChoice(name=names[kind]) for kind in ("attention", "cache")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import UsageError
+from ..core.errors import UsageError, setting
 
 VAR_REPO, VQVAE = "FoundationVision/var", "vae_ch160v4096z32.pth"
 LLAMAGEN_REPO, VQ16 = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
@@ -36,9 +36,11 @@ LLAMAGEN_REPO, VQ16 = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
 
 @dataclass(frozen=True)
 class HubModel:
-    """A known repository: per variant the weights file, the tokenizer ``(repo, file)``, the model
-    options and the trajectory; ``folder``: the whole repository is the model (transformers)."""
+    """A known repository: the model family that runs it, the trajectory it runs on, per variant the
+    weights file, the tokenizer ``(repo, file)`` and the model options; ``folder``: the whole
+    repository is the model (transformers)."""
 
+    family: str
     trajectory: str
     default: str
     variants: dict[str, tuple[str, tuple[str, str] | None, dict[str, Any]]] = field(default_factory=dict)
@@ -50,15 +52,15 @@ def _llamagen(size: str, resolution: int) -> tuple[str, tuple[str, str], dict[st
 
 
 HUB_MODELS: dict[str, HubModel] = {
-    VAR_REPO: HubModel("full", "d16", {f"d{d}": (f"var_d{d}.pth", (VAR_REPO, VQVAE), {}) for d in (16, 20, 24, 30, 36)}),
-    "CVLUESTC/MVAR": HubModel("markov", "finetune-d16", {
+    VAR_REPO: HubModel("var", "full", "d16", {f"d{d}": (f"var_d{d}.pth", (VAR_REPO, VQVAE), {}) for d in (16, 20, 24, 30, 36)}),
+    "CVLUESTC/MVAR": HubModel("var", "markov", "finetune-d16", {
         "d16": ("mvar-d16.pth", (VAR_REPO, VQVAE), {}),
         **{f"finetune-d{d}": (f"mvar-finetune-d{d}.pth", (VAR_REPO, VQVAE), {}) for d in (16, 20, 24)}}),
-    LLAMAGEN_REPO: HubModel("raster", "B-256", {
+    LLAMAGEN_REPO: HubModel("raster-gpt", "raster", "B-256", {
         f"{size}-{res}": _llamagen(size, res)
         for size, res in (("B", 256), ("B", 384), ("L", 256), ("L", 384), ("XL", 384), ("XXL", 384), ("3B", 384))}),
-    "deepseek-community/Janus-Pro-1B": HubModel("raster", "", folder=True),
-    "deepseek-community/Janus-Pro-7B": HubModel("raster", "", folder=True),
+    "deepseek-community/Janus-Pro-1B": HubModel("janus", "raster", "", folder=True),
+    "deepseek-community/Janus-Pro-7B": HubModel("janus", "raster", "", folder=True),
 }
 
 FOLDER_FILES = ("*.json", "*.safetensors", "*.model", "*.txt")
@@ -87,23 +89,24 @@ def hub_model(repo_id: str, variant: str | None) -> tuple[HubModel, str]:
     chosen = variant if variant is not None else model.default
     if model.folder:
         if variant is not None:
-            raise UsageError(f"{repo_id} has no variants (drop variant=)")
+            raise UsageError(f"{repo_id} has no variants (drop {setting('variant')})")
         return model, ""
     if chosen not in model.variants:
         raise UsageError(f"{repo_id} has no variant {chosen!r} (known: {', '.join(model.variants)})")
     return model, chosen
 
 
-def pretrained_from_hub(repo_id: str, variant: str | None) -> tuple[str, dict[str, Any]]:
-    """Download what ``repo_id`` / ``variant`` needs; returns (trajectory, model options with local paths)."""
+def pretrained_from_hub(repo_id: str, variant: str | None) -> tuple[HubModel, dict[str, Any]]:
+    """Download what ``repo_id`` / ``variant`` needs; returns (the known repository: its family and
+    trajectory, its model options with the local paths)."""
     model, chosen = hub_model(repo_id, variant)
     if model.folder:
-        return model.trajectory, {"model_dir": str(download_folder(repo_id))}
+        return model, {"model_dir": str(download_folder(repo_id))}
     weights, tokenizer, options = model.variants[chosen]
     paths = {"checkpoint": str(download_file(repo_id, weights))}
     if tokenizer is not None:
         paths["tokenizer"] = str(download_file(*tokenizer))
-    return model.trajectory, {**options, **paths}
+    return model, {**options, **paths}
 
 
 def hub_client():

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import UsageError
+from ..core.errors import UsageError, setting
 from ..models.checkpoint import read_state_shapes, read_weights_metadata
 from ..models.default_models import default_checkpoints
 from .config import EngineConfig
@@ -73,7 +73,7 @@ def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None 
     text = str(name_or_path)
     model: dict[str, Any] = dict(settings.pop("model", {}) or {})
     if variant is not None and not looks_like_hub_id(text):
-        raise UsageError(f"variant={variant!r} picks a file of a Hub repository; {text} is not a Hub id")
+        raise UsageError(f"{setting('variant', variant)} picks a file of a Hub repository; {text} is not a Hub id")
     if text in SHIPPED:
         found = default_checkpoints(SHIPPED[text])
         if tokenizer is not None:
@@ -98,9 +98,9 @@ def pretrained_config(name_or_path: str | Path, *, tokenizer: str | Path | None 
         elif looks_like_hub_id(text):
             if tokenizer is not None:
                 raise UsageError(f"{text} brings its own tokenizer from the Hub: drop tokenizer=")
-            hub_trajectory, options = pretrained_from_hub(text, variant)
-            model = {**options, **model}
-            trajectory = trajectory or hub_trajectory
+            known, options = pretrained_from_hub(text, variant)
+            model = {"name": known.family, **options, **model}
+            trajectory = trajectory or known.trajectory
         else:
             raise UsageError(f"{text}: no such file or folder, and not a shipped model ({shipped_names()})")
     return EngineConfig.model_validate({**settings, "trajectory": trajectory or "markov", "model": model,

@@ -102,6 +102,42 @@ def test_var_from_the_hub_equals_the_local_files_and_the_cache_serves_offline(re
     assert torch.equal(torch.load(tmp_path / "offline.pt"), expected)
 
 
+def test_the_cli_takes_a_hub_id_and_gives_the_api_s_bytes(released, tmp_path):
+    """``mvar-engine --model FoundationVision/var --variant d16`` downloads what
+    ``from_pretrained("FoundationVision/var", variant="d16")`` does and draws the same pixels (one PNG
+    per image against the API's uint8 images)."""
+    import numpy as np
+    from PIL import Image
+
+    from mvar_engine.apps.images import to_uint8
+
+    with FakeHub() as hub:
+        for name in ("var_d16.pth", "vae_ch160v4096z32.pth"):
+            hub.add_file("FoundationVision/var", name, (released / name).read_bytes())
+        assert run(tmp_path, hub, VAR_D16, "api")["ok"]
+        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
+        argv = ["--model", "FoundationVision/var", "--variant", "d16", "--trajectory", "markov", "--patch-nums",
+                ",".join(map(str, SCHEDULE)), "--labels", "3,7", "--samples-per-label", "2", "--seed", "0",
+                "--device", "cpu", "--output", str(tmp_path / "cli" / "grid.png"), "--per-image", "--no-progress"]
+        proc = subprocess.run([sys.executable, "-m", "mvar_engine.apps.cli", *argv], env=env, capture_output=True,
+                              text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    api = to_uint8(torch.load(tmp_path / "api.pt"))
+    cli = [np.asarray(Image.open(path)) for path in sorted((tmp_path / "cli" / "grid").glob("*.png"))]
+    assert len(cli) == len(api) == 4 and all(np.array_equal(a, b) for a, b in zip(api, cli))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "FoundationVision/var", "--variant", "d17"], "FoundationVision/var has no variant 'd17' (known: d16"),
+    (["--model", "nobody/nothing"], "nobody/nothing: not a Hub id this engine knows"),
+    (["--variant", "d16"], "--variant picks a model of a Hub repository: give --model ORG/NAME"),
+    (["--model", "deepseek-ai/Janus-Pro-1B"], "use deepseek-community/Janus-Pro-1B"),
+])
+def test_hub_mistakes_on_the_command_line_are_one_line(argv, needle, refused):
+    refused(argv, needle)
+
+
 def test_offline_and_not_cached_is_one_line(tmp_path):
     out = run(tmp_path, None, VAR_D16, "x", offline=True, home="empty")
     assert not out["ok"] and "is not in the Hugging Face cache" in out["error"] and "run once online" in out["error"]
