@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, setting
 from ..core.files import WRITTEN_BY, atomic_write, not_a_file_reason, writer
 
 NESTED_KEYS: tuple[tuple[str, ...], ...] = (
@@ -174,7 +174,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, 
     report = compare_keys(model_state, file_state)
     if strict and not report.ok:
         raise CheckpointError(f"{source} does not match {type(model).__name__}: {report.describe()} "
-                              f"(check --depth / the architecture flags, or load what matches with --no-strict)")
+                              f"(check {setting('depth')} / the architecture settings, or load what matches with "
+                              f"{setting('strict', False)})")
     mismatched = {k for k, _, _ in report.mismatched}
     loadable = {k: v for k, v in file_state.items() if k in model_state and k not in mismatched}
     check_finite(loadable, source)
