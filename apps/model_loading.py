@@ -35,10 +35,11 @@ DERIVED_TOKENIZER_BUFFERS = ("quantize.ema_vocab_hit_SV",)
 
 SIZE_SETTINGS = ", ".join(setting(name) for name in ("depth", "patch_nums", "num_classes"))
 
-VAR_USE = (f"next-scale trajectories (full, markov) run VAR/MVAR weights; run raster GPT weights with "
-           f"{setting('trajectory', 'raster')}")
-RASTER_USE = (f"{setting('trajectory', 'raster')} runs raster GPT weights (mvar-engine train --trajectory raster, or "
-              f"LlamaGen's c2i GPT checkpoints); run next-scale weights with {setting('trajectory', 'full')} or markov")
+VAR_USE = (f"the var family (next-scale trajectories: full, markov) runs VAR/MVAR weights; run raster GPT weights "
+           f"with {setting('model', 'llamagen')} (or {setting('trajectory', 'raster')})")
+RASTER_USE = (f"the raster-gpt family ({setting('trajectory', 'raster')}) runs raster GPT weights (mvar-engine train "
+              f"--trajectory raster, or LlamaGen's c2i GPT checkpoints); run next-scale weights with "
+              f"{setting('model', 'var')} or mvar (or {setting('trajectory', 'full')} or markov)")
 TOKENIZER_USE = (f"{setting('tokenizer')} takes the tokenizer's weights (mvar-engine train-tokenizer, or VAR's "
                  "vae_ch160v4096z32.pth)")
 
@@ -107,6 +108,8 @@ def var_architecture(path, *, depth: int | None = None, patch_nums=None, num_cla
         updates = {k: v for k, v in (("depth", depth), ("patch_nums", patch_nums), ("num_classes", num_classes)) if v}
         return VARConfig(**{**stored.model_dump(), **updates}) if updates else stored
     shapes = read_state_shapes(path)
+    if "tok_embeddings.weight" in shapes:
+        raise CheckpointError(f"{path} holds a raster GPT (LlamaGen's c2i keys), not VAR/MVAR weights; {VAR_USE}")
     try:
         found = infer_var_config(shapes, **({"patch_nums": tuple(patch_nums)} if patch_nums else {}))
     except (KeyError, ValueError) as error:
@@ -200,6 +203,8 @@ def raster_architecture(path, *, grid: tuple[int, int] | None, depth: int | None
                                 "num_heads": stored.heads}, given, strict)
         return stored
     shapes = read_state_shapes(path)
+    if "pos_1LC" in shapes:
+        raise CheckpointError(f"{path} holds VAR/MVAR weights (next-scale), not a raster GPT; {RASTER_USE}")
     if is_llamagen_vq_state(shapes):
         raise CheckpointError(f"{path} holds LlamaGen VQ tokenizer weights, not a raster GPT: give it as "
                               f"{setting('tokenizer')} and the GPT (e.g. c2i_B_384.pt) as {setting('checkpoint')}")

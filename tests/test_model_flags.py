@@ -164,3 +164,17 @@ def test_the_layers_of_the_old_model_settings_are_gone():
     assert "claims" not in {f.name for f in dataclasses.fields(ModelAdapterRecord)}
     source = Path(cli.__file__).read_text()
     assert "model_keys" not in source and "sampling_keys" not in source
+
+
+def test_a_checkpoint_of_one_family_under_another_model_is_one_line(llamagen_pair, refused, tmp_path):
+    from mvar_engine.models.var import VAR, VARConfig
+
+    var = VAR(VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=64, z_channels=8,
+                        patch_nums=(1, 2, 4)))
+    torch.save(var.state_dict(), tmp_path / "var_d2.pth")  # VAR's released layout: a flat state dict
+    refused(["--model", "var", "--checkpoint", llamagen_pair / "c2i.pt", "--tokenizer", llamagen_pair / "vq.pt"],
+            "c2i.pt holds a raster GPT (LlamaGen's c2i keys), not VAR/MVAR weights; the var family")
+    refused(["--model", "llamagen", "--checkpoint", tmp_path / "var_d2.pth", "--tokenizer", llamagen_pair / "vq.pt",
+             "--patch-nums", "4"], "var_d2.pth holds VAR/MVAR weights (next-scale), not a raster GPT; the raster-gpt family")
+    refused(["--model", "mvar", "--checkpoint", WEIGHTS / "raster-digits.safetensors", "--tokenizer",
+             WEIGHTS / "tokenizer-raster-digits.safetensors"], "run raster GPT weights with --model llamagen")
