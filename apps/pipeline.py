@@ -430,15 +430,21 @@ class Pipeline:
         return self
 
     def __call__(self, labels: Sequence[int] | int | None = None, images_per_label: int = 1, *, seed: int | None = None,
-                 cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 cache: str | CachePolicy | None = None, cache_budget: float | None = None,
+                 generator: torch.Generator | None = None, cfg: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, cache: str | CachePolicy | None = None, cache_budget: float | None = None,
                  output_type: str = "pil") -> "PipelineOutput":
         """Generate ``images_per_label`` images of each label (image ``i`` of label ``c`` is the CLI's
-        image ``i`` of ``c`` at the same seed and sampling settings: the same pixels). ``cache``: a
-        policy name (with ``cache_budget``) or a :class:`CachePolicy`; ``output_type``: ``"pil"``
-        (a list of ``PIL.Image``) or ``"pt"`` (``[N, 3, H, W]`` in [0, 1])."""
+        image ``i`` of ``c`` at the same seed and sampling settings: the same pixels). ``generator``
+        (as diffusers takes it) stands for its seed, ``generator.initial_seed()``: every image draws
+        from its own generator seeded from (seed, label, index), so its pixels do not depend on the
+        batch. ``cache``: a policy name (with ``cache_budget``) or a :class:`CachePolicy`;
+        ``output_type``: ``"pil"`` (a list of ``PIL.Image``) or ``"pt"`` (``[N, 3, H, W]`` in [0, 1])."""
         if output_type not in ("pil", "pt"):
             raise UsageError(f"output_type={output_type!r}: choose 'pil' or 'pt'")
+        if generator is not None:
+            if seed is not None:
+                raise UsageError("seed= and generator= both give the seed: give one of them")
+            seed = generator.initial_seed()
         labels = [labels] if isinstance(labels, int) else labels
         sampling = self.config.sampling.model_copy(update={k: v for k, v in (("seed", seed), ("cfg", cfg),
                                                                               ("top_k", top_k), ("top_p", top_p))

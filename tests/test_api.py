@@ -43,6 +43,11 @@ def test_the_api_draws_the_cli_pixels(name, argv, call, tmp_path):
     assert all(np.array_equal(np.asarray(image), cli) for image, cli in zip(out.images, expected))
     other = pipe(labels=[3, 5], images_per_label=2, seed=8, **call)
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out.images, other.images))
+    # a diffusers-style generator stands for its seed
+    same = pipe(labels=[3, 5], images_per_label=2, generator=torch.Generator().manual_seed(7), **call)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out.images, same.images))
+    with pytest.raises(UsageError, match="seed= and generator= both give the seed"):
+        pipe(labels=[3], seed=1, generator=torch.Generator())
 
 
 def test_output_types_tokens_and_facts():
