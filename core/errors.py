@@ -86,6 +86,11 @@ class CheckpointError(UsageError):
     """A checkpoint file that is unreadable or does not match the model (keys or shapes)."""
 
 
+class ArchitectureError(CheckpointError, ValueError):
+    """A weights file's tensor shapes do not tell its architecture (a ``ValueError`` too, for the
+    callers that read shapes): one line naming the setting that would."""
+
+
 class FileWriteError(MvarEngineError):
     """The storage refused a write (disk full, quota, read-only): one line naming the path (exit 1)."""
 

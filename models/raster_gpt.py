@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from ..core.errors import ArchitectureError, setting
 from ..core.layout import SequenceLayout
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -358,11 +359,12 @@ def infer_raster_config(state_dict: dict[str, torch.Tensor], **overrides) -> Ras
     vocab, width = (int(n) for n in state_dict["tok_embeddings.weight"].shape)
     heads = overrides.pop("heads", None) or llamagen_heads(overrides.get("depth") or depth, width)
     if heads is None:
-        raise ValueError(f"{depth} layers of width {width} is none of LlamaGen's released GPT sizes "
+        raise ArchitectureError(f"{depth} layers of width {width} is none of LlamaGen's released GPT sizes "
                          f"({', '.join(name for name, _ in LLAMAGEN_GPT_HEADS.values())}), and the file does not "
-                         f"store its head count: give it with --num-heads")
+                         f"store its head count: give it with {setting('num_heads')}")
     if width % heads:
-        raise ValueError(f"width {width} is not divisible by {heads} heads: give a --num-heads that divides it")
+        raise ArchitectureError(f"width {width} is not divisible by {heads} heads: give a {setting('num_heads')} that "
+                                f"divides it")
     values: dict = dict(depth=depth, width=width, heads=heads, vocab_size=vocab,
                         num_classes=int(state_dict["cls_embedding.embedding_table.weight"].shape[0]) - 1)
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..core.errors import ArchitectureError, setting
 from ..core.layout import SequenceLayout, normalize_grids
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -320,7 +321,7 @@ def infer_var_config(state_dict: dict[str, torch.Tensor], **overrides) -> VARCon
                 values["patch_nums"] = schedule
                 break
         else:
-            raise KeyError(f"pos_1LC has {length} positions, which matches neither VAR schedule (680 or 2240): "
-                           f"give the scale schedule explicitly (--patch-nums)")
+            raise ArchitectureError(f"pos_1LC has {length} positions, which matches neither VAR schedule (680 or "
+                                    f"2240): give the scale schedule explicitly ({setting('patch_nums')})")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return VARConfig(**values)
