@@ -47,7 +47,8 @@ from .core.records import (AttentionBackendRecord, AttentionPatternRecord, Avail
                            ModelAdapterRecord, NoOptions, TrajectoryRecord)
 from .core.registry import get_registry
 from .core.trajectory import Step, Trajectory, Visibility
-from .plugins.budget_cache import BudgetedCache, BudgetOptions, attention_probabilities, budget_tokens
+from .plugins.budget_cache import (BudgetedCache, BudgetOptions, attention_probabilities, budget_tokens,
+                                   received_attention)
 from .plugins.caches import SegmentCache, SegmentStore
 
 __all__ = [
@@ -59,7 +60,7 @@ __all__ = [
     "Neighborhood2D", "Masked", "visible_positions",
     "AttentionBackend", "BackendCapabilities",
     "CachePolicy", "BudgetedCache", "BudgetOptions", "budget_tokens", "BoundedKV", "SegmentCache", "SegmentStore",
-    "attention_probabilities",
+    "attention_probabilities", "received_attention",
     "SequenceLayout", "Spans", "merge_spans", "spans_length", "spans_to_positions",
     "ModelAdapter", "ModelFamily", "GenerationState", "Engine",
     "MvarEngineError", "UsageError", "ConfigError", "IncompatibleComponentsError", "BackendUnsupportedError",

@@ -23,7 +23,8 @@ The checks:
 - :func:`check_cache_policy`: the traits are declared consistently; a covering budget (one that
   keeps every token) gives the logits (under forced tokens) and the greedy tokens of the ``full``
   cache; storage (``nbytes()`` after every step) and the keys ``update`` returns never exceed the
-  declared budget.
+  declared budget; at any budget the returned spans name the returned keys and a sample keeps
+  the same positions alone and in a batch.
 - :func:`check_attention_pattern`: ``spec`` is pure; every query sees a key; no query sees a key
   the trajectory hides (``visible_positions``); ``mask()``, ``mask_mod()``, ``pair_count()`` and
   ``check_lengths()`` agree; a pattern that declares ``sees_every_visible_key`` hides nothing.
@@ -113,11 +114,12 @@ def tiny_raster_model(grid: tuple[int, int] = (3, 3), cls_token_num: int = 1, se
     return model.eval()
 
 
-def tiny_next_scale_model(patch_nums=(1, 2, 3), seed: int = 0, *, heads: int = 2, depth: int = 2
-                          ) -> tuple[VAR, MultiScaleVQVAE]:
-    """A random tiny VAR and a matching tokenizer (as the project's tests build them), eval mode."""
+def tiny_next_scale_model(patch_nums=(1, 2, 3), seed: int = 0, *, heads: int = 2, depth: int = 2,
+                          num_classes: int = 10) -> tuple[VAR, MultiScaleVQVAE]:
+    """A random tiny VAR of classes ``0 .. num_classes - 1`` and a matching tokenizer (as the
+    project's tests build them), eval mode."""
     torch.manual_seed(seed)
-    model = VAR(VARConfig(depth=depth, embed_dim=16 * heads, num_heads=heads, num_classes=5, vocab_size=16,
+    model = VAR(VARConfig(depth=depth, embed_dim=16 * heads, num_heads=heads, num_classes=num_classes, vocab_size=16,
                           z_channels=8, patch_nums=tuple(patch_nums)))
     with torch.no_grad():  # non-trivial attention temperatures and AdaLN gates
         for block in model.blocks:
@@ -184,7 +186,7 @@ def _check_cache_traits(cache: CachePolicy) -> tuple[str, ...]:
     families = tuple(getattr(cache, "families", ()))
     _check(bool(families) and set(families) <= set(FAMILIES),
            f"cache '{name}' declares families {families!r}: give a non-empty subset of {FAMILIES}")
-    for trait in ("stores_history", "headwise", "track_scores"):
+    for trait in ("stores_history", "stand_in_spans", "track_scores"):
         _check(isinstance(getattr(cache, trait, None), bool), f"cache '{name}' must declare the bool trait '{trait}'")
     for family in FAMILIES:
         trajectory, pattern = _trajectory_of(family)
@@ -196,13 +198,13 @@ def _check_cache_traits(cache: CachePolicy) -> tuple[str, ...]:
         _check(accepted == (family in families),
                f"cache '{name}' declares families {families!r} but check_compatible "
                f"{'accepts' if accepted else 'refuses'} it under trajectory '{trajectory.name}' ({family})")
-    if cache.headwise:
+    if cache.stand_in_spans:
         try:
             check_compatible(MarkovTrajectory(), DensePattern(), cache)
         except IncompatibleComponentsError:
             pass
         else:
-            raise AssertionError(f"cache '{name}' is headwise but check_compatible accepts it under trajectory "
+            raise AssertionError(f"cache '{name}' has stand-in spans but check_compatible accepts it under trajectory "
                                  f"'markov', which hides earlier keys")
     return families
 
@@ -265,14 +267,18 @@ def check_cache_policy(make_cache: MakeCache, *, families: str | Sequence[str] |
     with ``causal``; VAR under ``full`` with ``dense``), batches, heads, guidance and budgets:
 
     1. traits: ``families`` is a non-empty subset of :data:`FAMILIES` and
-       ``check_compatible`` accepts exactly those; ``stores_history``, ``headwise`` and
-       ``track_scores`` are bools; a headwise cache is refused under ``markov``;
+       ``check_compatible`` accepts exactly those; ``stores_history``, ``stand_in_spans`` and
+       ``track_scores`` are bools; a cache with stand-in spans is refused under ``markov``;
     2. a covering budget equals ``full``: the same logits under the ``full`` cache's greedy tokens
        (forced), and the same greedy tokens;
     3. storage never exceeds the budget: after every step ``nbytes()`` is at most
        ``slots * layers * rows * heads * (2 * head_dim * itemsize + BOOKKEEPING_BYTES)`` (float32 models) and each
        ``update`` returns at most ``slots`` keys, where ``slots`` is the budget (a next-scale step of
-       ``l`` tokens may grow it to ``budget - 1 + l``), never more than the sequence length.
+       ``l`` tokens may grow it to ``budget - 1 + l``), never more than the sequence length;
+    4. at every budget (lossy ones too), driven with synthetic keys and queries: the spans ``update``
+       returns name the positions of the keys it returns, for every row and head (unless the cache
+       declares ``stand_in_spans``: then every kept key precedes the new tokens), and each sample
+       keeps the same positions in a batch as alone (no score coupled across the batch).
     """
     declared = _check_cache_traits(make_cache(None, 2, 2))
     wanted = declared if families is None else ((families,) if isinstance(families, str) else tuple(families))
@@ -280,6 +286,7 @@ def check_cache_policy(make_cache: MakeCache, *, families: str | Sequence[str] |
         _check(family in declared, f"cache '{_name(make_cache(None, 2, 2))}' does not declare family {family!r}")
         _check_covering(make_cache, family, max_examples, shrink)
         _check_bounded(make_cache, family, bounded, max_examples, shrink)
+        _check_kept_positions(make_cache, family, bounded, 3 * max_examples, shrink)
 
 
 def _check_covering(make_cache: MakeCache, family: str, max_examples: int, shrink: bool) -> None:
@@ -316,6 +323,89 @@ def _check_bounded(make_cache: MakeCache, family: str, bounded: bool, max_exampl
         case.run(cache, progress=recorder.step_done)
 
     bounds()
+
+
+@st.composite
+def _drives(draw, family: str, bounded: bool):
+    """A synthetic generation for :func:`_drive`: the layout and its steps' spans (raster: the
+    class prefix, then one token a step; next-scale: a scale a step), the batch, heads, layers,
+    guidance, the budget (lossy ones included) and the seed of the keys and queries."""
+    if family == "next-token":
+        prefix = draw(st.integers(1, 2), label="prefix")
+        layout = SequenceLayout(((1, prefix), (draw(st.integers(1, 3), label="h"), draw(st.integers(1, 4), label="w"))))
+        steps = [((0, prefix),)] + [((p, p + 1),) for p in range(prefix, layout.length)]
+    else:
+        sides = draw(st.lists(st.integers(1, 4), min_size=2, max_size=4, unique=True), label="patch_nums")
+        layout = SequenceLayout.from_patch_nums(tuple(sorted(sides)))
+        steps = [layout.spans_of([s]) for s in range(layout.num_scales)]
+    prefix = layout.scales[0].numel
+    budget = draw(st.integers(prefix + 1, layout.length + 1), label="budget") if bounded else None
+    return {"layout": layout, "steps": steps, "batch": draw(st.integers(2, 3), label="batch"),
+            "heads": draw(st.integers(1, 2), label="heads"), "layers": draw(st.integers(1, 2), label="layers"),
+            "guided": draw(st.booleans(), label="guided"), "budget": budget, "seed": draw(st.integers(0, 9), label="seed")}
+
+
+def _drive(cache: CachePolicy, case: dict, samples: Sequence[int]) -> list[torch.Tensor]:
+    """Run ``cache`` through ``case``'s steps for ``samples`` (rows ``[cond; uncond]`` when guided) with
+    keys and queries drawn per (sample, row half, layer, position), values that spell each key's
+    position, and a ``Dense`` spec; returns, per step and layer, the positions of the keys
+    ``update`` returned, ``LongTensor[rows, heads, n]``. Checks each step's spans against them."""
+    layout, heads, dim, name = case["layout"], case["heads"], 4, _name(cache)
+    halves = 2 if case["guided"] else 1
+    tables = [torch.randn(2, halves, case["layers"], layout.length, heads, dim,
+                          generator=torch.Generator().manual_seed(case["seed"] * 1000 + sample)) for sample in samples]
+    cache.begin(num_layers=case["layers"], batch=len(samples) * halves, num_heads=heads, head_dim=dim, layout=layout,
+                device=torch.device("cpu"), dtype=torch.float32, guided=case["guided"])
+    kept: list[torch.Tensor] = []
+    for spans in case["steps"]:
+        positions = spans_to_positions(spans)
+        for layer in range(case["layers"]):
+            def rows(which: int) -> torch.Tensor:  # [rows, heads, l, dim]: the cond rows, then the uncond rows
+                return torch.cat([t[which, half, layer, positions].transpose(0, 1)[None]
+                                  for half in range(halves) for t in tables])
+            v = positions.float()[None, None, :, None].expand(len(samples) * halves, heads, -1, dim)
+            k_all, v_all, k_spans = cache.update(layer, rows(0), v.contiguous(), spans)
+            held = v_all[..., 0].round().long()
+            where = f"step at {spans}, layer {layer}, {len(samples)} sample(s), budget {case['budget']}, layout {layout.grids}"
+            if cache.stand_in_spans:  # any slot order; the new tokens among the keys, every other key before them
+                new = torch.isin(held, positions)
+                _check(held.shape[-1] == spans_length(k_spans) and bool((new.sum(-1) == len(positions)).all())
+                       and bool((held[~new] < positions.min()).all()),
+                       f"cache '{name}' has stand-in spans but returned keys that are not the new tokens and earlier "
+                       f"ones ({where})")
+            else:
+                said = spans_to_positions(k_spans)
+                _check(held.shape[-1] == said.numel() and bool((held == said).all()),
+                       f"cache '{name}' returned keys at positions {held[0, 0].tolist()} (row 0, head 0) but spans "
+                       f"{k_spans}: a cache whose kept positions differ per row or per head must declare "
+                       f"stand_in_spans = True ({where})")
+            cache.observe(layer, rows(1), k_all, Dense(), dim ** -0.5)
+            kept.append(held)
+        cache.end_step()
+    return kept
+
+
+def _check_kept_positions(make_cache: MakeCache, family: str, bounded: bool, max_examples: int, shrink: bool) -> None:
+    """At lossy budgets too: the spans a cache returns name the keys it returns (unless it declares
+    ``stand_in_spans``), and each sample keeps the positions it keeps alone, whatever else is in
+    the batch (a score summed over the batch fails here)."""
+    @_settings(max_examples, shrink)
+    @given(case=_drives(family, bounded))
+    def kept(case):
+        name = _name(make_cache(case["budget"], case["layers"], case["heads"]))
+        together = _drive(make_cache(case["budget"], case["layers"], case["heads"]), case, range(case["batch"]))
+        batch, halves = case["batch"], 2 if case["guided"] else 1
+        for sample in range(batch):
+            alone = _drive(make_cache(case["budget"], case["layers"], case["heads"]), case, [sample])
+            for index, (got, own) in enumerate(zip(together, alone)):
+                rows = [half * batch + sample for half in range(halves)]
+                if not torch.equal(got[rows], own):
+                    raise AssertionError(
+                        f"cache '{name}' keeps other positions for sample {sample} in a batch of {batch} than alone "
+                        f"(step/layer {index}, budget {case['budget']}, layout {case['layout'].grids}): a sample's "
+                        f"kept positions must depend on its own rows only (no score summed over the batch)")
+
+    kept()
 
 
 # ------------------------------------------------------------------------------------ patterns

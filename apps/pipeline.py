@@ -118,7 +118,7 @@ def accepts(record: Any, given: set[str]) -> bool:
 
 def choose_model(choice: ModelChoice, family: str, registry: Registry) -> str:
     """The model family a run uses: the one it names (:data:`MODEL_NAMES` or a registered family);
-    else, of the families serving the trajectory's ``family`` (in registration order), the first
+    else, of the families serving the trajectory's ``family`` (in name order), the first
     whose options :func:`accepts` the model options given (``model_dir`` and ``prompt``: Janus)."""
     if choice.name:
         return model_family(choice.name, registry)[0]
@@ -550,7 +550,8 @@ class Pipeline:
 
 
 def save_tokens(result: GenerationResult, model: Any, path: str | Path) -> Path:
-    """Per-scale token indices: ``tokens.{s}: LongTensor[N, h_s * w_s]``, ``labels: [N]``, ``grids: [S, 2]``."""
+    """Per-scale token indices: ``tokens.{s}: LongTensor[N, h_s * w_s]``, ``labels: [N]``, ``grids: [G, 2]``
+    (the layout's grids; docs/cli.md, "The saved tokens")."""
     state = {f"tokens.{s}": t for s, t in enumerate(result.tokens)}
     state["labels"] = result.labels
     state["grids"] = torch.tensor(model.layout.grids)

@@ -346,7 +346,7 @@ class AttentionPattern(ABC):
 
     Traits (class attributes the engine checks): ``families`` (the trajectory families whose steps
     it can describe); ``sees_every_visible_key`` (it never hides a key the trajectory shows, as
-    ``dense`` and ``causal``: a headwise cache, whose kept keys stand in by their count, needs it).
+    ``dense`` and ``causal``: a cache with stand-in spans, whose kept keys stand in by their count, needs it).
     """
 
     name: ClassVar[str] = "pattern"

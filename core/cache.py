@@ -1,53 +1,91 @@
-"""KV-cache policies: which past keys and values a step may use.
+"""KV-cache policies: which past keys and values a step may use (:class:`CachePolicy`).
 
 Tensors: ``k, v: [B, H, l, D]`` for the ``l`` new tokens of one step at one layer; positions are
 :data:`~mvar_engine.core.layout.Spans` into the flattened sequence.
-
-Life cycle per generation: ``begin(...)`` once (``guided=True``: the rows are ``[cond; uncond]``
-halves under CFG); for each step and each layer ``update(layer, k, v, spans)``, which stores what
-the policy keeps and returns the keys/values the step may attend to (kept history first, then the
-new tokens, ascending positions); ``observe(layer, q, k, spec, scale, received=...)`` after it,
-with the step's queries, the keys ``update`` returned and the attention spec the backend computes
-(scoring policies accumulate attention statistics there); ``end_step()`` after the last
-layer of a step (eviction point); ``nbytes()`` at any time. The tensors ``update`` returns may be
-views of the policy's buffers: they are valid until the next ``end_step()`` and must not be modified.
-
-Traits, declared on the class and checked by the engine before a generation:
-
-- ``families``: the trajectory families it serves (``("next-scale", "next-token")``); a policy
-  that serves only ``next-token`` is refused under a next-scale trajectory, and vice versa;
-- ``headwise``: keeps different positions in each head (its returned spans stand in for the kept
-  keys by their count), so it needs a trajectory that ``sees_all_history`` and a pattern that
-  ``sees_every_visible_key``; see :mod:`mvar_engine.plugins.budget_cache`;
-- ``stores_history``: ``False`` (``none``) keeps nothing: the engine then recomputes whatever
-  history the trajectory requires, which makes it the exact oracle of cached runs;
-- ``track_scores``: the storage keeps a float32 score per slot (scoring policies);
-- ``static_decoding``: implements :meth:`~CachePolicy.update_static` and
-  :meth:`~CachePolicy.static_buffers`, the fixed-shape form compiled decoding runs.
-- ``static_scale_decoding``: implements :meth:`~CachePolicy.update_static_scale` and
-  :meth:`~CachePolicy.static_scale_done` (compiled next-scale steps: every earlier scale kept in
-  position order, slot = position).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from .attention import AttentionSpec
+from .errors import setting
 from .layout import SequenceLayout, Spans
 
 
 class CachePolicy(ABC):
+    """Which past keys and values each step of a generation attends to, in storage the policy owns.
+
+    Life cycle of one generation (the engine drives it; the policy is reused across generations):
+
+    1. ``check_layout(layout, num_layers=, num_heads=)`` before anything is built: refuse options
+       that cannot serve this model (a budget below what is always kept) with a one-line reason;
+    2. ``begin(num_layers=, batch=, num_heads=, head_dim=, layout=, device=, dtype=, guided=)``:
+       allocate or reset storage (``guided``: rows ``i`` and ``i + batch // 2`` are the cond and
+       uncond rows of one sample under CFG and must keep the same positions);
+    3. per step, per layer: ``update(layer, k, v, spans)`` stores the step's new keys and values and
+       returns those the step attends to (kept history first, then the new tokens) with their spans;
+       then ``observe(layer, q, k, spec, scale, received=)`` with the step's queries, the keys
+       ``update`` returned and the attention spec the backend computes (scoring policies
+       accumulate statistics there); the returned tensors may be views of the policy's buffers,
+       valid until the next ``end_step()``, never modified by the engine;
+    4. ``end_step()`` after the last layer of a step (the eviction point of step-level policies);
+    5. ``nbytes()`` at any time: the bytes of storage held, reserved buffers in full.
+
+    A policy must keep each sample's positions a function of that sample alone (its rows' keys,
+    queries and scores), never of the other samples of the batch: the same image at any batch size.
+    Scores summed over the batch break it (the conformance kit checks it).
+
+    Traits, declared on the class and checked before a generation:
+
+    - ``families``: the trajectory families it serves (``("next-scale", "next-token")``);
+    - ``stand_in_spans``: the kept positions may differ between rows or between heads, so the spans
+      ``update`` returns cannot name them; they stand in for the kept keys by their count (every
+      kept key precedes the new tokens). It needs a trajectory that ``sees_all_history`` and a pattern
+      that ``sees_every_visible_key`` (:meth:`incompatibility`). False: every row and head keeps the
+      same positions and the returned spans are exact (the kit checks each against the keys);
+    - ``stores_history``: ``False`` (``none``) keeps nothing: the engine then recomputes whatever
+      history the trajectory requires, which makes it the exact oracle of cached runs;
+    - ``track_scores``: the storage keeps a float32 score per slot (scoring policies);
+    - ``static_decoding``: implements :meth:`update_static` and :meth:`static_buffers`, the
+      fixed-shape form compiled raster decoding runs;
+    - ``static_scale_decoding``: implements :meth:`update_static_scale` and
+      :meth:`static_scale_done` (compiled next-scale steps: every earlier scale kept in position
+      order, slot = position).
+    """
+
     name: ClassVar[str] = "cache"
     stores_history: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("next-scale",)
-    headwise: ClassVar[bool] = False
+    stand_in_spans: ClassVar[bool] = False
     track_scores: ClassVar[bool] = False
     static_decoding: ClassVar[bool] = False
     static_scale_decoding: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("headwise") is True and "stand_in_spans" not in cls.__dict__:
+            cls.stand_in_spans = True  # the trait's name before 0.2 (docs/plugins.md, "Changes")
+
+    def incompatibility(self, name: str, trajectory: Any, pattern: Any) -> str | None:
+        """Why this policy (chosen as ``name``) cannot serve ``trajectory`` with ``pattern``, in one
+        line, or None. Override to word a policy's own reason; the default refuses
+        ``stand_in_spans`` where a kept key could be hidden from a query."""
+        if not self.stand_in_spans:
+            return None
+        hidden = [why for ok, why in (
+            (getattr(trajectory, "sees_all_history", False), f"trajectory '{trajectory.name}' hides some earlier keys"),
+            (getattr(pattern, "sees_every_visible_key", False), f"attention '{pattern.name}' hides some visible keys"))
+            if not ok]
+        if not hidden:
+            return None
+        return (f"cache '{name}' keeps positions that differ per row or per head (the spans it returns only count "
+                f"its keys), which needs every kept key visible to every query, but {' and '.join(hidden)} "
+                f"(next-scale: {setting('trajectory', 'full')} {setting('attention', 'dense')}; raster: "
+                f"{setting('attention', 'causal')})")
 
     @abstractmethod
     def begin(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, layout: SequenceLayout,

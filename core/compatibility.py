@@ -2,15 +2,15 @@
 declare on their classes (never by their names), checked before any model runs.
 
 Rules: the pattern, the cache and the model serve the trajectory's family; a trajectory may refuse
-a cache itself (``Trajectory.check_cache``); a headwise cache needs a trajectory whose steps see all
-history and a pattern that shows every visible key (its kept keys stand in by their count).
+a cache itself (``Trajectory.check_cache``) and a cache may refuse a trajectory and pattern
+(``CachePolicy.incompatibility``: by default, ``stand_in_spans`` needs every kept key visible).
 """
 
 from __future__ import annotations
 
 from .attention import AttentionPattern
 from .cache import CachePolicy
-from .errors import IncompatibleComponentsError, setting
+from .errors import IncompatibleComponentsError
 from .trajectory import Trajectory
 
 
@@ -42,13 +42,6 @@ def check_compatible(trajectory: Trajectory, pattern: AttentionPattern, cache: C
         raise IncompatibleComponentsError(
             f"cache '{c_name}' serves {' and '.join(cache_families)} trajectories, not trajectory '{t_name}' "
             f"({family}); pick a cache that serves {family}")
-    if getattr(cache, "headwise", False):
-        missing = [why for ok, why in (
-            (trajectory.sees_all_history, f"trajectory '{t_name}' hides some earlier keys"),
-            (getattr(pattern, "sees_every_visible_key", False), f"attention '{p_name}' hides some visible keys"))
-            if not ok]
-        if missing:
-            raise IncompatibleComponentsError(
-                f"cache '{c_name}' keeps different positions in each head, which needs every kept key visible to "
-                f"every query, but {' and '.join(missing)} (next-scale: {setting('trajectory', 'full')} "
-                f"{setting('attention', 'dense')}; raster: {setting('attention', 'causal')})")
+    refusal = cache.incompatibility(c_name, trajectory, pattern) if isinstance(cache, CachePolicy) else None
+    if refusal:
+        raise IncompatibleComponentsError(refusal)

@@ -145,6 +145,20 @@ class RegisteredComponent:
         }
 
 
+KIND_ALIASES = {"pattern": "attention", "family": "model"}
+"""Other names of the component kinds (an attention pattern is registered under ``attention``, a
+model family under ``model``)."""
+
+
+def component_kind(kind: str) -> str:
+    """``kind`` (or an alias: ``pattern``, ``family``) as a registry kind; one-line error listing them."""
+    kind = KIND_ALIASES.get(kind, kind)
+    if kind not in RECORD_TYPES:
+        raise UnknownComponentError(f"unknown component kind {kind!r} (kinds: {', '.join(RECORD_TYPES)}; "
+                                    f"also {', '.join(f'{a} for {k}' for a, k in KIND_ALIASES.items())})")
+    return kind
+
+
 def _check_numbers(record: ComponentRecord, name: str, options: BaseModel) -> None:
     """Refuse, for every component (plugins too), option numbers torch cannot take: inf/nan floats
     and integers beyond int64 (they overflow in C++ far from the setting that gave them)."""
@@ -219,17 +233,17 @@ class Registry:
 
     # -- queries --------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
-        return sorted(self._components[kind])
+        """The registered names of ``kind``, sorted."""
+        return sorted(self._components[component_kind(kind)])
 
     def components(self, kind: str | None = None) -> list[RegisteredComponent]:
         """Every entry (both entries of a duplicated name), by kind, then name, then registration."""
-        kinds = [kind] if kind else list(RECORD_TYPES)
+        kinds = [component_kind(kind)] if kind else list(RECORD_TYPES)
         return [entry for k in kinds for n in sorted(self._components[k]) for entry in self._components[k][n]]
 
     def get(self, kind: str, name: str) -> RegisteredComponent:
         """The component called ``name``; unknown or duplicated names raise a one-line error."""
-        if kind not in self._components:
-            raise UnknownComponentError(f"unknown component kind {kind!r} (kinds: {', '.join(RECORD_TYPES)})")
+        kind = component_kind(kind)
         key = normalize_name(name)
         table = self._components[kind]
         if key not in table:

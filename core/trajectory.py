@@ -37,7 +37,7 @@ class Trajectory(ABC):
 
     Traits (class attributes the engine checks): ``family`` (``"next-scale"`` or ``"next-token"``:
     which models, patterns and caches serve it); ``sees_all_history`` (every step sees every key of
-    every earlier step: a headwise cache needs it); ``token_causal`` (``visible_tokens`` is exactly
+    every earlier step: a cache with stand-in spans needs it); ``token_causal`` (``visible_tokens`` is exactly
     ``k_pos <= q_pos``, so patterns may decide a step's spec from its spans alone, without building a
     mask); ``step_unit`` (what one step makes, for progress)."""
 

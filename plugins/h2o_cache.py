@@ -22,7 +22,7 @@ class H2OCache(BudgetedCache):
     """Class prefix + heavy hitters by accumulated attention + the most recent tokens."""
 
     name = "h2o"
-    headwise = True
+    headwise = stand_in_spans = True  # per (row pair, head) storage; the spans it returns only count its keys
     track_scores = True
 
     def __init__(self, options: H2OOptions | None = None) -> None:

@@ -35,7 +35,7 @@ class SSDCache(BudgetedCache):
     """Locality heads: recent window; sink heads: top accumulated attention; both within ``budget``."""
 
     name = "ssd"
-    headwise = True
+    headwise = stand_in_spans = True  # per (row pair, head) storage; the spans it returns only count its keys
     track_scores = True
 
     def __init__(self, options: SSDOptions | None = None, head_map: HeadMap | None = None) -> None:

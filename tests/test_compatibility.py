@@ -50,3 +50,29 @@ def test_headwise_needs_all_history_and_every_visible_key():
     with pytest.raises(IncompatibleComponentsError, match="attention 'raster-only' hides some visible keys"):
         check_compatible(RasterTrajectory(), RasterOnlyPattern(), H2OCache())
     check_compatible(MarkovTrajectory(), NeighborhoodPattern(), NoCache())
+
+
+def test_the_old_headwise_name_still_declares_stand_in_spans():
+    class OldStyle(FullCache):
+        name = "old-style"
+        families = ("next-token",)
+        headwise = True
+
+    assert OldStyle.stand_in_spans and not FullCache.stand_in_spans
+    with pytest.raises(IncompatibleComponentsError, match="cache 'old-style' keeps positions that differ per row"):
+        check_compatible(RasterTrajectory(), RasterOnlyPattern(), OldStyle())
+
+
+def test_a_cache_words_its_own_refusal():
+    class FirstScalesOnly(FullCache):
+        name = "first-scales"
+
+        def incompatibility(self, name, trajectory, pattern):
+            if trajectory.name != "full":
+                return f"cache '{name}' keeps the first scales, which trajectory '{trajectory.name}' never reads"
+            return None
+
+    check_compatible(FullTrajectory(), DensePattern(), FirstScalesOnly())
+    with pytest.raises(IncompatibleComponentsError) as error:
+        check_compatible(MarkovTrajectory(MarkovOptions(order=2)), DensePattern(), FirstScalesOnly())
+    assert str(error.value) == "cache 'first-scales' keeps the first scales, which trajectory 'markov' never reads"

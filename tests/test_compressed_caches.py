@@ -332,7 +332,7 @@ def test_window_by_steps_under_raster_is_refused_with_the_fix(capsys):
 def test_headwise_caches_need_every_kept_key_visible(trajectory, attention):
     model, tok = small_models((1, 2, 3, 4))
     options = {"trajectory_options": {"order": 2}} if trajectory == "markov" else {}
-    with pytest.raises(IncompatibleComponentsError, match="keeps different positions in each head"):
+    with pytest.raises(IncompatibleComponentsError, match="keeps positions that differ per row or per head"):
         make_engine(model, tok, trajectory, attention, "h2o", **options)
 
 

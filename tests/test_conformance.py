@@ -17,7 +17,7 @@ from mvar_engine.backends.natten_backend import NattenBackend
 from mvar_engine.backends.reference import ReferenceBackend
 from mvar_engine.backends.sdpa import SdpaBackend, SdpaOptions
 from mvar_engine.core.registry import ENV_ALLOW, ENV_DISABLE_AUTOLOAD, get_registry, reset_registry
-from mvar_engine.plugins.budget_cache import TokenWindowCache, positions_to_spans
+from mvar_engine.plugins.budget_cache import TokenWindowCache, positions_to_spans, received_attention
 from mvar_engine.plugins.caches import FullCache, NoCache, WindowCache, WindowOptions, make_window
 from mvar_engine.plugins.h2o_cache import H2OCache, H2OOptions
 from mvar_engine.plugins.head_map import classify
@@ -146,10 +146,38 @@ def test_kit_catches_inconsistent_traits():
 
     class NotABool(FullCache):
         name = "not-a-bool"
-        headwise = "yes"
+        stand_in_spans = "yes"
 
-    with pytest.raises(AssertionError, match="headwise"):
+    with pytest.raises(AssertionError, match="stand_in_spans"):
         check_cache_policy(lambda b, layers, heads: NotABool(), bounded=False, max_examples=2, shrink=False)
+
+
+class LiesAboutItsSpans(H2OCache):
+    """H2O's per-(row, head) positions, declared as if every row and head kept the same ones."""
+
+    name = "lies-about-its-spans"
+    stand_in_spans = False
+
+
+class SumsOverTheBatch(H2OCache):
+    """H2O ranking by the attention summed over the whole batch: a sample's keys depend on the others."""
+
+    name = "sums-over-the-batch"
+
+    def observe(self, layer, q, k, spec, scale, *, received=None):
+        received = received_attention(q, k, spec, scale)
+        self.layers[layer].add_scores(received.sum(0, keepdim=True).expand_as(received).contiguous())
+
+
+@pytest.mark.parametrize("cache, needle", [
+    (LiesAboutItsSpans, "must declare stand_in_spans = True"),
+    (SumsOverTheBatch, "keeps other positions for sample"),
+])
+def test_kit_catches_a_lying_spans_trait_and_a_batch_coupled_score(cache, needle):
+    with pytest.raises(AssertionError, match=needle) as error:
+        check_cache_policy(lambda b, layers, heads: cache(H2OOptions(budget=budget(b))), families="next-token",
+                           max_examples=10, shrink=False)
+    assert "\n" not in str(error.value).split("Falsifying")[0].strip()
 
 
 class LeaksTheFuture(CausalPattern):

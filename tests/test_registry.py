@@ -632,3 +632,14 @@ def test_a_source_tree_never_installed_is_a_broken_entry_with_the_fix(monkeypatc
     assert registry.components("trajectory") == []
     assert [b.plugin for b in registry.broken] == ["mvar-engine"]
     assert "pip install -e ." in registry.broken[0].error
+
+
+def test_kind_aliases_and_unknown_kinds_are_one_line():
+    from mvar_engine import UnknownComponentError, get_registry
+
+    registry = get_registry()
+    assert registry.components("pattern") == registry.components("attention")
+    assert registry.get("family", "var").name == "var" and "var" in registry.names("model")
+    with pytest.raises(UnknownComponentError, match="unknown component kind 'patterns' \\(kinds: trajectory, "
+                                                    "attention, cache, backend, model; also pattern for attention"):
+        registry.components("patterns")
