@@ -50,6 +50,7 @@ from .core.trajectory import Step, Trajectory, Visibility
 from .plugins.budget_cache import (BudgetedCache, BudgetOptions, attention_probabilities, budget_tokens,
                                    received_attention)
 from .plugins.caches import SegmentCache, SegmentStore
+from .plugins.scored_scales import ScoredScalesCache, ScoredScalesOptions
 
 __all__ = [
     "__version__", "hookimpl", "get_registry", "Pipeline", "PipelineOutput",
@@ -60,7 +61,7 @@ __all__ = [
     "Neighborhood2D", "Masked", "visible_positions",
     "AttentionBackend", "BackendCapabilities",
     "CachePolicy", "BudgetedCache", "BudgetOptions", "budget_tokens", "BoundedKV", "SegmentCache", "SegmentStore",
-    "attention_probabilities", "received_attention",
+    "attention_probabilities", "received_attention", "ScoredScalesCache", "ScoredScalesOptions",
     "SequenceLayout", "Spans", "merge_spans", "spans_length", "spans_to_positions",
     "ModelAdapter", "ModelFamily", "GenerationState", "Engine",
     "MvarEngineError", "UsageError", "ConfigError", "IncompatibleComponentsError", "BackendUnsupportedError",

@@ -254,14 +254,16 @@ class _Recorder:
 
 
 def check_cache_policy(make_cache: MakeCache, *, families: str | Sequence[str] | None = None, bounded: bool = True,
-                       max_examples: int = 10, shrink: bool = True) -> None:
+                       lossy: Sequence[object] = (), max_examples: int = 10, shrink: bool = True) -> None:
     """Check a cache policy's contract; raise :class:`AssertionError` on the first violation.
 
     ``make_cache(budget, num_layers, num_heads)`` builds a fresh cache that stores at most
     ``budget`` tokens per layer (an int count, always more than the class prefix), or keeps every
     token when ``budget`` is None. ``families``: those to run (default: every family the cache
-    declares). ``bounded=False``: the cache takes no budget (``full``, ``none``); its storage is then
-    checked against the whole sequence.
+    declares). ``bounded=False``: the cache takes no token budget (``full``, ``none``, a policy set by
+    a share); its storage is then checked against the whole sequence. ``lossy``: settings of such a
+    cache that drop tokens, passed as ``make_cache``'s ``budget`` to check 4 (a budgeted cache is
+    checked there at drawn budgets).
 
     Verified, over hypothesis-drawn tiny random models of each family (raster GPT under ``raster``
     with ``causal``; VAR under ``full`` with ``dense``), batches, heads, guidance and budgets:
@@ -286,7 +288,7 @@ def check_cache_policy(make_cache: MakeCache, *, families: str | Sequence[str] |
         _check(family in declared, f"cache '{_name(make_cache(None, 2, 2))}' does not declare family {family!r}")
         _check_covering(make_cache, family, max_examples, shrink)
         _check_bounded(make_cache, family, bounded, max_examples, shrink)
-        _check_kept_positions(make_cache, family, bounded, 3 * max_examples, shrink)
+        _check_kept_positions(make_cache, family, bounded, 3 * max_examples, shrink, lossy)
 
 
 def _check_covering(make_cache: MakeCache, family: str, max_examples: int, shrink: bool) -> None:
@@ -326,7 +328,7 @@ def _check_bounded(make_cache: MakeCache, family: str, bounded: bool, max_exampl
 
 
 @st.composite
-def _drives(draw, family: str, bounded: bool):
+def _drives(draw, family: str, bounded: bool, settings: Sequence[object] = ()):
     """A synthetic generation for :func:`_drive`: the layout and its steps' spans (raster: the
     class prefix, then one token a step; next-scale: a scale a step), the batch, heads, layers,
     guidance, the budget (lossy ones included) and the seed of the keys and queries."""
@@ -339,7 +341,10 @@ def _drives(draw, family: str, bounded: bool):
         layout = SequenceLayout.from_patch_nums(tuple(sorted(sides)))
         steps = [layout.spans_of([s]) for s in range(layout.num_scales)]
     prefix = layout.scales[0].numel
-    budget = draw(st.integers(prefix + 1, layout.length + 1), label="budget") if bounded else None
+    if settings:
+        budget = draw(st.sampled_from(list(settings)), label="setting")
+    else:
+        budget = draw(st.integers(prefix + 1, layout.length + 1), label="budget") if bounded else None
     return {"layout": layout, "steps": steps, "batch": draw(st.integers(2, 3), label="batch"),
             "heads": draw(st.integers(1, 2), label="heads"), "layers": draw(st.integers(1, 2), label="layers"),
             "guided": draw(st.booleans(), label="guided"), "budget": budget, "seed": draw(st.integers(0, 9), label="seed")}
@@ -385,12 +390,13 @@ def _drive(cache: CachePolicy, case: dict, samples: Sequence[int]) -> list[torch
     return kept
 
 
-def _check_kept_positions(make_cache: MakeCache, family: str, bounded: bool, max_examples: int, shrink: bool) -> None:
-    """At lossy budgets too: the spans a cache returns name the keys it returns (unless it declares
-    ``stand_in_spans``), and each sample keeps the positions it keeps alone, whatever else is in
-    the batch (a score summed over the batch fails here)."""
+def _check_kept_positions(make_cache: MakeCache, family: str, bounded: bool, max_examples: int, shrink: bool,
+                          settings: Sequence[object] = ()) -> None:
+    """At lossy budgets (or ``settings``) too: the spans a cache returns name the keys it returns
+    (unless it declares ``stand_in_spans``), and each sample keeps the positions it keeps alone,
+    whatever else is in the batch (a score summed over the batch fails here)."""
     @_settings(max_examples, shrink)
-    @given(case=_drives(family, bounded))
+    @given(case=_drives(family, bounded, settings))
     def kept(case):
         name = _name(make_cache(case["budget"], case["layers"], case["heads"]))
         together = _drive(make_cache(case["budget"], case["layers"], case["heads"]), case, range(case["batch"]))
