@@ -36,7 +36,7 @@ The checks:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -590,8 +590,8 @@ def attention_specs(draw, kinds: Iterable[str] | None = None, max_len: int = 40,
 
 def check_attention_backend(backend: AttentionBackend, *, device: str | torch.device = "cpu",
                             dtypes: Sequence[torch.dtype] = (torch.float32,), head_dims: Sequence[int] = (8, 16, 32),
-                            kinds: Iterable[str] | None = None, max_examples: int = 40, shrink: bool = True
-                            ) -> BackendReport:
+                            kinds: Iterable[str] | None = None, own_kinds: Mapping[str, st.SearchStrategy] | None = None,
+                            max_examples: int = 40, shrink: bool = True) -> BackendReport:
     """Check an attention backend's contract; raise :class:`AssertionError` on the first violation.
 
     Over hypothesis-drawn specs of every kind (``kinds``; default: those the backend declares, all
@@ -601,11 +601,14 @@ def check_attention_backend(backend: AttentionBackend, *, device: str | torch.de
     input dtype, leaves its inputs unchanged and equals the float64 reference
     (``backends/reference.py``) within :data:`TOLERANCE` of the dtype. Returns a
     :class:`BackendReport`; a backend that refuses every case is reported, not failed (assert on
-    ``report.compared`` to require support).
+    ``report.compared`` to require support). ``own_kinds``: spec kinds a plugin defines, each with a
+    hypothesis strategy of ``(spec, q_len, kv_len)`` (the reference computes them through ``mask()``).
     """
     name, device = _name(backend), torch.device(device)
     declared = backend.capabilities.kinds
     kinds = tuple(kinds) if kinds is not None else tuple(k for k in SPEC_KINDS if declared is None or k in declared)
+    own = dict(own_kinds or {})
+    kinds += tuple(kind for kind in own if kind not in kinds)
     reference = ReferenceBackend()
     report = BackendReport()
 
@@ -647,7 +650,7 @@ def check_attention_backend(backend: AttentionBackend, *, device: str | torch.de
 
     for kind in kinds:  # every kind gets its share of the examples
         @_settings(max(1, max_examples // len(kinds)), shrink)
-        @given(case=attention_specs((kind,)), batch=st.integers(1, 2), heads=st.integers(1, 3),
+        @given(case=own[kind] if kind in own else attention_specs((kind,)), batch=st.integers(1, 2), heads=st.integers(1, 3),
                head_dim=st.sampled_from(list(head_dims)), dtype=st.sampled_from(list(dtypes)), seed=st.integers(0, 1000))
         def run(case, batch, heads, head_dim, dtype, seed):
             one(case, batch, heads, head_dim, dtype, seed)

@@ -18,6 +18,12 @@ says why it cannot. Spec kinds:
 ``masked``                    anything else, as an explicit mask (``structure`` names it, e.g.
                               ``cross-scale-neighborhood``)
 ============================  ==================================================================
+
+A plugin may define a kind of its own: an :class:`AttentionSpec` subclass with a new ``kind`` and its
+``mask()`` (and ``mask_mod()`` for FlexAttention). Every backend that computes any kind through the
+mask (``capabilities.kinds`` None: ``sdpa``, ``reference``, ``flex``) runs it as it is; a backend
+that declares the kind in its ``capabilities.kinds`` (and ranks itself first for it in
+``preference``) computes it its own faster way.
 """
 
 from __future__ import annotations
@@ -411,7 +417,8 @@ class BackendCapabilities:
 
     def summary(self) -> str:
         """One line for ``mvar-engine plugins``."""
-        kinds = "any pattern" if self.kinds is None else ", ".join(k for k in SPEC_KINDS if k in self.kinds)
+        own = sorted(set(self.kinds or ()) - set(SPEC_KINDS))  # kinds that plugins define, after the built-in ones
+        kinds = "any pattern" if self.kinds is None else ", ".join([k for k in SPEC_KINDS if k in self.kinds] + own)
         dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
         limit = f"; head_dim <= {self.max_head_dim}" if self.max_head_dim else ""
         grad = "/".join(sorted(self.backward)) or "none"
