@@ -1,9 +1,8 @@
 """glibc's heap keeps freed blocks resident, so a generation's peak resident set can hold memory no
 tensor uses any more. A raster step's transients grow with the cache they read; once glibc's dynamic
 mmap threshold has risen, it serves them from the heap, frees them there, and cannot reuse them for
-the next, larger one. Measured on LlamaGen-B, batch 12, full cache: 427 MiB above the cache at the
-transformer's peak, 21 MiB with a fixed 128 KiB threshold, at the same speed (batch 8: 73.5 vs
-72.2 s). So every ``mvar-engine`` process fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``), and
+the next, larger one (docs/measurements.md: hundreds of MiB at LlamaGen-B's peak). So every
+``mvar-engine`` process fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``), and
 benchmark workers get it through ``MALLOC_MMAP_THRESHOLD_`` from their first allocation: blocks of
 128 KiB or more are mapped and go back to the operating system when freed.
 

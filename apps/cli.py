@@ -599,8 +599,7 @@ def entry() -> None:
     A torchrun worker leaves through ``os._exit`` once its streams are flushed: every file the
     command writes is already saved atomically, and skipping interpreter finalisation avoids an
     abort in the C++ teardown of the process group's threads ("terminate called without an active
-    exception", seen on 1 CI run in about 10 although each rank had passed a final barrier and
-    destroyed its group)."""
+    exception"), which can strike after every rank passed a final barrier and destroyed its group."""
     fix_mmap_threshold()  # freed transients leave the resident set (apps/allocator.py)
     code = main()
     if under_torchrun():

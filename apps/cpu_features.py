@@ -1,9 +1,9 @@
 """What this CPU can do natively, for choosing (or refusing) 16-bit autocast on the CPU.
 
 bfloat16 autocast on the CPU pays off only where the CPU multiplies bf16 in hardware (x86
-``avx512_bf16`` or AMX ``amx_bf16``; Arm ``bf16``): there oneDNN runs bf16 matrix products at
-about 2.5x the float32 rate (measured here: 308 vs 123 GFLOP/s on a 4096 x 1024 by 1024 x 4096
-product); elsewhere bf16 is emulated and slower than float32, so it is refused with the reason.
+``avx512_bf16`` or AMX ``amx_bf16``; Arm ``bf16``): there oneDNN runs bf16 matrix products faster
+than float32 ones (docs/measurements.md); elsewhere bf16 is emulated and slower than float32, so
+it is refused with the reason.
 The flags come from ``/proc/cpuinfo`` (Linux); ``MVAR_ENGINE_CPU_BF16=0/1`` overrides the
 detection (tests, and machines whose kernel hides the flags)."""
 

@@ -28,11 +28,10 @@ tensors captured in the closure and tests the spec's window rule, precomputed pe
 :func:`mvar_engine.core.neighborhood.axis_allowed` as one interval of ranks per position (four
 comparisons per pair instead of the rule's divisions: half the kernel time). Padded key slots are
 never visible; padded query slots repeat a real token and their outputs are dropped when the
-output is un-permuted. Measured on 2 CPU cores (64x64 map, k=7, 16 heads, head_dim 64, batch 1):
-4x4 tiles with BLOCK_SIZE 16: about 31 ms a call (25 ms flex, 5 ms permuting); 8x8 tiles with
-BLOCK_SIZE 64: about 75 ms; row-major with BLOCK_SIZE 128: about 85 ms; dense SDPA: 450 ms.
+output is un-permuted. Small tiles win on the CPU (4x4 tiles with BLOCK_SIZE 16 over 8x8 tiles and
+row-major order: docs/measurements.md).
 
-CPU limitations (torch 2.13, measured): compiled flex on CPU takes float32, bfloat16 and float16
+CPU limitations (torch 2.13): compiled flex on CPU takes float32, bfloat16 and float16
 (not float64), any head_dim (1, 3, 12, 24, 1024 and ``Dv != D`` all work) and any length >= 1, but
 needs an x86 CPU with AVX2 and has no backward pass (``NotImplementedError``: "torch.compile on CPU
 only supports inference"). ``compile=False`` runs eager flex, which materialises the scores:
@@ -231,8 +230,7 @@ def neighborhood_mask_mod(spec: Neighborhood2D, tiles: TokenTiles | None, device
     """``spec``'s window rule over token indices in ``tiles``' order (row-major when None).
 
     Each slot's window is looked up as a rank interval per axis (:func:`axis_windows`), so the
-    kernel evaluates four comparisons per pair instead of the division-heavy rule (measured 2x
-    faster for 64x64, k=7 on CPU). Padded key slots get rank -1, below every window. The lookup
+    kernel evaluates four comparisons per pair instead of the division-heavy rule. Padded key slots get rank -1, below every window. The lookup
     tensors are captured in the closure: dynamo guards on their shapes only, so specs over the same
     number of slots share one compiled kernel.
     """
@@ -302,7 +300,7 @@ class FlexBackend(AttentionBackend):
     """Any spec through FlexAttention's BlockMask; neighbourhoods in tile-major token order."""
 
     name = "flex"
-    # float64: inductor's CPU flex template rejects it (measured), so it is left out everywhere
+    # float64: inductor's CPU flex template rejects it, so it is left out everywhere
     capabilities = BackendCapabilities(
         kinds=None, devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
@@ -316,7 +314,7 @@ class FlexBackend(AttentionBackend):
         if not self.options.compile:
             return 10  # eager flex materialises every score: slower than sdpa everywhere
         if device.type == "cpu":
-            return 40  # below sdpa: every new shape costs a 3-20 s compile
+            return 40  # below sdpa: every new shape costs a compile
         if device.type == "cuda":
             if spec.kind == "neighborhood2d":
                 return 65

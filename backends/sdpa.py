@@ -8,9 +8,8 @@ token-major layout and run one masked SDPA over ``[tiles, heads, Q, halo]``; mem
 
 On the CPU, 16-bit queries of at most :data:`SHORT_QUERY_ROWS` rows (a raster model's decoding
 step) take the materialised path instead (:func:`~.reference.materialised_attention`: two matrix
-products in the inputs' dtype, the softmax in float32): there PyTorch's fused CPU kernel is several
-times slower (2-core avx512_bf16 CPU, bf16, one query of 12 heads, 64 rows over 115-577 keys:
-5.4-27 ms fused against 0.84-5.0 ms materialised). Strided keys and values (a growing cache's
+products in the inputs' dtype, the softmax in float32), where PyTorch's fused CPU kernel is the
+slower one (docs/measurements.md). Strided keys and values (a growing cache's
 filled prefix) are staged first (:meth:`SdpaBackend.staged_operands`), since the CPU's bf16
 batched products lose their fast kernel on strided operands. ``short_queries="fused"`` turns this
 off. On this path :meth:`SdpaBackend.attend_and_score` also returns the attention each key received,
@@ -46,8 +45,8 @@ def staged_length(kv_len: int) -> int:
 
 
 SHORT_QUERY_ROWS = 16
-"""Queries per call up to which 16-bit CPU attention takes the materialised path (measured on a
-2-core avx512_bf16 CPU, bf16, 300 keys: 1.4-7x faster at 1-16 queries, 1.5x slower at 64)."""
+"""Queries per call up to which 16-bit CPU attention takes the materialised path (faster than the
+fused kernel there, slower at 64 queries: docs/measurements.md)."""
 
 
 class SdpaOptions(BaseModel):

@@ -32,8 +32,8 @@ class BoundedKV:
         self.scores = torch.zeros(rows, heads, capacity, device=device, dtype=torch.float32) if track_scores else None
         self.filled = 0
         self.ordered = True  # slots hold ascending positions in every (row, head)
-        # (row, head) index grids for one slot per row and head (advanced indexing: on the CPU
-        # ``scatter_`` along the slot dimension is 7x slower in float32 and ~90x in bfloat16)
+        # (row, head) index grids for one slot per row and head: advanced indexing, not ``scatter_``
+        # along the slot dimension (slower on the CPU, most in bfloat16: docs/measurements.md)
         self.row_index = torch.arange(rows, device=device)[:, None]
         self.head_index = torch.arange(heads, device=device)[None, :]
         self.slot_rows, self.slot_heads = self.row_index[..., None], self.head_index[..., None]  # for [rows, heads, 1]

@@ -489,7 +489,7 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpe
             logits = torch.matmul(queries.to(k.dtype), kf.transpose(-1, -2))[..., :n].float() * scale
         else:
             # keys times queries, then transposed: with one query (a raster step) this is a batched
-            # matrix-vector product, about 6x faster on the CPU than the 1-row matrix product q k^T
+            # matrix-vector product, faster on the CPU than the 1-row matrix product q k^T
             logits = torch.matmul(kf, queries.float().transpose(-1, -2)).transpose(-1, -2) * scale
         if mask is not None:
             logits = logits.masked_fill(~mask[start:start + chunk], float("-inf"))

@@ -146,3 +146,16 @@ def test_core_words_no_cli_flag():
     for path in sorted((ROOT / "core").glob("*.py")):
         flags = re.findall(r"--[a-z][a-z-]*", path.read_text())
         assert not flags, f"{path.relative_to(ROOT)} names flags {sorted(set(flags))}"
+
+
+def test_no_comment_names_an_issue_or_a_measured_time():
+    """Comments state contracts and choices; measurements live in docs/measurements.md, history in git."""
+    import re
+
+    pattern = re.compile(r"[Ii]ssue ?#?\d+|\d(\.\d+)? ?ms\b|\d ?s (a call|compile)|seen on \d")
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in ("tests", "examples", "benchmarks", "tools", "docs", ".venv") or "egg-info" in str(relative):
+            continue
+        hits = [line.strip() for line in path.read_text().splitlines() if pattern.search(line)]
+        assert not hits, f"{relative}: {hits[:3]}"

@@ -566,7 +566,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def target_checks(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue #5's targets for every budgeted row at the 20% budget: key/value bytes at most 1/5 of
+    """SSD's targets (docs/benchmarks.md) for every budgeted row at the 20% budget: key/value bytes at most 1/5 of
     full's (met or not), and the throughput ratio to full (reported; the paper's figures beside it)."""
     model = payload["model"]
     config = payload["config"]

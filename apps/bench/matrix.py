@@ -376,7 +376,7 @@ TARGETS = (  # (model, target batch, metric, minimum reduction baseline / MVAR, 
 
 
 def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue #7's targets, for every measured (model, batch) group that has both VAR (full/dense/full)
+    """MVAR's targets against VAR (docs/benchmarks.md), for every measured (model, batch) group that has both VAR (full/dense/full)
     and MVAR (markov/neighborhood/none) rows; ``at_target_batch`` says whether it is the target setting.
     Memory: the peak of the generation phase, weights included (decoding is chunked and reported apart);
     ``working_reduction`` is the same over the post-load baseline, ``total_reduction`` with decoding."""
