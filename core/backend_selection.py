@@ -8,8 +8,9 @@ informed by ``mvar-engine bench attention``) lives in each backend's ``preferenc
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -137,18 +138,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attention
     ``k [B, H, Lk, D]``, ``v [B, H, Lk, Dv]`` -> ``[B, H, Lq, Dv]``; ``scale`` defaults to D^-0.5.
     ``backend``: ``auto`` or a registered name (selectors are cached per name)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _cached_selector(backend).attend(q, k, v, spec, scale=scale)
+    return _cached_selector(backend, get_registry()).attend(q, k, v, spec, scale=scale)
 
 
-_SELECTORS: dict[str, BackendSelector] = {}
+_SELECTORS: "weakref.WeakKeyDictionary[Any, dict[str, BackendSelector]]" = weakref.WeakKeyDictionary()
+"""Selectors of :func:`attention` per registry, by backend name: a new registry gets new ones."""
 
 
-def _cached_selector(name: str) -> BackendSelector:
-    if name not in _SELECTORS:
-        _SELECTORS[name] = selector_for(name)
-    return _SELECTORS[name]
-
-
-def reset_selectors() -> None:
-    """Forget cached selectors (after the registry changes)."""
-    _SELECTORS.clear()
+def _cached_selector(name: str, registry) -> BackendSelector:
+    table = _SELECTORS.setdefault(registry, {})
+    if name not in table:
+        table[name] = selector_for(name, registry=registry)
+    return table[name]

@@ -12,7 +12,7 @@ from ..core.adapter import AttendFn, AttendFor, GenerationState, ModelAdapter
 from ..core.attention import AttentionPattern
 from ..core.backend_selection import BackendSelector
 from ..core.cache import CachePolicy
-from ..core.engine import Engine, dependencies
+from ..core.engine import Engine
 from ..core.layout import Spans
 from ..core.sampling import guided_logits_var
 from ..core.trajectory import Step, Trajectory
@@ -147,7 +147,3 @@ class NextScaleEngine(Engine):
     def generate(self, labels: torch.Tensor, cache: CachePolicy | None = None, *, cfg: float = 1.5, top_k: int = 900,
                  top_p: float = 0.96, **kwargs) -> GenerationOutput:
         return super().generate(labels, cache or self.cache, cfg=cfg, top_k=top_k, top_p=top_p, **kwargs)
-
-    def dependencies(self, scale: int) -> list[int]:
-        """Scales a recomputation of ``scale`` must run (see :func:`mvar_engine.core.engine.dependencies`)."""
-        return dependencies(self.steps, scale)

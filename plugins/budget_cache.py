@@ -511,10 +511,6 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, sc
     return total
 
 
-class TokenWindowOptions(BudgetOptions):
-    pass
-
-
 class TokenWindowCache(BudgetedCache):
     """``window`` with a token budget: the class prefix and the most recent tokens (SSD's
     locality heads; StreamingLLM without sinks)."""
