@@ -44,9 +44,11 @@ def _component_flag(kind: str, field: str) -> str:
 
 
 def load_commands(registry: Registry | None = None) -> Commands:
-    """Every subcommand, built-in and from plugins, through the ``mvar_engine_register_commands`` hook."""
-    commands = Commands()
-    (registry or get_registry()).register_commands(commands)
+    """Every subcommand, built-in and from plugins, through the ``mvar_engine_register_commands`` hook
+    of ``registry`` (default :func:`get_registry`), which each receives when it runs."""
+    registry = registry or get_registry()
+    commands = Commands(registry=registry)
+    registry.register_commands(commands)
     return commands
 
 
@@ -434,13 +436,13 @@ def cmd_generate(argv: Sequence[str], registry: Registry | None = None) -> int:
     return 0
 
 
-def cmd_plugins(argv: Sequence[str]) -> int:
+def cmd_plugins(argv: Sequence[str], registry: Registry | None = None) -> int:
     p = Parser(prog=f"{PROG} plugins", description="List every component: kind, name, provider, availability.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--kind", choices=list(RECORD_TYPES), help="only this kind")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    registry = get_registry()
+    registry = registry or get_registry()
     components = registry.components(args.kind)
     if args.json:
         print(json.dumps({
@@ -522,10 +524,10 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
 
 def _dispatch(argv: list[str], debug: bool, registry: Registry | None = None) -> int:
     try:
-        commands = load_commands() if argv and not argv[0].startswith("-") else None
+        commands = load_commands(registry) if argv and not argv[0].startswith("-") else None
         if commands is not None and argv[0] in commands.top:
             with writing_as(argv[0]):
-                return commands.top[argv[0]].run(argv[1:])
+                return commands.top[argv[0]].invoke(argv[1:], commands.registry)
         if commands is not None and argv[0] in commands.groups:
             with writing_as(" ".join(argv[:2])):
                 return run_group(commands, argv[0], argv[1:])
@@ -577,7 +579,7 @@ def run_group(commands: Commands, group: str, argv: Sequence[str]) -> int:
     """``mvar-engine GROUP NAME ...``: run the named command of the group, or print the group's help."""
     table = commands.groups[group]
     if argv and argv[0] in table:
-        return table[argv[0]].run(argv[1:])
+        return table[argv[0]].invoke(argv[1:], commands.registry)
     if argv and not argv[0].startswith("-"):
         raise UsageError(f"unknown {group} command '{argv[0]}' (available: {', '.join(table)}; "
                          f"see '{PROG} {group} --help')")

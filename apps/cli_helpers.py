@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -27,16 +28,31 @@ def under_torchrun() -> bool:
     """True when the torchrun variables are all set (this process is one of its workers)."""
     return all(name in os.environ for name in TORCHRUN_VARS)
 
-RunFn = Callable[[Sequence[str]], int]
-"""A subcommand: ``run(argv) -> exit status`` (raise ``UsageError`` for bad input: exit 2)."""
+RunFn = Callable[..., int]
+"""A subcommand: ``run(argv) -> exit status``, or ``run(argv, registry=None)`` to receive the
+registry that loaded it (the components the command should use); raise ``UsageError`` for bad
+input (exit 2)."""
+
+
+def takes_registry(run: Callable[..., int]) -> bool:
+    """Does ``run`` take the ``registry`` keyword?"""
+    try:
+        return "registry" in inspect.signature(run).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        return False
+
+
+def call_command(run: Callable[..., int], argv: Sequence[str], registry: Any = None) -> int:
+    """``run(argv)``, with ``registry=`` when it takes it."""
+    return run(argv, registry=registry) if takes_registry(run) else run(argv)
 
 
 def lazy_command(module: str, function: str) -> RunFn:
-    """``run(argv)`` that imports ``module`` when the command runs, so that listing or running one
-    subcommand never loads the others (a generation never imports the training stack)."""
+    """``run(argv, registry=None)`` that imports ``module`` when the command runs, so that listing or
+    running one subcommand never loads the others (a generation never imports the training stack)."""
 
-    def run(argv: Sequence[str]) -> int:
-        return getattr(importlib.import_module(module), function)(argv)
+    def run(argv: Sequence[str], registry: Any = None) -> int:
+        return call_command(getattr(importlib.import_module(module), function), argv, registry)
 
     run.__qualname__ = f"{module}.{function}"
     return run
@@ -160,6 +176,10 @@ class Command:
     help: str
     provider: str = ""
 
+    def invoke(self, argv: Sequence[str], registry: Any = None) -> int:
+        """Run it (``registry=`` where its ``run`` takes it)."""
+        return call_command(self.run, argv, registry)
+
 
 @dataclass
 class Commands:
@@ -170,6 +190,8 @@ class Commands:
     top: dict[str, Command] = field(default_factory=dict)
     groups: dict[str, dict[str, Command]] = field(default_factory=dict)
     group_help: dict[str, str] = field(default_factory=dict)
+    registry: Any = None
+    """The registry whose plugins added these commands; each command receives it when it runs."""
 
     def add(self, name: str, run: RunFn, help: str, *, group: str | None = None) -> None:
         """Register ``run`` as ``mvar-engine [GROUP] NAME``; a name taken twice is an error."""
