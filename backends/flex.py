@@ -321,7 +321,7 @@ class FlexBackend(AttentionBackend):
             if spec.kind in ("block-causal", "block-diagonal", "masked", "window1d", "causal"):
                 return 55
             return 45
-        return None
+        return 40
 
     def check(self, spec, *, device, dtype, head_dim):
         available = flex_availability()

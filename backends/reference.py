@@ -24,6 +24,9 @@ class ReferenceBackend(AttentionBackend):
     def __init__(self, options: ReferenceOptions | None = None) -> None:
         self.options = options or ReferenceOptions()
 
+    def preference(self, spec, device):
+        return 0  # the oracle: last wherever anything else computes the spec
+
     def check(self, spec, *, device, dtype, head_dim):
         if self.options.precision == "float64" and device.type == "mps":
             return "reference: float64 is not supported on MPS (use --backend-precision input)"

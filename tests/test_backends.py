@@ -429,3 +429,20 @@ def test_sdpa_materialised_path_keeps_the_gradients_of_earlier_calls():
     want = gradients(SdpaBackend(SdpaOptions(short_queries="fused")))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=GRAD_TOLERANCE[torch.bfloat16], rtol=GRAD_TOLERANCE[torch.bfloat16])
+
+
+def test_the_documented_ranks_are_the_backends_own():
+    """docs/plugins.md's rank table reads what each built-in's ``preference`` says on the CPU (the one
+    place the order is set; the records carry no priority)."""
+    import re
+    from pathlib import Path
+
+    from mvar_engine.core.registry import load_registry
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    table = dict(re.findall(r"^\| `([a-z-]+)`(?: \([^)]*\))? \| (\d+) \|$", text, re.M))
+    registry = load_registry(entry_points=[])
+    assert set(table) == {e.name for e in registry.components("backend")}
+    for entry in registry.components("backend"):
+        assert entry.record.priority == 0
+        assert entry.record.factory().preference(Dense(), torch.device("cpu")) == int(table[entry.name]), entry.name

@@ -288,7 +288,7 @@ def test_cuda_block_size_is_a_multiple_of_128():
 def test_registered_with_options_that_reject_unknown_names():
     registry = load_registry(entry_points=[])
     entry = registry.get("backend", "flex")
-    assert entry.availability.ok and entry.record.priority == 40 and entry.record.options is FlexOptions
+    assert entry.availability.ok and FlexBackend().preference(Dense(), torch.device("cpu")) == 40 and entry.record.options is FlexOptions
     backend = registry.create("backend", "flex", {"tile": 8, "block_size": 64, "permute": False, "compile": False})
     assert isinstance(backend, FlexBackend)
     assert backend.options == FlexOptions(tile=8, block_size=64, permute=False, compile=False)
