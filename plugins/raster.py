@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..core.errors import IncompatibleComponentsError
+from ..core.errors import IncompatibleComponentsError, setting
 from ..core.layout import SequenceLayout
 from ..core.trajectory import Step, Trajectory
 
@@ -58,13 +58,12 @@ class RasterTrajectory(Trajectory):
         return steps
 
     def check_cache(self, cache_name, cache):
-        if "next-token" in getattr(cache, "families", ()):
-            return
-        fix = ("give --cache-budget (a window of recent tokens, e.g. 0.2)" if cache_name == "window"
-               else "use a token-level cache: full, none, window --cache-budget, sink, h2o or ssd")
-        raise IncompatibleComponentsError(
-            f"cache '{cache_name}' cannot serve trajectory 'raster': it evicts by next-scale steps and would drop "
-            f"the class prefix; {fix}")
+        """``window`` by scales names its token mode; any other cache's families are checked (and
+        worded) by the engine's compatibility check."""
+        if cache_name == "window" and "next-token" not in getattr(cache, "families", ()):
+            raise IncompatibleComponentsError(
+                f"cache 'window' by scales ({setting('cache_scales')}) keeps whole next-scale steps, which trajectory "
+                f"'raster' does not have; give {setting('cache_budget', 0.2)} for a window of recent tokens")
 
     @property
     def mask_structure(self) -> str:

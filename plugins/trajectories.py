@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.errors import IncompatibleComponentsError
+from ..core.errors import IncompatibleComponentsError, setting
 from ..core.trajectory import Trajectory
 
 
@@ -47,10 +47,11 @@ class MarkovTrajectory(Trajectory):
 
     def check_cache(self, cache_name, cache):
         if self.order == 1 and getattr(cache, "stores_history", False):
+            wider = ("" if getattr(cache, "stand_in_spans", False)  # it needs all history: a wider markov is refused too
+                     else f", or {setting('trajectory_order', 2)} to let a scale see the one before")
             raise IncompatibleComponentsError(
                 f"cache '{cache_name}' makes no sense under trajectory 'markov' with order 1: each scale sees "
-                f"only its own block, so no step reads a cached key (use --cache none, or --trajectory-order N > 1)"
-            )
+                f"only its own block, so no step reads a cached key (use {setting('cache', 'none')}{wider})")
 
     @property
     def mask_structure(self) -> str:

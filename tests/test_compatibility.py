@@ -76,3 +76,25 @@ def test_a_cache_words_its_own_refusal():
     with pytest.raises(IncompatibleComponentsError) as error:
         check_compatible(MarkovTrajectory(MarkovOptions(order=2)), DensePattern(), FirstScalesOnly())
     assert str(error.value) == "cache 'first-scales' keeps the first scales, which trajectory 'markov' never reads"
+
+
+def test_refusals_fit_the_cache_at_hand():
+    """A cache that needs all history is not sent to a wider markov (which refuses it too); a
+    next-scale-only plugin cache under raster gets the family rule, not window's hint."""
+    from mvar_engine.plugins.caches import WindowCache, WindowOptions
+
+    with pytest.raises(IncompatibleComponentsError) as error:
+        check_compatible(MarkovTrajectory(), NeighborhoodPattern(), H2OCache())
+    assert str(error.value).endswith("(use --cache none)")
+    with pytest.raises(IncompatibleComponentsError, match="--trajectory-order 2 to let a scale see the one before"):
+        check_compatible(MarkovTrajectory(), NeighborhoodPattern(), FullCache())
+    with pytest.raises(IncompatibleComponentsError, match="give --cache-budget 0.2 for a window of recent tokens"):
+        check_compatible(RasterTrajectory(), CausalPattern(), WindowCache(WindowOptions(scales=2)), names={"cache": "window"})
+
+    class ScalesOnly(FullCache):
+        name = "scales-only"
+        families = ("next-scale",)
+
+    with pytest.raises(IncompatibleComponentsError, match="cache 'scales-only' serves next-scale trajectories, not "
+                                                          "trajectory 'raster'"):
+        check_compatible(RasterTrajectory(), CausalPattern(), ScalesOnly())
