@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..core.hookspecs import hookimpl
 from ..core.records import AttentionPatternRecord, CachePolicyRecord, NoOptions, TrajectoryRecord
+from .ams_cache import AmsCache, AmsOptions
 from .caches import FullCache, NoCache, WindowOptions, make_window
 from .h2o_cache import H2OCache, H2OOptions
 from .patterns import CausalPattern, DensePattern, NeighborhoodOptions, NeighborhoodPattern
@@ -48,6 +49,8 @@ CACHE_POLICIES = (  # name, factory, options model, description
      "per head within a budget (raster; full with dense attention)"),
     ("ssd", SSDCache, SSDOptions, "SSD: per head from a profiled head map, locality heads a recent window, "
      "sink heads the most attended tokens, within a budget"),
+    ("ams", AmsCache, AmsOptions, "AMS-KV's scale rule (next-scale): the coarsest scales and the most recent ones, "
+     "the middle dropped (the same scales in every layer)"),
 )
 """The built-in cache policies, in registration order."""
 

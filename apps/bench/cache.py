@@ -86,7 +86,7 @@ from ..evaluation.evaluate import metric_row
 from ..pipeline import Pipeline, resolve_autocast, resolve_components, resolve_device
 from ..profile_heads import ProfilingCache
 from .cells import MemoryProbe, run_problems
-from .report import (format_markdown_table, format_table, machine_info, run_json_worker, synchronizer, worker_env,
+from .report import (format_markdown_table, format_table, machine_info, mib, run_json_worker, synchronizer, worker_env,
                      write_json)
 
 MODELS = ("llamagen-b", "default", "tiny")
@@ -606,10 +606,6 @@ def target_lines(payload: dict[str, Any]) -> list[str]:
 
 
 # -- presentation -----------------------------------------------------------------------------------------
-def _mib(value: int | None) -> float | None:
-    return None if value is None else value / 2**20
-
-
 def _times(value: float | None) -> str | None:
     return None if value is None else f"{value:.3f}x"
 
@@ -622,9 +618,9 @@ def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
         if r["status"] != "ok":
             rows.append({"label": r["policy"], "budget": budget, "kv": f"error: {r['reason']}"})
             continue
-        rows.append({**r, "label": r["policy"], "budget": budget, "kv": _mib(r["kv_bytes"]),
-                     "bookkeeping": _mib(r["bookkeeping_bytes"]), "kv_ratio_text": _times(r.get("kv_ratio")),
-                     "working": _mib(r["working_bytes"]), "working_ratio_text": _times(r.get("working_ratio")),
+        rows.append({**r, "label": r["policy"], "budget": budget, "kv": mib(r["kv_bytes"]),
+                     "bookkeeping": mib(r["bookkeeping_bytes"]), "kv_ratio_text": _times(r.get("kv_ratio")),
+                     "working": mib(r["working_bytes"]), "working_ratio_text": _times(r.get("working_ratio")),
                      "speedup_text": _times(r.get("speedup"))})
     return rows
 

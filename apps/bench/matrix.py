@@ -62,7 +62,7 @@ from ..pipeline import autocast_problem, build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
                     parse_cell, parse_combo, run_problems)
 from .matrix_raster import calibrate_for_matrix, run_raster_cell
-from .report import format_value, machine_info, run_json_worker, worker_env, write_json
+from .report import format_value, machine_info, mib, run_json_worker, worker_env, write_json
 
 # -- models ------------------------------------------------------------------------------------------
 
@@ -507,10 +507,6 @@ def _progress_line(row: dict[str, Any]) -> str:
 
 
 # -- presentation ----------------------------------------------------------------------------------------
-def _mib(value: int | None) -> float | None:
-    return None if value is None else value / 2**20
-
-
 def _ratio(value: float | None) -> str | None:
     return None if value is None else f"{value:.2f}x"
 
@@ -534,9 +530,9 @@ def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"model": r["model"], "batch": r["batch"], "config": r["config"],
                          "backends": f"error: {r['reason']}"})
             continue
-        rows.append({**r, "peak": _mib(r["peak_rss_total"]), "peak_transformer": _mib(r["peak_rss_transformer"]),
-                     "working": _mib(r["working_memory"]),
-                     "cache": _mib(r["cache_peak_bytes"]),
+        rows.append({**r, "peak": mib(r["peak_rss_total"]), "peak_transformer": mib(r["peak_rss_transformer"]),
+                     "working": mib(r["working_memory"]),
+                     "cache": mib(r["cache_peak_bytes"]),
                      **{k: _ratio(r[k]) for k in RATIO_FIELDS},
                      "backends": ", ".join(f"{k}: {v}" for k, v in sorted(r["backends_used"].items()))})
     return rows

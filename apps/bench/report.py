@@ -113,6 +113,11 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
     return info
 
 
+def mib(value: int | None) -> float | None:
+    """Bytes as MiB (None stays None): the unit of every memory column."""
+    return None if value is None else value / 2**20
+
+
 def format_value(value: Any) -> str:
     """Table text for one value: ``-`` for None, about three significant digits for floats."""
     if value is None:
