@@ -8,6 +8,7 @@ from ..core.records import AttentionPatternRecord, CachePolicyRecord, NoOptions,
 from .ams_cache import AmsCache, AmsOptions
 from .caches import FullCache, NoCache, WindowOptions, make_window
 from .h2o_cache import H2OCache, H2OOptions
+from .lines_cache import LinesCache, LinesOptions
 from .patterns import CausalPattern, DensePattern, NeighborhoodOptions, NeighborhoodPattern
 from .raster import RasterTrajectory
 from .sink_cache import SinkCache, SinkOptions
@@ -49,6 +50,8 @@ CACHE_POLICIES = (  # name, factory, options model, description
      "per head within a budget (raster; full with dense attention)"),
     ("ssd", SSDCache, SSDOptions, "SSD: per head from a profiled head map, locality heads a recent window, "
      "sink heads the most attended tokens, within a budget"),
+    ("lines", LinesCache, LinesOptions, "after LineAR (raster): class prefix + anchors + the current and recent "
+     "image lines + the middle tokens the current line attends to most, per head within a budget"),
     ("ams", AmsCache, AmsOptions, "AMS-KV's scale rule (next-scale): the coarsest scales and the most recent ones, "
      "the middle dropped (the same scales in every layer)"),
 )
