@@ -1,5 +1,10 @@
 """Built-in attention patterns: ``dense`` (every visible key), ``causal`` (the same under a raster
-trajectory: every earlier token; its default) and ``neighborhood`` (MVAR's spatial-Markov attention)."""
+trajectory: every earlier token; its default) and ``neighborhood`` (MVAR's spatial-Markov attention).
+
+A pattern states its spec's structure from its rules, never by comparing token masks: the
+trajectory's scale rule over the spans' scale runs (:func:`scale_structure`: a matrix of a few
+entries), the raster rule over the spans (:func:`token_causal_spec`), the window rule per axis
+(:meth:`NeighborhoodPattern.window_restricts`); a token mask is built only for a ``Masked`` spec."""
 
 from __future__ import annotations
 
@@ -25,21 +30,38 @@ def scale_visibility(layout: SequenceLayout, queries: Spans, keys: Spans, visibl
     return visible_positions(layout, queries, keys, visible), qc, kc
 
 
-def structured(layout: SequenceLayout, queries: Spans, keys: Spans, allowed: torch.Tensor, structure: str) -> AttentionSpec:
-    """The most specific spec equal to ``allowed``: Dense, BlockCausal or BlockDiagonal over the
-    scales of the spans (queries == keys), else ``Masked(allowed, structure)``."""
-    if bool(allowed.all()):
+def scale_runs(layout: SequenceLayout, spans: Spans) -> list[tuple[int, int]]:
+    """``(scale index, token count)`` of each run of consecutive tokens of one scale in ``spans``, in order."""
+    runs: list[tuple[int, int]] = []
+    for begin, end in spans:
+        for scale in layout.scales:
+            low, high = max(begin, scale.span[0]), min(end, scale.span[1])
+            if low >= high:
+                continue
+            if runs and runs[-1][0] == scale.index:
+                runs[-1] = (scale.index, runs[-1][1] + high - low)
+            else:
+                runs.append((scale.index, high - low))
+    return runs
+
+
+def scale_structure(layout: SequenceLayout, queries: Spans, keys: Spans, visible: VisibilityFn) -> AttentionSpec | None:
+    """The spec a scale-level rule states over the spans, read off the runs' scale matrix (a few
+    entries, never the token mask): ``Dense`` when every query scale sees every key scale; over the
+    same queries and keys, ``BlockCausal`` (a run sees itself and the runs before it) or
+    ``BlockDiagonal`` (itself only) with the runs as blocks; None when only a mask says it."""
+    q_runs, k_runs = scale_runs(layout, queries), scale_runs(layout, keys)
+    rule = visible(torch.tensor([s for s, _ in q_runs])[:, None], torch.tensor([s for s, _ in k_runs])[None, :])
+    if bool(rule.all()):
         return Dense()
     if queries == keys:
-        scales = layout.coords().scale[spans_to_positions(queries)]
-        change = torch.ones(len(scales), dtype=torch.bool)
-        change[1:] = scales[1:] != scales[:-1]
-        starts = torch.nonzero(change).flatten().tolist() + [len(scales)]
-        blocks = tuple(b - a for a, b in zip(starts, starts[1:]))
-        for candidate in (BlockCausal(blocks), BlockDiagonal(blocks)):
-            if torch.equal(candidate.mask(len(scales), len(scales), allowed.device), allowed):
-                return candidate
-    return Masked(allowed, structure)
+        blocks = tuple(count for _, count in q_runs)
+        lower = torch.ones(len(blocks), len(blocks), dtype=torch.bool).tril()
+        if torch.equal(rule, lower):
+            return BlockCausal(blocks)
+        if torch.equal(rule, torch.eye(len(blocks), dtype=torch.bool)):
+            return BlockDiagonal(blocks)
+    return None
 
 
 def _single_scale(layout: SequenceLayout, spans: Spans) -> int | None:
@@ -63,8 +85,8 @@ class DensePattern(AttentionPattern):
     def spec(self, layout, queries, keys, visible):
         if isinstance(visible, Visibility) and visible.trajectory.family == "next-token":
             return causal_spec(layout, queries, keys, visible)  # token order: Causal before Dense
-        allowed, _, _ = scale_visibility(layout, queries, keys, visible)
-        return structured(layout, queries, keys, allowed, "scale-mask")
+        stated = scale_structure(layout, queries, keys, visible)
+        return stated if stated is not None else Masked(visible_positions(layout, queries, keys, visible), "scale-mask")
 
 
 class CausalPattern(DensePattern):
@@ -78,17 +100,20 @@ def causal_spec(layout: SequenceLayout, queries: Spans, keys: Spans, visible: Vi
     """The most specific spec of what the trajectory shows, in token order: ``Causal`` (bottom-right
     aligned) when that is the rule, ``Dense`` when every query sees every key (one query over kept
     keys in any slot order), else the explicit ``Masked`` mask. Under a ``token_causal`` trajectory
-    the usual cases are read off the spans (:func:`token_causal_spec`): no mask, no tensor."""
+    the structure is read off the spans (:func:`token_causal_spec`): no mask unless it is ``Masked``;
+    only a plugin trajectory of another rule has its structure read off its mask."""
     if spans_length(queries) == 0 or spans_length(keys) < 1:
         raise ValueError(f"attention needs queries and keys, got {queries} over {keys}")
-    if isinstance(visible, Visibility) and visible.trajectory.token_causal:
-        spec = token_causal_spec(queries, keys)
-        if spec is not None:
-            return spec
+    token_causal = isinstance(visible, Visibility) and visible.trajectory.token_causal
+    spec = token_causal_spec(queries, keys) if token_causal else None
+    if spec is not None:
+        return spec
     allowed = visible_positions(layout, queries, keys, visible)
     if not bool(allowed.any(dim=1).all()):
         raise ValueError(f"a query in {queries} sees no key of {keys}")
-    q_len, k_len = allowed.shape
+    if token_causal:  # token_causal_spec states every Causal and Dense case of the rule: the rest is a mask
+        return Masked(allowed, "raster-causal")
+    q_len, k_len = allowed.shape  # a next-token trajectory of unknown rule: its mask tells the structure
     if len(queries) == 1 and _ends_with(keys, queries[0]):
         causal = Causal().mask(q_len, k_len, allowed.device)
         if bool(allowed.all()) if causal is None else torch.equal(causal, allowed):
@@ -156,23 +181,48 @@ class NeighborhoodPattern(AttentionPattern):
                                  f"scale {index} is {h}x{w} (lower the dilation or kernel, or raise "
                                  f"--attention-apply-from)")
 
+    def window_restricts(self, layout: SequenceLayout, q_scales: list[int], k_scales: list[int],
+                         visible: VisibilityFn) -> bool:
+        """Does the window hide a key the trajectory shows, for some restricted query scale and a key
+        scale it sees? Read per axis (a window rule is a row rule and a column rule), never as the
+        token mask."""
+        k, d = self.options.kernel_size, self.options.dilation
+        for qs in q_scales:
+            for ks in k_scales:
+                if not bool(visible(torch.tensor(qs), torch.tensor(ks))):
+                    continue
+                (qh, qw), (kh, kw) = layout.grids[qs], layout.grids[ks]
+                for q_side, k_side in ((qh, kh), (qw, kw)):
+                    center = torch.div((2 * torch.arange(q_side) + 1) * k_side, 2 * q_side, rounding_mode="floor")
+                    if not bool(axis_allowed(center[:, None], torch.arange(k_side)[None, :], k_side, k, d).all()):
+                        return True
+        return False
+
     @functools.lru_cache(maxsize=256)
     def spec(self, layout, queries, keys, visible):
-        allowed, qc, kc = scale_visibility(layout, queries, keys, visible)
+        """Where the window hides nothing the trajectory shows, the trajectory's own structure
+        (:func:`scale_structure`); a whole restricted scale over itself, ``Neighborhood2D``; else the
+        mask of the trajectory's rule and the window."""
+        first = self.first_scale(layout)
+        q_scales = [s for s, _ in scale_runs(layout, queries)]
+        restricted_scales = sorted({s for s in q_scales if s >= first})
+        if not self.window_restricts(layout, restricted_scales, sorted({s for s, _ in scale_runs(layout, keys)}),
+                                     visible):
+            stated = scale_structure(layout, queries, keys, visible)
+            if stated is not None:
+                return stated
         k, d = self.options.kernel_size, self.options.dilation
-        restricted = qc.scale >= self.first_scale(layout)
-        if bool(restricted.any()):
-            # corresponding position of the query on the key's map: floor((i + 0.5) * n_k / n_q)
-            center_r = torch.div((2 * qc.row[:, None] + 1) * kc.height[None, :], 2 * qc.height[:, None], rounding_mode="floor")
-            center_c = torch.div((2 * qc.col[:, None] + 1) * kc.width[None, :], 2 * qc.width[:, None], rounding_mode="floor")
-            window = axis_allowed(center_r, kc.row[None, :], kc.height[None, :], k, d) & axis_allowed(
-                center_c, kc.col[None, :], kc.width[None, :], k, d)
-            allowed = allowed & (~restricted[:, None] | window)
-        if bool(allowed.all()):
-            return Dense()
         scale = _single_scale(layout, queries)
-        if scale is not None and queries == keys and bool(restricted.all()):
+        if scale is not None and scale >= first and queries == keys:
             grid_h, grid_w = layout.grids[scale]
             return Neighborhood2D(grid_h, grid_w, k, d)
+        allowed, qc, kc = scale_visibility(layout, queries, keys, visible)
+        restricted = qc.scale >= first
+        # corresponding position of the query on the key's map: floor((i + 0.5) * n_k / n_q)
+        center_r = torch.div((2 * qc.row[:, None] + 1) * kc.height[None, :], 2 * qc.height[:, None], rounding_mode="floor")
+        center_c = torch.div((2 * qc.col[:, None] + 1) * kc.width[None, :], 2 * qc.width[:, None], rounding_mode="floor")
+        window = axis_allowed(center_r, kc.row[None, :], kc.height[None, :], k, d) & axis_allowed(
+            center_c, kc.col[None, :], kc.width[None, :], k, d)
+        allowed = allowed & (~restricted[:, None] | window)
         multi = bool((allowed & (qc.scale[:, None] != kc.scale[None, :]) & restricted[:, None]).any())
-        return structured(layout, queries, keys, allowed, "cross-scale-neighborhood" if multi else "neighborhood")
+        return Masked(allowed, "cross-scale-neighborhood" if multi else "neighborhood")
