@@ -25,7 +25,7 @@ class CachePolicy(ABC):
        that cannot serve this model (a budget below what is always kept) with a one-line reason;
     2. ``begin(num_layers=, batch=, num_heads=, head_dim=, layout=, device=, dtype=, guided=)``:
        allocate or reset storage (``guided``: rows ``i`` and ``i + batch // 2`` are the cond and
-       uncond rows of one sample under CFG and must keep the same positions);
+       uncond rows of one sample under CFG; the budgeted built-ins keep the same positions in both);
     3. per step, per layer: ``update(layer, k, v, spans)`` stores the step's new keys and values and
        returns those the step attends to (kept history first, then the new tokens) with their spans;
        then ``observe(layer, q, k, spec, scale, received=)`` with the step's queries, the keys

@@ -11,6 +11,7 @@ from .h2o_cache import H2OCache, H2OOptions
 from .lines_cache import LinesCache, LinesOptions
 from .patterns import CausalPattern, DensePattern, NeighborhoodOptions, NeighborhoodPattern
 from .raster import RasterTrajectory
+from .scalekv_cache import ScaleKVCache, ScaleKVOptions
 from .sink_cache import SinkCache, SinkOptions
 from .ssd_cache import SSDCache, SSDOptions
 from .trajectories import FullTrajectory, MarkovOptions, MarkovTrajectory
@@ -52,6 +53,8 @@ CACHE_POLICIES = (  # name, factory, options model, description
      "sink heads the most attended tokens, within a budget"),
     ("lines", LinesCache, LinesOptions, "after LineAR (raster): class prefix + anchors + the current and recent "
      "image lines + the middle tokens the current line attends to most, per head within a budget"),
+    ("scalekv", ScaleKVCache, ScaleKVOptions, "ScaleKV's rule (next-scale): the newest scale's grid-centre window "
+     "and the keys its queries score highest, per head within a budget (one budget for every layer)"),
     ("ams", AmsCache, AmsOptions, "AMS-KV's scale rule (next-scale): the coarsest scales and the most recent ones, "
      "the middle dropped (the same scales in every layer)"),
 )

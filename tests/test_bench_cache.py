@@ -124,7 +124,7 @@ def test_markdown_table_escapes_pipes():
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--policies", "full,bogus"], "unknown cache policy 'bogus' (available: ams, full, h2o, lines, none, sink, ssd, window)"),
+    (["--policies", "full,bogus"], "unknown cache policy 'bogus' (available: ams, full, h2o, lines, none, scalekv, sink, ssd, window)"),
     (["--budgets", "0.2,0"], "--budgets: every budget must be > 0"),
     (["--budgets", "-0.5"], "--budgets: every budget must be > 0"),
     (["--budgets", "0.01"], "not more than the 1 class token"),

@@ -64,7 +64,7 @@ def test_bad_config_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--cache", "windw"], "did you mean 'window'? available: ams, full, h2o, lines, none, sink, ssd, window"),
+    (["--cache", "windw"], "did you mean 'window'? available: ams, full, h2o, lines, none, scalekv, sink, ssd, window"),
     (["--attention", "neighborhod"], "did you mean 'neighborhood'"),
     (["--attention-kernel-size", "0"], "option kernel_size: Input should be greater than or equal to 1"),
     (["--trajectory-order", "x"], "option order: Input should be a valid integer"),
