@@ -24,7 +24,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..core.attention import AttentionSpec
@@ -32,10 +32,12 @@ from ..core.cache import CachePolicy
 from ..core.errors import UsageError, setting
 from ..core.kv_store import BoundedKV
 from ..core.layout import SequenceLayout, Spans, merge_spans
-from .budget_cache import BudgetOptions, budget_tokens
+from .budget_cache import budget_tokens
 
 
-class ScaleKVOptions(BudgetOptions):
+class ScaleKVOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     budget: float = Field(0.2, gt=0, description="tokens a layer stores: a fraction of the sequence (<= 1) or a count "
                                                  "(> 1); budget - 1 are kept between scales")
     window: int = Field(16, ge=1, description="window queries (a square: the centres of a sqrt x sqrt grid over the "

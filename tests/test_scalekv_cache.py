@@ -55,6 +55,7 @@ def test_the_scores_are_max_pooled_along_the_sequence():
     (["--cache-budget", "10"], "--cache-budget 10 gives 10 tokens, fewer than the 16 window tokens (and one)"),
     (["--cache-window", "15"], "give a square (1, 4, 9, 16, ...), got 15"),
     (["--cache-kernel-size", "4"], "give an odd width"),
+    (["--cache-buffer", "2"], "unrecognized arguments: --cache-buffer 2"),  # a budgeted cache's option, not this one's
 ])
 def test_bad_settings_are_one_line(argv, needle, refused):
     refused(["--trajectory", "full", "--cache", "scalekv", *argv], needle)
