@@ -60,8 +60,8 @@ class ModelFamily(ABC):
     """A model family as a registered component (the ``mvar_engine_model_adapters`` hook). The registry
     makes it as every component, ``factory(options)``, with its validated options model (the record's
     ``options``: checkpoint paths, sizes, a prompt...; each is a model setting, a CLI flag of its own
-    name and a key of the Python API's ``model={...}``); it builds the models those options name and wraps them
-    in its :class:`ModelAdapter`. ``family``: the trajectory family it generates under."""
+    name and a key of the Python API's ``model={...}``); it builds the models those options name and
+    wraps them in its :class:`ModelAdapter`. ``family``: the trajectory family it generates under."""
 
     name: ClassVar[str] = "model"
     family: ClassVar[str] = "next-scale"

@@ -68,7 +68,7 @@ class CachePolicy(ABC):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("headwise") is True and "stand_in_spans" not in cls.__dict__:
-            cls.stand_in_spans = True  # the trait's name before 0.2 (docs/plugins.md, "Changes")
+            cls.stand_in_spans = True  # the trait's former name (docs/plugins.md, "Changes")
 
     def incompatibility(self, name: str, trajectory: Any, pattern: Any) -> str | None:
         """Why this policy (chosen as ``name``) cannot serve ``trajectory`` with ``pattern``, in one
