@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from ..core.errors import ComponentFailedError, ConfigError, MvarEngineError, UsageError
+from ..core.errors import ComponentFailedError, ConfigError, MvarEngineError, UsageError, render_settings, setting
 from ..core.files import same_file, writing_as
 from ..core.records import KIND_LABELS, RECORD_TYPES
 from ..core.registry import Registry, failing_component, format_validation_error, get_registry, normalize_name
@@ -39,8 +39,10 @@ from .hub import hub_model, known_ids, looks_like_hub_id, pretrained_from_hub
 from .pretrained import file_trajectory
 
 
-def _component_flag(kind: str, field: str) -> str:
-    return f"--{kind}-{field.replace('_', '-')}"
+def option_flag(record: Any, option: str) -> str:
+    """The flag of a component's option: its run setting as the shell spells it (``--cache-budget``;
+    a model's options are the model settings themselves: ``--checkpoint``)."""
+    return render_settings(setting(record.option_setting(option)))
 
 
 def load_commands(registry: Registry | None = None) -> Commands:
@@ -233,7 +235,7 @@ def model_option_flag(record: Any, field_name: str, info: Any) -> tuple[str, dic
     """A model option's flag and its argparse keywords: ``--checkpoint VALUE``; a boolean is a switch
     that turns its default over (``random_weights`` -> ``--random-weights``, ``strict`` ->
     ``--no-strict``)."""
-    flag = "--" + record.option_setting(field_name).replace("_", "-")
+    flag = option_flag(record, field_name)
     help_text = info.description or field_name
     if info.annotation is bool:
         if info.default is True:
@@ -272,11 +274,10 @@ def refuse_foreign_model_options(known: argparse.Namespace, family: str, registr
     for dest in renamed(vars(known)):
         option = dest.removeprefix(MODEL_OPTION)
         if dest.startswith(MODEL_OPTION) and option not in record.options.model_fields:
-            takers = [c.name for c in registry.components("model") if option in c.record.options.model_fields]
-            flag = model_option_flag(registry.get("model", takers[0]).record, option,
-                                     registry.get("model", takers[0]).record.options.model_fields[option])[0]
-            raise UsageError(f"{flag}: model '{record.name}' has no such option (model '{takers[0]}' has: give "
-                             f"--model {takers[0]}; '{PROG} plugins --kind model' lists each family's options)")
+            taker = next(c.record for c in registry.components("model") if option in c.record.options.model_fields)
+            flag = model_option_flag(taker, option, taker.options.model_fields[option])[0]
+            raise UsageError(f"{flag}: model '{record.name}' has no such option (model '{taker.name}' has: give "
+                             f"--model {taker.name}; '{PROG} plugins --kind model' lists each family's options)")
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, names: dict[str, str], registry: Registry) -> dict[str, tuple[str, str]]:
@@ -293,7 +294,7 @@ def _add_option_flags(parser: argparse.ArgumentParser, names: dict[str, str], re
         for field_name, info in fields.items():
             dest = f"opt__{kind}__{field_name}"
             default = "" if info.is_required() else f" (default {info.default!r})"
-            group.add_argument(_component_flag(kind, field_name), dest=dest, metavar="VALUE",
+            group.add_argument(option_flag(entry.record, field_name), dest=dest, metavar="VALUE",
                                help=f"{info.description or field_name}{default}")
             dests[dest] = (kind, field_name)
     model = registry.get("model", names["model"]).record
@@ -476,7 +477,7 @@ def option_lines(record: Any) -> list[str]:
     lines = []
     for field_name, info in record.options.model_fields.items():
         flag = (model_option_flag(record, field_name, info)[0] if record.kind == "model"
-                else _component_flag(record.kind, field_name))
+                else option_flag(record, field_name))
         default = ("required" if info.is_required() else "a switch" if info.annotation is bool and record.kind == "model"
                    else f"default {info.default!r}")
         lines.append(f"option {flag}: {info.description or field_name} ({default})")

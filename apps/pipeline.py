@@ -133,11 +133,10 @@ def choose_model(choice: ModelChoice, family: str, registry: Registry) -> str:
     takers = [entry for entry in registry.components("model") if given <= set(entry.record.options.model_fields)]
     if not takers:  # no family knows them: the first serving family's options say what is wrong
         return serving[0].name
-    shown = ", ".join(setting(name) for name in sorted(given)) or "no model settings"
-    hint = (f"model '{takers[0].name}' takes them: it generates {takers[0].record.family} sequences (give "
-            f"{setting('model', takers[0].name)} and a {takers[0].record.family} trajectory)") if takers else \
-        f"'{PROG} plugins --kind model' lists each family's options"
-    raise UsageError(f"no {family} model family takes {shown} ({hint})")
+    taker = takers[0]
+    raise UsageError(f"no {family} model family takes {', '.join(setting(name) for name in sorted(given))} (model "
+                     f"'{taker.name}' takes them: it generates {taker.record.family} sequences (give "
+                     f"{setting('model', taker.name)} and a {taker.record.family} trajectory))")
 
 
 def build_backends(config: EngineConfig, registry: Registry) -> BackendSelector:
