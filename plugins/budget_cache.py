@@ -59,6 +59,18 @@ def buffer_slots(buffer: int | str, layout: SequenceLayout) -> int:
     return layout.grids[-1][1] if buffer == "row" else int(buffer)
 
 
+def sum_row_pairs(values: torch.Tensor) -> torch.Tensor:
+    """``[rows, ...]`` under CFG (rows ``[cond; uncond]``) -> per sample ``[rows // 2, ...]``: the
+    two rows of a sample summed."""
+    half = values.shape[0] // 2
+    return values[:half] + values[half:]
+
+
+def to_row_pairs(index: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``[samples, ...]`` index -> per row under CFG (both rows of a sample alike)."""
+    return torch.cat([index, index])
+
+
 def positions_to_spans(positions: list[int]) -> Spans:
     """Sorted distinct positions -> merged half-open spans."""
     return merge_spans((p, p + 1) for p in positions)
@@ -363,9 +375,8 @@ class BudgetedCache(CachePolicy):
         positions = store.positions if whole else store.positions[:, :, :n]
         scores = store.scores if whole or store.scores is None else store.scores[:, :, :n]
         if self.guided:
-            half = positions.shape[0] // 2
-            positions = positions[:half]
-            scores = scores[:half] + scores[half:] if scores is not None else None
+            positions = positions[:positions.shape[0] // 2]
+            scores = sum_row_pairs(scores) if scores is not None else None
         return positions, scores
 
     def pair_scores(self, store: BoundedKV) -> torch.Tensor:
@@ -374,7 +385,7 @@ class BudgetedCache(CachePolicy):
 
     def unpair(self, index: torch.Tensor) -> torch.Tensor:
         """A per-group index ``[groups, heads, ...]`` -> per row (both CFG rows of a sample alike)."""
-        return torch.cat([index, index]) if self.guided else index
+        return to_row_pairs(index) if self.guided else index
 
     def prefix_guard(self, store: BoundedKV, n: int) -> torch.Tensor:
         """``float32 [n]``: ``inf`` at the class prefix's slots, 0 elsewhere; added to an eviction key
@@ -527,5 +538,5 @@ class TokenWindowCache(BudgetedCache):
         return self.oldest_static_slot(store)
 
 
-__all__ = ["BudgetOptions", "BudgetedCache", "SCORE_CHUNK_BYTES", "TokenWindowCache", "budget_tokens",
+__all__ = ["BudgetOptions", "BudgetedCache", "SCORE_CHUNK_BYTES", "TokenWindowCache", "budget_tokens", "sum_row_pairs", "to_row_pairs",
            "attention_probabilities", "positions_to_spans", "received_attention"]

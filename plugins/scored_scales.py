@@ -22,7 +22,7 @@ from ..core.attention import AttentionSpec
 from ..core.cache import CachePolicy
 from ..core.kv_store import BoundedKV
 from ..core.layout import SequenceLayout, Spans, merge_spans
-from .budget_cache import received_attention
+from .budget_cache import received_attention, sum_row_pairs, to_row_pairs
 
 
 class ScoredScalesOptions(BaseModel):
@@ -87,7 +87,7 @@ class ScoredScalesCache(CachePolicy):
 
     def pairs(self, values: torch.Tensor) -> torch.Tensor:
         """``[rows, ...]`` -> per sample ``[groups, ...]``: under CFG the cond and uncond rows summed."""
-        return values[:values.shape[0] // 2] + values[values.shape[0] // 2:] if self.guided else values
+        return sum_row_pairs(values) if self.guided else values
 
     def end_step(self) -> None:
         for layer, store in enumerate(self.layers):
@@ -99,7 +99,7 @@ class ScoredScalesCache(CachePolicy):
             top = scores.topk(keep, dim=-1).indices.sort(dim=-1).values + self.prefix  # slots in position order
             index = torch.cat([slot_range(top, 0, self.prefix), top,
                                slot_range(top, store.filled - self.last, store.filled)], dim=-1)
-            store.keep(torch.cat([index, index]) if self.guided else index)
+            store.keep(to_row_pairs(index) if self.guided else index)
             self.received[layer] = None
 
     def nbytes(self) -> int:
