@@ -61,6 +61,9 @@ def mvar_engine_register_commands(commands: Commands) -> None:
         "inference matrix: memory, time and FLOPs per model, batch and configuration", group="bench")
     add("cache", lazy_command(f"{BENCH}.cache", "cmd_bench_cache"),
         "raster KV-cache policies: cache bytes, throughput and quality against the full cache", group="bench")
+    add("quality", lazy_command(f"{BENCH}.quality", "cmd_bench_quality"),
+        "cache policies against the full cache on a shipped model: agreement, sample quality, memory, time",
+        group="bench")
     add("capacity", lazy_command(f"{BENCH}.capacity", "cmd_bench_capacity"),
         "throughput at a memory budget: each configuration's largest batch that fits, and its images/s", group="bench")
     add("train-tokenizer", lazy_command(TRAINING, "cmd_train_tokenizer"), "train the multi-scale VQ-VAE tokenizer")
@@ -75,3 +78,5 @@ def mvar_engine_register_commands(commands: Commands) -> None:
     add("export-weights", cmd_export_weights, "copy weights to .safetensors at another dtype")
     add("profile-heads", lazy_command("mvar_engine.apps.profile_heads", "cmd_profile_heads"),
         "classify a raster model's heads for --cache ssd")
+    add("profile-scales", lazy_command("mvar_engine.apps.profile_scales", "cmd_profile_scales"),
+        "profile a next-scale model's layers for --cache scalekv and --cache ams")

@@ -12,7 +12,7 @@ there). Heads scoring above the threshold are semantic-sink heads, the rest spat
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from ..plugins.budget_cache import attention_probabilities
 from ..plugins.caches import FullCache
 from ..plugins.head_map import HeadMap, classify, write_head_map, write_heatmap
 from .cli import parse_generate_args
+from .config import EngineConfig
 from .cli_helpers import PROG, Parser, check_output_path
 from .output_files import add_overwrite_flag, check_outputs
 from .pipeline import Pipeline, check_model_facts, resolve_components, with_weights
@@ -84,7 +85,24 @@ class ProfilingCache(FullCache):
                         weights_id=weights_id)
 
 
-__all__ = ["ProfilingCache"]
+__all__ = ["ProfilingCache", "calibration_config"]
+
+
+def calibration_config(argv: Sequence[str], command: str, trajectory: str, family: str) -> tuple[EngineConfig, Any]:
+    """The generation flags ``argv`` of a calibration command as a config with the full cache
+    (``trajectory`` unless one is given, of ``family``), and the model's facts (None when its family
+    tells none); one-line ``UsageError`` on ``--cache`` or a trajectory of another family."""
+    if any(a == "--cache" or a.startswith("--cache=") for a in argv):
+        raise UsageError(f"{command} calibrates with the full cache: drop --cache")
+    if not any(a == "--trajectory" or a.startswith("--trajectory=") for a in argv):
+        argv = ["--trajectory", trajectory, *argv]
+    config = parse_generate_args([*argv, "--cache", "full"])
+    chosen = get_registry().create("trajectory", config.trajectory.name, config.trajectory.options)
+    if chosen.family != family:
+        raise UsageError(f"{command} profiles {family} models, not trajectory '{config.trajectory.name}': use "
+                         f"--trajectory {trajectory}")
+    filled = with_weights(config)
+    return config, check_model_facts(filled, resolve_components(filled))
 
 
 def cmd_profile_heads(argv: Sequence[str]) -> int:
@@ -112,17 +130,7 @@ def cmd_profile_heads(argv: Sequence[str]) -> int:
                          f"got {args.threshold}")
     json_target = check_output_path("--head-map", args.head_map, (".json",))
     check_outputs({"--head-map": json_target, "--head-map's heat map": json_target.with_suffix(".png")}, args.overwrite)
-    if any(a == "--cache" or a.startswith("--cache=") for a in rest):
-        raise UsageError("profile-heads calibrates with the full cache: drop --cache")
-    if not any(a == "--trajectory" or a.startswith("--trajectory=") for a in rest):
-        rest = ["--trajectory", "raster", *rest]
-    config = parse_generate_args([*rest, "--cache", "full"])
-    trajectory = get_registry().create("trajectory", config.trajectory.name, config.trajectory.options)
-    if trajectory.family != "next-token":
-        raise UsageError(f"profile-heads classifies the heads of raster (next-token) models, not trajectory "
-                         f"'{config.trajectory.name}': use --trajectory raster")
-    filled = with_weights(config)
-    facts = check_model_facts(filled, resolve_components(filled))
+    config, facts = calibration_config(rest, "profile-heads", "raster", "next-token")
     grid = facts.layout.grids[-1] if facts else None
     if grid and max(grid) > 1 and args.neighborhood // 2 >= max(grid) - 1:
         raise UsageError(f"--neighborhood {args.neighborhood} covers the whole {grid[0]}x{grid[1]} token grid from "

@@ -28,10 +28,12 @@ class CachePolicy(ABC):
        uncond rows of one sample under CFG; the budgeted built-ins keep the same positions in both);
     3. per step, per layer: ``update(layer, k, v, spans)`` stores the step's new keys and values and
        returns those the step attends to (kept history first, then the new tokens) with their spans;
-       then ``observe(layer, q, k, spec, scale, received=)`` with the step's queries, the keys
-       ``update`` returned and the attention spec the backend computes (scoring policies
-       accumulate statistics there); the returned tensors may be views of the policy's buffers,
-       valid until the next ``end_step()``, never modified by the engine;
+       then, after the layer's attention, ``observe(layer, q, k, spec, scale, received=)`` with the
+       step's queries, the keys ``update`` returned and the attention spec the backend computed
+       (scoring policies accumulate statistics there; a policy may also evict from that layer's
+       storage there, as ScaleKV compresses a layer right after its attention: the engine reads
+       nothing ``update`` returned after ``observe``); the returned tensors may be views of the
+       policy's buffers, never modified by the engine;
     4. ``end_step()`` after the last layer of a step (the eviction point of step-level policies);
     5. ``nbytes()`` at any time: the bytes of storage held, reserved buffers in full.
 
@@ -106,9 +108,11 @@ class CachePolicy(ABC):
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scale: float, *,
                 received: torch.Tensor | None = None) -> None:
-        """Called once per ``update`` (before the next one) with the step's queries ``q: [B, H, Lq, D]``,
-        the keys ``k: [B, H, Lk, D]`` that ``update`` returned and the spec the backend computes;
-        scoring policies accumulate attention statistics here. ``received``: only for policies that
+        """Called once per ``update``, after that layer's attention and before the next ``update``, with
+        the step's queries ``q: [B, H, Lq, D]``, the keys ``k: [B, H, Lk, D]`` that ``update``
+        returned and the spec the backend computed; scoring policies accumulate attention
+        statistics here, and a policy may evict from the layer's storage (nothing ``update``
+        returned is read after it). ``received``: only for policies that
         set ``track_scores``, and only where the backend materialised the probabilities anyway:
         ``float32 [B, H, Lk]``, the attention each key received summed over the queries (None:
         compute it from ``q``, ``k`` and ``spec``). Default: nothing."""

@@ -53,7 +53,8 @@ def cached_attention(cache: CachePolicy, backends: BackendSelector, spans: Spans
     """The ``attend(layer, q, k, v, scale)`` callback of a cached step over the tokens at ``spans``:
     store the step's keys/values in ``cache``, build the spec from the spans it returns
     (``spec_for(k_spans)``), attend over the returned keys/values, and let the cache ``observe`` the
-    step. A scoring cache (``track_scores``) also gets the attention each key received where the
+    step after the attention (it may evict from that layer's storage there). A scoring cache
+    (``track_scores``) also gets the attention each key received where the
     backend materialised it (:meth:`BackendSelector.attend_and_score`)."""
 
     def attend(layer, q, k, v, scale):
@@ -61,8 +62,9 @@ def cached_attention(cache: CachePolicy, backends: BackendSelector, spans: Spans
         spec = spec_for(k_spans)
         k_in, v_in = k_all.to(q.dtype), v_all.to(q.dtype)
         if not cache.track_scores:
+            out = backends.attend(q, k_in, v_in, spec, scale=scale)
             cache.observe(layer, q, k_all, spec, scale)
-            return backends.attend(q, k_in, v_in, spec, scale=scale)
+            return out
         out, received = backends.attend_and_score(q, k_in, v_in, spec, scale=scale)
         cache.observe(layer, q, k_all, spec, scale, received=received)
         return out

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from .errors import FileWriteError
+from pydantic import BaseModel, ValidationError
+
+from .errors import FileWriteError, UsageError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -134,3 +139,32 @@ def save_marked_image(image: Any, path: str | os.PathLike, **save_options: Any) 
 def marked_markdown(text: str) -> str:
     """``text`` with a first-line comment naming :func:`writer` (invisible when rendered)."""
     return f"<!-- {WRITTEN_BY}: {writer()} -->\n{text}"
+
+
+def read_json_model(path: str | os.PathLike, model: type[ModelT], what: str, remedy: str) -> ModelT:
+    """The pydantic ``model`` a JSON file holds (its :data:`WRITTEN_BY` key dropped); a missing,
+    unreadable or malformed file is a one-line :class:`UsageError` naming ``what`` it should be and
+    the ``remedy`` (``"write one with `mvar-engine profile-heads`"``)."""
+    path = Path(path)
+    reason = not_a_file_reason(path)
+    if reason is not None:
+        raise UsageError(f"{what} {path} {reason} ({remedy})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{what} {path} is not readable JSON: {error}") from None
+    if isinstance(data, dict):
+        data.pop(WRITTEN_BY, None)  # what wrote it, not part of the model
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UsageError(f"{what} {path}: {where + ': ' if where else ''}"
+                         f"{first['msg'].removeprefix('Value error, ')}") from None
+
+
+def write_json_model(value: BaseModel, path: str | os.PathLike) -> Path:
+    """``value`` as indented JSON, its first key naming :func:`writer`, written atomically."""
+    text = json.dumps({WRITTEN_BY: writer(), **value.model_dump()}, indent=1) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -108,6 +108,20 @@ class BoundedKV:
         self.gather_front(index)
         self.filled = index.shape[-1]
 
+    def fill_from(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> None:
+        """Hold exactly the entries ``index: LongTensor [rows, heads, n]`` (``n <= capacity``, ascending
+        positions) of ``k, v: [rows, heads, m, D]`` and ``positions: [rows, heads, m]``: a step that
+        did not fit beside the kept entries, selected from a copy of both."""
+        n = index.shape[-1]
+        index = index.to(self.k.device)
+        wide = index[..., None].expand(-1, -1, -1, k.shape[-1])
+        self.k[:, :, :n] = k.gather(2, wide)
+        self.v[:, :, :n] = v.gather(2, wide)
+        self.positions[:, :, :n] = positions.gather(2, index)
+        if self.scores is not None:
+            self.scores[:, :, :n].zero_()
+        self.filled, self.ordered = n, True
+
     def gather_front(self, index: torch.Tensor) -> None:
         """The tensor work of :meth:`keep`: the entries at ``index`` moved to the first slots (the
         host's ``filled`` is the caller's to set: a compiled step changes no Python state)."""

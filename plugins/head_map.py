@@ -10,15 +10,14 @@ neighbourhood, averaged over calibration queries), the ``threshold`` and the res
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..core.errors import UsageError
-from ..core.files import WRITTEN_BY, atomic_write, not_a_file_reason, save_marked_image, writer
+from ..core.files import read_json_model, save_marked_image, write_json_model
 
 FORMAT = "mvar-engine/head-map/v1"
 HeadKind = Literal["local", "sink"]
@@ -109,29 +108,12 @@ def classify(scores: list[list[float]], threshold: float | None = None, *, neigh
 
 def load_head_map(path: str | Path) -> HeadMap:
     """Read a head map; a missing, unreadable or malformed file is a one-line :class:`UsageError`."""
-    path = Path(path)
-    reason = not_a_file_reason(path)
-    if reason is not None:
-        raise UsageError(f"head map {path} {reason} (write one with `mvar-engine profile-heads`)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"head map {path} is not readable JSON: {error}") from None
-    if isinstance(data, dict):
-        data.pop(WRITTEN_BY, None)  # what wrote it, not part of the map
-    try:
-        return HeadMap.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        where = ".".join(str(part) for part in first["loc"])
-        raise UsageError(f"head map {path}: {where + ': ' if where else ''}{message}") from None
+    return read_json_model(path, HeadMap, "head map", "write one with `mvar-engine profile-heads`")
 
 
 def write_head_map(head_map: HeadMap, path: str | Path) -> Path:
     """Write the JSON atomically."""
-    text = json.dumps({WRITTEN_BY: writer(), **head_map.model_dump()}, indent=1) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return write_json_model(head_map, path)
 
 
 def heatmap_image(head_map: HeadMap, cell: int = 28):

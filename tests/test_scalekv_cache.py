@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mvar_engine.core.kv_store import BoundedKV
+from mvar_engine.apps.pipeline import Pipeline
 from mvar_engine.plugins.scalekv_cache import ScaleKVCache, ScaleKVOptions, window_positions
 from mvar_engine.testing import check_cache_policy
 
@@ -31,10 +31,8 @@ def selection_of(logits: list[float], kernel_size: int, window_slot: int, step: 
     ``logits``; the step stored the last ``step`` slots, its window is ``window_slot``."""
     n = len(logits)
     cache = ScaleKVCache(ScaleKVOptions(budget=kept + 1, window=1, kernel_size=kernel_size))
-    store = BoundedKV(1, 1, n, 1, torch.device("cpu"), torch.float32)
-    store.append(torch.tensor(logits)[None, None, :, None], torch.zeros(1, 1, n, 1), ((0, n),))
-    cache.window, cache.step, cache.kept, cache.scale = [window_slot - (n - step)], step, kept, 1.0
-    return cache.selection(store, torch.ones(1, 1, 1, 1))[0, 0].tolist()
+    cache.window, cache.step = [window_slot - (n - step)], step
+    return cache.selection(torch.tensor(logits)[None, None, :, None], torch.ones(1, 1, 1, 1), kept, 1.0)[0, 0].tolist()
 
 
 def test_it_keeps_the_window_and_the_top_scores():
@@ -59,3 +57,33 @@ def test_the_scores_are_max_pooled_along_the_sequence():
 ])
 def test_bad_settings_are_one_line(argv, needle, refused):
     refused(["--trajectory", "full", "--cache", "scalekv", *argv], needle)
+
+
+@pytest.mark.parametrize("score, kept", [("logits", [1, 2]), ("softmax", [0, 2])])
+def test_the_score_is_the_code_logits_or_the_paper_probabilities(score, kept):
+    """Two window queries over keys (4, -4) and (0, 1), then the window token: summed logits rank the
+    second key first (0 against 1), summed softmax probabilities the first (0.965 + 0.005 against
+    0.018 + 0.728)."""
+    k = torch.tensor([[4.0, -4.0], [0.0, 1.0], [0.0, 0.0]])
+    cache = ScaleKVCache(ScaleKVOptions(budget=3, window=1, kernel_size=1, score=score))
+    cache.window, cache.step = [0], 1
+    assert cache.selection(k[None, None], torch.eye(2)[None, None], 2, 1.0)[0, 0].tolist() == kept
+
+
+def test_a_layer_is_compressed_right_after_its_attention_and_stores_only_its_budget():
+    """On the shipped VAR digits model (130 tokens, 4 layers) at budget 26: while layer 0 attends to
+    the last scale (64 tokens) beside its 25 kept ones, every other layer already holds (or still
+    holds) just its 25; each layer's storage is 25 slots, never 25 + a scale."""
+    pipe = Pipeline.from_pretrained("digits-var", progress=False)
+    held = []
+
+    class Watching(ScaleKVCache):
+        def observe(self, layer, q, k, spec, scale, *, received=None):
+            super().observe(layer, q, k, spec, scale, received=received)
+            held.append((k.shape[2], [store.filled for store in self.layers]))
+
+    cache = Watching(ScaleKVOptions(budget=26, window=4))
+    pipe.generate([3], 1, cache=cache)
+    assert [store.capacity for store in cache.layers] == [25] * 4
+    assert held[-4] == (25 + 64, [25, 25, 25, 25])  # the last scale, layer 0: compressed already
+    assert all(max(filled) <= 25 for _, filled in held)
