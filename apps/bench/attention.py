@@ -25,10 +25,10 @@ from ...core.attention import AttentionBackend, AttentionSpec, Dense, Neighborho
 from ...core.errors import UsageError, render_settings
 from ...core.registry import get_registry
 from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, one_line, seed_int
-from ..output_files import add_overwrite_flag, check_outputs
+from ..output_files import check_outputs
 from ..memory_fit import available_bytes
 from ..pipeline import resolve_device
-from .report import format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
+from .report import add_report_flags, format_table, machine_info, median_time, scaled_estimate, skip_reason, write_json
 
 DENSE_ROW = "sdpa (dense)"
 """Backend column of the baseline row."""
@@ -387,10 +387,7 @@ def cmd_bench_attention(argv: Sequence[str]) -> int:
     p.add_argument("--device", choices=DEVICES, default=d.device, help="default auto (CUDA when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help=f"input dtype (default {d.dtype})")
     p.add_argument("--seed", type=seed_int, default=d.seed, help=f"input seed (default {d.seed})")
-    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    add_overwrite_flag(p)
+    add_report_flags(p, d.output)
     args = p.parse_args(argv)
     check_outputs({"--output": args.output}, args.overwrite)  # before any work
     config = BenchAttentionConfig(sides=args.sides, kernel_size=args.kernel_size, heads=args.heads,

@@ -78,7 +78,7 @@ from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...plugins.budget_cache import budget_tokens
 from ...plugins.head_map import load_head_map, write_head_map, write_heatmap
 from ..cli_helpers import PROG, Parser, finite_float, float_list, name_list, one_line, seed_int
-from ..output_files import add_overwrite_flag, check_outputs, report_outputs
+from ..output_files import check_outputs, report_outputs
 from ..config import EngineConfig
 from ..data import load_dataset
 from ..evaluation.classifier import load_or_train
@@ -86,8 +86,8 @@ from ..evaluation.evaluate import metric_row
 from ..pipeline import Pipeline, resolve_autocast, resolve_components, resolve_device
 from ..profile_heads import ProfilingCache
 from .cells import MemoryProbe, run_problems
-from .report import (format_markdown_table, format_table, machine_info, mib, run_json_worker, synchronizer, worker_env,
-                     write_json)
+from .report import (add_report_flags, add_run_flags, format_markdown_table, format_table, machine_info, mib,
+                     run_json_worker, synchronizer, worker_env, write_json)
 
 MODELS = ("llamagen-b", "default", "tiny")
 BASELINE = "full"
@@ -846,18 +846,10 @@ def cmd_bench_cache(argv: Sequence[str]) -> int:
                    help="images of the quality comparison (default: " + ", ".join(
                        f"{k} {v}" for k, v in QUALITY_IMAGES.items()) + "; 0 skips it)")
     p.add_argument("--seed", type=seed_int, default=d.seed, help=f"weights (random models) and sampling seed (default {d.seed})")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
-                   help="autocast dtype (16-bit on CUDA; bfloat16 also on a CPU with native bf16; default float32)")
-    p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    add_run_flags(p, device=d.device, dtype=d.dtype, backend=d.backend, timeout="limit per row (fresh processes)")
     p.add_argument("--in-process", action="store_true",
                    help="measure every row in this process (quicker; peak memory not isolated per row)")
-    p.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help="limit per row (fresh processes)")
-    p.add_argument("--output", default=d.output, metavar="PATH", help=f"JSON report (default {d.output})")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    add_overwrite_flag(p)
+    add_report_flags(p, d.output)
     args = p.parse_args(argv)
     if Path(args.output).suffix == ".json":  # another suffix is refused with the others' problems
         calibrated = args.head_map is None and any(name.strip().lower() == "ssd" for name in args.policies or ())

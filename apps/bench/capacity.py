@@ -47,11 +47,12 @@ from ...models.raster_gpt import RasterGPTConfig
 from ...models.tokenizer import TokenizerConfig, llamagen_vq16_sized
 from ...models.var import VARConfig
 from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_list, name_list, one_line, seed_int
-from ..output_files import add_overwrite_flag, check_outputs, report_outputs
+from ..output_files import check_outputs, report_outputs
 from ..memory_fit import FLOAT32_BYTES, format_bytes, total_memory
 from .cells import Combo, check_combo, combo_family, model_spec, parse_combo, run_problems
 from .matrix import PALETTE, attach_head_map, cell_for, run_cell_in_subprocess
-from .report import format_table, format_value, machine_info, resident_bytes, write_json
+from .report import (add_report_flags, add_run_flags, format_table, format_value, machine_info, resident_bytes,
+                     write_json)
 
 RASTER_CONFIGS = ("raster/dense/full", "raster/dense/sink:budget=0.2", "raster/dense/ssd:budget=0.2")
 NEXT_SCALE_CONFIGS = ("full/dense/full", "markov/neighborhood/none")
@@ -464,10 +465,8 @@ def cmd_bench_capacity(argv: Sequence[str]) -> int:
     p.add_argument("--probes", type=int_list, default=d.probes, metavar="B1,B2",
                    help="the two batches that estimate memory per row (default 1,3)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"search ceiling (default {d.max_batch})")
-    p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
-                   help="autocast dtype (default float32)")
+    add_run_flags(p, device=d.device, dtype=d.dtype, backend=d.backend, threads="torch threads per run",
+                  timeout="limit per run")
     p.add_argument("--cfg", type=finite_float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg:g})")
     p.add_argument("--seed", type=seed_int, default=d.seed)
     p.add_argument("--repeats", type=int, default=d.repeats,
@@ -477,12 +476,7 @@ def cmd_bench_capacity(argv: Sequence[str]) -> int:
                    help=f"untimed generations first in that throughput run (default {d.warmup})")
     p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, metavar="N")
     p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per run")
-    p.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help="limit per run")
-    p.add_argument("--output", default=d.output, metavar="PATH", help=f"JSON report (default {d.output})")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    add_overwrite_flag(p)
+    add_report_flags(p, d.output)
     args = p.parse_args(argv)
     check_output_path("--output", args.output, (".json",))
     check_outputs(report_outputs(args.output, (".md", ".png")), args.overwrite)

@@ -55,14 +55,15 @@ from ...models.checkpoint import atomic_write
 from ...models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from ...models.var import VAR, VARConfig
 from ..cli_helpers import PROG, Parser, finite_float, int_list, name_list, seed_int
-from ..output_files import add_overwrite_flag, check_outputs, report_outputs
+from ..output_files import check_outputs, report_outputs
 from ..config import EngineConfig
 from ..model_options import VarOptions
 from ..pipeline import autocast_problem, build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
                     parse_cell, parse_combo, run_problems)
 from .matrix_raster import calibrate_for_matrix, run_raster_cell
-from .report import format_value, machine_info, mib, run_json_worker, worker_env, write_json
+from .report import (add_report_flags, add_run_flags, format_value, machine_info, mib, run_json_worker, worker_env,
+                     write_json)
 
 # -- models ------------------------------------------------------------------------------------------
 
@@ -693,10 +694,8 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
                    help="trajectory/attention/cache triples; the first of each family is its baseline (options as "
                         "neighborhood:kernel_size=5 or ssd:budget=0.2; ssd without head_map=FILE is calibrated; "
                         "@bfloat16 after a triple autocasts that configuration: full/dense/full,full/dense/full@bfloat16)")
-    p.add_argument("--backend", default=d.backend, help="attention backend or auto (default auto)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
-                   help="autocast dtype (16-bit on CUDA; bfloat16 also on a CPU with native bf16; default float32)")
+    add_run_flags(p, device=None, dtype=d.dtype, backend=d.backend, threads="torch threads per cell (default: torch's)",
+                  timeout="limit per cell (default none)")
     p.add_argument("--repeats", type=int, default=None, help="timed generations per cell (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed generations first (default: the preset's)")
     p.add_argument("--cfg", type=finite_float, default=d.cfg, help=f"classifier-free guidance (default {d.cfg}; 0 disables)")
@@ -705,15 +704,10 @@ def cmd_bench_matrix(argv: Sequence[str]) -> int:
                    help=f"images decoded at a time (default {d.decode_chunk})")
     p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N",
                    help=f"generations that calibrate an ssd head map (default {d.calibration_images})")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per cell (default: torch's)")
-    p.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help="limit per cell (default none)")
-    p.add_argument("--output", metavar="PATH", default=d.output, help=f"JSON report (default {d.output})")
     p.add_argument("--count-calls", action="store_true",
                    help="raster cells: count aten calls and host syncs per decoding step (one more, untimed generation; "
                    "not for @compile rows)")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    add_overwrite_flag(p)
+    add_report_flags(p, d.output)
     args = p.parse_args(argv)
     if Path(args.output).suffix == ".json":  # another suffix is refused with the others' problems
         check_outputs(report_outputs(args.output, (".md", ".png")), args.overwrite)

@@ -41,7 +41,7 @@ from ...models.checkpoint import atomic_write
 from ...plugins.budget_cache import budget_tokens
 from ...plugins.scale_profile import write_scale_profile
 from ..cli_helpers import PROG, Parser, finite_float, float_list, name_list, one_line, seed_int
-from ..output_files import add_overwrite_flag, check_outputs, report_outputs
+from ..output_files import check_outputs, report_outputs
 from ..pipeline import Pipeline, PreparedRun, prepare_run
 from ..pretrained import SHIPPED, pretrained_config
 from ..profile_scales import ScaleProfilingCache
@@ -49,7 +49,7 @@ from ..seeding import image_generators, numbered
 from .cache import SampleScorer, calibrate_head_map, logit_agreement, takes_budget
 from .cells import run_problems
 from .matrix import PALETTE
-from .report import format_markdown_table, format_table, machine_info, mib, write_json
+from .report import add_report_flags, add_run_flags, format_markdown_table, format_table, machine_info, mib, write_json
 
 AUTO = "auto"
 """``calibration=auto``: the scale profile this run makes (or ``--scale-profile``)."""
@@ -528,13 +528,8 @@ def cmd_bench_quality(argv: Sequence[str]) -> int:
                    help="scale profile for the calibration=auto rows (default: profile here, NAME.scale_profile.json)")
     p.add_argument("--calibration-images", type=int, default=d.calibration_images, metavar="N",
                    help=f"generations profiled for the automatic head map (default {d.calibration_images})")
-    p.add_argument("--device", default=d.device, help=f"cpu, cuda, cuda:N (default {d.device})")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype, help="autocast dtype")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
-    p.add_argument("--output", default=d.output, metavar="PATH", help=f"JSON report (default {d.output})")
-    p.add_argument("--no-table", action="store_true", help="do not print the table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    add_overwrite_flag(p)
+    add_run_flags(p, device=d.device, dtype=d.dtype, backend=None)
+    add_report_flags(p, d.output)
     args = p.parse_args(argv)
     if Path(args.output).suffix == ".json":
         check_outputs(report_outputs(args.output, (".md", ".png", ".head_map.json", ".head_map.png",

@@ -21,6 +21,8 @@ import torch
 from ...core.files import WRITTEN_BY, writer
 from ...models.checkpoint import atomic_write
 from ..allocator import with_mmap_threshold
+from ..cli_helpers import finite_float
+from ..output_files import add_overwrite_flag
 
 
 class Timing(NamedTuple):
@@ -289,3 +291,31 @@ def resident_bytes(pid: int) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+AUTOCAST_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_run_flags(parser: Any, *, device: str | None, dtype: str, backend: str | None = "auto",
+                  threads: str = "torch threads (default: torch's)", timeout: str | None = None) -> None:
+    """The run flags the model benchmarks share: ``--device`` (None: the command's own default),
+    ``--dtype`` (autocast), ``--backend`` (None: the command has none), ``--threads`` and, given its
+    help, ``--timeout-s``."""
+    parser.add_argument("--device", default=device,
+                        help=f"auto, cpu, cuda, cuda:N (default {device or 'the preset' + chr(39) + 's'})")
+    parser.add_argument("--dtype", choices=AUTOCAST_DTYPES, default=dtype,
+                        help=f"autocast dtype (16-bit on CUDA; bfloat16 also on a CPU with native bf16; default {dtype})")
+    if backend is not None:
+        parser.add_argument("--backend", default=backend, help=f"attention backend or auto (default {backend})")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=threads)
+    if timeout is not None:
+        parser.add_argument("--timeout-s", type=finite_float, default=None, metavar="SECONDS", help=timeout)
+
+
+def add_report_flags(parser: Any, output: str) -> None:
+    """``--output`` (the JSON report; what the command writes beside it shares its name),
+    ``--no-table``, ``--debug`` and ``--overwrite``: every bench command's."""
+    parser.add_argument("--output", default=output, metavar="PATH", help=f"JSON report (default {output})")
+    parser.add_argument("--no-table", action="store_true", help="do not print the table")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_overwrite_flag(parser)
