@@ -12,7 +12,8 @@ there). Heads scoring above the threshold are semantic-sink heads, the rest spat
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Sequence, TextIO
 
 import torch
 
@@ -85,7 +86,33 @@ class ProfilingCache(FullCache):
                         weights_id=weights_id)
 
 
-__all__ = ["ProfilingCache", "calibration_config"]
+__all__ = ["ProfilingCache", "calibrate_head_map", "calibration_config"]
+
+
+def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: int, cfg: float, top_k: int,
+                       top_p: float, seed: int, model: str, source: str, device: torch.device) -> dict[str, Any]:
+    """Profile a raster engine's heads (an :class:`~mvar_engine.core.engine.Engine` over a next-token
+    adapter with ``grid``, ``prefix`` and ``num_tokens``: the raster GPT's, Janus') over ``images``
+    generations (labels ``0, 1, ...`` modulo the classes, ``batch`` at a time, the full cache, sampled
+    from ``seed``); write the head map (and its heat map) to ``path``; returns what a report records."""
+    start = time.perf_counter()
+    neighborhood = 3
+    adapter = engine.model
+    profiler = ProfilingCache(adapter.grid, adapter.prefix, neighborhood)
+    labels = (torch.arange(images) % adapter.num_classes).to(device)
+    generator = torch.Generator(device=labels.device).manual_seed(seed)
+    print(f"calibrating SSD heads: {len(labels)} generations with the full cache ...", file=log, flush=True)
+    for chunk in torch.split(labels, batch):
+        engine.generate(chunk, profiler, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+    calibration = {"images": len(labels), "cfg": cfg, "seed": seed, "tokens_per_image": adapter.num_tokens,
+                   "model": model, "source": source}
+    head_map = profiler.head_map(None, calibration)
+    write_head_map(head_map, path)
+    write_heatmap(head_map, path.with_suffix(".png"))
+    counts = head_map.counts()
+    return {"path": str(path), "calibrated": True, "images": len(labels), "tokens_per_image": adapter.num_tokens,
+            "neighborhood": neighborhood, "threshold": head_map.threshold, "sink_heads": counts["sink"],
+            "local_heads": counts["local"], "seconds": time.perf_counter() - start}
 
 
 def calibration_config(argv: Sequence[str], command: str, trajectory: str, family: str) -> tuple[EngineConfig, Any]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mvar_engine.apps.bench import cache as bc
+from mvar_engine.apps.bench import quality as bq
 from mvar_engine.apps.bench.report import format_markdown_table
 from mvar_engine.apps.cli import main
 
@@ -100,7 +101,7 @@ def test_max_tokens_truncates_generation_not_storage(tmp_cwd):
 
 def test_logit_agreement():
     ref = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), -1)
-    agree, kl, n = bc.logit_agreement(ref, torch.tensor([[2.0, 0.0, -1.0], [3.0, 0.0, 0.0]]))
+    agree, kl, n = bq.logit_agreement(ref, torch.tensor([[2.0, 0.0, -1.0], [3.0, 0.0, 0.0]]))
     assert (agree, n) == (1, 2)
     p = ref[1].exp()
     expected = float((p * (ref[1] - torch.log_softmax(torch.tensor([3.0, 0.0, 0.0]), -1))).sum())

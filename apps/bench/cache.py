@@ -69,23 +69,21 @@ import torch
 
 from ...core.errors import MvarEngineError, UsageError
 from ...core.registry import get_registry
-from ...core.sampling import guided_logits_raster, raster_guided
+from ...core.sampling import raster_guided
 from ...core.files import marked_markdown
 from ...models.checkpoint import atomic_write
 from ...models.default_models import available_defaults
 from ...models.raster_adapter import RasterEngine
 from ...models.raster_gpt import RasterGPT, RasterGPTConfig
 from ...plugins.budget_cache import budget_tokens
-from ...plugins.head_map import load_head_map, write_head_map, write_heatmap
+from ...plugins.head_map import load_head_map
 from ..cli_helpers import PROG, Parser, finite_float, float_list, name_list, one_line, seed_int
 from ..output_files import check_outputs, report_outputs
 from ..config import EngineConfig
-from ..data import load_dataset
-from ..evaluation.classifier import load_or_train
-from ..evaluation.evaluate import metric_row
 from ..pipeline import Pipeline, resolve_autocast, resolve_components, resolve_device
-from ..profile_heads import ProfilingCache
+from ..profile_heads import calibrate_head_map
 from .cells import MemoryProbe, run_problems
+from .quality import Protocol, QualitySampling, SampleScorer, agreement, takes_budget
 from .report import (add_report_flags, add_run_flags, format_markdown_table, format_table, machine_info, mib,
                      run_json_worker, synchronizer, worker_env, write_json)
 
@@ -196,12 +194,6 @@ class PolicyRun:
         if self.policy == "ssd" and head_map:
             options["head_map"] = head_map
         return options
-
-
-def takes_budget(name: str, registry=None) -> bool:
-    """Whether the cache ``name`` has a ``budget`` option (window, sink, h2o, ssd, plugins alike)."""
-
-    return "budget" in (registry or get_registry()).get("cache", name).record.options.model_fields
 
 
 def plan_runs(config: BenchCacheConfig, registry=None) -> list[PolicyRun]:
@@ -398,34 +390,7 @@ def _error_row(run: PolicyRun, reason: str) -> dict[str, Any]:
     return {"status": "error", "reason": reason, "policy": run.policy, "budget": run.budget, "label": run.label}
 
 
-# -- SSD calibration --------------------------------------------------------------------------------------
-def calibrate_head_map(engine, path: Path, log: TextIO, *, images: int, batch: int, cfg: float, top_k: int,
-                       top_p: float, seed: int, model: str, source: str, device: torch.device) -> dict[str, Any]:
-    """Profile a raster engine's heads (an :class:`~mvar_engine.core.engine.Engine` over a next-token
-    adapter with ``grid``, ``prefix`` and ``num_tokens``: the raster GPT's, Janus') over ``images``
-    generations (``batch`` at a time, the full cache, sampled from ``seed``); write the head map (and
-    its heat map) to ``path``; returns what a report records."""
-
-    start = time.perf_counter()
-    neighborhood = 3
-    adapter = engine.model
-    profiler = ProfilingCache(adapter.grid, adapter.prefix, neighborhood)
-    labels = class_labels(images, adapter.num_classes, device)
-    generator = torch.Generator(device=labels.device).manual_seed(seed)
-    print(f"calibrating SSD heads: {len(labels)} generations with the full cache ...", file=log, flush=True)
-    for chunk in torch.split(labels, batch):
-        engine.generate(chunk, profiler, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
-    calibration = {"images": len(labels), "cfg": cfg, "seed": seed, "tokens_per_image": adapter.num_tokens,
-                   "model": model, "source": source}
-    head_map = profiler.head_map(None, calibration)
-    write_head_map(head_map, path)
-    write_heatmap(head_map, path.with_suffix(".png"))
-    counts = head_map.counts()
-    return {"path": str(path), "calibrated": True, "images": len(labels), "tokens_per_image": adapter.num_tokens,
-            "neighborhood": neighborhood, "threshold": head_map.threshold, "sink_heads": counts["sink"],
-            "local_heads": counts["local"], "seconds": time.perf_counter() - start}
-
-
+# -- SSD head maps ----------------------------------------------------------------------------------------
 def given_head_map(path: str, bench: BenchModel) -> dict[str, Any]:
 
     head_map = load_head_map(path)
@@ -433,120 +398,6 @@ def given_head_map(path: str, bench: BenchModel) -> dict[str, Any]:
     counts = head_map.counts()
     return {"path": str(path), "calibrated": False, "threshold": head_map.threshold, "sink_heads": counts["sink"],
             "local_heads": counts["local"], "neighborhood": head_map.neighborhood}
-
-
-# -- quality ----------------------------------------------------------------------------------------------
-def guided(logits: torch.Tensor, batch: int, config: BenchCacheConfig) -> torch.Tensor:
-    """The CFG-guided logits ``[B, n, V]`` of raw per-row logits (the logits themselves without CFG)."""
-
-    return guided_logits_raster(logits, batch, config.cfg) if config.guided else logits
-
-
-def logit_agreement(reference_logp: torch.Tensor, logits: torch.Tensor) -> tuple[int, float, int]:
-    """``(tokens whose argmax agrees, sum over tokens of KL(reference || logits), tokens)`` for
-    ``reference_logp`` (log-softmax) and ``logits``, both ``[..., V]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    agree = int((logp.argmax(-1) == reference_logp.argmax(-1)).sum())
-    kl = (reference_logp.exp() * (reference_logp - logp)).sum(-1).clamp(min=0)
-    return agree, float(kl.double().sum()), int(kl.numel())
-
-
-class SampleScorer:
-    """The sample-quality metric of ``mvar-engine evaluate`` (class accuracy, FD of classifier features
-    against the real held-out split, precision/recall) for decoded digits."""
-
-    def __init__(self, resolution: int, num_classes: int, log: TextIO) -> None:
-
-        train = load_dataset("digits", resolution, "train")
-        heldout = load_dataset("digits", resolution, "heldout")
-        if train.num_classes != num_classes:
-            raise UsageError(f"the model has {num_classes} classes, the digits {train.num_classes}")
-        self.classifier, info = load_or_train(train, 0, None, log=log)
-        self.heldout_features = self.classifier.features(heldout.images)
-        self.num_classes, self.info = num_classes, info.as_dict()
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-
-        row = metric_row(self.classifier, images.float().cpu(), labels.cpu(), self.heldout_features,
-                         num_classes=self.num_classes)
-        return {k: row[k] for k in ("accuracy", "fd", "precision", "recall")}
-
-
-class QualityBench:
-    """Reference (``full``, sampled) generations of ``--quality-images`` images, and the comparison of
-    every policy with them (see the module docstring)."""
-
-    def __init__(self, config: BenchCacheConfig, engine, bench: BenchModel, head_map: str | None,
-                 log: TextIO) -> None:
-        self.config, self.engine, self.bench, self.head_map, self.log = config, engine, bench, head_map, log
-        device = bench.model.output.weight.device
-        count = config.quality_count()
-        rows_per_image = 2 if config.guided else 1
-        per_image = rows_per_image * engine.num_tokens * bench.info["vocab_size"] * 4
-        chunk = max(1, min(config.batch, QUALITY_LOGIT_BYTES // per_image))
-        self.chunks = list(torch.split(class_labels(count, bench.model.num_classes, device), chunk))
-        self.full_length = engine.num_tokens == bench.info["image_tokens"]
-        self.scorer: SampleScorer | None = None
-        self.note = None
-        if bench.tokenizer is not None and self.full_length:
-            height, width = bench.tokenizer.config.image_hw
-            try:
-                self.scorer = SampleScorer(height, bench.model.num_classes, log)
-            except Exception as error:  # the token and logit comparison does not need it
-                self.note = f"sample quality unavailable: {one_line(error)}"
-        elif bench.tokenizer is not None:
-            self.note = "sample quality needs whole images: not measured under --max-tokens"
-        self.reference_tokens: list[torch.Tensor] = []
-        self.reference_logp: list[torch.Tensor] = []
-        self.reference_scores: dict[str, Any] | None = None
-
-    def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator(device=self.chunks[index].device).manual_seed(self.config.seed + 1000 + index)
-
-    def _generate(self, cache, labels, index: int | None = None, forced=None, logits: bool = False):
-        c = self.config
-        return self.engine.generate(labels, cache, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
-                                    generator=None if index is None else self._generator(index),
-                                    forced_tokens=forced, return_logits=logits)
-
-    def _score(self, tokens: list[torch.Tensor]) -> dict[str, Any] | None:
-        if self.scorer is None:
-            return None
-        with torch.no_grad():
-            images = torch.cat([self.engine.decode(t).clamp(-1, 1).cpu() for t in tokens])
-        return self.scorer(images, torch.cat([labels.cpu() for labels in self.chunks]))
-
-    def reference(self) -> None:
-        """Full-cache generations (sampled), their guided log-probabilities and sample quality."""
-        for index, labels in enumerate(self.chunks):
-            out = self._generate(make_cache(PolicyRun(BASELINE)), labels, index, logits=True)
-            self.reference_tokens.append(out.tokens)
-            self.reference_logp.append(torch.log_softmax(guided(out.logits, len(labels), self.config).float(), dim=-1))
-            del out
-        self.reference_scores = self._score(self.reference_tokens)
-
-    def compare(self, run: PolicyRun) -> dict[str, Any]:
-        """Quality fields of one row: replay full's tokens (logit agreement and KL), then sample freely
-        from the same seed (token agreement, sample quality)."""
-        agree = tokens = 0
-        kl = 0.0
-        for labels, forced, ref in zip(self.chunks, self.reference_tokens, self.reference_logp):
-            out = self._generate(make_cache(run, self.head_map), labels, forced=forced, logits=True)
-            a, k, n = logit_agreement(ref, guided(out.logits, len(labels), self.config))
-            agree, kl, tokens = agree + a, kl + k, tokens + n
-            del out
-        if run.policy == BASELINE:  # the reference is full's own free sample
-            sampled, same, scores = self.reference_tokens, tokens, self.reference_scores
-        else:
-            sampled = [self._generate(make_cache(run, self.head_map), labels, index).tokens
-                       for index, labels in enumerate(self.chunks)]
-            same = sum(int((s == r).sum()) for s, r in zip(sampled, self.reference_tokens))
-            scores = self._score(sampled)
-        row = {"quality_images": sum(len(c) for c in self.chunks), "quality_tokens": tokens,
-               "top1_agreement": agree / tokens, "kl": kl / tokens, "sampled_agreement": same / tokens}
-        if scores is not None:
-            row.update({f"sample_{k}": v for k, v in scores.items()})
-        return row
 
 
 # -- ratios and targets -----------------------------------------------------------------------------------
@@ -782,21 +633,41 @@ def run_bench_cache(config: BenchCacheConfig, out: TextIO | None = None, log: Te
 
 def run_quality(config: BenchCacheConfig, engine, bench: BenchModel, runs: list[PolicyRun], payload: dict[str, Any],
                 head_map: str | None, log: TextIO) -> None:
-    """The quality phase (in this process); every row's quality fields, JSON rewritten after each."""
+    """The quality phase (in this process, ``bench quality``'s protocol): every row's quality
+    fields against the full cache's generation of the same seeds; JSON rewritten after each."""
     start = time.perf_counter()
-    quality = QualityBench(config, engine, bench, head_map, log)
-    print(f"quality: {config.quality_count()} images with the full cache (reference) ...", file=log, flush=True)
-    quality.reference()
-    payload["quality"] = {"images": config.quality_count(), "tokens_per_image": engine.num_tokens,
-                          "chunk": len(quality.chunks[0]), "seed": config.seed + 1000, "note": quality.note,
-                          "sample_quality": None if quality.scorer is None else {
+    count, rows_per_image = config.quality_count(), 2 if config.guided else 1
+    per_image = rows_per_image * engine.num_tokens * bench.info["vocab_size"] * 4
+    batch = max(1, min(config.batch, QUALITY_LOGIT_BYTES // per_image))
+    items = [(index % bench.model.num_classes, index // bench.model.num_classes) for index in range(count)]
+    full_length = engine.num_tokens == bench.info["image_tokens"]
+    scorer, note = None, None
+    if bench.tokenizer is not None and full_length:
+        try:
+            scorer = SampleScorer(bench.tokenizer.config.image_hw[0], bench.model.num_classes, log)
+        except Exception as error:  # the token and logit comparison does not need it
+            note = f"sample quality unavailable: {one_line(error)}"
+    elif bench.tokenizer is not None:
+        note = "sample quality needs whole images: not measured under --max-tokens"
+    sampling = QualitySampling(config.cfg, config.top_k, config.top_p, config.seed + 1000)
+    protocol = Protocol(engine, sampling, items, batch, bench.model.output.weight.device, decode=scorer is not None)
+    print(f"quality: {count} images with the full cache (reference) ...", file=log, flush=True)
+    full = protocol.generate(lambda: make_cache(PolicyRun(BASELINE)))
+    full_logp = protocol.forced_logp(lambda: make_cache(PolicyRun(BASELINE)), full)
+    payload["quality"] = {"images": count, "tokens_per_image": engine.num_tokens, "chunk": batch, "seed": sampling.seed,
+                          "note": note, "sample_quality": None if scorer is None else {
                               "metric": "mvar-engine evaluate's: class accuracy and Frechet distance of digit-classifier "
-                                        "features to the real held-out split", "classifier": quality.scorer.info}}
+                                        "features to the real held-out split", "classifier": scorer.info}}
     rows = {(r["policy"], r["budget"]): r for r in payload["results"]}
     for run in runs:
         row = rows[(run.policy, run.budget)]
         try:
-            row.update(quality.compare(run))
+            gen = full if run.policy == BASELINE else protocol.generate(lambda: make_cache(run, head_map))
+            fields = agreement(gen, full, protocol.forced_logp(lambda: make_cache(run, head_map), full), full_logp)
+            row.update(quality_images=count, quality_tokens=sum(m.numel() for m in full.maps),
+                       sampled_agreement=fields.pop("equal_tokens"), **fields)
+            if scorer is not None:
+                row.update({f"sample_{k}": v for k, v in scorer(gen.images, protocol.labels).items()})
         except (MvarEngineError, RuntimeError, ValueError) as error:
             row["quality_error"] = one_line(error)
         write_json(config.output, payload)

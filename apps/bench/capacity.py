@@ -50,8 +50,8 @@ from ..cli_helpers import PROG, Parser, check_output_path, finite_float, int_lis
 from ..output_files import check_outputs, report_outputs
 from ..memory_fit import FLOAT32_BYTES, format_bytes, total_memory
 from .cells import Combo, check_combo, combo_family, model_spec, parse_combo, run_problems
-from .matrix import PALETTE, attach_head_map, cell_for, run_cell_in_subprocess
-from .report import (add_report_flags, add_run_flags, format_table, format_value, machine_info, resident_bytes,
+from .matrix import attach_head_map, cell_for, run_cell_in_subprocess
+from .report import (PALETTE, add_report_flags, add_run_flags, format_table, format_value, machine_info, resident_bytes,
                      write_json)
 
 RASTER_CONFIGS = ("raster/dense/full", "raster/dense/sink:budget=0.2", "raster/dense/ssd:budget=0.2")

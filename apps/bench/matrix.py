@@ -62,7 +62,7 @@ from ..pipeline import autocast_problem, build_models
 from .cells import (KNOWN_MODELS, CellRun, Combo, ModelSpec, check_combo, combo_family, model_spec, needs_calibration,
                     parse_cell, parse_combo, run_problems)
 from .matrix_raster import calibrate_for_matrix, run_raster_cell
-from .report import (add_report_flags, add_run_flags, format_value, machine_info, mib, run_json_worker, worker_env,
+from .report import (PALETTE, add_report_flags, add_run_flags, format_value, machine_info, mib, run_json_worker, worker_env,
                      write_json)
 
 # -- models ------------------------------------------------------------------------------------------
@@ -589,8 +589,6 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(marked_markdown(text)))
 
 
-PALETTE = ((70, 110, 180), (220, 120, 50), (80, 160, 90), (180, 70, 90), (130, 100, 170), (120, 120, 120),
-           (200, 170, 60), (60, 170, 170))
 
 
 def _tint(colour: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -33,7 +33,8 @@ from ...plugins.budget_cache import budget_tokens
 from ..config import EngineConfig
 from ..model_options import RasterOptions
 from ..pipeline import Pipeline, build_models, resolve_components, resolve_device
-from .cache import cache_bytes, calibrate_head_map
+from ..profile_heads import calibrate_head_map
+from .cache import cache_bytes
 from .step_calls import StepCallCounter
 from .cells import (JANUS_MODELS, JANUS_PROMPT_TOKENS, RASTER_GRIDS, CellRun, model_spec, needs_calibration,
                     parse_combo)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.compatibility import check_compatible
+from ...core.engine import Engine
 from ...core.errors import MvarEngineError, UsageError
 from ...core.files import marked_markdown, save_marked_image
 from ...core.registry import get_registry
@@ -42,14 +43,16 @@ from ...plugins.budget_cache import budget_tokens
 from ...plugins.scale_profile import write_scale_profile
 from ..cli_helpers import PROG, Parser, finite_float, float_list, name_list, one_line, seed_int
 from ..output_files import check_outputs, report_outputs
+from ..data import load_dataset
+from ..evaluation.classifier import load_or_train
+from ..evaluation.evaluate import metric_row
 from ..pipeline import Pipeline, PreparedRun, prepare_run
 from ..pretrained import SHIPPED, pretrained_config
+from ..profile_heads import calibrate_head_map
 from ..profile_scales import ScaleProfilingCache
 from ..seeding import image_generators, numbered
-from .cache import SampleScorer, calibrate_head_map, logit_agreement, takes_budget
 from .cells import run_problems
-from .matrix import PALETTE
-from .report import add_report_flags, add_run_flags, format_markdown_table, format_table, machine_info, mib, write_json
+from .report import PALETTE, add_report_flags, add_run_flags, format_markdown_table, format_table, machine_info, mib, write_json
 
 AUTO = "auto"
 """``calibration=auto``: the scale profile this run makes (or ``--scale-profile``)."""
@@ -208,61 +211,113 @@ def ssim(images: torch.Tensor, reference: torch.Tensor, window: int = 11, sigma:
 @dataclass
 class Generation:
     """A row's images of every batch: native tokens (what ``forced_tokens`` replays), token maps
-    ``[N, h * w]`` per scale, images ``[N, 3, H, W]`` in [-1, 1], seconds, the cache's peak bytes."""
+    ``[N, h * w]`` per scale, images ``[N, 3, H, W]`` in [-1, 1] (None: not decoded), seconds per
+    image, the cache's peak bytes."""
 
     tokens: list[Any]
     maps: list[torch.Tensor]
-    images: torch.Tensor
+    images: torch.Tensor | None
     seconds: float
     cache_peak_bytes: int
 
 
-class Protocol:
-    """Generations and comparisons over one pipeline's engine (module docstring)."""
+@dataclass(frozen=True)
+class QualitySampling:
+    """The sampling settings a :class:`Protocol` draws with (a pipeline's ``SamplingConfig`` serves too)."""
 
-    def __init__(self, pipe: Pipeline, config: QualityConfig, sampling) -> None:
-        self.pipe, self.config, self.sampling = pipe, config, sampling
-        items = numbered(range(pipe.adapter.num_classes), config.images_per_label)
-        self.items = [items[i:i + config.batch] for i in range(0, len(items), config.batch)]
+    cfg: float
+    top_k: int
+    top_p: float
+    seed: int
+
+
+class Protocol:
+    """Generations and comparisons over one engine (module docstring): ``items`` are ``(label,
+    index)`` pairs, generated ``batch`` at a time, each from its own generator seeded from
+    (``sampling.seed``, label, index); ``sampling`` has ``cfg``, ``top_k``, ``top_p`` and ``seed``.
+    ``decode`` False: no images (a model without a tokenizer)."""
+
+    def __init__(self, engine: Engine, sampling: Any, items: Sequence[tuple[int, int]], batch: int,
+                 device: torch.device, decode: bool = True) -> None:
+        self.engine, self.adapter, self.sampling, self.device, self.decode = engine, engine.model, sampling, device, decode
+        self.items = [items[i:i + batch] for i in range(0, len(items), batch)]
         self.labels = torch.tensor([label for label, _ in items])
 
     def _generate(self, cache_of, batch, *, forced: Any = None, logits: bool = False):
-        s, device = self.sampling, self.pipe.device
-        labels = torch.tensor([label for label, _ in batch], device=device)
-        return self.pipe.engine.generate(labels, cache_of(), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
-                                         generator=image_generators(s.seed, batch, device), forced_tokens=forced,
-                                         return_logits=logits)
+        s = self.sampling
+        labels = torch.tensor([label for label, _ in batch], device=self.device)
+        return self.engine.generate(labels, cache_of(), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+                                    generator=image_generators(s.seed, batch, self.device), forced_tokens=forced,
+                                    return_logits=logits)
 
     def generate(self, cache_of) -> Generation:
         """Free sampling with a fresh ``cache_of()`` per batch; each image decoded on its own."""
-        adapter, tokens, maps, images, seconds, peak = self.pipe.adapter, [], [], [], 0.0, 0
+        adapter, tokens, maps, images, seconds, peak = self.adapter, [], [], [], 0.0, 0
         for batch in self.items:
             start = time.perf_counter()
             out = self._generate(cache_of, batch)
             seconds += time.perf_counter() - start
             peak = max(peak, out.cache_peak_bytes)
             batch_maps = adapter.token_maps(out)
-            with torch.no_grad():
-                images.append(torch.cat([adapter.decode_maps([m[i:i + 1] for m in batch_maps])
-                                         for i in range(len(batch))]).clamp(-1, 1).cpu())
+            if self.decode:
+                with torch.no_grad():
+                    images.append(torch.cat([adapter.decode_maps([m[i:i + 1] for m in batch_maps])
+                                             for i in range(len(batch))]).clamp(-1, 1).cpu())
             tokens.append(out.tokens)
             maps.append([m.cpu() for m in batch_maps])
         per_map = [torch.cat([batch[s] for batch in maps]) for s in range(len(maps[0]))]
-        return Generation(tokens, per_map, torch.cat(images), seconds / len(self.labels), peak)
+        return Generation(tokens, per_map, torch.cat(images) if images else None, seconds / len(self.labels), peak)
 
     def forced_logp(self, cache_of, reference: Generation) -> list[torch.Tensor]:
         """Guided log-probabilities ``[B, L, V]`` per batch while replaying ``reference``'s tokens."""
-        adapter, engine, cfg = self.pipe.adapter, self.pipe.engine, self.sampling.cfg
+        adapter, steps, cfg = self.adapter, self.engine.steps, self.sampling.cfg
         out_logp = []
         for batch, tokens in zip(self.items, reference.tokens):
             out = self._generate(cache_of, batch, forced=tokens, logits=True)
             logits = out.logits
             per_step = list(logits) if isinstance(logits, (list, tuple)) else \
-                torch.split(logits, [step.emits for step in engine.steps], dim=1)
+                torch.split(logits, [step.emits for step in steps], dim=1)
             guided = [adapter.guide(l.float(), len(batch), cfg, step) if adapter.guided(cfg) else l.float()
-                      for l, step in zip(per_step, engine.steps)]
+                      for l, step in zip(per_step, steps)]
             out_logp.append(torch.log_softmax(torch.cat(guided, dim=1), dim=-1).cpu())
         return out_logp
+
+
+def logit_agreement(reference_logp: torch.Tensor, logits: torch.Tensor) -> tuple[int, float, int]:
+    """``(tokens whose argmax agrees, sum over tokens of KL(reference || logits), tokens)`` for
+    ``reference_logp`` (log-softmax) and ``logits``, both ``[..., V]``."""
+    return distribution_agreement(reference_logp, torch.log_softmax(logits.float(), dim=-1))
+
+
+def distribution_agreement(reference_logp: torch.Tensor, logp: torch.Tensor) -> tuple[int, float, int]:
+    """:func:`logit_agreement` of two log-softmax distributions (equal ones give exactly 0)."""
+    agree = int((logp.argmax(-1) == reference_logp.argmax(-1)).sum())
+    kl = (reference_logp.exp() * (reference_logp - logp)).sum(-1).clamp(min=0)
+    return agree, float(kl.double().sum()), int(kl.numel())
+
+
+class SampleScorer:
+    """The sample-quality metric of ``mvar-engine evaluate`` (class accuracy, FD of classifier features
+    against the real held-out split, precision/recall) for decoded digits."""
+
+    def __init__(self, resolution: int, num_classes: int, log: TextIO) -> None:
+        train = load_dataset("digits", resolution, "train")
+        heldout = load_dataset("digits", resolution, "heldout")
+        if train.num_classes != num_classes:
+            raise UsageError(f"the model has {num_classes} classes, the digits {train.num_classes}")
+        self.classifier, info = load_or_train(train, 0, None, log=log)
+        self.heldout_features = self.classifier.features(heldout.images)
+        self.num_classes, self.info = num_classes, info.as_dict()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        row = metric_row(self.classifier, images.float().cpu(), labels.cpu(), self.heldout_features,
+                         num_classes=self.num_classes)
+        return {k: row[k] for k in ("accuracy", "fd", "precision", "recall")}
+
+
+def takes_budget(name: str, registry=None) -> bool:
+    """Whether the cache ``name`` has a ``budget`` option (window, sink, h2o, ssd, plugins alike)."""
+    return "budget" in (registry or get_registry()).get("cache", name).record.options.model_fields
 
 
 def agreement(row: Generation, full: Generation, row_logp: list[torch.Tensor],
@@ -272,11 +327,13 @@ def agreement(row: Generation, full: Generation, row_logp: list[torch.Tensor],
     total = sum(m.numel() for m in full.maps)
     agree = kl = tokens = 0
     for logp, ref in zip(row_logp, full_logp):
-        a, k, n = logit_agreement(ref, logp)
+        a, k, n = distribution_agreement(ref, logp)
         agree, kl, tokens = agree + a, kl + k, tokens + n
-    x, y = row.images.add(1).div(2), full.images.add(1).div(2)
-    return {"equal_tokens": same / total, "psnr_db": psnr(x, y), "ssim": ssim(x, y), "top1_agreement": agree / tokens,
-            "kl": kl / tokens}
+    out = {"equal_tokens": same / total, "top1_agreement": agree / tokens, "kl": kl / tokens}
+    if row.images is not None and full.images is not None:
+        x, y = row.images.add(1).div(2), full.images.add(1).div(2)
+        out.update(psnr_db=psnr(x, y), ssim=ssim(x, y))
+    return out
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -325,7 +382,8 @@ def run_quality(config: QualityConfig, out: TextIO | None = None, log: TextIO | 
     check_rows(rows, run, config.head_map, config.scale_profile)
     others = {row.model: prepared(row.model, config) for row in rows if row.model is not None}
     pipe = Pipeline.build(run)
-    protocol = Protocol(pipe, config, run.config.sampling)
+    protocol = Protocol(pipe.engine, run.config.sampling, numbered(range(pipe.adapter.num_classes),
+                                                                   config.images_per_label), config.batch, pipe.device)
     registry = get_registry()
     payload: dict[str, Any] = {
         "benchmark": "quality", "machine": machine_info(pipe.device), "config": asdict(config),
@@ -411,7 +469,8 @@ def measure_row(row: Row, protocol: Protocol, full: Generation, full_logp: list[
     """A row's fields (and its ``generation``, for the sample metric)."""
     if row.model is not None:
         other = Pipeline.build(others[row.model])
-        gen = Protocol(other, config, others[row.model].config.sampling).generate(lambda: other.components.cache)
+        gen = Protocol(other.engine, others[row.model].config.sampling, numbered(range(other.adapter.num_classes),
+                       config.images_per_label), config.batch, other.device).generate(lambda: other.components.cache)
         return {"status": "ok", "components": dict(other.components.names), "generation": gen,
                 "cache_peak_bytes": gen.cache_peak_bytes, "s_per_image": gen.seconds}
 

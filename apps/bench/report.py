@@ -294,6 +294,9 @@ def resident_bytes(pid: int) -> int | None:
 
 
 AUTOCAST_DTYPES = ("float32", "bfloat16", "float16")
+PALETTE = ((70, 110, 180), (220, 120, 50), (80, 160, 90), (180, 70, 90), (130, 100, 170), (120, 120, 120),
+           (200, 170, 60), (60, 170, 170))
+"""The series colours of every benchmark chart."""
 
 
 def add_run_flags(parser: Any, *, device: str | None, dtype: str, backend: str | None = "auto",
