@@ -29,7 +29,7 @@ import types
 import weakref
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -244,6 +244,9 @@ class Registry:
     def get(self, kind: str, name: str) -> RegisteredComponent:
         """The component called ``name``; unknown or duplicated names raise a one-line error."""
         kind = component_kind(kind)
+        if not isinstance(name, str):
+            raise UnknownComponentError(f"a {KIND_LABELS[kind]} is named by a string, got {type(name).__name__} "
+                                        f"{name!r} (available: {', '.join(sorted(self._components[kind])) or 'none'})")
         key = normalize_name(name)
         table = self._components[kind]
         if key not in table:
@@ -263,6 +266,11 @@ class Registry:
         model = entry.record.options
         if isinstance(options, model):
             return options
+        if options is not None and not isinstance(options, (Mapping, BaseModel)):
+            raise ConfigError([f"{KIND_LABELS[kind]} '{entry.name}' options must be a mapping of option names to "
+                               f"values (or its {model.__name__}), got {type(options).__name__}"])
+        if isinstance(options, BaseModel):
+            options = options.model_dump()
         try:
             validated = model.model_validate(dict(options or {}))
         except ValidationError as error:

@@ -31,6 +31,7 @@ from mvar_engine.core.errors import (
     ComponentFailedError,
     ConfigError,
     DuplicateComponentError,
+    MvarEngineError,
     UnknownComponentError,
     UsageError,
 )
@@ -643,3 +644,18 @@ def test_kind_aliases_and_unknown_kinds_are_one_line():
     with pytest.raises(UnknownComponentError, match="unknown component kind 'patterns' \\(kinds: trajectory, "
                                                     "attention, cache, backend, model; also pattern for attention"):
         registry.components("patterns")
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda r: r.get("cachez", "full"), "unknown component kind 'cachez'"),
+    (lambda r: r.get("cache", "fulll"), "did you mean 'full'?"),
+    (lambda r: r.get("cache", None), "a cache policy is named by a string, got NoneType None"),
+    (lambda r: r.create("cache", "h2o", "budget=0.2"), "options must be a mapping of option names to values"),
+    (lambda r: r.create("cache", "h2o", {"budgett": 1}), "option budgett: unknown option (valid: budget"),
+    (lambda r: r.validate_options("cache", "nope", {}), "unknown cache policy 'nope'"),
+    (lambda r: r.components("foo"), "unknown component kind 'foo'"),
+])
+def test_the_registry_api_answers_bad_input_in_one_line(call, needle):
+    with pytest.raises(MvarEngineError) as caught:
+        call(get_registry())
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
