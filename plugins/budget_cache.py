@@ -41,7 +41,7 @@ from pydantic_core import PydanticCustomError
 
 from ..core.attention import AttentionSpec
 from ..core.cache import CachePolicy
-from ..core.errors import UsageError
+from ..core.errors import UsageError, setting
 from ..core.kv_store import BoundedKV
 from ..core.layout import SequenceLayout, Spans, merge_spans
 
@@ -538,5 +538,57 @@ class TokenWindowCache(BudgetedCache):
         return self.oldest_static_slot(store)
 
 
-__all__ = ["BudgetOptions", "BudgetedCache", "SCORE_CHUNK_BYTES", "TokenWindowCache", "budget_tokens", "sum_row_pairs", "to_row_pairs",
+class NeighborhoodWindowCache(BudgetedCache):
+    """``window --cache-shape neighborhood`` (raster): the class prefix and the kept tokens nearest
+    on the image grid to the token being generated (Chebyshev distance between grid cells: the row
+    above around its column and the tokens to its left before older ones), rather than the last
+    ``budget`` tokens. A full layer evicts the farthest token (the oldest of equals); once gone, a
+    token does not come back, so later queries lose the row above's far right first."""
+
+    name = "window"
+    families = ("next-token",)
+
+    def __init__(self, options: BudgetOptions | None = None) -> None:
+        super().__init__(options)
+        self.width = 1
+
+    def check_layout(self, layout, *, num_layers, num_heads, weights_id=None):
+        """Beside the budget: a raster layout (the class prefix, then one image grid)."""
+        super().check_layout(layout, num_layers=num_layers, num_heads=num_heads)
+        if layout.num_scales != 2:
+            raise UsageError(f"{setting('cache_shape', 'neighborhood')} keeps a 2-D neighbourhood of one image grid; "
+                             f"this layout has {layout.num_scales} scales (use it with --trajectory raster)")
+
+    def begin(self, *, num_layers, batch, num_heads, head_dim, layout, device, dtype, guided=False):
+        super().begin(num_layers=num_layers, batch=batch, num_heads=num_heads, head_dim=head_dim, layout=layout,
+                      device=device, dtype=dtype, guided=guided)
+        self.width = layout.grids[-1][1]
+
+    def grid_distance(self, a: int, b: int) -> int:
+        """Chebyshev distance between the grid cells of image positions ``a`` and ``b``."""
+        (ra, ca), (rb, cb) = divmod(a - self.prefix, self.width), divmod(b - self.prefix, self.width)
+        return max(abs(ra - rb), abs(ca - cb))
+
+    def select(self, layer, store, retain):
+        kept = self.host_positions(layer)
+        following = max(kept) + 1
+        image = sorted((slot for slot, p in enumerate(kept) if p >= self.prefix),
+                       key=lambda slot: (self.grid_distance(kept[slot], following), -kept[slot]))
+        chosen = [slot for slot, p in enumerate(kept) if p < self.prefix] + image
+        return sorted(chosen[:retain], key=lambda slot: kept[slot])
+
+    def victim(self, layer, store, position):
+        kept = self.host_positions(layer)
+        movable = [(self.grid_distance(p, position), -p, slot) for slot, p in enumerate(kept) if p >= self.prefix]
+        return max(movable)[2]
+
+    def static_victim(self, layer, store, position):
+        """:meth:`victim` on the device (``position: LongTensor[1]``): no host read."""
+        i, j = store.positions[0, 0].long() - self.prefix, position.reshape(()).long() - self.prefix
+        rows = (i.div(self.width, rounding_mode="floor") - j.div(self.width, rounding_mode="floor")).abs()
+        key = torch.maximum(rows, (i % self.width - j % self.width).abs()) * (1 << 32) - i
+        return torch.where(i >= 0, key, torch.full_like(key, -(1 << 62))).argmax().reshape(1)
+
+
+__all__ = ["BudgetOptions", "BudgetedCache", "NeighborhoodWindowCache", "SCORE_CHUNK_BYTES", "TokenWindowCache", "budget_tokens", "sum_row_pairs", "to_row_pairs",
            "attention_probabilities", "positions_to_spans", "received_attention"]

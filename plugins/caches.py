@@ -9,6 +9,8 @@ eviction moves kept entries to the front of the buffer.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,7 +18,7 @@ from ..core.cache import CachePolicy
 from ..core.errors import UsageError
 from ..core.layout import SequenceLayout, Spans, merge_spans, spans_length
 from ..core.records import NoOptions
-from .budget_cache import BudgetOptions, TokenWindowCache
+from .budget_cache import BudgetOptions, NeighborhoodWindowCache, TokenWindowCache
 
 
 class NoCache(CachePolicy):
@@ -102,6 +104,8 @@ class WindowOptions(BaseModel):
     budget: float | None = Field(None, gt=0, description="token mode: tokens stored per layer, a fraction of the "
                                  "sequence (<= 1) or a count; the class prefix plus the most recent tokens "
                                  "(needed under raster)")
+    shape: Literal["recent", "neighborhood"] = Field("recent", description="token mode: keep the most recent tokens, or "
+                                                     "(raster) those nearest the new token on the image grid")
 
 
 class SegmentCache(CachePolicy):
@@ -157,11 +161,15 @@ def make_window(options: WindowOptions | None = None) -> CachePolicy:
     """The ``window`` factory: step mode, or token mode when ``budget`` is given."""
     options = options or WindowOptions()
     if options.budget is None:
+        if options.shape != "recent":
+            raise UsageError("--cache-shape neighborhood is a token window: give --cache-budget too")
         return WindowCache(options)
     if "scales" in options.model_fields_set:
         raise UsageError("--cache-scales (a window of steps) and --cache-budget (a window of tokens) exclude each "
                          "other; give one")
 
+    if options.shape == "neighborhood":
+        return NeighborhoodWindowCache(BudgetOptions(budget=options.budget))
     return TokenWindowCache(BudgetOptions(budget=options.budget))
 
 

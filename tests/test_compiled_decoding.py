@@ -59,7 +59,7 @@ def test_the_compiled_step_is_not_vacuous(monkeypatch):
 def _budgeted(name, layers, heads, buffer=0):
     """A fresh budgeted cache (budget 0.3 of the shipped raster model's 65 tokens: 20 slots; ``buffer``
     slots beside them)."""
-    from mvar_engine.plugins.budget_cache import BudgetOptions, TokenWindowCache
+    from mvar_engine.plugins.budget_cache import BudgetOptions, NeighborhoodWindowCache, TokenWindowCache
     from mvar_engine.plugins.h2o_cache import H2OCache, H2OOptions
     from mvar_engine.plugins.head_map import classify
     from mvar_engine.plugins.sink_cache import SinkCache, SinkOptions
@@ -70,11 +70,12 @@ def _budgeted(name, layers, heads, buffer=0):
         return SSDCache(SSDOptions(budget=0.3, buffer=buffer), head_map=classify(scores, 0.5))
     return {"sink": lambda: SinkCache(SinkOptions(budget=0.3, buffer=buffer)),
             "window": lambda: TokenWindowCache(BudgetOptions(budget=0.3, buffer=buffer)),
+            "neighborhood": lambda: NeighborhoodWindowCache(BudgetOptions(budget=0.3, buffer=buffer)),
             "h2o": lambda: H2OCache(H2OOptions(budget=0.3, buffer=buffer))}[name]()
 
 
 # (cache, --cache-buffer, graphs): one graph without a buffer; an appending and a compacting one with it
-BUDGETED_COMPILED = [("sink", 0, 1), ("window", 0, 1), ("h2o", 0, 1), ("ssd", 0, 1), ("sink", 4, 2), ("ssd", 4, 2)]
+BUDGETED_COMPILED = [("sink", 0, 1), ("window", 0, 1), ("neighborhood", 0, 1), ("h2o", 0, 1), ("ssd", 0, 1), ("sink", 4, 2), ("ssd", 4, 2)]
 
 
 @pytest.mark.parametrize("name,buffer,graphs", BUDGETED_COMPILED,
@@ -108,7 +109,7 @@ def test_compiled_budgeted_steps_equal_eager(name, buffer, graphs, monkeypatch):
             assert torch.equal(got_cache.kept_positions(layer), want_cache.kept_positions(layer))
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
-    if name in ("sink", "h2o") and not buffer:
+    if name in ("sink", "h2o", "neighborhood") and not buffer:
         cache = _budgeted(name, model.num_layers, model.num_heads)
         monkeypatch.setattr(type(cache), "static_victim", lambda self, layer, store, position: torch.zeros(1, dtype=torch.long))
         torch._dynamo.reset()
