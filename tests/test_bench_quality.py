@@ -34,7 +34,7 @@ def test_the_row_plan_puts_full_first_and_crosses_budgets():
                               compare=("digits-mvar",))
     labels = [row.label for row in bq.plan_rows(config)]
     assert labels == ["full", "h2o@0.1", "h2o@0.2", "scalekv:window=4@0.1", "scalekv:window=4@0.2", "ams", "digits-mvar"]
-    assert bq.parse_policy("lines:anchors=2:lines=1") == ("lines", {"anchors": 2, "lines": 1})
+    assert bq.parse_component("lines:anchors=2:lines=1", "--policies") == ("lines", {"anchors": 2, "lines": 1})
     with pytest.raises(UsageError, match="unknown cache policy 'nope'"):
         bq.plan_rows(bq.QualityConfig(policies=("nope",)))
     with pytest.raises(UsageError, match="scalekv:wndow=4"):

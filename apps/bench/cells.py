@@ -150,6 +150,20 @@ class Combo:
                 for kind in ("trajectory", "attention", "cache")}
 
 
+def parse_component(text: str, context: str) -> tuple[str, dict[str, Any]]:
+    """``"neighborhood:kernel_size=5"`` -> ``("neighborhood", {"kernel_size": 5})``: a component name
+    and its options (values as booleans or numbers where they read so, ``-`` in keys as ``_``); an
+    option that is not ``key=value`` is a one-line UsageError starting with ``context``."""
+    name, *pairs = text.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{context} '{name.strip()}': option {pair!r} is not key=value")
+        options[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return name.strip(), options
+
+
 def _option_value(text: str) -> Any:
     lowered = text.lower()
     if lowered in ("true", "false"):
@@ -182,13 +196,10 @@ def parse_combo(text: str) -> Combo:
                          f"markov/neighborhood/none; options as neighborhood:kernel_size=5)")
     names, options = [], {}
     for kind, part in zip(("trajectory", "attention", "cache"), parts):
-        name, *pairs = part.split(":")
-        names.append(name.strip())
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key.strip():
-                raise UsageError(f"configuration {text!r}: option {pair!r} of {kind} '{name}' is not key=value")
-            options.setdefault(kind, {})[key.strip().replace("-", "_")] = _option_value(value.strip())
+        name, given = parse_component(part, f"configuration {text!r}: {kind}")
+        names.append(name)
+        if given:
+            options[kind] = given
     text = "/".join(parts) + (f"@{dtype}" if dtype else "") + ("@compile" if compiled else "")
     return Combo(text, *names, options=options, dtype=dtype, compile=compiled)
 

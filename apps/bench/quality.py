@@ -51,12 +51,12 @@ from ..pretrained import SHIPPED, pretrained_config
 from ..profile_heads import calibrate_head_map
 from ..profile_scales import ScaleProfilingCache
 from ..seeding import image_generators, numbered
-from .cells import run_problems
+from .cells import parse_component, run_problems
 from .report import PALETTE, add_report_flags, add_run_flags, format_markdown_table, format_table, machine_info, mib, write_json
 
 AUTO = "auto"
 """``calibration=auto``: the scale profile this run makes (or ``--scale-profile``)."""
-DEFAULT_POLICIES = {"digits-raster": ("full", "window", "sink", "h2o", "ssd", "lines"),
+DEFAULT_POLICIES = {"digits-raster": ("full", "window", "window:shape=neighborhood", "sink", "h2o", "ssd", "lines"),
                     "digits-var": ("full", "scalekv:window=4", f"scalekv:window=4:calibration={AUTO}", "ams",
                                    f"ams:calibration={AUTO}", "h2o", "sink", "window")}
 DEFAULT_BUDGETS = {"digits-raster": (0.2, 1 / 6), "digits-var": (0.1, 0.2)}
@@ -141,19 +141,6 @@ class Row:
         return (self.cache == "ssd" and not head_map) or (self.profiled and not scale_profile)
 
 
-def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
-    """``"scalekv:window=4"`` -> ``("scalekv", {"window": 4})`` (values as numbers where they read so)."""
-    name, *pairs = (part.strip() for part in text.split(":"))
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--policies {text}: option {pair!r} is not key=value (e.g. scalekv:window=4)")
-        options[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else (
-            float(value) if value.replace(".", "", 1).lstrip("-").isdigit() else value)
-    return name.lower(), options
-
-
 def plan_rows(config: QualityConfig, registry=None) -> list[Row]:
     """``full`` first (the reference), each policy once per budget (once when it takes none), then
     ``--compare`` models; unknown names and bad options are one-line errors."""
@@ -163,7 +150,8 @@ def plan_rows(config: QualityConfig, registry=None) -> list[Row]:
     known = registry.names("cache")
     rows = [Row("full", {})]
     for text in policies:
-        name, options = parse_policy(text)
+        name, options = parse_component(text, "--policies")
+        name = name.lower()
         if name not in known:
             raise UsageError(f"--policies: unknown cache policy '{name}' (available: {', '.join(known)})")
         if name == "full" and not options:
