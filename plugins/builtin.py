@@ -44,7 +44,8 @@ CACHE_POLICIES = (  # name, factory, options model, description
     ("none", NoCache, NoOptions, "keep nothing; history the trajectory needs is recomputed (the exact oracle)"),
     ("full", FullCache, NoOptions, "keep every key/value (VAR's KV cache)"),
     ("window", make_window, WindowOptions,
-     "the last n scales (--cache-scales), or with --cache-budget the class prefix + the most recent tokens"),
+     "the last n scales (--cache-scales), or with --cache-budget the class prefix + the most recent tokens "
+     "(--cache-shape neighborhood: the nearest on the raster grid)"),
     ("sink", SinkCache, SinkOptions,
      "StreamingLLM: class prefix + first tokens + recent tokens within a budget (raster and full)"),
     ("h2o", H2OCache, H2OOptions, "H2O: class prefix + heavy hitters by accumulated attention + recent tokens, "
@@ -54,9 +55,9 @@ CACHE_POLICIES = (  # name, factory, options model, description
     ("lines", LinesCache, LinesOptions, "after LineAR (raster): class prefix + anchors + the current and recent "
      "image lines + the middle tokens the current line attends to most, per head within a budget"),
     ("scalekv", ScaleKVCache, ScaleKVOptions, "ScaleKV's rule (next-scale): the newest scale's grid-centre window "
-     "and the keys its queries score highest, per head within a budget (one budget for every layer)"),
+     "and the keys its queries score highest, per head within a budget (per layer and scale from a scale profile)"),
     ("ams", AmsCache, AmsOptions, "AMS-KV's scale rule (next-scale): the coarsest scales and the most recent ones, "
-     "the middle dropped (the same scales in every layer)"),
+     "the middle dropped (more recent ones in a scale profile's low-similarity layers)"),
 )
 """The built-in cache policies, in registration order."""
 
