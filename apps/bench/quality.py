@@ -17,8 +17,11 @@ batch), and is compared with the ``full`` cache's generation of the same seeds:
 
 ``--compare`` adds rows of other shipped models (``digits-mvar``: MVAR, no KV cache) run with their
 own components: sample quality, memory and time; their tokens come from another model, so agreement
-is not reported. Output: ``--output`` (JSON, rewritten after every row), the markdown table beside it
-(``.md``) and a chart (``.png``: top-1 agreement against the cache's share of full's bytes).
+is not reported. Rows ``calibration=auto`` take a scale profile made in the run (``profile-scales``'
+profiler over ``--calibration-images`` generations from ``--seed + 1``), ``ssd`` rows a head map
+likewise. Output: ``--output`` (JSON, rewritten after every row), the markdown table beside it
+(``.md``) and a chart (``.png``: bars of top-1 agreement and equal tokens per row, labelled with the
+cache's bytes over full's).
 """
 
 from __future__ import annotations
