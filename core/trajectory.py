@@ -76,11 +76,6 @@ class Trajectory(ABC):
     def check_cache(self, cache_name: str, cache: object) -> None:
         """Raise ``IncompatibleComponentsError`` (with the reason) for a cache that makes no sense here."""
 
-    @property
-    def mask_structure(self) -> str:
-        """Name of the teacher-forced scale mask (``block-causal``, ``block-diagonal``, ...)."""
-        return "scale-mask"
-
 
 @dataclass(frozen=True)
 class Visibility:

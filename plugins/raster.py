@@ -65,7 +65,3 @@ class RasterTrajectory(Trajectory):
                 f"cache 'window' by scales ({setting('cache_scales')}) keeps whole next-scale steps, which trajectory "
                 f"'raster' does not have; give {setting('cache_budget', 0.2)} for a window of recent tokens")
 
-    @property
-    def mask_structure(self) -> str:
-        return "causal"
-

@@ -19,10 +19,6 @@ class FullTrajectory(Trajectory):
     def visible(self, q_scale, k_scale):
         return k_scale <= q_scale
 
-    @property
-    def mask_structure(self) -> str:
-        return "block-causal"
-
 
 class MarkovOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -52,7 +48,3 @@ class MarkovTrajectory(Trajectory):
             raise IncompatibleComponentsError(
                 f"cache '{cache_name}' makes no sense under trajectory 'markov' with order 1: each scale sees "
                 f"only its own block, so no step reads a cached key (use {setting('cache', 'none')}{wider})")
-
-    @property
-    def mask_structure(self) -> str:
-        return "block-diagonal" if self.order == 1 else f"block-banded(order={self.order})"

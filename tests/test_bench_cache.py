@@ -99,13 +99,15 @@ def test_max_tokens_truncates_generation_not_storage(tmp_cwd):
     assert sink["top1_agreement"] == 1.0  # 7 tokens + the class token fit in 18: nothing evicted yet
 
 
-def test_logit_agreement():
+def test_distribution_agreement():
     ref = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), -1)
-    agree, kl, n = bq.logit_agreement(ref, torch.tensor([[2.0, 0.0, -1.0], [3.0, 0.0, 0.0]]))
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [3.0, 0.0, 0.0]]), -1)
+    agree, kl, n = bq.distribution_agreement(ref, logp)
     assert (agree, n) == (1, 2)
     p = ref[1].exp()
     expected = float((p * (ref[1] - torch.log_softmax(torch.tensor([3.0, 0.0, 0.0]), -1))).sum())
     assert kl == pytest.approx(expected)
+    assert bq.distribution_agreement(ref, ref)[1] == 0  # a distribution against itself: exactly 0
 
 
 def test_default_model_without_weights_is_skipped(tmp_cwd, capsys, monkeypatch):

@@ -274,14 +274,9 @@ class Protocol:
         return out_logp
 
 
-def logit_agreement(reference_logp: torch.Tensor, logits: torch.Tensor) -> tuple[int, float, int]:
-    """``(tokens whose argmax agrees, sum over tokens of KL(reference || logits), tokens)`` for
-    ``reference_logp`` (log-softmax) and ``logits``, both ``[..., V]``."""
-    return distribution_agreement(reference_logp, torch.log_softmax(logits.float(), dim=-1))
-
-
 def distribution_agreement(reference_logp: torch.Tensor, logp: torch.Tensor) -> tuple[int, float, int]:
-    """:func:`logit_agreement` of two log-softmax distributions (equal ones give exactly 0)."""
+    """``(tokens whose argmax agrees, sum over tokens of KL(reference || logp), tokens)`` for two
+    log-softmax distributions ``[..., V]`` (equal ones give exactly 0)."""
     agree = int((logp.argmax(-1) == reference_logp.argmax(-1)).sum())
     kl = (reference_logp.exp() * (reference_logp - logp)).sum(-1).clamp(min=0)
     return agree, float(kl.double().sum()), int(kl.numel())

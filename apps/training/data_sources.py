@@ -159,7 +159,3 @@ class SkippedImages:
         return int(sum(D.all_gather_object(self.count)))
 
 
-def drop_skipped(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``values`` (one per row of the rank's full local batch) at the rows a step kept."""
-    return values if len(rows) == len(values) else values[rows]
-
