@@ -88,6 +88,11 @@ class ScaleProfilingCache(FullCache):
                             weights_id=weights_id)
 
 
+def default_drafters(num_layers: int) -> int:
+    """Drafter layers per scale when none are asked for: an eighth of the layers, at least 1."""
+    return max(1, num_layers // 8)
+
+
 def budget_lines(profile: ScaleProfile, average: float, floor: int) -> list[str]:
     """Per scale that compresses: the drafter and refiner budgets at ``average``."""
     total = sum(profile.scale_sizes)
@@ -130,14 +135,14 @@ def cmd_profile_scales(argv: Sequence[str]) -> int:
     check_outputs({"--scale-profile": target}, args.overwrite)
     config, facts = calibration_config(rest, "profile-scales", "full", "next-scale")
     if facts is not None:
-        drafters = args.drafters if args.drafters is not None else max(1, facts.num_layers // 8)
+        drafters = args.drafters if args.drafters is not None else default_drafters(facts.num_layers)
         if drafters > facts.num_layers:
             raise UsageError(f"--drafters {drafters}: the model has {facts.num_layers} layers")
         if budget_tokens(args.average_budget, facts.layout.length) - 1 <= args.window:
             raise UsageError(f"--average-budget {args.average_budget:g} keeps no more than the {args.window} window "
                              f"tokens of a {facts.layout.length}-token sequence (raise it or lower --window)")
     pipe = Pipeline.from_config(config)
-    drafters = args.drafters if args.drafters is not None else max(1, pipe.adapter.num_layers // 8)
+    drafters = args.drafters if args.drafters is not None else default_drafters(pipe.adapter.num_layers)
     start = time.perf_counter()
     profiler = ScaleProfilingCache(args.history_share)
     result = pipe.generate(cache=profiler)

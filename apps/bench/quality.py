@@ -52,7 +52,7 @@ from ..evaluation.evaluate import metric_row
 from ..pipeline import Pipeline, PreparedRun, prepare_run
 from ..pretrained import SHIPPED, pretrained_config
 from ..profile_heads import calibrate_head_map
-from ..profile_scales import ScaleProfilingCache
+from ..profile_scales import ScaleProfilingCache, default_drafters
 from ..seeding import image_generators, numbered
 from .cells import parse_component, run_problems
 from .report import PALETTE, add_report_flags, add_run_flags, format_markdown_table, format_table, machine_info, mib, write_json
@@ -389,7 +389,8 @@ def run_quality(config: QualityConfig, out: TextIO | None = None, log: TextIO | 
         payload["scale_profile"] = profile_scales(pipe, Path(config.output).with_suffix(".scale_profile.json"), config,
                                                   log)
         scale_profile = payload["scale_profile"]["path"]
-    check_rows(rows, run, head_map, scale_profile)
+    check_rows([row for row in rows if row.needs_file(config.head_map, config.scale_profile)], run, head_map,
+               scale_profile)  # the rows that waited for this run's calibration
     scorer = sample_scorer(pipe, log, payload)
     print(f"quality: {len(protocol.labels)} images with the full cache (reference) ...", file=log, flush=True)
     full = protocol.generate(lambda: registry.create("cache", "full"))
@@ -441,7 +442,7 @@ def profile_scales(pipe: Pipeline, path: Path, config: QualityConfig, log: TextI
     sampling = pipe.config.sampling.model_copy(update={"seed": config.seed + 1})
     labels = [label for label, _ in numbered(range(pipe.adapter.num_classes), config.calibration_images)]
     pipe.generate(labels[:config.calibration_images], 1, cache=profiler, sampling=sampling)
-    drafters = max(1, pipe.adapter.num_layers // 8)
+    drafters = default_drafters(pipe.adapter.num_layers)
     profile = profiler.profile(drafters, {"images": config.calibration_images, "seed": config.seed + 1},
                                pipe.facts.weights_id if pipe.facts else None)
     write_scale_profile(profile, path)
