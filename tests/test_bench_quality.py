@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mvar_engine.apps.bench import quality as bq
+from mvar_engine.apps.pipeline import Pipeline
 from mvar_engine.core.errors import UsageError
 
 
@@ -90,3 +91,20 @@ def test_the_reports_are_written(report):
 ])
 def test_bad_input_is_refused_before_a_model_is_built(argv, needle, refused):
     refused(["bench", "quality", *argv], needle)
+
+
+def test_the_scale_profile_is_calibrated_on_every_class(tmp_path, monkeypatch):
+    """The calibration generations cycle through the classes (not the first class n times) and use
+    seed + 1, so they are not the compared images."""
+    pipe = Pipeline.from_pretrained("digits-var", progress=False)
+    seen = {}
+
+    def spy(labels, per_label, cache=None, sampling=None):
+        seen.update(labels=list(labels), per_label=per_label, seed=sampling.seed)
+        return Pipeline.generate(pipe, labels, per_label, cache=cache, sampling=sampling)
+
+    monkeypatch.setattr(pipe, "generate", spy)
+    with open("/dev/null", "w") as null:
+        record = bq.profile_scales(pipe, tmp_path / "p.json", bq.QualityConfig(calibration_images=12, seed=3), null)
+    assert seen == {"labels": [*range(10), 0, 1], "per_label": 1, "seed": 4}
+    assert record["images"] == 12 and (tmp_path / "p.json").is_file()

@@ -440,8 +440,8 @@ def profile_scales(pipe: Pipeline, path: Path, config: QualityConfig, log: TextI
     print(f"profiling scales: {config.calibration_images} generations with the full cache ...", file=log, flush=True)
     profiler = ScaleProfilingCache()
     sampling = pipe.config.sampling.model_copy(update={"seed": config.seed + 1})
-    labels = [label for label, _ in numbered(range(pipe.adapter.num_classes), config.calibration_images)]
-    pipe.generate(labels[:config.calibration_images], 1, cache=profiler, sampling=sampling)
+    labels = [index % pipe.adapter.num_classes for index in range(config.calibration_images)]  # every class in turn
+    pipe.generate(labels, 1, cache=profiler, sampling=sampling)
     drafters = default_drafters(pipe.adapter.num_layers)
     profile = profiler.profile(drafters, {"images": config.calibration_images, "seed": config.seed + 1},
                                pipe.facts.weights_id if pipe.facts else None)
